@@ -1,0 +1,53 @@
+# RLHF Systems Kit. `make demo` to see it, `make test` to check it.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+RUNS ?= runs
+# One intra-op thread: on 2-core boxes two threads make small ops ~100x slower, and the
+# thread count is part of the determinism settings (results differ bitwise between counts).
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install test bench train_smoke tui demo verify verify_m1 verify_m2 verify_m3 clean
+
+install: $(VENV)/.installed
+
+# Re-install only when the packaging or the torch pin changed.
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python scripts/bench_protocol.py
+	@for s in scripts/bench_trainer.py scripts/bench_profiler.py scripts/bench_tui.py; do \
+	  if [ -f $$s ]; then $(BIN)/python $$s || exit 1; fi; done
+
+train_smoke: install
+	$(BIN)/trainerd start --smoke --foreground --runs-dir $(RUNS)
+
+tui: install
+	$(BIN)/rlhf-tui $(RUNS)
+
+demo: install
+	$(BIN)/trainerd start --smoke --runs-dir $(RUNS)
+	$(BIN)/rlhf-tui $(RUNS)
+
+verify: verify_m1 verify_m2 verify_m3
+
+verify_m1: install
+	$(BIN)/trainerd verify m1
+
+verify_m2: install
+	$(BIN)/trainerd verify m2
+
+verify_m3: install
+	$(BIN)/trainerd verify m3
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
