@@ -87,7 +87,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule(
         "exploding_gradients", "grad_norm", "above", 1000.0, "critical",
         "gradient norm spiked: instability or a train/inference mismatch; clip harder, lower the LR",
-        spike_factor=10.0, window=50, warmup_steps=5,
+        spike_factor=10.0, window=50,
     ),
     Rule(
         "reward_variance", "reward_std", "above", 2.0, "warning",
@@ -213,7 +213,7 @@ class AlertEngine:
             res = self._evaluate(rule, record)
             if res is None:
                 continue  # the metric is absent: nothing to say
-            bad, value, metric, critical = res
+            bad, value, metric, critical, threshold = res
             st = self._state[rule.name]
             alert = self.open.get(rule.name)
             if bad:
@@ -223,7 +223,7 @@ class AlertEngine:
                     st.first_bad_step = step
                 st.critical_run = st.critical_run + 1 if critical else 0
                 if alert is None and st.bad_run >= rule.consecutive:
-                    alert = Alert(rule.name, metric, rule.severity, value, rule.threshold,
+                    alert = Alert(rule.name, metric, rule.severity, value, threshold,
                                   st.first_bad_step, step, rule.explanation)
                     self.open[rule.name] = alert
                     events.append(("alert", alert))
@@ -291,7 +291,7 @@ class AlertEngine:
                     st.trends.setdefault(m, deque(maxlen=rule.window)).append(v)
 
     def _evaluate(self, rule: Rule, record: dict):
-        """(bad, value, metric, critical) or None when the rule's metric is absent."""
+        """(bad, value, metric, critical, threshold crossed) or None when the rule's metric is absent."""
         if rule.kind == "non_finite":
             seen = False
             for m in rule.metrics or (rule.metric,):
@@ -300,15 +300,15 @@ class AlertEngine:
                     continue
                 seen = True
                 if not math.isfinite(v):
-                    return True, v, m, True
-            return (False, 0.0, rule.metric, False) if seen else None
+                    return True, v, m, True, rule.threshold
+            return (False, 0.0, rule.metric, False, rule.threshold) if seen else None
         if rule.kind in ("diverging_trends", "rising_together"):
             return self._evaluate_trends(rule, record)
         v = _num(record.get(rule.metric))
         if v is None:
             return None
         if not math.isfinite(v):
-            return False, v, rule.metric, False  # non-finite values are the non_finite rule's job
+            return False, v, rule.metric, False, rule.threshold  # non-finite: the non_finite rule's job
         if rule.kind == "above":
             bad = v > rule.threshold
         elif rule.kind == "below":
@@ -318,15 +318,17 @@ class AlertEngine:
         else:
             raise ValueError(rule.kind)
         st = self._state[rule.name]
+        threshold = rule.threshold
         if not bad and rule.spike_factor is not None and len(st.history) >= min(rule.window, 10):
             med = st.sorted_hist[len(st.sorted_hist) // 2]
             if med > 0 and v > rule.spike_factor * med:
                 bad = True
+                threshold = rule.spike_factor * med  # the alert reports the bar it crossed
         critical = False
         if rule.critical_factor_of:
             ref = _num(record.get(rule.critical_factor_of))
             critical = bool(ref is not None and math.isfinite(ref) and v > rule.critical_factor * ref)
-        return bad, v, rule.metric, critical
+        return bad, v, rule.metric, critical, threshold
 
     def _evaluate_trends(self, rule: Rule, record: dict):
         st = self._state[rule.name]
@@ -339,14 +341,14 @@ class AlertEngine:
             if v is not None and math.isfinite(v):
                 vals[m] = (vals[m] + [v])[-rule.window:]
         if min(len(v) for v in vals.values()) < rule.window:
-            return False, 0.0, rule.metric, False
+            return False, 0.0, rule.metric, False, rule.threshold
         trends = [_trend(vals[m]) for m in rule.metrics]
         t = rule.threshold
         if rule.kind == "diverging_trends":
             bad = trends[0] > t and trends[1] < -t
         else:
             bad = all(x > t for x in trends)
-        return bad, trends[0], rule.metric, False
+        return bad, trends[0], rule.metric, False, rule.threshold
 
 
 def _index(sorted_list: list, value: float) -> int:
@@ -369,6 +371,8 @@ def rules_from_toml(path: str | Path, base: tuple[Rule, ...] = DEFAULT_RULES) ->
         raise AlertConfigError(f"alerts file {p} does not exist") from None
     except OSError as e:
         raise AlertConfigError(f"cannot read alerts file {p}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise AlertConfigError(f"alerts file {p} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise AlertConfigError(f"alerts file {p} is not valid TOML: {e}") from None
     return rules_from_dict(data, base, source=str(p))
@@ -410,8 +414,8 @@ def rules_from_dict(data: dict, base: tuple[Rule, ...] = DEFAULT_RULES, source: 
 def _coerce(source: str, name: str, key: str, v):
     where = f"{source}: rules.{name}.{key}"
     if key in _FLOAT_KEYS:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise AlertConfigError(f"{where} must be a number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise AlertConfigError(f"{where} must be a finite number, got {v!r}")
         return float(v)
     if key in _INT_KEYS:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -438,9 +442,11 @@ def _validate(source: str, r: Rule) -> None:
         raise AlertConfigError(f"{where}.kind must be one of {', '.join(KINDS)}, got {r.kind!r}")
     if r.severity not in SEVERITIES:
         raise AlertConfigError(f"{where}.severity must be one of {', '.join(SEVERITIES)}, got {r.severity!r}")
-    for m in (r.metric, *r.metrics):
+    for m in (r.metric, *r.metrics, *(x for x in (r.critical_factor_of, r.only_without) if x)):
         if m not in METRICS:
             raise AlertConfigError(f"{where}: unknown metric {m!r} (see protocol.catalogue)")
+    if "\n" in r.explanation or "\r" in r.explanation:
+        raise AlertConfigError(f"{where}.explanation must be one line")
     if r.consecutive < 1 or r.clear_consecutive < 1:
         raise AlertConfigError(f"{where}: consecutive and clear_consecutive must be at least 1")
     if r.kind in ("diverging_trends", "rising_together") and len(r.metrics) < 2:

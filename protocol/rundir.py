@@ -192,7 +192,10 @@ class RunLock:
         self._fd = -1
 
     def acquire(self) -> "RunLock":
-        fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(f"cannot lock run {self.paths.root}: {e.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -255,8 +258,14 @@ def pid_alive(pid) -> bool:
 
 
 def effective_status(manifest: dict, paths: RunPaths | None = None) -> str:
-    """The manifest's status, except that a 'running' run whose process is gone is 'crashed'."""
+    """The manifest's status, except that a 'running' run whose writer is gone is 'crashed'.
+
+    With `paths`, a run whose lock file exists is judged by the lock (robust to a daemon
+    that forked after writing its pid, and to pid reuse); otherwise by the manifest's pid.
+    """
     status = manifest.get("status", "unknown")
+    if status == "running" and paths is not None and paths.lock_file.exists():
+        return "running" if is_locked(paths) else "crashed"
     if status == "running" and manifest.get("host") == socket.gethostname():
         if not pid_alive(manifest.get("pid")):
             return "crashed"
@@ -306,7 +315,8 @@ def find_runs(runs_dir: str | os.PathLike) -> list[RunInfo]:
             m = read_manifest(d)
         except RunDirError:
             continue
-        out.append(RunInfo(RunPaths(d), m, effective_status(m)))
+        paths = RunPaths(d)
+        out.append(RunInfo(paths, m, effective_status(m, paths)))
     out.sort(key=lambda r: (r.manifest.get("started_at") or 0, r.run_id))
     return out
 

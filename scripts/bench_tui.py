@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""Benchmark of the monitor (`make bench`): open time, memory, latency, CPU, vs TensorBoard.
+
+    python scripts/bench_tui.py [--work DIR] [--quick]
+
+Runs are made with scripts/gen_run.py at rate 0 and cached in --work. Each measurement of
+open time, memory and CPU runs the app headless in its own process (peak RSS is per process).
+Targets (issue 7): 1M steps open < 3 s and < 400 MB; p95 latency < 300 ms; idle CPU < 2%.
+"""
+from __future__ import annotations
+
+import time
+
+_T_START = time.monotonic()  # before the heavy imports: open time includes importing Textual
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+GEN = [sys.executable, str(ROOT / "scripts" / "gen_run.py")]
+
+
+def rss_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def ensure_run(work: Path, run_id: str, steps: int, *extra: str) -> Path:
+    root = work / run_id
+    if (root / "run.json").exists() and b'"status":"finished"' in (root / "run.json").read_bytes():
+        return root
+    if root.exists():
+        subprocess.run(["rm", "-rf", str(root)], check=True)
+    print(f"  generating {run_id} ({steps:,} steps)…", flush=True)
+    subprocess.run(GEN + ["--steps", str(steps), "--runs-dir", str(work), "--run-id", run_id, "--no-jsonl",
+                          *extra], check=True, stdout=subprocess.DEVNULL)
+    return root
+
+
+# -- child modes (one process each) -----------------------------------------------------
+
+def child_open(path: str, idle_s: float, writer_rate: float) -> None:
+    from tui.app import MonitorApp
+
+    out: dict = {}
+
+    async def main():
+        app = MonitorApp(path)
+        async with app.run_test(size=(160, 50)) as pilot:
+            while app.first_full_screen_at is None:
+                await pilot.pause(0.01)
+            out["first_screen_s"] = app.first_full_screen_at - _T_START
+            out["first_screen_rows"] = len(app.store)
+            out["rss_first_mb"] = rss_peak_mb()
+            t = time.monotonic()
+            while not app.history_done and time.monotonic() - t < 300:  # the background load
+                await pilot.pause(0.05)
+            out["full_history_s"] = time.monotonic() - _T_START
+            out["rows"] = len(app.store)
+            await pilot.pause(0.5)
+            if idle_s:
+                writer = None
+                if writer_rate:
+                    writer = subprocess.Popen(GEN + ["--steps", "100000", "--rate", str(writer_rate),
+                                                     "--runs-dir", str(Path(path).parent), "--run-id",
+                                                     f"cpu-{os.getpid()}"], stdout=subprocess.DEVNULL)
+                    await pilot.pause(1.0)  # it becomes `latest`; the app switches to it
+                c0, w0 = time.process_time(), time.monotonic()
+                await asyncio.sleep(idle_s)
+                out["cpu_frac"] = (time.process_time() - c0) / (time.monotonic() - w0)
+                if writer:
+                    writer.terminate()
+                    writer.wait()
+                    out["rows_live"] = app.store.last_step
+            out["rss_peak_mb"] = rss_peak_mb()
+
+    asyncio.run(main())
+    print(json.dumps(out))
+
+
+def run_child(*args: str) -> dict:
+    p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr[-2000:])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# -- latency (in process, writer thread) -------------------------------------------------
+
+def latency(work: Path, n: int = 60, rate: float = 10.0) -> list[float]:
+    from protocol import rundir
+    from protocol.steplog import StepLogWriter
+    from tui.app import MonitorApp
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_run", ROOT / "scripts" / "gen_run.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    runs = work / "latency"
+    subprocess.run(["rm", "-rf", str(runs)])
+    root = gen.generate(str(runs), "lat", 100, 0, status="running", quiet=True)
+    paths = rundir.RunPaths(Path(root))
+    rundir.update_manifest(paths, status="running", pid=os.getpid(), ended_at=None)
+    written: dict[int, float] = {}
+    shown: dict[int, float] = {}
+
+    def writer():
+        model = gen.RunModel(1000)
+        w = StepLogWriter(paths.steps)
+        for step in range(101, 101 + n):
+            time.sleep(1 / rate)
+            rec = model.record(step, time.time())
+            written[step] = time.monotonic()
+            w.write(rec)
+        w.close()
+
+    async def main():
+        app = MonitorApp(paths.root)
+        async with app.run_test(size=(160, 50)) as pilot:
+            while app.drawn_step != 100:
+                await pilot.pause(0.01)
+            th = threading.Thread(target=writer, daemon=True)
+            th.start()
+            while len(shown) < n and th.is_alive() or len(shown) < len(written):
+                s = app.drawn_step
+                if s is not None and s > 100 and s not in shown:
+                    for k in range(101, s + 1):
+                        shown.setdefault(k, app.drawn_at)
+                await asyncio.sleep(0.002)
+                if not th.is_alive() and time.monotonic() - max(written.values()) > 2:
+                    break
+
+    asyncio.run(main())
+    return sorted((shown[s] - written[s]) * 1000 for s in written if s in shown)
+
+
+# -- TensorBoard comparison --------------------------------------------------------------
+
+def tb_compare(work: Path, steps: int) -> tuple[float, float, int]:
+    root = ensure_run(work, f"tb{steps // 1000}k", steps, "--tb")
+    from protocol.rundir import RunPaths
+    from tui.feed import RunFeed
+    from tui.store import RunStore
+
+    t = time.perf_counter()
+    feed = RunFeed(RunPaths(root), tail_bytes=1 << 62)
+    store = RunStore()
+    while True:
+        b = feed.poll(20_000)
+        if not b.cols or not b.cols["step"]:
+            break
+        store.extend(b.cols)
+    ours = time.perf_counter() - t
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    t = time.perf_counter()
+    acc = EventAccumulator(str(root / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    n = sum(len(acc.Scalars(tag)) for tag in acc.Tags()["scalars"])
+    theirs = time.perf_counter() - t
+    return ours, theirs, n
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default=os.environ.get("TUI_BENCH_DIR", "/tmp/rlhf-tui-bench"))
+    ap.add_argument("--quick", action="store_true", help="100k run only, shorter CPU windows")
+    ap.add_argument("--_open", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._open:
+        child_open(args._open[0], float(args._open[1]), float(args._open[2]))
+        return 0
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    print("rlhf-tui benchmark")
+    sizes = [(100_000, "open100k")] + ([] if args.quick else [(1_000_000, "open1m")])
+    results = {}
+    for steps, rid in sizes:
+        root = ensure_run(work, rid, steps)
+        r = run_child("--_open", str(root), "0", "0")
+        results[rid] = r
+        print(f"  {steps:>9,} steps: first full screen {r['first_screen_s']:.2f} s "
+              f"({r['first_screen_rows']:,} rows), full history {r['full_history_s']:.1f} s "
+              f"({r['rows']:,} rows), peak RSS {r['rss_peak_mb']:.0f} MB")
+    big = results.get("open1m") or results["open100k"]
+    label = "1M" if "open1m" in results else "100k"
+    print(f"  {label} open < 3 s: {big['first_screen_s']:.2f} s  {verdict(big['first_screen_s'] < 3)}")
+    print(f"  {label} memory < 400 MB: {big['rss_peak_mb']:.0f} MB  {verdict(big['rss_peak_mb'] < 400)}")
+
+    lat = latency(work)
+    med, p95 = statistics.median(lat), lat[int(0.95 * (len(lat) - 1))]
+    print(f"  latency record written -> drawn ({len(lat)} records at 10/s): median {med:.0f} ms, "
+          f"p95 {p95:.0f} ms  {verdict(p95 < 300)}")
+
+    secs = "5" if args.quick else "10"
+    idle_runs = work / "idle"
+    idle_runs.mkdir(exist_ok=True)
+    idle_root = ensure_run(idle_runs, "idle10k", 10_000)
+    r = run_child("--_open", str(idle_root), secs, "0")
+    print(f"  CPU idle (finished run, {secs} s): {r['cpu_frac']:.1%} of a core  {verdict(r['cpu_frac'] < 0.02)}")
+    r = run_child("--_open", str(idle_root), secs, "10")
+    print(f"  CPU while a run writes 10 records/s: {r['cpu_frac']:.1%} of a core")
+    subprocess.run(f"rm -rf {idle_runs}/cpu-*", shell=True)
+
+    try:
+        ours, theirs, n = tb_compare(work, 20_000)
+        print(f"  load 20k steps: monitor {ours:.2f} s vs TensorBoard EventAccumulator {theirs:.2f} s "
+              f"({n:,} scalars): {theirs / ours:.1f}x faster")
+    except ImportError as e:
+        print(f"  TensorBoard comparison skipped: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""The alert rule engine (SPEC section 8): every default rule fires and clears as specified."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from protocol.alerts import (
+    DEFAULT_RULES,
+    AlertConfigError,
+    AlertEngine,
+    rules_from_toml,
+    thresholds_for,
+)
+
+
+def healthy(step: int, rng: random.Random | None = None, **over) -> dict:
+    rng = rng or random.Random(step)
+    rec = {
+        "step": step, "kl": 0.05 + rng.uniform(-0.01, 0.01), "kl_target": 0.05, "kl_target_error": 0.0,
+        "kl_coef": 0.1, "entropy": 1.0 + rng.uniform(-0.05, 0.05), "clip_frac": 0.1, "approx_kl": 0.01,
+        "policy_loss": 0.1, "value_loss": 0.2, "grad_norm": 1.0 + rng.uniform(-0.2, 0.2),
+        "explained_variance": 0.5, "reward_mean": rng.uniform(-0.1, 0.1), "reward_std": 0.5,
+        "response_length_mean": 20 + rng.uniform(-1, 1),
+    }
+    rec["kl_target_error"] = rec["kl"] - rec["kl_target"]
+    rec.update(over)
+    return rec
+
+
+def feed(engine, records):
+    """[(step, event, rule, severity)] for everything that happened."""
+    out = []
+    for r in records:
+        for ev, a in engine.update(r):
+            out.append((r["step"], ev, a.rule, a.severity))
+    return out
+
+
+def only(events, rule):
+    return [e for e in events if e[2] == rule]
+
+
+def test_a_healthy_run_raises_nothing():
+    rng = random.Random(0)
+    eng = AlertEngine()
+    assert feed(eng, [healthy(s, rng) for s in range(1, 301)]) == []
+    assert eng.open == {} and eng.most_severe() is None
+
+
+@pytest.mark.parametrize("metric", ["policy_loss", "value_loss", "kl", "entropy", "grad_norm", "reward_mean"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_fires_at_once_and_clears(metric, value):
+    eng = AlertEngine()
+    recs = [healthy(s) for s in range(1, 6)] + [healthy(6, **{metric: value})] + [healthy(7)]
+    ev = only(feed(eng, recs), "non_finite")
+    assert ev == [(6, "alert", "non_finite", "critical"), (7, "alert_cleared", "non_finite", "critical")]
+    a = eng.history[0][1]
+    assert a.metric == metric and a.first_step == 6
+    assert (math.isnan(a.value) and math.isnan(value)) or a.value == value
+    # no other rule mistakes a NaN for a crossing (no double alert)
+    assert {e[2] for e in feed(AlertEngine(), recs)} == {"non_finite"}
+
+
+def test_kl_runaway_fires_hysteresis_and_escalates():
+    eng = AlertEngine()
+    kl = [0.05] * 3 + [0.25] + [0.19] * 10 + [0.17, 0.17, 0.17]
+    ev = only(feed(eng, [healthy(i + 1, kl=v, kl_target=0.1) for i, v in enumerate(kl)]), "kl_runaway")
+    # 0.25 fires a warning; 0.19 is between clear (0.18) and threshold (0.2): stays open
+    assert ev == [(4, "alert", "kl_runaway", "warning"), (17, "alert_cleared", "kl_runaway", "warning")]
+    # escalation: above 3x kl_target (0.05 -> 0.15) for 5 steps turns it critical, not before
+    eng = AlertEngine()
+    ev = feed(eng, [healthy(s, kl=0.25, kl_target=0.05) for s in range(1, 5)])
+    assert only(ev, "kl_runaway") == [(1, "alert", "kl_runaway", "warning")]
+    ev = feed(eng, [healthy(5, kl=0.25, kl_target=0.05)])
+    assert only(ev, "kl_runaway") == [(5, "alert_escalated", "kl_runaway", "critical")]
+    assert eng.open["kl_runaway"].severity == "critical" and eng.most_severe().rule == "kl_runaway"
+    assert feed(eng, [healthy(s, kl=0.25, kl_target=0.05) for s in range(6, 20)]) == only(
+        [], "kl_runaway")  # escalates once
+    # above 0.2 but below 3x target: never critical
+    eng = AlertEngine()
+    ev = feed(eng, [healthy(s, kl=0.25, kl_target=0.1) for s in range(1, 30)])
+    assert [e[1] for e in only(ev, "kl_runaway")] == ["alert"]
+
+
+def test_kl_control_needs_three_steps_and_clears_with_hysteresis():
+    eng = AlertEngine()
+    err = [0.2, 0.2, 0.0, -0.2, -0.2, -0.2, 0.13, 0.13, 0.13, 0.13, 0.1, 0.1, 0.1]
+    ev = only(feed(eng, [healthy(i + 1, kl_target_error=v) for i, v in enumerate(err)]), "kl_control")
+    assert ev == [(6, "alert", "kl_control", "warning"), (13, "alert_cleared", "kl_control", "warning")]
+    a = eng.history[0][1]
+    assert a.first_step == 4 and a.value == -0.2 and a.threshold == 0.15 and a.metric == "kl_target_error"
+
+
+def test_entropy_collapse():
+    eng = AlertEngine()
+    ent = [1.0, 0.05, 0.11, 0.11, 0.11, 0.11, 0.2, 0.2, 0.2]
+    ev = only(feed(eng, [healthy(i + 1, entropy=v) for i, v in enumerate(ent)]), "entropy_collapse")
+    assert ev == [(2, "alert", "entropy_collapse", "critical"), (9, "alert_cleared", "entropy_collapse", "critical")]
+
+
+def test_exploding_gradients_absolute_and_spike_over_rolling_median():
+    eng = AlertEngine()
+    ev = only(feed(eng, [healthy(1), healthy(2, grad_norm=1500.0)]), "exploding_gradients")
+    assert ev == [(2, "alert", "exploding_gradients", "critical")]  # no warm-up on the absolute bar
+    eng = AlertEngine()
+    recs = [healthy(s, grad_norm=2.0) for s in range(1, 21)]
+    recs += [healthy(21, grad_norm=19.0)]  # 9.5x the median: not a spike
+    recs += [healthy(22, grad_norm=25.0)]  # 12.5x: a spike, far below 1000
+    recs += [healthy(s, grad_norm=2.0) for s in range(23, 26)]
+    ev = only(feed(eng, recs), "exploding_gradients")
+    assert ev == [(22, "alert", "exploding_gradients", "critical"),
+                  (25, "alert_cleared", "exploding_gradients", "critical")]
+    a = eng.history[0][1]
+    assert a.value == 25.0 and a.threshold == pytest.approx(20.0)  # the bar it crossed: 10x median
+
+
+def test_reward_variance_and_policy_moving_too_fast():
+    for metric, rule, bad, band, good in (("reward_std", "reward_variance", 2.5, 1.9, 1.5),
+                                          ("clip_frac", "policy_moving_too_fast", 0.35, 0.28, 0.2)):
+        eng = AlertEngine()
+        vals = [bad, good, bad, bad, band, band, band, good, good, good]
+        ev = only(feed(eng, [healthy(i + 1, **{metric: v}) for i, v in enumerate(vals)]), rule)
+        assert ev == [(4, "alert", rule, "warning"), (10, "alert_cleared", rule, "warning")], rule
+        assert eng.history[0][1].first_step == 3  # the one-step blip at step 1 did not count
+
+
+def test_value_diverging_respects_warm_up():
+    eng = AlertEngine()
+    recs = [healthy(s, explained_variance=-0.5) for s in range(1, 20)]
+    assert only(feed(eng, recs), "value_diverging") == []  # warm-up: steps before 20 ignored
+    recs = [healthy(s, explained_variance=-0.5) for s in range(20, 25)]
+    recs += [healthy(s, explained_variance=0.02) for s in range(25, 30)]  # in the band
+    recs += [healthy(s, explained_variance=0.3) for s in range(30, 33)]
+    ev = only(feed(eng, recs), "value_diverging")
+    assert ev == [(24, "alert", "value_diverging", "warning"), (32, "alert_cleared", "value_diverging", "warning")]
+    assert eng.history[0][1].first_step == 20
+
+
+def test_reward_hacking_when_reward_rises_and_gold_falls():
+    eng = AlertEngine()
+    rng = random.Random(3)
+    recs = [healthy(s, rng, reward_mean=0.05 * s + rng.uniform(-0.02, 0.02),
+                    gold_reward_mean=1.0 - 0.03 * s + rng.uniform(-0.02, 0.02)) for s in range(1, 41)]
+    ev = feed(eng, recs)
+    hack = only(ev, "reward_hacking")
+    assert hack and hack[0][1:] == ("alert", "reward_hacking", "critical")
+    assert hack[0][0] == 22  # window of 20 full at step 20, then 3 consecutive steps
+    assert only(ev, "reward_hacking_proxy") == []  # gold is known: the proxy rule stays out
+    a = eng.open["reward_hacking"]
+    assert a.first_step == 20 and a.value > 0.5
+    # gold recovers (both rise): clears after 5 good steps
+    recs = [healthy(s, reward_mean=0.05 * s, gold_reward_mean=0.05 * s) for s in range(41, 80)]
+    ev = only(feed(eng, recs), "reward_hacking")
+    assert [e[1] for e in ev] == ["alert_cleared"]
+    # both rising from the start never fires
+    eng = AlertEngine()
+    recs = [healthy(s, reward_mean=0.05 * s, gold_reward_mean=0.04 * s) for s in range(1, 60)]
+    assert only(feed(eng, recs), "reward_hacking") == []
+
+
+def test_proxy_rule_only_without_gold():
+    def recs(with_gold):
+        out = []
+        for s in range(1, 50):
+            r = healthy(s, reward_mean=0.02 * s, kl=0.001 * s, response_length_mean=10 + 0.3 * s)
+            if with_gold:
+                r["gold_reward_mean"] = 0.02 * s
+            out.append(r)
+        return out
+
+    ev = only(feed(AlertEngine(), recs(False)), "reward_hacking_proxy")
+    assert ev and ev[0][1:] == ("alert", "reward_hacking_proxy", "warning")
+    assert ev[0][0] == 34  # window 30, then 5 consecutive
+    assert only(feed(AlertEngine(), recs(True)), "reward_hacking_proxy") == []
+
+
+def test_every_default_rule_fires_and_alerts_carry_their_fields():
+    """One scenario per rule; each alert has rule, metric, value, threshold, first_step, explanation."""
+    fired = {}
+    scenarios = {
+        "non_finite": [healthy(1, policy_loss=math.nan)],
+        "kl_runaway": [healthy(1, kl=0.5)],
+        "kl_control": [healthy(s, kl_target_error=0.3) for s in range(1, 4)],
+        "entropy_collapse": [healthy(1, entropy=0.01)],
+        "exploding_gradients": [healthy(1, grad_norm=5000.0)],
+        "reward_variance": [healthy(s, reward_std=3.0) for s in range(1, 3)],
+        "policy_moving_too_fast": [healthy(s, clip_frac=0.5) for s in range(1, 3)],
+        "value_diverging": [healthy(s, explained_variance=-1.0) for s in range(1, 30)],
+        "reward_hacking": [healthy(s, reward_mean=0.1 * s, gold_reward_mean=-0.1 * s) for s in range(1, 30)],
+        "reward_hacking_proxy": [healthy(s, reward_mean=0.1 * s, kl=0.001 * s, response_length_mean=s * 1.0)
+                                 for s in range(1, 40)],
+    }
+    assert set(scenarios) == {r.name for r in DEFAULT_RULES}
+    for name, recs in scenarios.items():
+        eng = AlertEngine()
+        for r in recs:
+            for ev, a in eng.update(r):
+                if ev == "alert" and a.rule == name:
+                    fired[name] = a
+        assert name in fired, name
+        a = fired[name]
+        assert a.metric and isinstance(a.value, float) and isinstance(a.threshold, float)
+        assert isinstance(a.first_step, int) and a.first_step >= 1
+        assert a.explanation and "\n" not in a.explanation and "\n" not in a.message()
+        e = a.to_event("alert")
+        for k in ("rule", "metric", "value", "threshold", "first_step", "explanation", "severity", "message"):
+            assert k in e, (name, k)
+
+
+def test_thresholds_for_chart_colours():
+    assert ("above", "warning", 0.2) in thresholds_for("kl")
+    assert ("below", "critical", 0.1) in thresholds_for("entropy")
+    assert thresholds_for("tokens") == []
+
+
+# ---- TOML overrides ---------------------------------------------------------------------
+
+
+def write(tmp_path, text, name="alerts.toml"):
+    p = tmp_path / name
+    p.write_text(text) if isinstance(text, str) else p.write_bytes(text)
+    return p
+
+
+def test_toml_override_threshold_disable_and_new_rule(tmp_path):
+    p = write(tmp_path, """
+[rules.kl_runaway]
+threshold = 0.3
+clear_threshold = 0.28
+
+[rules.entropy_collapse]
+enabled = false
+
+[rules.short_answers]
+metric = "response_length_mean"
+kind = "below"
+threshold = 4
+severity = "warning"
+consecutive = 2
+explanation = "responses got very short: check for EOS exploitation"
+""")
+    rules = rules_from_toml(p)
+    eng = AlertEngine(rules)
+    ev = feed(eng, [healthy(1, kl=0.25), healthy(2, kl=0.35), healthy(3, entropy=0.01),
+                    healthy(4, response_length_mean=2.0), healthy(5, response_length_mean=2.0)])
+    assert [(e[0], e[1], e[2]) for e in ev] == [
+        (2, "alert", "kl_runaway"), (5, "alert_cleared", "kl_runaway"), (5, "alert", "short_answers")]
+    new = eng.open["short_answers"]
+    assert new.threshold == 4.0 and new.first_step == 4 and "EOS" in new.explanation
+    assert "entropy_collapse" not in [r.name for r in eng.rules]
+    # untouched rules keep their defaults
+    assert {r.name: r for r in rules}["kl_control"] == {r.name: r for r in DEFAULT_RULES}["kl_control"]
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("[rules.kl_runaway\nthreshold = 1", "not valid TOML"),
+        ("[rules.kl_runaway]\nthreshhold = 0.3", "unknown key 'threshhold'"),
+        ("[rules.kl_runaway]\nthreshold = \"high\"", "must be a finite number"),
+        ("[rules.kl_runaway]\nconsecutive = 1.5", "non-negative integer"),
+        ("[rules.kl_runaway]\nenabled = \"no\"", "true or false"),
+        ("[rules.kl_runaway]\nmetric = \"kl_divergence\"", "unknown metric 'kl_divergence'"),
+        ("[rules.kl_runaway]\nkind = \"sideways\"", "kind must be one of"),
+        ("[rules.kl_runaway]\nseverity = \"doom\"", "severity must be one of"),
+        ("[rules.kl_runaway]\ncritical_factor_of = \"kl_goal\"", "unknown metric 'kl_goal'"),
+        ("[rules.kl_runaway]\nthreshold = nan", "finite number"),
+        ("[rules.kl_runaway]\nexplanation = \"\"\"two\nlines\"\"\"", "one line"),
+        ("[rules.mine]\nmetric = \"kl\"", "needs kind, threshold, severity"),
+        ("[rules.mine]\nmetric = \"kl\"\nkind = \"above\"\nthreshold = 1\nseverity = \"warning\"\nwindow = -1",
+         "non-negative integer"),
+        ("[other]\nx = 1", "unknown top-level key"),
+        ("rules = 3", "must be a table"),
+        ("[rules]\nkl_runaway = 3", "must be a table"),
+        (b"\xff\xfe\x00garbage", "not UTF-8"),
+    ],
+)
+def test_bad_alerts_files_raise_one_line_error_naming_the_file(tmp_path, text, needle):
+    p = write(tmp_path, text)
+    with pytest.raises(AlertConfigError) as e:
+        rules_from_toml(p)
+    msg = str(e.value)
+    assert str(p) in msg and needle in msg and "\n" not in msg, msg
+
+
+def test_missing_and_directory_alerts_file(tmp_path):
+    for p, needle in ((tmp_path / "nope.toml", "does not exist"), (tmp_path, "cannot read")):
+        with pytest.raises(AlertConfigError) as e:
+            rules_from_toml(p)
+        assert str(p) in str(e.value) and needle in str(e.value) and "\n" not in str(e.value)

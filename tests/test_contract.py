@@ -1,0 +1,147 @@
+"""The layering contract (SPEC section 2): who may import whom.
+
+- `protocol/` imports nothing but the stdlib and msgpack (and itself).
+- `tui/` never imports `torch` or `trainerd` (the monitor must start fast and never load a
+  training stack; it runs `trainerd verify` as a subprocess instead).
+
+Checked statically (every Import / ImportFrom node, relative ones resolved, plus
+`importlib.import_module("...")` / `__import__("...")` with a literal name) and dynamically
+(import the package and every submodule in a fresh interpreter, then look at sys.modules).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STDLIB = set(sys.stdlib_module_names)
+TUI_FORBIDDEN = {"torch", "trainerd"}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported_names(path: Path, mod: str | None = None) -> list[tuple[int, str]]:
+    """(line, absolute dotted module name) for every import in a file, relative ones resolved."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    mod = mod or _module_name(path)
+    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    out: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                up = node.level - 1
+                if up > len(base) - 1:
+                    out.append((node.lineno, "<relative import above the top package>"))
+                    continue
+                base = base[: len(base) - up] if up else base
+                target = ".".join(base + ([node.module] if node.module else []))
+                if node.module:
+                    out.append((node.lineno, target))
+                else:  # from . import x -> package.x
+                    out += [(node.lineno, f"{target}.{a.name}") for a in node.names]
+            else:
+                out.append((node.lineno, node.module))
+        elif isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+            if name in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant) \
+                    and isinstance(node.args[0].value, str):
+                out.append((node.lineno, node.args[0].value))
+    return out
+
+
+def _files(pkg: str) -> list[Path]:
+    return sorted((ROOT / pkg).rglob("*.py"))
+
+
+def _protocol_violations(names):
+    return [(ln, n) for ln, n in names
+            if n.split(".")[0] not in STDLIB and n.split(".")[0] not in ("msgpack", "protocol")]
+
+
+def _tui_violations(names):
+    return [(ln, n) for ln, n in names if n.split(".")[0] in TUI_FORBIDDEN or n.startswith("<")]
+
+
+def test_static_protocol_imports_only_stdlib_and_msgpack():
+    files = _files("protocol")
+    assert files, "protocol/ has no modules"
+    bad = {str(f.relative_to(ROOT)): v for f in files if (v := _protocol_violations(imported_names(f)))}
+    assert bad == {}, f"protocol/ may import only the stdlib and msgpack: {bad}"
+
+
+def test_static_tui_never_imports_torch_or_trainerd():
+    bad = {str(f.relative_to(ROOT)): v for f in _files("tui") if (v := _tui_violations(imported_names(f)))}
+    assert bad == {}, f"tui/ must not import torch or trainerd: {bad}"
+
+
+def test_static_checker_catches_violations(tmp_path):
+    """The checker itself: it must see absolute, relative, aliased and dynamic imports."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import os, numpy as np\nfrom msgpack import packb\nfrom . import steplog\nfrom .. import trainerd\n"
+        "import importlib\nimportlib.import_module('torch')\nfrom trainerd.cli import main\n"
+    )
+    names = [n for _, n in imported_names(probe, "protocol.probe")]
+    assert "numpy" in names and "protocol.steplog" in names and "torch" in names
+    assert "trainerd.cli" in names and "<relative import above the top package>" in names
+    assert {n for _, n in _protocol_violations([(0, n) for n in names])} == {
+        "numpy", "torch", "trainerd.cli", "<relative import above the top package>"}
+    assert {n for _, n in _tui_violations([(0, n) for n in names])} == {
+        "torch", "trainerd.cli", "<relative import above the top package>"}
+
+
+_PROBE = r"""
+import importlib, json, pkgutil, sys
+before = set(sys.modules)
+pkg = importlib.import_module(sys.argv[1])
+failed = {}
+for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+    try:
+        importlib.import_module(m.name)
+    except Exception as e:  # reported, not hidden
+        failed[m.name] = f"{type(e).__name__}: {e}"
+new = sorted({n.split(".")[0] for n in set(sys.modules) - before})
+print(json.dumps({"new": new, "failed": failed,
+                  "modules": [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]}))
+"""
+
+
+def _probe(pkg: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", _PROBE, pkg], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_dynamic_protocol_loads_only_stdlib_and_msgpack():
+    res = _probe("protocol")
+    assert res["failed"] == {}
+    assert {"protocol.steplog", "protocol.alerts", "protocol.rundir"} <= set(res["modules"])
+    # msgpack's Cython extension registers `cython_runtime` (and `_cython_*`) in sys.modules
+    allowed = {"msgpack", "protocol", "cython_runtime"}
+    extra = [n for n in res["new"] if n not in STDLIB and n not in allowed and not n.startswith("_cython")]
+    assert extra == [], f"importing protocol loaded non-stdlib packages: {extra}"
+
+
+def test_dynamic_tui_never_loads_torch_or_trainerd():
+    if not [f for f in _files("tui") if f.name != "__init__.py"]:
+        pytest.skip("tui/ has no modules yet")
+    res = _probe("tui")
+    loaded = sorted(TUI_FORBIDDEN & set(res["new"]))
+    assert loaded == [], f"importing tui loaded {loaded}"
+    assert res["failed"] == {}, f"tui modules failed to import: {res['failed']}"

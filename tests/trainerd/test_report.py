@@ -1,0 +1,143 @@
+"""`trainerd report`: the offline stability report, on synthetic run dirs written with
+`protocol` and (in test_inject.py's shared runs) on real trainer runs."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from m3_fixtures import make_synthetic_run, synthetic_record, unstable_records  # noqa: E402
+
+from trainerd import report  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("report-runs")
+    clean = make_synthetic_run(d, "clean", [synthetic_record(s) for s in range(1, 41)])
+    bad = make_synthetic_run(d, "unstable", unstable_records(40, nan_at=30))
+    return clean, bad
+
+
+def _report(capsys, run, fmt="text"):
+    rc = report.run(str(run), fmt)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_text_report_of_a_clean_run_fits_80_columns(runs, capsys):
+    clean, _ = runs
+    rc, out, err = _report(capsys, clean)
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
+    assert "unstable from: never (stable)" in out
+    assert "none fired" in out
+    # every numeric catalogue field but the identity ones is in the metrics table, in order
+    names = [ln.split()[0] for ln in lines if ln and ln.split()[0] in synthetic_record(1)]
+    assert names[:4] == ["kl", "kl_target", "kl_target_error", "kl_coef"]
+    assert "rss_bytes" in names and "time" not in names
+    # trends: kl and reward rise, entropy falls
+    row = {}
+    for ln in lines:
+        if ln and ln.split()[0] in synthetic_record(1):
+            row.setdefault(ln.split()[0], ln)  # the metrics table comes before the correlations
+    assert "↑" in row["kl"] and "↑" in row["reward_mean"] and "↓" in row["entropy"]
+    assert "Stages" in out and "rollout" in out and "46.9%" in out  # 0.12 s of 0.256 s
+
+
+def test_json_report_of_an_unstable_run(runs, capsys):
+    _, bad = runs
+    rc, out, _ = _report(capsys, bad, "json")
+    assert rc == 0
+    d = json.loads(out)  # strict JSON: NaN values are written as strings
+    assert d["steps"] == 40 and d["last_step"] == 40
+    m = d["metrics"]
+    assert m["policy_loss"]["nan"] == 1 and m["policy_loss"]["first_non_finite_step"] == 30
+    assert m["grad_norm"]["inf"] == 1 and m["value_loss"]["neg_inf"] == 1
+    assert m["entropy"]["min"] == 0.05 and m["entropy"]["last"] == 0.05
+    assert m["kl"]["median"] == pytest.approx(0.02 + 0.0005 * 20.5)
+    assert m["entropy"]["trend_r"] < -0.5 and m["entropy"]["trend"] == "↓"
+    # the first critical alert (entropy collapse at 20) comes before the first NaN (30)
+    assert d["first_unstable"]["step"] == 20 and "entropy_collapse" in d["first_unstable"]["reason"]
+    alerts = {a["rule"]: a for a in d["alerts"]}
+    assert alerts["entropy_collapse"]["open"] is True
+    assert alerts["entropy_collapse"]["duration_steps"] == 21  # steps 20..40
+    nf = alerts["non_finite"]
+    assert nf["first_step"] == 30 and nf["open"] is False and nf["cleared_step"] == 32
+    assert "restore the last checkpoint" in nf["explanation"]
+    corr = d["correlations"]
+    assert set(corr) == {"kl", "reward_mean", "gold_reward_mean", "entropy", "response_length_mean"}
+    assert corr["kl"]["reward_mean"] == pytest.approx(1.0)
+    assert corr["kl"]["entropy"] < 0
+    stages = {s["stage"]: s for s in d["stages"]}
+    assert list(stages)[:2] == ["rollout", "ref_logprobs"]
+    assert stages["rollout"]["share"] == pytest.approx(0.12 / 0.256)
+
+
+def test_first_unstable_is_the_first_non_finite_value_without_critical_alerts(tmp_path, capsys):
+    recs = [synthetic_record(s) for s in range(1, 21)]
+    recs[11]["kl"] = math.inf  # step 12
+    run = make_synthetic_run(tmp_path, "r", recs, events=False)  # no events.jsonl: alerts replayed
+    rc, out, _ = _report(capsys, run, "json")
+    d = json.loads(out)
+    assert d["first_unstable"]["step"] == 12
+    assert "replayed" in d["alert_source"]
+    assert [a["rule"] for a in d["alerts"]] == ["non_finite"]
+    assert d["metrics"]["kl"]["last"] == recs[-1]["kl"]
+
+
+def test_markdown_report(runs, capsys):
+    _, bad = runs
+    rc, out, _ = _report(capsys, bad, "md")
+    assert rc == 0
+    assert out.startswith("# Stability report: unstable")
+    assert "| metric | min | median | max | last | trend | r | NaN | Inf |" in out
+    assert "| critical | entropy_collapse | entropy |" in out
+    assert "## Correlations" in out and "## Stages" in out
+
+
+def test_jsonl_only_run_is_read_from_the_mirror(tmp_path, capsys):
+    run = make_synthetic_run(tmp_path, "r", [synthetic_record(s) for s in range(1, 6)])
+    os.unlink(run / "steps.msgpack")
+    rc, out, _ = _report(capsys, run, "json")
+    assert rc == 0 and json.loads(out)["step_log"]["source"] == "steps.jsonl"
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_run", "no_steps", "bad_manifest", "bad_format"])
+def test_bad_run_is_one_line_and_exit_2(tmp_path, capsys, case):
+    fmt = "text"
+    if case == "missing":
+        run = tmp_path / "nope"
+    elif case == "not_a_run":
+        run = tmp_path / "empty"
+        run.mkdir()
+    elif case == "no_steps":
+        run = make_synthetic_run(tmp_path, "r", [synthetic_record(1)])
+        os.unlink(run / "steps.msgpack")
+        os.unlink(run / "steps.jsonl")
+    elif case == "bad_manifest":
+        run = make_synthetic_run(tmp_path, "r", [synthetic_record(1)])
+        (run / "run.json").write_text("{not json")
+    else:
+        run = make_synthetic_run(tmp_path, "r", [synthetic_record(1)])
+        fmt = "yaml"
+    rc, out, err = _report(capsys, run, fmt)
+    assert rc == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("trainerd report: ")
+    assert "Traceback" not in err
+
+
+def test_report_module_never_imports_torch(runs):
+    clean, _ = runs
+    code = ("import sys, trainerd; before = 'torch' in sys.modules; from trainerd import report; "
+            "rc = report.run(sys.argv[1], 'json'); "
+            "assert before or 'torch' not in sys.modules, 'report imported torch'; sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, str(clean)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr

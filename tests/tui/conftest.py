@@ -1,0 +1,6 @@
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # tui_helpers
+
+from tui_helpers import runs_dir  # noqa: E402,F401  (fixture)

@@ -1,0 +1,4 @@
+"""`python -m trainerd ...` is the `trainerd` command."""
+from .cli import main
+
+main()

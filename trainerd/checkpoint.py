@@ -1,0 +1,117 @@
+"""Checkpoints: the full training state, written atomically, verified on load.
+
+Layout: `checkpoints/step_NNNNNN/state.pt` + `SHA256SUMS` (`<hex>  state.pt`). A checkpoint is
+written into a hidden temp dir, fsynced, then renamed into place, so a directory named
+`step_NNNNNN` is always complete; a crash mid-write leaves only a `.tmp-*` dir that is ignored.
+`state.pt` holds plain tensors and python values only and loads with weights_only=True.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from protocol.rundir import RunPaths
+
+STATE_FILE = "state.pt"
+SUMS_FILE = "SHA256SUMS"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+class CheckpointError(Exception):
+    """A missing or corrupt checkpoint; the message is one line."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(paths: RunPaths, step: int, state: dict) -> Path:
+    """Write `state` as the checkpoint of `step` atomically; returns its directory."""
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    final = paths.checkpoint_dir(step)
+    tmp = paths.checkpoints / f".tmp-step_{step:06d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT_VERSION, "step": step, **state}, buf)
+    data = buf.getvalue()
+    with open(tmp / STATE_FILE, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(tmp / SUMS_FILE, "w") as f:
+        f.write(f"{hashlib.sha256(data).hexdigest()}  {STATE_FILE}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # the same step checkpointed again (after a resume): replace it
+        old = paths.checkpoints / f".old-step_{step:06d}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(paths.checkpoints)
+    return final
+
+
+def list_checkpoints(paths: RunPaths) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete (renamed-into-place) checkpoint, oldest first."""
+    out = []
+    try:
+        entries = list(paths.checkpoints.iterdir())
+    except OSError:
+        return out
+    for d in entries:
+        m = _STEP_DIR.match(d.name)
+        if m and d.is_dir():
+            out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
+def latest_checkpoint(paths: RunPaths) -> tuple[int, Path]:
+    cps = list_checkpoints(paths)
+    if not cps:
+        raise CheckpointError(f"run {paths.root} has no complete checkpoint to resume from")
+    return cps[-1]
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike, map_location="cpu") -> dict:
+    """Verify the checksum, then load with weights_only=True. Raises CheckpointError (one line)."""
+    d = Path(ckpt_dir)
+    state_path, sums_path = d / STATE_FILE, d / SUMS_FILE
+    try:
+        data = state_path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {d} is incomplete: {STATE_FILE} is missing") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {state_path}: {e.strerror}") from None
+    try:
+        expected = sums_path.read_text().split()[0]
+    except (OSError, IndexError):
+        raise CheckpointError(f"checkpoint {d} is incomplete: {SUMS_FILE} is missing or empty") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise CheckpointError(
+            f"checkpoint {d} is corrupt: sha256 of {STATE_FILE} is {actual[:12]}..., expected {expected[:12]}..."
+        )
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as e:  # a checksum match makes this unlikely; still one line, never a traceback
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {d} cannot be loaded: {msg}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {d} has an unknown format")
+    return state

@@ -1,0 +1,478 @@
+"""`trainerd report RUN [--format text|md|json]`: an offline stability report.
+
+Reads the run directory only (through `protocol`): run.json, steps.msgpack (or the
+steps.jsonl mirror when the framed log is missing), events.jsonl. Never imports torch.
+
+What it says:
+- per metric (catalogue order, numeric fields): min, median, max, last, trend over the
+  steps (Pearson r of value vs step, shown as an arrow) and NaN / Inf counts;
+- the alert timeline from events.jsonl: rule, severity, first step, duration or "open";
+- the first step where the run turned unstable (first critical alert, or first
+  non-finite value, whichever is earlier);
+- correlations between kl, reward_mean, gold_reward_mean, entropy, response_length_mean;
+- the stage breakdown from `stage_s` (mean seconds per step and share of the step).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from protocol import catalogue
+from protocol.alerts import DEFAULT_RULES, AlertEngine
+from protocol.jsonl import read_jsonl
+from protocol.rundir import RunDirError, RunPaths, effective_status, read_events, read_manifest, resolve_run
+from protocol.steplog import read_steplog
+
+FORMATS = ("text", "md", "json")
+CORR_METRICS = ("kl", "reward_mean", "gold_reward_mean", "entropy", "response_length_mean")
+_CORR_SHORT = {"kl": "kl", "reward_mean": "reward", "gold_reward_mean": "gold",
+               "entropy": "entropy", "response_length_mean": "length"}
+_SKIP_STATS = ("step", "time")  # identity fields: the x axis, not metrics
+ALERT_EVENTS = ("alert", "alert_escalated", "alert_cleared")
+
+
+class ReportError(Exception):
+    """A run the report cannot read; one line."""
+
+
+# -- loading ---------------------------------------------------------------------------
+
+def load_run(run: str) -> tuple[RunPaths, dict, list[dict], dict, list[dict]]:
+    """(paths, manifest, records, source info, events) of a run dir (or a runs dir's latest)."""
+    try:
+        paths = resolve_run(run)
+        manifest = read_manifest(paths)
+    except RunDirError as e:
+        raise ReportError(str(e)) from None
+    info = {"source": None, "corrupt_frames": 0, "skipped_bytes": 0}
+    records: list[dict] = []
+    if paths.steps.exists():
+        records, stats = read_steplog(paths.steps)
+        info.update(source=paths.steps.name, corrupt_frames=stats.corrupt_frames,
+                    skipped_bytes=stats.skipped_bytes)
+    elif paths.steps_jsonl.exists():
+        records = read_jsonl(paths.steps_jsonl)
+        info["source"] = paths.steps_jsonl.name
+    else:
+        raise ReportError(f"{paths.root} has no step log (neither steps.msgpack nor steps.jsonl)")
+    records = [r for r in records if isinstance(r.get("step"), int) and not isinstance(r.get("step"), bool)]
+    events = read_events(paths) if paths.events.exists() else []
+    info["events_file"] = paths.events.exists()
+    return paths, manifest, records, info, events
+
+
+# -- statistics ------------------------------------------------------------------------
+
+def _num(v) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+def pearson(xs: list[float], ys: list[float]) -> float | None:
+    """Pearson r, or None with fewer than 3 points or a constant series."""
+    n = len(xs)
+    if n < 3 or n != len(ys):
+        return None
+    mx = sum(xs) / n
+    my = sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx <= 0 or syy <= 0 or not math.isfinite(sxx * syy):
+        return None
+    r = sxy / math.sqrt(sxx * syy)
+    return max(-1.0, min(1.0, r))
+
+
+def _median(sorted_vals: list[float]) -> float:
+    n = len(sorted_vals)
+    mid = n // 2
+    return sorted_vals[mid] if n % 2 else (sorted_vals[mid - 1] + sorted_vals[mid]) / 2
+
+
+def arrow(r: float | None) -> str:
+    """Trend arrow from the Pearson r of value vs step."""
+    if r is None:
+        return "-"
+    if r >= 0.5:
+        return "↑"
+    if r >= 0.2:
+        return "↗"
+    if r > -0.2:
+        return "→"
+    if r > -0.5:
+        return "↘"
+    return "↓"
+
+
+def metric_names(records: list[dict]) -> list[str]:
+    """Numeric fields present in the records: catalogue order first, then any others sorted."""
+    present: set[str] = set()
+    for r in records:
+        for k, v in r.items():
+            if _num(v) is not None:
+                present.add(k)
+    ordered = [m for m in catalogue.numeric_fields() if m in present and m not in _SKIP_STATS]
+    extra = sorted(present - set(catalogue.METRICS) - set(_SKIP_STATS))
+    return ordered + extra
+
+
+def metric_stats(records: list[dict], name: str) -> dict:
+    steps, vals = [], []
+    n = nan = pinf = ninf = 0
+    last = None
+    for r in records:
+        v = _num(r.get(name))
+        if v is None:
+            continue
+        n += 1
+        last = v
+        if v != v:
+            nan += 1
+        elif v == math.inf:
+            pinf += 1
+        elif v == -math.inf:
+            ninf += 1
+        else:
+            steps.append(float(r["step"]))
+            vals.append(v)
+    s = sorted(vals)
+    r = pearson(steps, vals)
+    first_bad = next((rec["step"] for rec in records
+                      if (v := _num(rec.get(name))) is not None and not math.isfinite(v)), None)
+    return {
+        "count": n, "finite": len(vals), "nan": nan, "inf": pinf, "neg_inf": ninf,
+        "min": s[0] if s else None, "median": _median(s) if s else None, "max": s[-1] if s else None,
+        "last": last, "trend_r": r, "trend": arrow(r),
+        "first_non_finite_step": first_bad,
+    }
+
+
+def alert_timeline(events: list[dict], last_step: int | None) -> list[dict]:
+    """One entry per alert episode (fire .. clear), in firing order."""
+    out: list[dict] = []
+    open_: dict[str, dict] = {}
+    for e in events:
+        kind = e.get("event")
+        if kind not in ALERT_EVENTS:
+            continue
+        rule = str(e.get("rule", "?"))
+        if kind == "alert" or (rule not in open_ and kind == "alert_escalated"):
+            ep = {
+                "rule": rule, "metric": e.get("metric"), "severity": e.get("severity"),
+                "fired_severity": e.get("severity"),
+                "first_step": e.get("first_step"), "fired_step": e.get("step", e.get("first_step")),
+                "value": e.get("value"), "threshold": e.get("threshold"),
+                "escalated_step": e.get("step") if kind == "alert_escalated" else None,
+                "cleared_step": None, "duration_steps": None, "open": True,
+                "message": e.get("message"), "explanation": e.get("explanation"),
+            }
+            open_[rule] = ep
+            out.append(ep)
+        elif kind == "alert_escalated":
+            ep = open_[rule]
+            ep["severity"] = e.get("severity", ep["severity"])
+            ep["escalated_step"] = e.get("step")
+            ep["value"] = e.get("value", ep["value"])
+        elif kind == "alert_cleared":
+            ep = open_.pop(rule, None)
+            if ep is None:
+                continue
+            ep["open"] = False
+            ep["cleared_step"] = e.get("step")
+            ep["duration_steps"] = e.get("duration_steps")
+            if ep["duration_steps"] is None and isinstance(ep["cleared_step"], int) and isinstance(ep["first_step"], int):
+                ep["duration_steps"] = ep["cleared_step"] - ep["first_step"]
+    for ep in open_.values():
+        if isinstance(last_step, int) and isinstance(ep["first_step"], int):
+            ep["duration_steps"] = last_step - ep["first_step"] + 1
+    return out
+
+
+def replay_alerts(records: list[dict]) -> list[dict]:
+    """Alert events from the default rules replayed over the records (runs with no events.jsonl)."""
+    eng = AlertEngine(DEFAULT_RULES)
+    evs = []
+    for r in records:
+        for ev, a in eng.update(r):
+            evs.append({"event": ev, **a.to_event(ev)})
+    return evs
+
+
+def first_unstable(records: list[dict], timeline: list[dict], fields: list[str]) -> dict | None:
+    cands = []
+    for ep in timeline:
+        if ep["fired_severity"] == "critical" and isinstance(ep["first_step"], int):
+            cands.append((ep["first_step"], 0, f"critical alert {ep['rule']} ({ep['metric']})"))
+        elif ep["severity"] == "critical" and isinstance(ep["escalated_step"], int):
+            cands.append((ep["escalated_step"], 0, f"alert {ep['rule']} escalated to critical ({ep['metric']})"))
+    for rec in records:
+        bad = [k for k in fields if (v := _num(rec.get(k))) is not None and not math.isfinite(v)]
+        if bad:
+            vals = ", ".join(f"{k}={_fmt(rec[k])}" for k in bad[:3])
+            cands.append((rec["step"], 1, f"non-finite value: {vals}"))
+            break
+    if not cands:
+        return None
+    step, _, reason = min(cands)
+    return {"step": step, "reason": reason}
+
+
+def correlations(records: list[dict]) -> dict:
+    present = [m for m in CORR_METRICS if any(_num(r.get(m)) is not None for r in records)]
+    out: dict[str, dict[str, float | None]] = {}
+    for a in present:
+        out[a] = {}
+        for b in present:
+            xs, ys = [], []
+            for r in records:
+                x, y = _num(r.get(a)), _num(r.get(b))
+                if x is not None and y is not None and math.isfinite(x) and math.isfinite(y):
+                    xs.append(x)
+                    ys.append(y)
+            out[a][b] = pearson(xs, ys)
+    return out
+
+
+def stage_breakdown(records: list[dict]) -> list[dict] | None:
+    maps = [r["stage_s"] for r in records if isinstance(r.get("stage_s"), dict)]
+    if not maps:
+        return None
+    names = [s for s in catalogue.STAGES if any(s in m for m in maps)]
+    names += sorted({k for m in maps for k in m} - set(names))
+    means = {}
+    for s in names:
+        vals = [v for m in maps if (v := _num(m.get(s))) is not None and math.isfinite(v)]
+        means[s] = sum(vals) / len(vals) if vals else 0.0
+    step_times = [v for r in records if (v := _num(r.get("step_time_s"))) is not None and math.isfinite(v) and v > 0]
+    total = sum(step_times) / len(step_times) if step_times else sum(means.values())
+    return [{"stage": s, "mean_s": means[s], "share": (means[s] / total) if total > 0 else None} for s in names]
+
+
+def build(run: str) -> dict:
+    paths, manifest, records, info, events = load_run(run)
+    records.sort(key=lambda r: r["step"])
+    last_step = records[-1]["step"] if records else None
+    fields = metric_names(records)
+    alert_source = "events.jsonl"
+    if not info["events_file"]:
+        events = replay_alerts(records)
+        alert_source = "replayed with the default rules (no events.jsonl)"
+    timeline = alert_timeline(events, last_step)
+    cfg = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    inj = cfg.get("inject") or manifest.get("inject")
+    return {
+        "run": str(paths.root),
+        "run_id": paths.run_id,
+        "status": effective_status(manifest, paths),
+        "seed": manifest.get("seed"),
+        "injection": inj if inj not in ({}, "", None) else None,
+        "steps": len(records),
+        "first_step": records[0]["step"] if records else None,
+        "last_step": last_step,
+        "step_log": info,
+        "metrics": {m: metric_stats(records, m) for m in fields},
+        "alerts": timeline,
+        "alert_source": alert_source,
+        "first_unstable": first_unstable(records, timeline, fields),
+        "correlations": correlations(records),
+        "stages": stage_breakdown(records),
+    }
+
+
+# -- rendering -------------------------------------------------------------------------
+
+def _fmt(v, width: int | None = None) -> str:
+    if v is None:
+        s = "-"
+    elif isinstance(v, bool):
+        s = str(v)
+    elif isinstance(v, int):
+        s = str(v) if abs(v) < 10**9 else f"{v:.3g}"
+    elif isinstance(v, float):
+        if v != v:
+            s = "NaN"
+        elif math.isinf(v):
+            s = "Inf" if v > 0 else "-Inf"
+        elif v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            s = f"{v:.2e}"
+        else:
+            s = f"{v:.4g}"
+    else:
+        s = str(v)
+    return s.rjust(width) if width else s
+
+
+def _nonfinite(st: dict) -> str:
+    parts = []
+    if st["nan"]:
+        parts.append(f"{st['nan']} NaN")
+    if st["inf"] or st["neg_inf"]:
+        parts.append(f"{st['inf'] + st['neg_inf']} Inf")
+    return " ".join(parts) or "0"
+
+
+def _alert_when(ep: dict) -> str:
+    if ep["open"]:
+        d = ep["duration_steps"]
+        return f"open ({d} steps)" if d is not None else "open"
+    return f"{ep['duration_steps']} steps, cleared {ep['cleared_step']}"
+
+
+def _header(d: dict) -> list[tuple[str, str]]:
+    rows = [("run", d["run"]), ("status", str(d["status"])),
+            ("steps", f"{d['steps']} ({d['first_step']}..{d['last_step']})" if d["steps"] else "0 (no steps yet)")]
+    if d["seed"] is not None:
+        rows.append(("seed", str(d["seed"])))
+    if d["injection"]:
+        inj = d["injection"]
+        rows.append(("injection", inj if isinstance(inj, str) else
+                     f"{inj.get('kind')}@{inj.get('step')}" if isinstance(inj, dict) else str(inj)))
+    sl = d["step_log"]
+    if sl["corrupt_frames"]:
+        rows.append(("step log", f"{sl['corrupt_frames']} corrupt frame(s) skipped"))
+    fu = d["first_unstable"]
+    rows.append(("unstable from", f"step {fu['step']}: {fu['reason']}" if fu else "never (stable)"))
+    return rows
+
+
+def _wrap(text: str, width: int, indent: str) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width=width, initial_indent=indent, subsequent_indent=indent) or [indent]
+
+
+def render_text(d: dict) -> str:
+    out: list[str] = []
+    title = f"Stability report: {d['run_id']}"
+    out += [title, "=" * min(len(title), 79)]
+    for k, v in _header(d):
+        lines = _wrap(v, 79 - 15, "")
+        out.append(f"{k + ':':<14} {lines[0]}")
+        out += [" " * 15 + ln for ln in lines[1:]]
+    out.append("")
+    out.append("Metrics")
+    hdr = f"{'metric':<22}{'min':>10}{'median':>10}{'max':>10}{'last':>10} tr {'non-fin':>8}"
+    out += [hdr, "-" * len(hdr)]
+    for name, st in d["metrics"].items():
+        out.append(f"{name[:21]:<22}{_fmt(st['min'], 10)}{_fmt(st['median'], 10)}{_fmt(st['max'], 10)}"
+                   f"{_fmt(st['last'], 10)}  {st['trend']}{_nonfinite(st):>9}")
+    out.append("tr = trend, Pearson r of value vs step: ↑ >=.5 ↗ >=.2 → |r|<.2 ↘ <=-.2 ↓ <=-.5")
+    out.append("")
+    out.append(f"Alerts ({d['alert_source']})")
+    if not d["alerts"]:
+        out.append("  none fired")
+    for ep in d["alerts"]:
+        sev = str(ep["severity"] or "?")
+        esc = f" (escalated at {ep['escalated_step']})" if ep["escalated_step"] is not None else ""
+        out.append(f"  {sev.upper():<8} {ep['rule']:<24} step {ep['first_step']}: {_alert_when(ep)}{esc}"[:79])
+        out.append(f"{'':11}{ep['metric']}={_fmt(ep['value'])} (threshold {_fmt(ep['threshold'])})")
+        if ep["explanation"]:
+            out += _wrap(str(ep["explanation"]), 79, " " * 11)
+    out.append("")
+    corr = d["correlations"]
+    out.append("Correlations (Pearson r over finite steps)")
+    if len(corr) < 2:
+        out.append("  not enough metrics")
+    else:
+        names = list(corr)
+        out.append(f"{'':>10}" + "".join(f"{_CORR_SHORT[n]:>9}" for n in names))
+        for a in names:
+            cells = "".join(f"{'-' if corr[a][b] is None else f'{corr[a][b]:+.2f}':>9}" for b in names)
+            out.append(f"{_CORR_SHORT[a]:>10}{cells}")
+    out.append("")
+    out.append("Stages (mean per step)")
+    if not d["stages"]:
+        out.append("  no stage timings in the step log")
+    else:
+        out.append(f"  {'stage':<16}{'mean s':>10}{'share':>8}")
+        for s in d["stages"]:
+            share = "-" if s["share"] is None else f"{100 * s['share']:.1f}%"
+            bar = "#" * int(round(30 * s["share"])) if s["share"] else ""
+            out.append(f"  {s['stage']:<16}{_fmt(s['mean_s'], 10)}{share:>8}  {bar}"[:79])
+    return "\n".join(out) + "\n"
+
+
+def render_md(d: dict) -> str:
+    out = [f"# Stability report: {d['run_id']}", ""]
+    for k, v in _header(d):
+        out.append(f"- **{k}**: {v}")
+    out += ["", "## Metrics", "",
+            "| metric | min | median | max | last | trend | r | NaN | Inf |",
+            "|---|---:|---:|---:|---:|:---:|---:|---:|---:|"]
+    for name, st in d["metrics"].items():
+        r = "-" if st["trend_r"] is None else f"{st['trend_r']:+.2f}"
+        out.append(f"| {name} | {_fmt(st['min'])} | {_fmt(st['median'])} | {_fmt(st['max'])} | {_fmt(st['last'])} "
+                   f"| {st['trend']} | {r} | {st['nan']} | {st['inf'] + st['neg_inf']} |")
+    out += ["", f"## Alerts ({d['alert_source']})", ""]
+    if not d["alerts"]:
+        out.append("None fired.")
+    else:
+        out += ["| severity | rule | metric | value | threshold | first step | duration | explanation |",
+                "|---|---|---|---:|---:|---:|---|---|"]
+        for ep in d["alerts"]:
+            expl = str(ep["explanation"] or "").replace("|", "\\|")
+            out.append(f"| {ep['severity']} | {ep['rule']} | {ep['metric']} | {_fmt(ep['value'])} "
+                       f"| {_fmt(ep['threshold'])} | {ep['first_step']} | {_alert_when(ep)} | {expl} |")
+    out += ["", "## Correlations", ""]
+    corr = d["correlations"]
+    if len(corr) < 2:
+        out.append("Not enough metrics.")
+    else:
+        names = list(corr)
+        out.append("| | " + " | ".join(names) + " |")
+        out.append("|---|" + "---:|" * len(names))
+        for a in names:
+            out.append(f"| {a} | " + " | ".join("-" if corr[a][b] is None else f"{corr[a][b]:+.2f}"
+                                                  for b in names) + " |")
+    out += ["", "## Stages", ""]
+    if not d["stages"]:
+        out.append("No stage timings in the step log.")
+    else:
+        out += ["| stage | mean s | share |", "|---|---:|---:|"]
+        for s in d["stages"]:
+            share = "-" if s["share"] is None else f"{100 * s['share']:.1f}%"
+            out.append(f"| {s['stage']} | {_fmt(s['mean_s'])} | {share} |")
+    return "\n".join(out) + "\n"
+
+
+def _json_safe(v):
+    """Non-finite floats as the kit's JSONL strings ("NaN", "Infinity", "-Infinity")."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def render_json(d: dict) -> str:
+    return json.dumps(_json_safe(d), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+
+
+def run(run: str, fmt: str = "text") -> int:
+    """Print the report of RUN in `fmt`; exit code (2: a run or format the report cannot use)."""
+    if fmt not in FORMATS:
+        print(f"trainerd report: unknown format {fmt!r} (choose {', '.join(FORMATS)})", file=sys.stderr)
+        return 2
+    try:
+        d = build(str(run))
+    except ReportError as e:
+        print(f"trainerd report: {e}", file=sys.stderr)
+        return 2
+    text = {"text": render_text, "md": render_md, "json": render_json}[fmt](d)
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `trainerd report RUN | head`
+        return 0
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run(sys.argv[1] if len(sys.argv) > 1 else "runs/latest",
+                 sys.argv[2] if len(sys.argv) > 2 else "text"))

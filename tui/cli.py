@@ -1,0 +1,62 @@
+"""`rlhf-tui [PATH]`: watch a run directory (or a runs dir's latest run) live."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+import click
+
+from protocol.rundir import RunDirError, resolve_run
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("path", required=False, default=None)
+@click.option("--fps", type=click.FloatRange(0.2, 30), default=4.0, show_default=True,
+              help="at most this many redraws a second (lower it on slow links)")
+@click.option("--stall-after", type=click.FloatRange(1), default=60.0, show_default=True,
+              help="seconds without a record before a running run shows as stalled")
+def cli(path: str | None, fps: float, stall_after: float) -> None:
+    """Watch an RLHF run live. PATH: a run dir or a runs dir (default runs/latest)."""
+    target = path or os.path.join("runs", "latest")
+    try:
+        resolve_run(target)
+        if not os.access(target, os.R_OK | os.X_OK):
+            raise RunDirError(f"cannot read {target}: permission denied")
+    except RunDirError as e:
+        click.echo(f"rlhf-tui: {e}", err=True)
+        sys.exit(2)
+    from .app import MonitorApp  # after the path check: a bad path answers at once
+
+    app = MonitorApp(target, fps=fps, stall_after=stall_after)
+    _exit_when_terminal_goes(app)
+    rc = app.run()
+    if app.return_code:
+        if app._exit_renderables:
+            pass
+        sys.exit(app.return_code)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _exit_when_terminal_goes(app) -> None:
+    """SIGHUP (ssh dropped, tmux pane killed) ends the app; if it cannot end cleanly in a few
+    seconds the process leaves anyway, so it never spins on a dead terminal."""
+
+    def hup(signum, frame):
+        threading.Timer(3.0, lambda: os._exit(129)).start()
+        try:
+            app.call_later(app.exit)
+        except Exception:
+            os._exit(129)
+
+    signal.signal(signal.SIGHUP, hup)
+    signal.signal(signal.SIGTERM, hup)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Reading a run directory as it grows, through `protocol` only (no UI here).
+
+`RunFeed.poll()` returns a `Batch` of what arrived since the last call: new step
+records (already columnized), the alerts the live `AlertEngine` raised or cleared on
+them, new events, the manifest when it changed, corruption counts. A huge log is read
+tail first (`StepLogTailer(start_offset=...)`) and its older history by `load_history`
+in the background.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+
+from protocol.alerts import Alert, AlertEngine
+from protocol.jsonl import JsonlTailer
+from protocol.rundir import RunDirError, RunPaths, effective_status, read_manifest
+from protocol.steplog import StepLogTailer
+
+from .store import RunStore
+
+TAIL_BYTES = 4 << 20  # read this much of a big log first (~5k records), the rest in the background
+BATCH_RECORDS = 5000  # records per batch applied to the UI
+HISTORY_ALERT_RECORDS = 200_000  # older history gets alerts evaluated only this far back (the engine costs ~65 us/record)
+
+
+@dataclass
+class Batch:
+    cols: dict | None = None
+    alerts: list[tuple[str, Alert]] = field(default_factory=list)
+    open_alerts: list[Alert] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+    manifest: dict | None = None
+    status: str | None = None
+    corrupt_frames: int = 0
+    bad_event_lines: int = 0
+    reset: bool = False  # the log shrank or was replaced: forget what was shown
+    arrived: float = 0.0  # monotonic time the batch was read (for latency measurements)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.cols and self.cols["step"]) and not self.alerts and not self.events \
+            and self.manifest is None and not self.reset
+
+
+def snapshot(alert: Alert) -> Alert:
+    return dataclasses.replace(alert)
+
+
+class RunFeed:
+    def __init__(self, paths: RunPaths, tail_bytes: int = TAIL_BYTES):
+        self.paths = paths
+        try:
+            size = os.path.getsize(paths.steps)
+        except OSError:
+            size = 0
+        self.tail_start = size - tail_bytes if size > tail_bytes else 0
+        self.tailer = StepLogTailer(paths.steps, start_offset=self.tail_start)
+        self.events = JsonlTailer(paths.events)
+        self.engine = AlertEngine()
+        self._resets = 0
+        self._manifest_mtime = None
+        self._status = None
+        self.first_offset: int | None = None  # where the tail's first frame starts
+
+    def poll(self, max_records: int = BATCH_RECORDS) -> Batch:
+        b = Batch(arrived=time.monotonic())
+        if self.first_offset is None:
+            before = self.tailer.offset
+            recs = self.tailer.poll(max_records)
+            if recs:
+                # the tailer aligned to a frame boundary; remember it for the history loader
+                self.first_offset = self._aligned_start(before, recs)
+        else:
+            recs = self.tailer.poll(max_records)
+        if self.tailer.stats.resets != self._resets:
+            self._resets = self.tailer.stats.resets
+            self.engine = AlertEngine()
+            self.tail_start = 0
+            self.first_offset = 0
+            b.reset = True
+        if recs:
+            b.cols = RunStore.columnize(recs)
+            for r in recs:
+                b.alerts.extend((ev, snapshot(a)) for ev, a in self.engine.update(r))
+        b.open_alerts = [snapshot(a) for a in self.engine.open.values()]
+        b.events = self.events.poll()
+        b.corrupt_frames = self.tailer.stats.corrupt_frames
+        b.bad_event_lines = self.events.bad_lines
+        self._read_manifest(b)
+        return b
+
+    def _aligned_start(self, before: int, recs: list[dict]) -> int:
+        if self.tail_start == 0:
+            return 0
+        # offset after the batch minus the frames' sizes is the first frame's start; we do not
+        # have sizes, so ask the file: scan from tail_start for the first frame with this step
+        from protocol.steplog import StepLogTailer as _T
+
+        probe = _T(self.paths.steps, start_offset=self.tail_start, with_offsets=True)
+        first = probe.poll(1)
+        return first[0][0] if first else self.tail_start
+
+    def _read_manifest(self, b: Batch) -> None:
+        try:
+            mtime = os.stat(self.paths.manifest).st_mtime_ns
+        except OSError:
+            return
+        if mtime == self._manifest_mtime:
+            status = self._status
+        else:
+            try:
+                m = read_manifest(self.paths)
+            except RunDirError:
+                return
+            self._manifest_mtime = mtime
+            self._manifest = m
+            b.manifest = m
+            status = None
+        # effective_status notices a dead writer, so it is asked again even when run.json is unchanged
+        status = effective_status(self._manifest, self.paths)
+        if status != self._status:
+            self._status = status
+            b.status = status
+            if b.manifest is None:
+                b.manifest = self._manifest
+
+
+def load_history(paths: RunPaths, end_offset: int, should_stop=lambda: False,
+                 est_bytes_per_record: float = 700.0):
+    """The records before `end_offset`, as one older RunStore plus their alerts.
+
+    Yields progress fractions while reading; the last value yielded is the result tuple
+    (store, alerts, open_alerts_at_end, corrupt_frames).
+    """
+    older = RunStore()
+    engine = AlertEngine()
+    alerts: list[tuple[str, Alert]] = []
+    alert_from = max(0, end_offset - int(HISTORY_ALERT_RECORDS * est_bytes_per_record))
+    t = StepLogTailer(paths.steps, with_offsets=True)
+    done = False
+    while not done and not should_stop():
+        batch = t.poll(20_000)
+        if not batch:
+            break
+        recs = []
+        for start, _end, r in batch:
+            if start >= end_offset:
+                done = True
+                break
+            recs.append(r)
+            if start >= alert_from:
+                alerts.extend((ev, snapshot(a)) for ev, a in engine.update(r))
+        older.extend(RunStore.columnize(recs))
+        yield min(1.0, t.offset / max(1, end_offset))
+        time.sleep(0.001)  # let the UI thread have the GIL between chunks
+    yield older, alerts, [snapshot(a) for a in engine.open.values()], t.stats.corrupt_frames

@@ -1,0 +1,266 @@
+"""The monitor's memory of a run: one compact column per charted field.
+
+A 1M-step run must fit in a few hundred MB, so records are not kept: each charted
+field is an `array('d')` (stage times `array('f')`, they are only drawn), and every
+column has per-block summaries (finite min/max and non-finite flags per BLOCK values)
+so that decimating a whole run to a chart's width touches ~width x 2 blocks, not 1M values.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from array import array
+from bisect import bisect_left
+from dataclasses import dataclass
+
+from protocol.catalogue import STAGES
+
+BLOCK = 256
+# Charted metrics, in grid order, with the companion line drawn in the same chart.
+CHART_METRICS: tuple[str, ...] = (
+    "kl", "entropy", "reward_mean", "advantage_mean", "grad_norm",
+    "clip_frac", "value_loss", "tokens_per_second", "response_length_mean",
+)
+COMPANIONS: dict[str, str] = {"kl": "kl_target", "reward_mean": "gold_reward_mean"}
+SCALAR_FIELDS: tuple[str, ...] = CHART_METRICS + tuple(COMPANIONS.values()) + ("step_time_s", "tokens")
+
+# A field absent from a record is stored as a NaN with its own bit pattern, so that a
+# missing gold reward is not drawn as a NaN marker.
+MISSING = struct.unpack("<d", struct.pack("<Q", 0x7FF8_DEAD_0000_0000))[0]
+_MISSING_BITS = 0x7FF8_DEAD_0000_0000
+FLAG_NAN, FLAG_POS_INF, FLAG_NEG_INF = 1, 2, 4
+
+
+def is_missing(v: float) -> bool:
+    return v != v and struct.unpack("<Q", struct.pack("<d", v))[0] == _MISSING_BITS
+
+
+def _flags_of(values) -> int:
+    f = 0
+    for v in values:
+        if v != v:
+            if not is_missing(v):
+                f |= FLAG_NAN
+        elif v == math.inf:
+            f |= FLAG_POS_INF
+        elif v == -math.inf:
+            f |= FLAG_NEG_INF
+    return f
+
+
+def summarize(values) -> tuple[float, float, int]:
+    """(finite min, finite max, non-finite flags) of a sequence; min > max when nothing is finite."""
+    if not values:
+        return math.inf, -math.inf, 0
+    s = sum(values)  # C speed; NaN or Inf anywhere shows in the sum
+    if s == s and s not in (math.inf, -math.inf):
+        return min(values), max(values), 0
+    finite = [v for v in values if v == v and v not in (math.inf, -math.inf)]
+    if finite:
+        return min(finite), max(finite), _flags_of(values)
+    return math.inf, -math.inf, _flags_of(values)
+
+
+class Column:
+    """One field's values with block summaries for fast decimation."""
+
+    __slots__ = ("values", "bmin", "bmax", "bflags", "present")
+
+    def __init__(self, typecode: str = "d"):
+        self.values = array(typecode)
+        self.bmin = array("d")
+        self.bmax = array("d")
+        self.bflags = array("b")
+        self.present = 0  # records that carried this field
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def _summarize_new_blocks(self) -> None:
+        v = self.values
+        for b in range(len(self.bmin), len(v) // BLOCK):
+            lo, hi, fl = summarize(v[b * BLOCK:(b + 1) * BLOCK])
+            self.bmin.append(lo)
+            self.bmax.append(hi)
+            self.bflags.append(fl)
+
+    def extend(self, values) -> None:
+        self.values.extend(values)
+        self._summarize_new_blocks()
+
+    def truncate(self, n: int) -> None:
+        del self.values[n:]
+        nb = n // BLOCK
+        del self.bmin[nb:], self.bmax[nb:], self.bflags[nb:]
+
+    def range_summary(self, a: int, b: int) -> tuple[float, float, int]:
+        """Summary of values[a:b], using whole blocks where it can."""
+        if b - a < 2 * BLOCK:
+            return summarize(self.values[a:b])
+        ba, bb = -(-a // BLOCK), b // BLOCK
+        lo, hi, fl = summarize(self.values[a:ba * BLOCK])
+        lo2, hi2, fl2 = summarize(self.values[bb * BLOCK:b])
+        if bb > ba:
+            lo = min(lo, lo2, min(self.bmin[ba:bb]))
+            hi = max(hi, hi2, max(self.bmax[ba:bb]))
+            f = 0
+            for x in set(self.bflags[ba:bb]):
+                f |= x
+            return lo, hi, fl | fl2 | f
+        return min(lo, lo2), max(hi, hi2), fl | fl2
+
+
+@dataclass
+class Bucket:
+    """What one chart column shows: finite min/max/last and which non-finite values hit it."""
+
+    lo: float
+    hi: float
+    last: float
+    flags: int
+    step: int
+
+
+class RunStore:
+    """Columns for steps, times, charted scalars and stage seconds."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.steps = array("q")
+        self.times = array("d")
+        self.columns: dict[str, Column] = {k: Column("d") for k in SCALAR_FIELDS}
+        self.stages: dict[str, Column] = {s: Column("f") for s in STAGES}
+        self.generation = 0  # bumped on every change; widgets redraw when it moved
+        self.last_record: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @property
+    def last_step(self) -> int | None:
+        return self.steps[-1] if self.steps else None
+
+    # -- building ---------------------------------------------------------------------
+
+    @staticmethod
+    def columnize(records: list[dict]) -> dict:
+        """Records -> plain lists per field (done off the UI thread, then `extend`ed)."""
+        out: dict = {"step": [], "time": []}
+        for k in SCALAR_FIELDS:
+            out[k] = []
+        for s in STAGES:
+            out["stage:" + s] = []
+        present = dict.fromkeys(SCALAR_FIELDS, 0)
+        for r in records:
+            step = r.get("step")
+            if isinstance(step, bool) or not isinstance(step, int):
+                continue  # a record without a step cannot be placed on a chart
+            out["step"].append(step)
+            t = r.get("time")
+            out["time"].append(float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else math.nan)
+            for k in SCALAR_FIELDS:
+                v = r.get(k)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out[k].append(float(v))
+                    present[k] += 1
+                else:
+                    out[k].append(MISSING)
+            st = r.get("stage_s")
+            st = st if isinstance(st, dict) else {}
+            for s in STAGES:
+                v = st.get(s)
+                out["stage:" + s].append(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan)
+        out["present"] = present
+        out["last"] = records[-1] if records else None
+        return out
+
+    def extend(self, cols: dict) -> None:
+        """Append a columnized batch; a step that goes back (a resume) cuts the later history."""
+        steps = cols["step"]
+        if not steps:
+            return
+        if self.steps and steps[0] <= self.steps[-1]:
+            self.truncate(bisect_left(self.steps, steps[0]))
+        self.steps.extend(steps)
+        self.times.extend(cols["time"])
+        for k, c in self.columns.items():
+            c.extend(cols[k])
+            c.present += cols["present"][k]
+        for s, c in self.stages.items():
+            c.extend(cols["stage:" + s])
+        if cols.get("last") is not None:
+            self.last_record = cols["last"]
+        self.generation += 1
+
+    def prepend(self, older: "RunStore") -> None:
+        """Put an older history (loaded in the background) in front of what is here."""
+        if not len(older):
+            return
+        n = len(self)
+        if n and older.steps[-1] >= self.steps[0]:
+            older.truncate(bisect_left(older.steps, self.steps[0]))
+        older.steps.extend(self.steps)
+        older.times.extend(self.times)
+        for k, c in older.columns.items():
+            c.extend(self.columns[k].values)
+            c.present += self.columns[k].present
+        for s, c in older.stages.items():
+            c.extend(self.stages[s].values)
+        self.steps, self.times = older.steps, older.times
+        self.columns, self.stages = older.columns, older.stages
+        self.generation += 1
+
+    def truncate(self, n: int) -> None:
+        del self.steps[n:], self.times[n:]
+        for c in (*self.columns.values(), *self.stages.values()):
+            c.truncate(n)
+        self.generation += 1
+
+    # -- reading ----------------------------------------------------------------------
+
+    def value(self, key: str, i: int = -1) -> float | None:
+        c = self.columns.get(key)
+        if c is None or not len(c.values):
+            return None
+        v = c.values[i]
+        return None if is_missing(v) else v
+
+    def index_range(self, last_n: int | None = None, around_step: int | None = None) -> tuple[int, int]:
+        """[start, end) of the rows shown: all, the last N, or N around a step."""
+        n = len(self)
+        if around_step is not None and last_n:
+            i = bisect_left(self.steps, around_step)
+            a = max(0, i - last_n // 2)
+            return a, min(n, a + last_n)
+        if last_n:
+            return max(0, n - last_n), n
+        return 0, n
+
+    def decimate(self, key: str, a: int, b: int, width: int, stage: bool = False) -> list[Bucket]:
+        """Rows [a, b) of a column in at most `width` buckets."""
+        col = (self.stages if stage else self.columns)[key]
+        n = b - a
+        if n <= 0 or width <= 0:
+            return []
+        nb = min(width, n)
+        out: list[Bucket] = []
+        vals = col.values
+        for k in range(nb):
+            s = a + n * k // nb
+            e = a + n * (k + 1) // nb
+            lo, hi, fl = col.range_summary(s, e)
+            out.append(Bucket(lo, hi, vals[e - 1], fl, self.steps[e - 1]))
+        return out
+
+    def steps_per_second(self, window: int = 50) -> float | None:
+        n = len(self)
+        if n < 2:
+            return None
+        i = max(0, n - window)
+        dt = self.times[-1] - self.times[i]
+        ds = self.steps[-1] - self.steps[i]
+        if not (dt > 0) or ds <= 0:
+            return None
+        return ds / dt

@@ -1,0 +1,1 @@
+"""The monitor's widgets: each one small, drawing from the shared RunStore."""
