@@ -16,7 +16,6 @@ import importlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -60,7 +59,8 @@ def cli():
 
 # -- start / resume ------------------------------------------------------------------------------
 
-def _seed(seed: int | None, cfg_seed_from_file: bool) -> int | None:
+def _seed(seed: int | None) -> int | None:
+    """--seed, else the SEED environment variable, else None (the config's seed)."""
     if seed is not None:
         return seed
     env = os.environ.get("SEED")
@@ -106,7 +106,7 @@ def _exit_code(status: str) -> int:
 @click.option("--foreground", is_flag=True, help="stay attached instead of detaching")
 def start(smoke, config_file, seed, steps, runs_dir, run_id, profile_steps, inject, alerts_file, foreground):
     """Start a training run; prints its run directory."""
-    cfg = load_config(config_file, preset="smoke" if smoke else "default", seed=_seed(seed, config_file),
+    cfg = load_config(config_file, preset="smoke" if smoke else "default", seed=_seed(seed),
                       steps=steps, profile_steps=profile_steps, inject=inject,
                       alerts_file=str(Path(alerts_file).resolve()) if alerts_file else None)
     _check_hooks(cfg)

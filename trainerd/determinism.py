@@ -19,19 +19,6 @@ import torch
 PURPOSES = ("sampling", "init", "data", "shuffle")
 
 
-def seed_from_env(seed: int | None, default: int = 0) -> int:
-    """--seed wins, then the SEED environment variable, then `default`."""
-    if seed is not None:
-        return int(seed)
-    env = os.environ.get("SEED")
-    if env is not None and env.strip():
-        try:
-            return int(env)
-        except ValueError:
-            raise ValueError(f"SEED environment variable must be an integer, got {env!r}") from None
-    return default
-
-
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -106,7 +93,9 @@ def determinism_settings(seed: int, threads: int, dev: torch.device) -> dict:
 
 
 # Settings that must match for a resume to be bitwise equal (checked unless --force).
-RESUME_MUST_MATCH = ("intra_op_threads", "torch_version", "device", "deterministic_algorithms")
+RESUME_MUST_MATCH = ("intra_op_threads", "torch_version", "device", "deterministic_algorithms", "tf32_matmul",
+                     "tf32_cudnn", "fp16_reduced_precision_reduction", "bf16_reduced_precision_reduction",
+                     "cudnn_deterministic", "cudnn_benchmark")
 
 
 def settings_mismatch(recorded: dict, current: dict) -> list[str]:

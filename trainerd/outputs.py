@@ -12,8 +12,6 @@ The event file is flushed every `tb_flush_every` steps and at sync/close, not ev
 """
 from __future__ import annotations
 
-import math
-
 from protocol import alerts as alerts_mod
 from protocol.catalogue import METRICS
 from protocol.jsonl import JsonlWriter
@@ -104,7 +102,3 @@ class RunWriter:
 
 def is_nonfinite_alert(event: str, alert) -> bool:
     return event == "alert" and alert.rule == "non_finite" and alert.severity == "critical"
-
-
-def finite(x: float) -> bool:
-    return isinstance(x, float) and math.isfinite(x)

@@ -325,7 +325,7 @@ def check_kill_resume(checks: Checks, ra: list[dict], d: RunPaths, killed_at: in
                       out: str) -> None:
     name = "kill_resume_bitwise"
     if rc != 0:
-        checks.add(name, False, f"resume after SIGKILL at step {killed_at} exited {rc}: {out}")
+        checks.add(name, False, f"resume after SIGKILL (after step {killed_at}) exited {rc}: {out}")
         return
     rd = records_of(d)
     problems = []
@@ -356,11 +356,11 @@ def check_kill_resume(checks: Checks, ra: list[dict], d: RunPaths, killed_at: in
         if ev.get("result") != "identical" or not ev.get("complete", False):
             problems.append(f"resume_check event says {ev.get('result')!r}: {ev.get('message', '')}")
     if problems:
-        checks.add(name, False, f"SIGKILL at step {killed_at}, resumed: " + "; ".join(problems))
+        checks.add(name, False, f"SIGKILL after step {killed_at} was logged, resumed: " + "; ".join(problems))
         return
     ev = checks_ev[-1]
     from_step = ev.get("resumed_from", resumed[-1].get("step") if resumed else "?")
-    checks.add(name, True, f"SIGKILL at step {killed_at}, resumed from checkpoint {from_step}: steps "
+    checks.add(name, True, f"SIGKILL after step {killed_at} was logged, resumed from checkpoint {from_step}: steps "
                            f"{ev.get('compared_from')}..{ev.get('compared_to')} recomputed identical "
                            f"(resume_check event), final log {len(rd)} steps without gap or duplicate, "
                            f"bitwise equal to the uninterrupted run")

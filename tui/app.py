@@ -113,6 +113,7 @@ class MonitorApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
+        self.main_screen = self.screen  # widgets are looked up here even while a dialog is on top
         self.query_one("#profiler").border_title = "where the time goes"
         self.query_one("#verify").border_title = "checks"
         self.query_one("#events").border_title = "events"
@@ -137,7 +138,7 @@ class MonitorApp(App):
         self.open_alerts, self.alert_history, self.events = [], [], []
         self.manifest, self.status, self.corrupt, self.history_corrupt = {}, "…", 0, 0
         self.loading, self.last_arrival, self.history_done = "", None, False
-        self.query_one(VerifyPanel).run_dir = paths.root
+        self.main_screen.query_one(VerifyPanel).run_dir = paths.root
         self._dirty = {"all"}
         self.follow_run(paths, self._feed_token, self._feed_stop)
         self._schedule_redraw()
@@ -152,6 +153,8 @@ class MonitorApp(App):
             while not stop.is_set():
                 batch = feed.poll()
                 if not batch.empty and not self._post(self.apply_batch, batch, token):
+                    return
+                if batch.pending and not self._post(self.apply_batch, feed.evaluate(batch), token):
                     return
                 if not history_started and feed.first_offset is not None:
                     history_started = True
@@ -247,6 +250,9 @@ class MonitorApp(App):
         if [a.rule for a in batch.open_alerts] != [a.rule for a in self.open_alerts] or batch.alerts:
             self._dirty.add("alerts")
         self.open_alerts = batch.open_alerts
+        if batch.alerts_only:
+            self._schedule_redraw()
+            return
         if batch.events:
             self.events.extend(batch.events)
             del self.events[:-500]
@@ -263,6 +269,8 @@ class MonitorApp(App):
     @work(thread=True, group="history")
     def start_history(self, paths: RunPaths, end_offset: int, token: int) -> None:
         """Load the records before the tail, then put them in front of it."""
+        while self.first_full_screen_at is None and token == self._feed_token and self.is_running:
+            time.sleep(0.01)  # the tail's first screen goes first: the GIL is shared
         per_record = self.tail_bytes / max(1, len(self.store))
         last_report = 0.0
         result = None
@@ -320,17 +328,17 @@ class MonitorApp(App):
         everything = "all" in dirty
         if everything or "data" in dirty or "alerts" in dirty:
             self._update_alert_marks()
-            for tile in self.query(MetricTile):
+            for tile in self.main_screen.query(MetricTile):
                 tile.refresh()
-            self.query_one(DetailChart).refresh()
-            prof = self.query_one(ProfilerPanel)
+            self.main_screen.query_one(DetailChart).refresh()
+            prof = self.main_screen.query_one(ProfilerPanel)
             prof.show(self.store, prof.content_size.width)
         if everything or "alerts" in dirty:
-            self.query_one(AlertBanner).show(self.most_severe(), len(self.open_alerts), self.corrupt)
+            self.main_screen.query_one(AlertBanner).show(self.most_severe(), len(self.open_alerts), self.corrupt)
         if everything or "events" in dirty:
-            ev = self.query_one(EventsPanel)
+            ev = self.main_screen.query_one(EventsPanel)
             ev.show(self.events, ev.content_size.height or 10, self.manifest.get("started_at"))
-        self.query_one(RunHeader).show(self.header_info())
+        self.main_screen.query_one(RunHeader).show(self.header_info())
         self.drawn_step = self.store.last_step
         self.drawn_at = time.monotonic()
         if self.first_full_screen_at is None and len(self.store):
@@ -372,9 +380,9 @@ class MonitorApp(App):
 
     def _select(self, i: int) -> None:
         self.selected = i % len(CHART_METRICS)
-        for k, tile in enumerate(self.query(MetricTile)):
+        for k, tile in enumerate(self.main_screen.query(MetricTile)):
             tile.selected = k == self.selected
-        self.query_one(DetailChart).metric = CHART_METRICS[self.selected]
+        self.main_screen.query_one(DetailChart).metric = CHART_METRICS[self.selected]
         self._dirty.add("data")
         self._schedule_redraw()
 
@@ -431,15 +439,15 @@ class MonitorApp(App):
             self.open_run(paths)
 
     def action_verify(self, check: str) -> None:
-        self.query_one(VerifyPanel).start(check)
+        self.main_screen.query_one(VerifyPanel).start(check)
 
     def action_cancel_verify(self) -> None:
-        self.query_one(VerifyPanel).cancel()
+        self.main_screen.query_one(VerifyPanel).cancel()
 
     def exit(self, *args, **kw) -> None:
         self._feed_stop.set()  # feed threads end at their next wake-up (<= 1 s)
         try:
-            self.query_one(VerifyPanel).cancel()
+            self.main_screen.query_one(VerifyPanel).cancel()
         except Exception:
             pass
         super().exit(*args, **kw)

@@ -122,7 +122,7 @@ def unstable_records(n: int = 40, nan_at: int = 30) -> list[dict]:
 
 # -- real trainer runs, made once per test process ------------------------------------
 
-_CACHE: dict[str, Path] = {}
+_CACHE: dict = {}
 _LOCK = threading.Lock()
 _ROOT: list[Path] = []
 
@@ -130,10 +130,48 @@ _ROOT: list[Path] = []
 def _root() -> Path:
     if not _ROOT:
         d = Path(tempfile.mkdtemp(prefix="m3-runs-"))
-        atexit.register(shutil.rmtree, d, True)
+        if not os.environ.get("M3_KEEP_RUNS"):
+            atexit.register(shutil.rmtree, d, True)
         _ROOT.append(d)
     return _ROOT[0]
 
 
-def runs_root() -> Path:
-    return _root()
+class LiveRuns:
+    """`trainerd verify m3` with no RUN, made once: its exit code, its JSON, and its runs."""
+
+    def __init__(self, rc: int, result: dict, root: Path, seconds: float):
+        self.rc, self.result, self.root, self.seconds = rc, result, root, seconds
+
+    def path(self, spec: str | None) -> Path:
+        from trainerd.verify_m3 import run_id_for
+
+        return self.root / run_id_for(spec)
+
+    def records(self, spec: str | None) -> list[dict]:
+        from protocol.steplog import read_steplog
+
+        return read_steplog(self.path(spec) / "steps.msgpack")[0]
+
+    def events(self, spec: str | None) -> list[dict]:
+        from protocol.jsonl import read_jsonl
+
+        return read_jsonl(self.path(spec) / "events.jsonl")
+
+
+def live_runs() -> LiveRuns:
+    """The clean and injected runs of `verify m3` (about 40 s on an idle 2-core box), shared."""
+    import contextlib
+    import io
+    import json
+
+    from trainerd import verify_m3
+
+    with _LOCK:
+        if "live" not in _CACHE:
+            root = _root() / "live"
+            buf = io.StringIO()
+            t0 = time.monotonic()
+            with contextlib.redirect_stdout(buf):
+                rc = verify_m3.run(None, True, runs_dir=root)
+            _CACHE["live"] = LiveRuns(rc, json.loads(buf.getvalue()), root, time.monotonic() - t0)
+        return _CACHE["live"]

@@ -162,8 +162,193 @@ def test_kl_blowup_pushes_lr_once_and_holds_the_kl_coefficient_at_zero():
     inj.on_step_begin(3, trainer)  # idempotent within a step
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * inject.KL_BLOWUP_LR_FACTOR)
     assert trainer.c.kl_ctl.coef == 0.0
+    opt.step()
     sched.step()  # the schedule keeps the pushed LR (its base LR moved too)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * inject.KL_BLOWUP_LR_FACTOR)
     trainer.c.kl_ctl.coef = 0.05  # the controller cannot bring it back
     inj.on_step_begin(4, trainer)
     assert trainer.c.kl_ctl.coef == 0.0
+
+
+# -- every rule on REAL injected runs (made once, shared: m3_fixtures.live_runs) ----------------
+
+from m3_fixtures import live_runs  # noqa: E402
+
+from protocol.catalogue import deterministic_fields  # noqa: E402
+from protocol.steplog import read_steplog  # noqa: E402
+from trainerd import verify_m3  # noqa: E402
+
+INJECTED = [spec for spec, _ in verify_m3.LIVE_RUNS if spec]
+# Fields a step's rollout, reference pass, reward and value pass produce, before any update of
+# that step: an injection acting on the update (loss, grads, KL coefficient) leaves them alone.
+ROLLOUT_FIELDS = ("kl", "kl_target", "kl_target_error", "entropy", "gold_reward_mean",
+                  "response_length_mean", "batch_size", "tokens")
+
+
+@pytest.fixture(scope="module")
+def live():
+    return live_runs()
+
+
+def _same(a, b) -> bool:
+    return verify_m3.same_value(a, b)
+
+
+@pytest.mark.slow
+def test_verify_m3_without_a_run_passes(live):
+    failed = [c for c in live.result["checks"] if not c["passed"]]
+    assert live.rc == 0 and live.result["passed"], failed
+    names = [c["name"] for c in live.result["checks"]]
+    assert "clean: no critical alert" in names
+    for spec in INJECTED:
+        assert any(n.startswith(f"{spec}: ") and n.endswith(" fires") for n in names), spec
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", INJECTED)
+def test_each_injection_fires_its_alert_on_a_real_run(live, spec):
+    inj = Injection.parse(spec)
+    tol = dict(verify_m3.LIVE_RUNS)[spec]
+    fired = [e for e in live.events(spec) if e["event"] in ("alert", "alert_escalated")
+             and e["rule"] in inject.EXPECTED_ALERTS[inj.kind] and e["step"] >= inj.step]
+    assert fired, f"{spec}: no {inject.EXPECTED_ALERTS[inj.kind]} alert in events.jsonl"
+    first = fired[0]
+    assert inj.step <= first["step"] <= inj.step + tol, first
+    for k in ("rule", "metric", "value", "threshold", "first_step", "explanation", "message"):
+        assert k in first
+    assert first["explanation"] and "\n" not in first["explanation"]
+    # the run records its injection
+    import json
+
+    manifest = json.loads((live.path(spec) / "run.json").read_text())
+    assert manifest["config"]["inject"] == spec
+
+
+@pytest.mark.slow
+def test_the_clean_run_fires_no_critical_alert(live):
+    evs = live.events(None)
+    assert not [e for e in evs if e["event"] in ("alert", "alert_escalated") and e["severity"] == "critical"]
+    assert any(e["event"] == "finished" for e in evs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", INJECTED)
+def test_an_injection_changes_nothing_before_its_step(live, spec):
+    """Same seed, same config: every deterministic field of every step before STEP is bitwise
+    the clean run's, and so is the rollout side of step STEP itself."""
+    inj = Injection.parse(spec)
+    clean, hurt = live.records(None), live.records(spec)
+    det = deterministic_fields()
+    for a, b in zip(clean[: inj.step - 1], hurt[: inj.step - 1]):
+        diff = [k for k in det if k in a and not _same(a[k], b.get(k))]
+        assert not diff, f"{spec} changed {diff} at step {a['step']}, before its step {inj.step}"
+    a, b = clean[inj.step - 1], hurt[inj.step - 1]
+    assert a["step"] == b["step"] == inj.step
+    diff = [k for k in ROLLOUT_FIELDS if not _same(a[k], b[k])]
+    assert not diff, f"{spec} changed the rollout of step {inj.step}: {diff}"
+
+
+@pytest.mark.slow
+def test_reward_hack_flips_the_reward_and_nothing_else_at_its_step(live):
+    a, b = live.records(None)[0], live.records("reward_hack@1")[0]
+    assert b["reward_mean"] == -a["reward_mean"] and b["reward_std"] == a["reward_std"]
+    assert b["gold_reward_mean"] == a["gold_reward_mean"]
+    # ...and then the proxy and the gold score part: reward up, gold down over the rule's window
+    fired = next(e for e in live.events("reward_hack@1") if e["event"] == "alert" and e["rule"] == "reward_hacking")
+    recs = live.records("reward_hack@1")[fired["step"] - 20: fired["step"]]
+    assert len(recs) == 20
+    r = [x["reward_mean"] for x in recs]
+    g = [x["gold_reward_mean"] for x in recs]
+    from trainerd.report import pearson
+
+    steps = list(range(len(recs)))
+    assert pearson(steps, r) > 0.5 and pearson(steps, g) < -0.5
+
+
+@pytest.mark.slow
+def test_kl_blowup_pushes_lr_and_zeroes_the_kl_coefficient(live):
+    clean, hurt = live.records(None), live.records("kl_blowup@5")
+    for a, b in zip(clean[4:], hurt[4:]):
+        assert b["kl_coef"] == 0.0
+        assert b["learning_rate"] == pytest.approx(a["learning_rate"] * inject.KL_BLOWUP_LR_FACTOR, rel=1e-9)
+    assert max(r["kl"] for r in hurt[5:]) > 0.2 and max(r["kl"] for r in hurt[5:]) > 2 * max(r["kl"] for r in clean[5:10])
+
+
+@pytest.mark.slow
+def test_grad_explode_shows_in_grad_norm_at_its_step_only(live):
+    clean, hurt = live.records(None), live.records("grad_explode@8")
+    a, b = clean[7], hurt[7]
+    assert b["grad_norm"] > 1000
+    assert 0.2 * inject.GRAD_FACTOR < b["grad_norm"] / a["grad_norm"] < 5 * inject.GRAD_FACTOR
+    assert all(r["grad_norm"] < 100 for r in hurt[8:])  # clipping kept the update sane
+
+
+@pytest.mark.slow
+def test_entropy_collapse_collapses_entropy(live):
+    hurt = live.records("entropy_collapse@8")
+    assert hurt[7]["entropy"] > 0.5  # step 8's rollout came before the sharpening
+    assert hurt[8]["entropy"] < 0.1
+
+
+@pytest.mark.slow
+def test_nan_stops_the_run_with_the_last_healthy_checkpoint(live):
+    import json
+
+    run = live.path("nan@8")
+    recs, _ = read_steplog(run / "steps.msgpack")
+    assert [r["step"] for r in recs] == list(range(1, 9))
+    assert math.isnan(recs[-1]["policy_loss"]) and math.isnan(recs[-1]["grad_norm"])
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["status"] == "failed" and manifest["last_checkpoint"] == "checkpoints/step_000007"
+    from trainerd.checkpoint import load_checkpoint
+
+    state = load_checkpoint(run / "checkpoints" / "step_000007")
+    assert state["step"] == 7
+    assert all(torch.isfinite(v).all() for v in state["policy"].values() if v.is_floating_point())
+    stopped = [e for e in live.events("nan@8") if e["event"] == "stopped"]
+    assert stopped and stopped[-1]["status"] == "failed" and "non_finite" in stopped[-1]["reason"]
+
+
+@pytest.mark.slow
+def test_nan_kept_exactly_in_all_three_outputs_of_a_real_run(live):
+    run = live.path("nan@8")
+    raw = (run / "steps.jsonl").read_text().splitlines()[-1]
+    assert '"policy_loss":"NaN"' in raw and "null" not in raw
+    tb = verify_m3.load_tensorboard(run / "tb")
+    assert math.isnan(tb["policy_loss"][8]) and math.isnan(tb["grad_norm"][8])
+    assert math.isfinite(tb["policy_loss"][7])
+
+
+def test_nan_and_inf_kept_by_the_trainers_writer(tmp_path):
+    """+Inf, -Inf and NaN through trainerd.outputs.RunWriter: identical in steps.msgpack and
+    steps.jsonl, and in TensorBoard."""
+    from m3_fixtures import synthetic_record
+
+    from protocol.rundir import create_run
+    from trainerd.outputs import RunWriter
+
+    paths = create_run(tmp_path, "r")
+    w = RunWriter(paths, tb_flush_every=1)
+    recs = [synthetic_record(s) for s in range(1, 6)]
+    recs[1]["policy_loss"] = math.nan
+    recs[2]["grad_norm"] = math.inf
+    recs[3]["value_loss"] = -math.inf
+    recs[4]["stage_s"]["other"] = math.inf
+    for r in recs:
+        w.write(r)
+    w.close()
+    got, stats = read_steplog(paths.steps)
+    assert stats.corrupt_frames == 0 and len(got) == 5
+    assert math.isnan(got[1]["policy_loss"]) and got[2]["grad_norm"] == math.inf
+    assert got[3]["value_loss"] == -math.inf and got[4]["stage_s"]["other"] == math.inf
+    text = paths.steps_jsonl.read_text()
+    assert '"policy_loss":"NaN"' in text and '"grad_norm":"Infinity"' in text
+    assert '"value_loss":"-Infinity"' in text and "null" not in text
+    tb = verify_m3.load_tensorboard(paths.tb)
+    assert math.isnan(tb["policy_loss"][2]) and tb["grad_norm"][3] == math.inf
+    assert tb["value_loss"][4] == -math.inf and tb["stage_s/other"][5] == math.inf
+    checks = verify_m3.Checks(as_json=True)
+    verify_m3.check_run(paths, checks)
+    assert checks.passed, checks.items
+    events = [e for e in (paths.events.read_text().splitlines())]
+    assert any('"non_finite"' in e for e in events)

@@ -102,8 +102,9 @@ async def test_alert_list_opens_and_jumps_to_the_step(runs_dir):
     paths = make_run(runs_dir, "unstable", 300, unstable=True)
     app = app_for(paths.root)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.drawn_step == 300)
-        assert app.open_alerts, "the KL runaway is still open at the end"
+        await wait_for(pilot, lambda: app.drawn_step == 300 and app.open_alerts,
+                       what="the KL runaway, still open at the end")
+        await pilot.pause(0.3)
         assert "kl_runaway" in rendered(app.query_one(AlertBanner))
         await pilot.press("a")
         await wait_for(pilot, lambda: isinstance(app.screen, AlertListScreen))
