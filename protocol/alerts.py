@@ -108,14 +108,15 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "reward_hacking", "reward_mean", "diverging_trends", 0.5, "critical",
-        "reward-model score rises while the true (gold) score falls: the policy is exploiting the reward "
-        "model; stop, raise the KL coefficient, improve or retrain the reward model, read samples",
+        "reward-model score rises while the true (gold) score falls (value: trend r of reward_mean over the "
+        "window): the policy is exploiting the reward model; stop, raise the KL coefficient, improve or "
+        "retrain the reward model, read samples",
         metrics=("reward_mean", "gold_reward_mean"), window=20, consecutive=3, clear_consecutive=5,
     ),
     Rule(
         "reward_hacking_proxy", "reward_mean", "rising_together", 0.6, "warning",
-        "reward, KL and response length all climb together (no gold score to check): a common sign of "
-        "reward hacking; read samples, raise the KL coefficient",
+        "reward, KL and response length all climb together (value: trend r of reward_mean; no gold score "
+        "to check): a common sign of reward hacking; read samples, raise the KL coefficient",
         metrics=("reward_mean", "kl", "response_length_mean"), window=30, consecutive=5, clear_consecutive=5,
         only_without="gold_reward_mean",
     ),

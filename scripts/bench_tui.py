@@ -53,7 +53,8 @@ def child_open(path: str, idle_s: float, writer_rate: float) -> None:
     out: dict = {}
 
     async def main():
-        app = MonitorApp(path)
+        # with a writer, open the runs dir: the app follows `latest` to the run being written
+        app = MonitorApp(Path(path).parent if writer_rate else path)
         async with app.run_test(size=(160, 50)) as pilot:
             while app.first_full_screen_at is None:
                 await pilot.pause(0.01)
@@ -79,7 +80,8 @@ def child_open(path: str, idle_s: float, writer_rate: float) -> None:
                 if writer:
                     writer.terminate()
                     writer.wait()
-                    out["rows_live"] = app.store.last_step
+                    out["live_run"] = app.paths.run_id
+                    out["live_step"] = app.store.last_step
             out["rss_peak_mb"] = rss_peak_mb()
 
     asyncio.run(main())
@@ -178,6 +180,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default=os.environ.get("TUI_BENCH_DIR", "/tmp/rlhf-tui-bench"))
     ap.add_argument("--quick", action="store_true", help="100k run only, shorter CPU windows")
+    ap.add_argument("--only", default="open,latency,cpu,tb", help="comma-separated parts to run")
     ap.add_argument("--_open", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._open:
@@ -188,40 +191,55 @@ def main() -> int:
     print("rlhf-tui benchmark")
     sizes = [(100_000, "open100k")] + ([] if args.quick else [(1_000_000, "open1m")])
     results = {}
-    for steps, rid in sizes:
+    only = set(args.only.split(","))
+    for steps, rid in sizes if "open" in only else []:
         root = ensure_run(work, rid, steps)
         r = run_child("--_open", str(root), "0", "0")
         results[rid] = r
         print(f"  {steps:>9,} steps: first full screen {r['first_screen_s']:.2f} s "
               f"({r['first_screen_rows']:,} rows), full history {r['full_history_s']:.1f} s "
               f"({r['rows']:,} rows), peak RSS {r['rss_peak_mb']:.0f} MB")
-    big = results.get("open1m") or results["open100k"]
+    big = results.get("open1m") or results.get("open100k")
     label = "1M" if "open1m" in results else "100k"
-    print(f"  {label} open < 3 s: {big['first_screen_s']:.2f} s  {verdict(big['first_screen_s'] < 3)}")
-    print(f"  {label} memory < 400 MB: {big['rss_peak_mb']:.0f} MB  {verdict(big['rss_peak_mb'] < 400)}")
+    if big:
+        print(f"  {label} open < 3 s: {big['first_screen_s']:.2f} s  {verdict(big['first_screen_s'] < 3)}")
+        print(f"  {label} memory < 400 MB: {big['rss_peak_mb']:.0f} MB  {verdict(big['rss_peak_mb'] < 400)}")
+    if "latency" in only:
+        latency_report(work)
+    if "cpu" in only:
+        cpu_report(work, "5" if args.quick else "10")
+    if "tb" in only:
+        tb_report(work)
+    return 0
 
+
+def latency_report(work: Path) -> None:
     lat = latency(work)
     med, p95 = statistics.median(lat), lat[int(0.95 * (len(lat) - 1))]
     print(f"  latency record written -> drawn ({len(lat)} records at 10/s): median {med:.0f} ms, "
           f"p95 {p95:.0f} ms  {verdict(p95 < 300)}")
 
-    secs = "5" if args.quick else "10"
+
+
+def cpu_report(work: Path, secs: str) -> None:
     idle_runs = work / "idle"
     idle_runs.mkdir(exist_ok=True)
     idle_root = ensure_run(idle_runs, "idle10k", 10_000)
     r = run_child("--_open", str(idle_root), secs, "0")
     print(f"  CPU idle (finished run, {secs} s): {r['cpu_frac']:.1%} of a core  {verdict(r['cpu_frac'] < 0.02)}")
     r = run_child("--_open", str(idle_root), secs, "10")
-    print(f"  CPU while a run writes 10 records/s: {r['cpu_frac']:.1%} of a core")
+    print(f"  CPU while a run writes 10 records/s: {r['cpu_frac']:.1%} of a core "
+          f"(following {r.get('live_run')}, at step {r.get('live_step')})")
     subprocess.run(f"rm -rf {idle_runs}/cpu-*", shell=True)
 
+
+def tb_report(work: Path) -> None:
     try:
         ours, theirs, n = tb_compare(work, 20_000)
         print(f"  load 20k steps: monitor {ours:.2f} s vs TensorBoard EventAccumulator {theirs:.2f} s "
               f"({n:,} scalars): {theirs / ours:.1f}x faster")
     except ImportError as e:
         print(f"  TensorBoard comparison skipped: {e}")
-    return 0
 
 
 if __name__ == "__main__":

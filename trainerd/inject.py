@@ -1,7 +1,8 @@
 """M3 fault injection: `trainerd start --smoke --inject KIND[@STEP]`.
 
-Each kind breaks one thing, at PPO step STEP (or from the start where the thing is a
-setting), so that users and tests can watch the matching alert fire on a real run:
+Each kind breaks one thing, at PPO step STEP (default: DEFAULT_STEP), and nothing before
+it: a run with an injection is bitwise the clean run (same seed and config) up to STEP. So
+users and tests can watch the matching alert fire on a real run:
 
 | kind             | what it changes                                                 | alert            |
 |------------------|-----------------------------------------------------------------|------------------|
@@ -145,9 +146,10 @@ class Injection:
         c.kl_ctl.coef = 0.0
 
     def on_loss(self, step: int, loss):
-        """nan: a NaN enters every loss of step STEP."""
+        """nan: a NaN enters every loss of step STEP (multiplied in, so that backward carries it
+        into every gradient, as an overflow in the log-probs or the ratio would)."""
         if self.kind == "nan" and step == self.step:
-            return loss + math.nan
+            return loss * math.nan
         return loss
 
     def on_grads(self, step: int, model) -> None:

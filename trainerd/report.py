@@ -263,7 +263,9 @@ def build(run: str) -> dict:
         alert_source = "replayed with the default rules (no events.jsonl)"
     timeline = alert_timeline(events, last_step)
     cfg = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
-    inj = cfg.get("inject") or manifest.get("inject")
+    inj = manifest.get("injection") or cfg.get("inject")
+    if isinstance(inj, dict):
+        inj = inj.get("spec") or f"{inj.get('kind')}@{inj.get('step')}"
     return {
         "run": str(paths.root),
         "run_id": paths.run_id,
@@ -329,8 +331,7 @@ def _header(d: dict) -> list[tuple[str, str]]:
         rows.append(("seed", str(d["seed"])))
     if d["injection"]:
         inj = d["injection"]
-        rows.append(("injection", inj if isinstance(inj, str) else
-                     f"{inj.get('kind')}@{inj.get('step')}" if isinstance(inj, dict) else str(inj)))
+        rows.append(("injection", str(inj)))
     sl = d["step_log"]
     if sl["corrupt_frames"]:
         rows.append(("step log", f"{sl['corrupt_frames']} corrupt frame(s) skipped"))

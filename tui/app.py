@@ -53,7 +53,7 @@ class MonitorApp(App):
         Binding("x", "cancel_verify", "cancel", show=False),
     ]
 
-    def __init__(self, target: str | os.PathLike, fps: float = 4.0, stall_after: float = 60.0,
+    def __init__(self, target: str | os.PathLike, fps: float = 5.0, stall_after: float = 60.0,
                  clock: Callable[[], float] = time.time, tail_bytes: int = TAIL_BYTES, live: bool = True):
         super().__init__()
         self.target = Path(target)
@@ -317,9 +317,10 @@ class MonitorApp(App):
             self.call_later(self._redraw)
 
     def _tick(self) -> None:
-        """Once a second: ages, elapsed time, stalled status."""
-        self._dirty.add("header")
-        self._schedule_redraw()
+        """Once a second: ages, elapsed time, stalled status. Only the header line is redrawn,
+        and outside the frame budget, so a tick never delays new data."""
+        if self._redraw_timer is None:
+            self.main_screen.query_one(RunHeader).show(self.header_info())
 
     def _redraw(self) -> None:
         self._redraw_timer = None

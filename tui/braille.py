@@ -107,17 +107,28 @@ def draw(spec: ChartSpec) -> list[Text]:
             hrows[ypix(hl.y) // 4] = hl.style
     out = []
     for cy in range(h):
+        # one span per run of equally styled cells: per-cell spans make Textual's compositing slow
         t = Text(no_wrap=True, overflow="crop")
+        run_chars: list[str] = []
+        run_style: str | None = None
+        row_dots, row_colour, hstyle = dots[cy], colour[cy], hrows.get(cy)
         for cx in range(w):
-            m = marks.get((cy, cx))
+            m = marks.get((cy, cx)) if marks else None
             if m:
-                t.append(m[0], m[1])
-            elif dots[cy][cx]:
-                t.append(chr(0x2800 + dots[cy][cx]), colour[cy][cx])
-            elif cy in hrows:
-                t.append("╌", hrows[cy])
+                ch, st = m
+            elif row_dots[cx]:
+                ch, st = chr(0x2800 + row_dots[cx]), row_colour[cx]
+            elif hstyle:
+                ch, st = "╌", hstyle
             else:
-                t.append(" ")
+                ch, st = " ", None
+            if st != run_style and run_chars:
+                t.append("".join(run_chars), run_style)
+                run_chars = []
+            run_style = st
+            run_chars.append(ch)
+        if run_chars:
+            t.append("".join(run_chars), run_style)
         out.append(t)
     return out
 

@@ -13,7 +13,7 @@ from protocol.rundir import RunDirError, resolve_run
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("path", required=False, default=None)
-@click.option("--fps", type=click.FloatRange(0.2, 30), default=4.0, show_default=True,
+@click.option("--fps", type=click.FloatRange(0.2, 30), default=5.0, show_default=True,
               help="at most this many redraws a second (lower it on slow links)")
 @click.option("--stall-after", type=click.FloatRange(1), default=60.0, show_default=True,
               help="seconds without a record before a running run shows as stalled")
@@ -31,12 +31,8 @@ def cli(path: str | None, fps: float, stall_after: float) -> None:
 
     app = MonitorApp(target, fps=fps, stall_after=stall_after)
     _exit_when_terminal_goes(app)
-    rc = app.run()
-    if app.return_code:
-        if app._exit_renderables:
-            pass
-        sys.exit(app.return_code)
-    sys.exit(rc if isinstance(rc, int) else 0)
+    app.run()
+    sys.exit(app.return_code or 0)
 
 
 def _exit_when_terminal_goes(app) -> None:

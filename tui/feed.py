@@ -22,7 +22,7 @@ from .store import RunStore
 
 TAIL_BYTES = 4 << 20  # read this much of a big log first (~5k records), the rest in the background
 BATCH_RECORDS = 5000  # records per batch applied to the UI
-HISTORY_ALERT_RECORDS = 200_000  # older history gets alerts evaluated only this far back (the engine costs ~65 us/record)
+HISTORY_ALERT_RECORDS = 100_000  # older history gets alerts evaluated only this far back (the engine costs ~65 us/record)
 
 
 @dataclass

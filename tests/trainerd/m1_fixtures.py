@@ -110,12 +110,32 @@ def child_env(**extra) -> dict:
     return env
 
 
+_CHILDREN: set[subprocess.Popen] = set()
+_CHILDREN_LOCK = threading.Lock()
+_EXITING = threading.Event()
+
+
 def trainerd(*args: str, bootstrap: str = "", env: dict | None = None, timeout: float = RUN_TIMEOUT,
              cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `trainerd ARGS` in a fresh interpreter, optionally after a test bootstrap."""
     code = bootstrap + "\n" + _MAIN if bootstrap else _MAIN
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          env=env or child_env(), timeout=timeout, cwd=cwd or REPO)
+    cmd = [sys.executable, "-c", code, *args]
+    with _CHILDREN_LOCK:
+        if _EXITING.is_set():
+            raise RuntimeError("test session is ending")
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env or child_env(), cwd=cwd or REPO)
+        _CHILDREN.add(p)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+        raise
+    finally:
+        with _CHILDREN_LOCK:
+            _CHILDREN.discard(p)
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 _ROOT: list[Path] = []
@@ -172,6 +192,22 @@ class Scenario:
 
 
 _POOL = ThreadPoolExecutor(max_workers=2)  # two trainer processes at a time on 2 cores
+
+
+def _drop_unused_runs() -> None:
+    """At interpreter exit (before worker threads are joined): drop the queued runs no test
+    asked for, and stop the ones in flight, so a partial test selection ends at once."""
+    _POOL.shutdown(wait=False, cancel_futures=True)
+    with _CHILDREN_LOCK:
+        _EXITING.set()
+        children = list(_CHILDREN)
+    for p in children:
+        p.kill()
+    verify_m1._CANCELLED.set()
+    verify_m1.kill_all_children()
+
+
+threading._register_atexit(_drop_unused_runs)  # runs before the pool's workers are joined
 _FUTURES: dict[str, Future] = {}
 _FLOCK = threading.Lock()
 
@@ -191,7 +227,8 @@ def _reference() -> RunPaths:
 
 def reference_run() -> RunPaths:
     """An uninterrupted run of the verify config, seed SEED."""
-    return _once("reference", _reference).result()
+    queue_all()
+    return _FUTURES["reference"].result()
 
 
 def _complete_checkpoints(paths: RunPaths) -> list[int]:
@@ -240,13 +277,47 @@ def _killed_unresumed() -> RunPaths:
 
 def killed_run_copy(new_name: str) -> RunPaths:
     """A private copy of a run SIGKILLed at step 12 (checkpoint 10) and not resumed yet."""
-    return copy_run(_once("killed_unresumed", _killed_unresumed).result(), new_name)
+    queue_all()
+    return copy_run(_FUTURES["killed_unresumed"].result(), new_name)
+
+
+def resume_until_resume_check(paths: RunPaths, *extra_args: str, env: dict | None = None,
+                              timeout: float = RUN_TIMEOUT) -> dict:
+    """`trainerd resume RUN --foreground EXTRA`, SIGKILLed as soon as its resume_check event
+    is written (the steps after it are not needed by the caller); returns that event."""
+    import time
+
+    log = paths.root.parent / f"{paths.run_id}.resume.out"
+    p = verify_m1.TrainerProcess(["resume", str(paths.root), "--foreground", *extra_args], log,
+                                 env or child_env()).start()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            found = resume_checks(paths)
+            if found:
+                return found[-1]
+            if p.proc.poll() is not None:
+                found = resume_checks(paths)
+                assert found, f"resume exited {p.proc.returncode} without a resume_check: {p.tail(5)}"
+                return found[-1]
+            time.sleep(0.02)
+        raise AssertionError(f"no resume_check event within {timeout} s: {p.tail(5)}")
+    finally:
+        p.kill()
+        p._log.close()
+
+
+def queue_all() -> None:
+    """Queue every shared run at the first request, so the pool keeps two trainers busy
+    while the tests that need a single process run beside it."""
+    _once("killed_unresumed", _killed_unresumed)
+    _once("reference", _reference)
+    for key, fn in SCENARIOS.items():
+        _once(key, fn)
 
 
 def scenario(name: str) -> Scenario:
-    reference_run_future = _once("reference", _reference)  # noqa: F841 (queued first)
-    for key, fn in SCENARIOS.items():  # queue them all: the pool runs two at a time
-        _once(key, fn)
+    queue_all()
     return _FUTURES[name].result()
 
 
@@ -269,6 +340,6 @@ def copy_run(paths: RunPaths, new_name: str) -> RunPaths:
 
 __all__ = [
     "SEED", "STEPS", "EVERY", "trainerd", "child_env", "reference_run", "scenario", "records",
-    "resume_checks", "edit_manifest", "copy_run", "killed_run_copy", "read_jsonl", "StepLogTailer", "runs_root",
+    "resume_checks", "edit_manifest", "copy_run", "killed_run_copy", "resume_until_resume_check", "read_jsonl", "StepLogTailer", "runs_root",
     "config_path", "start_args",
 ]

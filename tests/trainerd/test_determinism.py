@@ -21,6 +21,7 @@ from m1_fixtures import (  # noqa: E402
     records,
     reference_run,
     resume_checks,
+    resume_until_resume_check,
     trainerd,
 )
 from protocol.rundir import read_events, read_manifest  # noqa: E402
@@ -96,12 +97,13 @@ def test_other_thread_count_is_refused_and_under_force_breaks_bitwise_equality()
     _assert_refused(paths, r, "intra_op_threads")
 
     # Forced: 2 intra-op threads change matmul/reduction order, so the recomputed steps
-    # differ, and the resume check must say so (OMP_WAIT_POLICY=ACTIVE: the default
-    # passive wait makes 2 threads ~100x slower on small ops).
-    r = trainerd("resume", str(paths.root), "--foreground", "--force", env=child_env(OMP_WAIT_POLICY="ACTIVE"))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert read_manifest(paths)["determinism_resumed"]["intra_op_threads"] == 2
-    (ev,) = resume_checks(paths)
+    # differ, and the resume check must say so. (OMP_WAIT_POLICY=ACTIVE: the default passive
+    # wait makes 2 threads ~100x slower on small ops; the resume is stopped once its check
+    # is written, the steps after it would only cost time.)
+    ev = resume_until_resume_check(paths, "--force", env=child_env(OMP_WAIT_POLICY="ACTIVE"))
     assert ev["result"] == "differs" and ev["step"] == KILLED_AFTER + 1, ev
+    assert "DIFFERS" in ev["message"]
+    m = read_manifest(paths)
+    assert m["resumes"][-1]["forced"] is True and m["determinism_resumed"]["intra_op_threads"] == 2
     d = first_difference(records(reference_run()), records(paths))
     assert d is not None and d.step == KILLED_AFTER + 1

@@ -141,3 +141,62 @@ def test_report_module_never_imports_torch(runs):
             "assert before or 'torch' not in sys.modules, 'report imported torch'; sys.exit(rc)")
     p = subprocess.run([sys.executable, "-c", code, str(clean)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+# -- on REAL runs (the shared runs of `verify m3`, m3_fixtures.live_runs) ----------------------
+
+@pytest.fixture(scope="module")
+def live():
+    from m3_fixtures import live_runs
+
+    return live_runs()
+
+
+@pytest.mark.slow
+def test_report_on_a_real_clean_run(live, capsys):
+    rc, out, err = _report(capsys, live.path(None))
+    assert rc == 0 and err == ""
+    assert all(len(line) <= 80 for line in out.splitlines())
+    assert "unstable from: never (stable)" in out
+    assert "injection" not in out.split("Metrics")[0]
+    rc, out, _ = _report(capsys, live.path(None), "json")
+    d = json.loads(out)
+    assert d["status"] == "finished" and d["first_unstable"] is None
+    assert all(a["severity"] != "critical" for a in d["alerts"])
+    assert all(st["nan"] == 0 and st["inf"] == 0 for st in d["metrics"].values())
+    # the smoke run's stage timers are in the step log: all eight stages, shares that add up
+    stages = {s["stage"]: s for s in d["stages"]}
+    assert list(stages)[:8] == ["rollout", "ref_logprobs", "reward", "values", "advantages",
+                                "policy_update", "value_update", "other"]
+    assert 0.85 <= sum(s["share"] for s in d["stages"]) <= 1.15
+    assert set(d["correlations"]) == {"kl", "reward_mean", "gold_reward_mean", "entropy", "response_length_mean"}
+
+
+@pytest.mark.slow
+def test_report_on_a_real_unstable_run(live, capsys):
+    run = live.path("nan@8")
+    rc, out, _ = _report(capsys, run, "json")
+    d = json.loads(out)
+    assert d["status"] == "failed" and d["injection"] == "nan@8"
+    assert d["first_unstable"]["step"] == 8 and "non_finite" in d["first_unstable"]["reason"]
+    assert d["metrics"]["policy_loss"]["nan"] == 1 and d["metrics"]["policy_loss"]["first_non_finite_step"] == 8
+    nf = [a for a in d["alerts"] if a["rule"] == "non_finite"]
+    assert nf and nf[0]["first_step"] == 8 and nf[0]["open"] is True and nf[0]["severity"] == "critical"
+    rc, out, _ = _report(capsys, run, "text")
+    assert "unstable from: step 8: critical alert non_finite (policy_loss)" in out
+    assert "CRITICAL non_finite" in out and all(len(line) <= 80 for line in out.splitlines())
+    # reward hacking: the timeline says when it started and that it is still open
+    rc, out, _ = _report(capsys, live.path("reward_hack@1"), "md")
+    assert "| critical | reward_hacking | reward_mean |" in out
+
+
+def test_cli_report_dispatches_and_fails_cleanly(tmp_path):
+    run = make_synthetic_run(tmp_path, "r", [synthetic_record(s) for s in range(1, 4)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "trainerd", "report", str(run), "--format", "md"],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 0 and p.stdout.startswith("# Stability report: r"), p.stderr
+    p = subprocess.run([sys.executable, "-m", "trainerd", "report", str(tmp_path / "nope")],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 2 and p.stdout == ""
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr

@@ -120,8 +120,20 @@ class ProfilerPanel(Static):
         t.append(f"\nstep {fmt_value(st)} s · {fmt_value(tps)} tokens/s")
         self.update(t)
 
+    _spark_cache: dict = {}
+
+    def _share_spark(self, store: RunStore, stage: str, n: int, w: int) -> str:
+        """Mean share of `stage` over the run, recomputed only when the run grew by ~1%."""
+        key = (id(store.steps), stage, w, n * 100 // max(1, n) if n < 100 else n // max(1, n // 100))
+        hit = self._spark_cache.get(key)
+        if hit is None:
+            if len(self._spark_cache) > 64:
+                self._spark_cache.clear()
+            hit = self._spark_cache[key] = self._compute_spark(store, stage, n, w)
+        return hit
+
     @staticmethod
-    def _share_spark(store: RunStore, stage: str, n: int, w: int) -> str:
+    def _compute_spark(store: RunStore, stage: str, n: int, w: int) -> str:
         """Mean share of `stage` in each of w slices of the run (sampled, so it costs O(w))."""
         out = []
         step_col = store.stages[stage].values
