@@ -169,17 +169,57 @@ def _num(v) -> float | None:
 
 def _trend(values) -> float:
     """Pearson correlation of values with their index: +1 rising steadily, -1 falling."""
-    n = len(values)
-    if n < 3:
-        return 0.0
-    mx = (n - 1) / 2
-    my = sum(values) / n
-    sxy = sum((i - mx) * (y - my) for i, y in enumerate(values))
-    sxx = sum((i - mx) ** 2 for i in range(n))
-    syy = sum((y - my) ** 2 for y in values)
-    if syy <= 0:
-        return 0.0
-    return sxy / math.sqrt(sxx * syy)
+    t = RollingTrend(max(len(values), 1))
+    for v in values:
+        t.push(v)
+    return t.r()
+
+
+class RollingTrend:
+    """Pearson r of the last `window` values against their position, kept in O(1) per value.
+
+    Running sums of y, y^2 and i*y are updated as the window slides (dropping the oldest
+    value moves every other one down a position); they are recomputed exactly every few
+    windows so rounding cannot drift.
+    """
+
+    def __init__(self, window: int):
+        self.window = window
+        self.values: deque = deque()
+        self._sy = self._syy = self._siy = 0.0
+        self._pushes = 0
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def push(self, y: float) -> None:
+        vals = self.values
+        if len(vals) == self.window:
+            y0 = vals.popleft()
+            self._siy -= self._sy - y0  # every remaining value moves down one position
+            self._sy -= y0
+            self._syy -= y0 * y0
+        self._siy += len(vals) * y
+        vals.append(y)
+        self._sy += y
+        self._syy += y * y
+        self._pushes += 1
+        if self._pushes % (4 * self.window) == 0:
+            self._sy = math.fsum(vals)
+            self._syy = math.fsum(v * v for v in vals)
+            self._siy = math.fsum(i * v for i, v in enumerate(vals))
+
+    def r(self) -> float:
+        n = len(self.values)
+        if n < 3:
+            return 0.0
+        mean_y = self._sy / n
+        syy = self._syy - self._sy * mean_y
+        if syy <= 1e-12 * max(self._syy, 1e-300):
+            return 0.0  # (numerically) constant: no trend
+        sxx = n * (n * n - 1) / 12.0
+        sxy = self._siy - (n - 1) / 2.0 * self._sy
+        return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
 
 
 @dataclass
@@ -190,7 +230,7 @@ class _RuleState:
     first_bad_step: int | None = None
     history: deque = field(default_factory=deque)  # rolling values (spike median)
     sorted_hist: list = field(default_factory=list)
-    trends: dict = field(default_factory=dict)  # metric -> deque for trend kinds
+    trends: dict = field(default_factory=dict)  # metric -> RollingTrend for trend kinds
 
 
 class AlertEngine:
@@ -211,6 +251,9 @@ class AlertEngine:
             if step < rule.warmup_steps and rule.kind not in ("non_finite",):
                 self._feed_history(rule, record)
                 continue
+            trend_rule = rule.kind in ("diverging_trends", "rising_together")
+            if trend_rule:
+                self._feed_history(rule, record)
             res = self._evaluate(rule, record)
             if res is None:
                 continue  # the metric is absent: nothing to say
@@ -250,7 +293,8 @@ class AlertEngine:
                     st.first_bad_step = None
                 elif not recovered:
                     st.good_run = 0
-            self._feed_history(rule, record)
+            if not trend_rule:
+                self._feed_history(rule, record)
         self.history.extend(events)
         return events
 
@@ -289,7 +333,10 @@ class AlertEngine:
             for m in rule.metrics:
                 v = _num(record.get(m))
                 if v is not None and math.isfinite(v):
-                    st.trends.setdefault(m, deque(maxlen=rule.window)).append(v)
+                    trend = st.trends.get(m)
+                    if trend is None:
+                        trend = st.trends[m] = RollingTrend(rule.window)
+                    trend.push(v)
 
     def _evaluate(self, rule: Rule, record: dict):
         """(bad, value, metric, critical, threshold crossed) or None when the rule's metric is absent."""
@@ -332,18 +379,14 @@ class AlertEngine:
         return bad, v, rule.metric, critical, threshold
 
     def _evaluate_trends(self, rule: Rule, record: dict):
+        """Judged on the window that includes this step (fed before evaluation, in update)."""
         st = self._state[rule.name]
         if any(_num(record.get(m)) is None for m in rule.metrics):
             return None
-        # judge on the window including this step
-        vals = {m: list(st.trends.get(m, ())) for m in rule.metrics}
-        for m in rule.metrics:
-            v = _num(record.get(m))
-            if v is not None and math.isfinite(v):
-                vals[m] = (vals[m] + [v])[-rule.window:]
-        if min(len(v) for v in vals.values()) < rule.window:
+        windows = [st.trends.get(m) for m in rule.metrics]
+        if any(w is None or len(w) < rule.window for w in windows):
             return False, 0.0, rule.metric, False, rule.threshold
-        trends = [_trend(vals[m]) for m in rule.metrics]
+        trends = [w.r() for w in windows]
         t = rule.threshold
         if rule.kind == "diverging_trends":
             bad = trends[0] > t and trends[1] < -t
