@@ -12,7 +12,9 @@ commands that train, so `status`, `wait` and `stop` answer fast.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import os
 import sys
@@ -309,13 +311,36 @@ def _module(name: str, what: str):
 @click.option("--json", "as_json", is_flag=True)
 def verify(which, run, as_json):
     """Run the M1 (determinism), M2 (profiler) or M3 (stability) checks; exit 0 only if they pass."""
-    names = ["m1", "m2", "m3"] if which == "all" else [which]
+    if which != "all":
+        return _module(f"verify_{which}", f"verify {which}").run(run, as_json)
     code = 0
-    for n in names:
+    results = []
+    for n in ("m1", "m2", "m3"):
         mod = _module(f"verify_{n}", f"verify {n}")
-        rc = mod.run(run, as_json)
-        code = code or int(rc or 0)
+        if not as_json:
+            code = code or int(mod.run(run, False) or 0)
+            continue
+        # --json promises ONE object on stdout: collect each check's object into it
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = int(mod.run(run, True) or 0)
+        code = code or rc
+        try:
+            results.append(json.loads(buf.getvalue().strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            results.append({"check": n, "passed": False, "checks": [
+                {"name": "output", "passed": False, "detail": "no JSON result"}]})
+    if as_json:
+        click.echo(json.dumps({"check": "all", "passed": code == 0 and all(r.get("passed") for r in results),
+                               "checks": [{"name": r.get("check"), "passed": bool(r.get("passed")),
+                                           "detail": _summary(r)} for r in results],
+                               "results": results}))
     return code
+
+
+def _summary(result: dict) -> str:
+    failed = [c.get("name") for c in result.get("checks", []) if not c.get("passed")]
+    return "all checks passed" if not failed else "failed: " + ", ".join(map(str, failed))
 
 
 @cli.command()

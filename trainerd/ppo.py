@@ -413,7 +413,10 @@ class Trainer:
                     self.injection.on_grads(step, c.policy)
                     # global L2 norm over all policy gradients, returned BEFORE clipping
                     grad_norm = torch.nn.utils.clip_grad_norm_(lm_params, cfg.max_grad_norm)
-                    c.policy_opt.step()
+                    # a non-finite gradient would poison the weights for good: skip that update
+                    # (as torch.amp.GradScaler does) and let the non_finite alert say so
+                    if torch.isfinite(grad_norm):
+                        c.policy_opt.step()
                     with torch.no_grad():
                         stats["policy_loss"].append(pg_loss.detach())
                         stats["grad_norm"].append(grad_norm.detach())
@@ -427,7 +430,8 @@ class Trainer:
                     v_loss = self.injection.on_loss(step, v_loss)
                     c.value_opt.zero_grad(set_to_none=True)
                     v_loss.backward()
-                    c.value_opt.step()
+                    if torch.isfinite(v_loss):
+                        c.value_opt.step()
                     stats["value_loss"].append(v_loss.detach())
 
         # other: schedule and controller updates, statistics
@@ -591,6 +595,7 @@ def train(paths: RunPaths, cfg: TrainConfig, *, log=_stderr_log, should_stop=_ne
         rng, det = apply_determinism(cfg.seed, cfg.threads, cfg.device)
         device = rng.device
         manifest = new_manifest(paths, cfg.to_dict(), cfg.seed, det, _versions())
+        manifest["injection"] = injection.to_dict() if hasattr(injection, "to_dict") else None
         write_manifest(paths, manifest)
         paths.pid_file.write_text(f"{os.getpid()}\n")
         append_event(paths, "started", pid=os.getpid(), seed=cfg.seed, steps=cfg.steps, device=str(device))
@@ -674,6 +679,7 @@ def resume(paths: RunPaths, *, force: bool = False, overrides: dict | None = Non
                        "removed_steps": len(old), "last_logged_step": max(old_steps) if old_steps else k,
                        "forced": bool(mismatch and force)}
         manifest.update(status="running", pid=os.getpid(), ended_at=None, last_step=k,
+                        injection=injection.to_dict() if hasattr(injection, "to_dict") else None,
                         config=cfg.to_dict(), resumes=manifest.get("resumes", []) + [resume_info])
         if mismatch:
             manifest["determinism_resumed"] = det

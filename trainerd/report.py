@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-from pathlib import Path
 
 from protocol import catalogue
 from protocol.alerts import DEFAULT_RULES, AlertEngine

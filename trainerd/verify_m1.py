@@ -396,7 +396,7 @@ def _cannot_rerun_here(manifest: dict) -> str | None:
 
 def check_given_run(checks: Checks, run: str, work: Path, t0: float, budget_s: float) -> None:
     try:
-        paths = resolve_run(run)
+        paths = RunPaths(resolve_run(run).root.resolve())  # `latest` -> the run it names
         manifest = read_manifest(paths)
     except RunDirError as e:
         checks.add("given_run", False, str(e))
@@ -491,6 +491,12 @@ def _on_sigterm_exit():
 
 
 def _verify(checks: Checks, run: str | None, work: Path, t0: float) -> None:
+    if run is not None:  # a bad RUN is a user error: say so at once, before minutes of runs
+        try:
+            read_manifest(resolve_run(run))
+        except RunDirError as e:
+            checks.add("given_run", False, str(e))
+            return
     runs_dir = work / "runs"
     runs_dir.mkdir()
     config_path = write_config_toml(work / "verify_m1.toml", VERIFY_CONFIG)

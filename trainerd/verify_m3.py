@@ -28,7 +28,7 @@ from pathlib import Path
 
 from protocol import catalogue
 from protocol.jsonl import read_jsonl
-from protocol.rundir import RunDirError, RunPaths, read_events, read_manifest, resolve_run
+from protocol.rundir import RunDirError, RunPaths, effective_status, read_events, read_manifest, resolve_run
 from protocol.steplog import read_steplog
 
 ALERT_EVENTS = ("alert", "alert_escalated", "alert_cleared")
@@ -101,6 +101,10 @@ def _fmt(v) -> str:
 def check_run(paths: RunPaths, checks: Checks, prefix: str = "") -> list[dict] | None:
     """Schema, mirror, TensorBoard and alert-event checks of one run; returns its records."""
     p = prefix
+    try:
+        running = effective_status(read_manifest(paths), paths) == "running"
+    except RunDirError:
+        running = False
     if not paths.steps.exists():
         checks.add(f"{p}step log", False, f"{paths.steps} does not exist")
         return None
@@ -142,9 +146,13 @@ def check_run(paths: RunPaths, checks: Checks, prefix: str = "") -> list[dict] |
     else:
         mirror = read_jsonl(paths.steps_jsonl)
         diffs = []
-        if len(mirror) != len(records):
+        if running and 0 <= len(records) - len(mirror) <= 1:
+            mirror_records = records[: len(mirror)]  # the newest line may not be written yet
+        else:
+            mirror_records = records
+        if len(mirror) != len(mirror_records):
             diffs.append(f"{len(mirror)} JSONL records vs {len(records)} framed")
-        for a, b in zip(records, mirror):
+        for a, b in zip(mirror_records, mirror):
             if a.keys() != b.keys():
                 diffs.append(f"step {a.get('step')}: keys differ ({sorted(set(a) ^ set(b))})")
                 continue
@@ -161,7 +169,7 @@ def check_run(paths: RunPaths, checks: Checks, prefix: str = "") -> list[dict] |
                    f"{len(records)} records identical, {nonfinite} non-finite value(s) kept in both")
 
     # 3. TensorBoard keeps non-finite values (float32 scalars: compare NaN/Inf exactly, finite approx.)
-    _check_tensorboard(paths, records, checks, p)
+    _check_tensorboard(paths, records, checks, p, running)
 
     # 4. alert events carry what SPEC section 8 asks
     events = read_events(paths) if paths.events.exists() else []
@@ -232,7 +240,7 @@ def _tb_tag(field: str, tags) -> str | None:
     return None
 
 
-def _check_tensorboard(paths: RunPaths, records: list[dict], checks: Checks, p: str) -> None:
+def _check_tensorboard(paths: RunPaths, records: list[dict], checks: Checks, p: str, running: bool = False) -> None:
     try:
         scalars = load_tensorboard(paths.tb)
     except ImportError:
@@ -246,6 +254,11 @@ def _check_tensorboard(paths: RunPaths, records: list[dict], checks: Checks, p: 
         return
     problems, compared, nonfin = [], 0, 0
     missing_tags = set()
+    pending = 0
+    if running:  # TensorBoard is flushed every few steps: the newest steps may not be there yet
+        last_tb = max((max(v) for v in scalars.values() if v), default=0)
+        pending = sum(1 for r in records if isinstance(r.get("step"), int) and r["step"] > last_tb)
+        records = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= last_tb]
     for r in records:
         step = r.get("step")
         for k, v in r.items():
@@ -279,7 +292,8 @@ def _check_tensorboard(paths: RunPaths, records: list[dict], checks: Checks, p: 
         problems.append(f"no TensorBoard tag for {', '.join(lost[:5])}")
     checks.add(f"{p}tensorboard", not problems,
                f"{len(problems)} problem(s), first: {'; '.join(problems[:3])}" if problems else
-               f"{compared} scalars match the step log, {nonfin} non-finite kept")
+               f"{compared} scalars match the step log, {nonfin} non-finite kept"
+               + (f" ({pending} newest step(s) not flushed yet: the run is running)" if pending else ""))
 
 
 # -- live runs: a clean smoke run and one run per injection ----------------------------------
@@ -299,7 +313,8 @@ LIVE_RUNS: tuple[tuple[str | None, int], ...] = (
     ("grad_explode@8", 1),
     ("nan@8", 0),
 )
-RUN_TIMEOUT_S = 150.0
+RUN_TIMEOUT_S = 150.0  # one trainer process (a run here takes ~5-15 s on an idle 2-core box)
+TOTAL_BUDGET_S = 240.0  # all the live runs; a run still going at the deadline is killed and fails
 PARALLEL = 2  # two trainer processes, one thread each (2 cores)
 
 
@@ -309,7 +324,8 @@ def _expected(kind: str) -> tuple[str, ...]:
     return EXPECTED_ALERTS[kind]
 
 
-def _start_run(runs_dir: Path, run_id: str, spec: str | None, steps: int, seed: int) -> tuple[int, str, float]:
+def _start_run(runs_dir: Path, run_id: str, spec: str | None, steps: int, seed: int,
+               timeout: float = RUN_TIMEOUT_S) -> tuple[int, str, float]:
     """One `trainerd start --smoke --foreground` in its own process; (exit code, last log line, seconds)."""
     import subprocess
 
@@ -323,8 +339,10 @@ def _start_run(runs_dir: Path, run_id: str, spec: str | None, steps: int, seed: 
     t0 = time.monotonic()
     with open(log, "w") as f:
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=RUN_TIMEOUT_S).returncode
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                timeout=max(1.0, timeout)).returncode
         except subprocess.TimeoutExpired:
+            f.write(f"verify m3: killed after {timeout:.0f}s (time budget)\n")
             rc = -9
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip() and "USDT" not in ln]
     return rc, (lines[-1] if lines else ""), time.monotonic() - t0
@@ -337,11 +355,13 @@ def make_live_runs(runs_dir: Path, checks: Checks | None = None, seed: int = LIV
 
     runs_dir.mkdir(parents=True, exist_ok=True)
     out: dict = {}
+    deadline = time.monotonic() + TOTAL_BUDGET_S
 
     def one(item):
         spec, _ = item
         run_id = run_id_for(spec)
-        res = _start_run(runs_dir, run_id, spec, steps, seed)
+        res = _start_run(runs_dir, run_id, spec, steps, seed,
+                         min(RUN_TIMEOUT_S, deadline - time.monotonic()))
         if checks is not None:
             checks.progress(f"  run {spec or 'clean'} ({steps} steps) done in {res[2]:.1f}s, exit {res[0]}")
         return spec, (runs_dir / run_id, *res)
@@ -360,7 +380,7 @@ def _alert_events(paths: RunPaths) -> list[dict]:
     return [e for e in read_events(paths) if e.get("event") in ALERT_EVENTS] if paths.events.exists() else []
 
 
-def check_clean(paths: RunPaths, rc: int, checks: Checks) -> None:
+def check_clean(paths: RunPaths, rc: int, checks: Checks, last_line: str = "") -> None:
     m = read_manifest(paths)
     crit = [e for e in _alert_events(paths)
             if e.get("severity") == "critical" and e.get("event") in ("alert", "alert_escalated")]
@@ -368,6 +388,8 @@ def check_clean(paths: RunPaths, rc: int, checks: Checks) -> None:
     detail = (f"status {m.get('status')}, {m.get('last_step')} steps, warnings: {', '.join(fired) or 'none'}"
               if not crit else
               "critical alert(s): " + "; ".join(f"{e['rule']} at step {e.get('step')}" for e in crit[:3]))
+    if rc != 0:
+        detail += f"; trainer exit {rc}: {last_line[-160:]}"
     checks.add("clean: no critical alert", rc == 0 and m.get("status") == "finished" and not crit, detail)
 
 
@@ -389,7 +411,7 @@ def injection_outcome(paths: RunPaths, kind: str, step: int, tolerance: int) -> 
     }
 
 
-def check_injected(paths: RunPaths, spec: str, rc: int, tolerance: int, checks: Checks) -> dict:
+def check_injected(paths: RunPaths, spec: str, rc: int, tolerance: int, checks: Checks, last_line: str = "") -> dict:
     from .inject import Injection
 
     inj = Injection.parse(spec)
@@ -397,7 +419,7 @@ def check_injected(paths: RunPaths, spec: str, rc: int, tolerance: int, checks: 
     if out["fired_step"] is None:
         others = sorted({e["rule"] for e in _alert_events(paths) if e.get("event") == "alert"})
         detail = (f"{'/'.join(out['expected'])} never fired at or after step {inj.step} "
-                  f"(fired: {', '.join(others) or 'nothing'})")
+                  f"(fired: {', '.join(others) or 'nothing'}; trainer exit {rc}: {last_line[-160:]})")
     else:
         detail = (f"{out['rule']} {'escalated' if out['event'] == 'alert_escalated' else 'fired'} at step "
                   f"{out['fired_step']} (injected at {inj.step}, allowed up to {inj.step + tolerance}): "
@@ -471,12 +493,12 @@ def run_live(checks: Checks, runs_dir: str | os.PathLike | None = None) -> str |
                 checks.add(f"{name}: run", False, f"the run did not start (exit {rc}): {last}")
                 continue
             if spec is None:
-                check_clean(paths, rc, checks)
+                check_clean(paths, rc, checks, last)
             else:
-                outcomes.append(check_injected(paths, spec, rc, tol, checks))
+                outcomes.append(check_injected(paths, spec, rc, tol, checks, last))
             check_run(paths, checks, prefix=f"{name}: ")
         if outcomes:
-            checks.progress("injection   injected  fired  alert")
+            checks.progress(f"  {'injection':<16} {'STEP':>4} {'fired':>6}  alert")
             for o in outcomes:
                 checks.progress(f"  {o['kind']:<16} {o['injected_step']:>4} {str(o['fired_step']):>6}  {o['message']}")
         return str(root) if keep else None

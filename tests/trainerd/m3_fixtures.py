@@ -2,7 +2,7 @@
 
 `make_synthetic_run` writes a run directory with `protocol` only (no trainer): full
 catalogue records, the JSONL mirror, and the alert events the rule engine produces.
-`injected_run(kind)` makes a real trainer run once per test process and shares it.
+`live_runs()` makes the runs of `trainerd verify m3` (no RUN) once per test process and shares them.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """M3 fault injection: the hooks on their own, then every alert rule on REAL injected runs.
 
-The real runs are made once per test process (m3_fixtures.injected_run) and shared by the
-tests below and by test_report.py / test_verify_m3.py where they use them.
+The real runs are those of `trainerd verify m3` with no RUN (a clean run and one run per
+injection, same seed and config), made once per test process by m3_fixtures.live_runs() and
+shared with test_report.py.
 """
 from __future__ import annotations
 
@@ -398,8 +399,6 @@ def test_bad_inject_is_one_clear_line(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="trainer: with continue_on_nonfinite the optimizer steps on NaN "
-                   "gradients, the weights turn NaN and the next rollout crashes in torch.multinomial")
 def test_continue_on_nonfinite_goes_on(tmp_path):
     cfg = tmp_path / "go_on.toml"
     cfg.write_text('preset = "smoke"\ncontinue_on_nonfinite = true\n')

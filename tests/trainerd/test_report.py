@@ -200,3 +200,16 @@ def test_cli_report_dispatches_and_fails_cleanly(tmp_path):
                        capture_output=True, text=True, timeout=60, env=env)
     assert p.returncode == 2 and p.stdout == ""
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def test_a_corrupt_frame_is_reported_not_raised(tmp_path, capsys):
+    run = make_synthetic_run(tmp_path, "r", [synthetic_record(s) for s in range(1, 11)])
+    data = bytearray((run / "steps.msgpack").read_bytes())
+    frame = len(data) // 10
+    data[frame * 4 + 40] ^= 0xFF  # a payload byte of the fifth record
+    (run / "steps.msgpack").write_bytes(bytes(data))
+    rc, out, err = _report(capsys, run, "json")
+    d = json.loads(out)
+    assert rc == 0 and d["steps"] == 9 and d["step_log"]["corrupt_frames"] == 1
+    rc, out, err = _report(capsys, run)
+    assert "1 corrupt frame(s) skipped" in out

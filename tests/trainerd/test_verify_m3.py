@@ -155,3 +155,53 @@ def test_bad_run_exit_2_with_one_json_object(tmp_path, capsys):
     assert rc == 2 and d["passed"] is False and "no such run" in d["checks"][0]["detail"]
     rc, out, err = _verify(capsys, tmp_path / "nope", as_json=False)
     assert rc == 2 and out == "" and err.strip().count("\n") == 0 and err.startswith("trainerd verify m3: ")
+
+
+def test_a_running_run_may_lag_in_tensorboard_and_the_mirror(tmp_path, capsys):
+    """While a run is running, TensorBoard is flushed every few steps and the JSONL line of the
+    newest record may not be written yet: neither is a failure then (it is once the run ended)."""
+    import os
+
+    from m3_fixtures import write_tensorboard
+    from protocol.rundir import RunPaths, update_manifest
+
+    recs = [synthetic_record(s) for s in range(1, 11)]
+    run = make_synthetic_run(tmp_path, "r", recs, status="running")
+    update_manifest(RunPaths(run), pid=os.getpid())  # alive: this process
+    write_tensorboard(run / "tb", recs[:6])
+    lines = (run / "steps.jsonl").read_text().splitlines(keepends=True)
+    (run / "steps.jsonl").write_text("".join(lines[:-1]))
+    rc, out, _ = _verify(capsys, run)
+    d = _checks(out)
+    assert rc == 0, d
+    tb = next(c for c in d["checks"] if c["name"] == "tensorboard")
+    assert "4 newest step(s) not flushed yet" in tb["detail"]
+    update_manifest(RunPaths(run), status="finished")
+    rc, out, _ = _verify(capsys, run)
+    failed = _failed(_checks(out))
+    assert rc == 1 and "tensorboard" in failed and "9 JSONL records vs 10 framed" in failed["jsonl mirror"]
+
+
+def test_live_checks_fail_when_an_alert_fires_late_or_a_clean_run_goes_critical(tmp_path):
+    """The checks `verify m3` (no RUN) applies to its runs, on runs with known alerts: entropy
+    collapses at step 20 and a NaN arrives at 30 in `unstable_records`."""
+    from protocol.rundir import RunPaths
+
+    run = RunPaths(make_synthetic_run(tmp_path, "u", unstable_records(40, nan_at=30)))
+    checks = verify_m3.Checks(as_json=True)
+    ok = verify_m3.check_injected(run, "entropy_collapse@19", 0, 2, checks)
+    assert ok["within"] and ok["fired_step"] == 20 and checks.passed
+    late = verify_m3.check_injected(run, "entropy_collapse@8", 0, 2, checks)
+    assert not late["within"] and late["fired_step"] == 20 and not checks.items[-1]["passed"]
+    assert "fired at step 20 (injected at 8, allowed up to 10)" in checks.items[-1]["detail"]
+    never = verify_m3.check_injected(run, "grad_explode@5", 0, 1, checks)
+    assert never["fired_step"] is None and "never fired" in checks.items[-1]["detail"]
+    checks = verify_m3.Checks(as_json=True)
+    verify_m3.check_clean(run, 0, checks)
+    assert not checks.passed and "entropy_collapse at step 20" in checks.items[-1]["detail"]
+    # a NaN at 30 that did not stop the run: status finished, the log goes on
+    checks = verify_m3.Checks(as_json=True)
+    verify_m3.check_injected(run, "nan@30", 0, 0, checks)
+    stop = checks.items[-1]
+    assert stop["name"] == "nan@30: stops cleanly" and not stop["passed"]
+    assert "status 'finished', expected 'failed'" in stop["detail"] and "goes on to step 40" in stop["detail"]
