@@ -26,6 +26,7 @@ from .widgets.panels import AlertBanner, EventsPanel, HeaderInfo, ProfilerPanel,
 from .widgets.verify import VerifyPanel
 
 GRID_COLS = 3
+CHART_FPS = 1.0
 # An alert on a metric without its own chart jumps to the chart that tells its story.
 CHART_OF = {"kl_target_error": "kl", "explained_variance": "value_loss", "reward_std": "reward_mean",
             "policy_loss": "grad_norm", "approx_kl": "clip_frac", "gold_reward_mean": "reward_mean"}
@@ -54,10 +55,13 @@ class MonitorApp(App):
     ]
 
     def __init__(self, target: str | os.PathLike, fps: float = 5.0, stall_after: float = 60.0,
+                 chart_fps: float | None = None,
                  clock: Callable[[], float] = time.time, tail_bytes: int = TAIL_BYTES, live: bool = True):
         super().__init__()
         self.target = Path(target)
         self.fps = max(0.2, fps)
+        # charts redraw slower than the values: by default 1 a second (or `fps` if lower)
+        self.chart_fps = min(self.fps, max(0.2, chart_fps if chart_fps is not None else CHART_FPS))
         self.stall_after = stall_after
         self.clock = clock  # injected so snapshots are deterministic
         self.tail_bytes = tail_bytes
@@ -85,6 +89,10 @@ class MonitorApp(App):
         self._redraw_timer = None
         self._last_draw = 0.0
         self._dirty: set[str] = set()
+        self._charts_pending = False
+        self._last_chart = 0.0
+        self._chart_timer = None
+        self.chart_step: int | None = None  # last step the charts drew (tests, benchmarks)
 
     @staticmethod
     def _runs_dir_of(target: Path) -> Path | None:
@@ -114,6 +122,13 @@ class MonitorApp(App):
 
     def on_mount(self) -> None:
         self.main_screen = self.screen  # widgets are looked up here even while a dialog is on top
+        # looked up once: a DOM query per frame costs more than drawing the values
+        self.w_tiles = list(self.query(MetricTile))
+        self.w_detail = self.query_one(DetailChart)
+        self.w_header = self.query_one(RunHeader)
+        self.w_banner = self.query_one(AlertBanner)
+        self.w_events = self.query_one(EventsPanel)
+        self.w_profiler = self.query_one(ProfilerPanel)
         self.query_one("#profiler").border_title = "where the time goes"
         self.query_one("#verify").border_title = "checks"
         self.query_one("#events").border_title = "events"
@@ -140,6 +155,7 @@ class MonitorApp(App):
         self.loading, self.last_arrival, self.history_done = "", None, False
         self.main_screen.query_one(VerifyPanel).run_dir = paths.root
         self._dirty = {"all"}
+        self.chart_step = None
         self.follow_run(paths, self._feed_token, self._feed_stop)
         self._schedule_redraw()
 
@@ -251,7 +267,8 @@ class MonitorApp(App):
             self._dirty.add("alerts")
         self.open_alerts = batch.open_alerts
         if batch.alerts_only:
-            self._schedule_redraw()
+            if self._dirty:
+                self._schedule_redraw()
             return
         if batch.events:
             self.events.extend(batch.events)
@@ -259,12 +276,15 @@ class MonitorApp(App):
             self._dirty.add("events")
         if batch.manifest is not None:
             self.manifest = batch.manifest
+            self._dirty.add("header")
         if batch.status is not None:
             self.status = batch.status
+            self._dirty.add("header")
         if batch.corrupt_frames + self.history_corrupt != self.corrupt:
             self.corrupt = batch.corrupt_frames + self.history_corrupt
             self._dirty.add("alerts")
-        self._schedule_redraw()
+        if self._dirty:
+            self._schedule_redraw()
 
     @work(thread=True, group="history")
     def start_history(self, paths: RunPaths, end_offset: int, token: int) -> None:
@@ -320,30 +340,55 @@ class MonitorApp(App):
         """Once a second: ages, elapsed time, stalled status. Only the header line is redrawn,
         and outside the frame budget, so a tick never delays new data."""
         if self._redraw_timer is None:
-            self.main_screen.query_one(RunHeader).show(self.header_info())
+            self.w_header.show(self.header_info())
 
     def _redraw(self) -> None:
+        """One frame: the header and the tiles' value lines (at most `fps` a second, only what
+        changed), and the charts, profiler included, at most `chart_fps` a second: a chart frame
+        costs ~10x a value frame. A key that changes the view draws the charts at once."""
         self._redraw_timer = None
-        self._last_draw = time.monotonic()
+        now = time.monotonic()
+        self._last_draw = now
         dirty, self._dirty = self._dirty, set()
         everything = "all" in dirty
-        if everything or "data" in dirty or "alerts" in dirty:
-            self._update_alert_marks()
-            for tile in self.main_screen.query(MetricTile):
-                tile.refresh()
-            self.main_screen.query_one(DetailChart).refresh()
-            prof = self.main_screen.query_one(ProfilerPanel)
-            prof.show(self.store, prof.content_size.width)
+        if everything or dirty & {"data", "alerts", "view"}:
+            self._charts_pending = True
+        urgent = everything or "view" in dirty or self.chart_step is None  # the first data draws at once
+        for tile in self.w_tiles:
+            tile.refresh_value()
+        if self._charts_pending:
+            if urgent or now - self._last_chart >= 1.0 / self.chart_fps:
+                self._draw_charts(now)
+            elif self._chart_timer is None:
+                self._chart_timer = self.set_timer(self._last_chart + 1.0 / self.chart_fps - now, self._charts_due)
         if everything or "alerts" in dirty:
-            self.main_screen.query_one(AlertBanner).show(self.most_severe(), len(self.open_alerts), self.corrupt)
+            self.w_banner.show(self.most_severe(), len(self.open_alerts), self.corrupt)
         if everything or "events" in dirty:
-            ev = self.main_screen.query_one(EventsPanel)
+            ev = self.w_events
             ev.show(self.events, ev.content_size.height or 10, self.manifest.get("started_at"))
-        self.main_screen.query_one(RunHeader).show(self.header_info())
+        self.w_header.show(self.header_info())
         self.drawn_step = self.store.last_step
         self.drawn_at = time.monotonic()
-        if self.first_full_screen_at is None and len(self.store):
+        if self.first_full_screen_at is None and len(self.store) and self.chart_step == self.drawn_step:
             self.first_full_screen_at = self.drawn_at
+
+    def _charts_due(self) -> None:
+        self._chart_timer = None
+        self._schedule_redraw()
+
+    def _draw_charts(self, now: float) -> None:
+        self._charts_pending = False
+        self._last_chart = now
+        if self._chart_timer is not None:
+            self._chart_timer.stop()
+            self._chart_timer = None
+        self._update_alert_marks()
+        for tile in self.w_tiles:
+            tile.redraw_chart()
+        self.w_detail.redraw_chart()
+        prof = self.w_profiler
+        prof.show(self.store, prof.content_size.width)
+        self.chart_step = self.store.last_step
 
     def most_severe(self) -> Alert | None:
         if not self.open_alerts:
@@ -381,10 +426,10 @@ class MonitorApp(App):
 
     def _select(self, i: int) -> None:
         self.selected = i % len(CHART_METRICS)
-        for k, tile in enumerate(self.main_screen.query(MetricTile)):
+        for k, tile in enumerate(self.w_tiles):
             tile.selected = k == self.selected
-        self.main_screen.query_one(DetailChart).metric = CHART_METRICS[self.selected]
-        self._dirty.add("data")
+        self.w_detail.metric = CHART_METRICS[self.selected]
+        self._dirty.add("view")
         self._schedule_redraw()
 
     def action_move(self, delta: int) -> None:
@@ -408,7 +453,7 @@ class MonitorApp(App):
         self._view_changed()
 
     def _view_changed(self) -> None:
-        self._dirty.add("data")
+        self._dirty.add("view")
         self._schedule_redraw()
 
     def action_help(self) -> None:

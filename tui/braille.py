@@ -60,6 +60,22 @@ def padded(lo: float, hi: float) -> tuple[float, float]:
 
 
 def draw(spec: ChartSpec) -> list[Text]:
+    """The chart as one Rich Text per row."""
+    out = []
+    for row in draw_runs(spec):
+        t = Text(no_wrap=True, overflow="crop")
+        for chars, style in row:
+            t.append(chars, style)
+        out.append(t)
+    return out
+
+
+Runs = list[tuple[str, "str | None"]]
+
+
+def draw_runs(spec: ChartSpec) -> list[Runs]:
+    """The chart as rows of (characters, style) runs: widgets turn them into Strips directly,
+    without a round trip through Rich Text and Textual's wrapping."""
     w, h = max(1, spec.width), max(1, spec.height)
     rows = h * 4
     dots = [[0] * w for _ in range(h)]
@@ -71,14 +87,18 @@ def draw(spec: ChartSpec) -> list[Text]:
     lo, hi = yr
     span = (hi - lo) or 1.0
 
+    scale = (rows - 1) / span
+    top_row = rows - 1
+
     def ypix(v: float) -> int:
-        p = int(round((hi - v) / span * (rows - 1)))
-        return min(rows - 1, max(0, p))
+        p = int(round((hi - v) * scale))
+        return top_row if p > top_row else 0 if p < 0 else p
 
     for ln in spec.lines:
         prev: int | None = None
+        style = ln.style
         for x, b in enumerate(ln.buckets[: w * 2]):
-            cx, sub = divmod(x, 2)
+            cx, sub = x >> 1, x & 1
             if b is None:
                 prev = None
                 continue
@@ -92,14 +112,22 @@ def draw(spec: ChartSpec) -> list[Text]:
             if b.lo > b.hi:  # nothing finite here
                 prev = None
                 continue
-            top, bot = ypix(b.hi), ypix(b.lo)
-            last = ypix(b.last) if math.isfinite(b.last) else top
+            top = int(round((hi - b.hi) * scale))
+            top = top_row if top > top_row else 0 if top < 0 else top
+            bot = int(round((hi - b.lo) * scale))
+            bot = top_row if bot > top_row else 0 if bot < 0 else bot
+            last = ypix(b.last) if b.last == b.last and b.last not in (math.inf, -math.inf) else top
             if prev is not None:  # join to the previous column
-                top, bot = min(top, prev), max(bot, prev)
-            for y in range(top, bot + 1):
-                cy, r = divmod(y, 4)
-                dots[cy][cx] |= _DOT[sub][r]
-                colour[cy][cx] = ln.style
+                if prev < top:
+                    top = prev
+                elif prev > bot:
+                    bot = prev
+            # whole braille cells at once: the dots of rows r0..r1 of one cell come from a table
+            for cy in range(top >> 2, (bot >> 2) + 1):
+                r0 = top - (cy << 2) if top > cy << 2 else 0
+                r1 = bot - (cy << 2) if bot < (cy << 2) + 3 else 3
+                dots[cy][cx] |= _SPAN[sub][r0][r1]
+                colour[cy][cx] = style
             prev = last
     hrows: dict[int, str] = {}
     for hl in spec.hlines:
@@ -108,29 +136,31 @@ def draw(spec: ChartSpec) -> list[Text]:
     out = []
     for cy in range(h):
         # one span per run of equally styled cells: per-cell spans make Textual's compositing slow
-        t = Text(no_wrap=True, overflow="crop")
+        row_dots, row_colour, hstyle = dots[cy], colour[cy], hrows.get(cy)
+        blank = ("╌", hstyle) if hstyle else (" ", None)
+        cells = [(_BRAILLE[d], c) if d else blank for d, c in zip(row_dots, row_colour)]
+        if marks:
+            for (my, mx), m in marks.items():
+                if my == cy:
+                    cells[mx] = m
+        row: Runs = []
         run_chars: list[str] = []
         run_style: str | None = None
-        row_dots, row_colour, hstyle = dots[cy], colour[cy], hrows.get(cy)
-        for cx in range(w):
-            m = marks.get((cy, cx)) if marks else None
-            if m:
-                ch, st = m
-            elif row_dots[cx]:
-                ch, st = chr(0x2800 + row_dots[cx]), row_colour[cx]
-            elif hstyle:
-                ch, st = "╌", hstyle
-            else:
-                ch, st = " ", None
+        for ch, st in cells:
             if st != run_style and run_chars:
-                t.append("".join(run_chars), run_style)
+                row.append(("".join(run_chars), run_style))
                 run_chars = []
             run_style = st
             run_chars.append(ch)
         if run_chars:
-            t.append("".join(run_chars), run_style)
-        out.append(t)
+            row.append(("".join(run_chars), run_style))
+        out.append(row)
     return out
+
+
+_BRAILLE = [chr(0x2800 + i) for i in range(256)]
+# _SPAN[sub][r0][r1]: the dots of rows r0..r1 (0..3) in dot column sub of a cell
+_SPAN = [[[sum(_DOT[sub][r] for r in range(r0, r1 + 1)) for r1 in range(4)] for r0 in range(4)] for sub in range(2)]
 
 
 def ema(buckets: list[Bucket | None], weight: float, per_bucket: float) -> list[Bucket | None]:

@@ -14,10 +14,12 @@ from protocol.rundir import RunDirError, resolve_run
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("path", required=False, default=None)
 @click.option("--fps", type=click.FloatRange(0.2, 30), default=5.0, show_default=True,
-              help="at most this many redraws a second (lower it on slow links)")
+              help="at most this many redraws a second of the values (lower it on slow links)")
+@click.option("--chart-fps", type=click.FloatRange(0.2, 30), default=1.0, show_default=True,
+              help="at most this many chart redraws a second (never more than --fps)")
 @click.option("--stall-after", type=click.FloatRange(1), default=60.0, show_default=True,
               help="seconds without a record before a running run shows as stalled")
-def cli(path: str | None, fps: float, stall_after: float) -> None:
+def cli(path: str | None, fps: float, chart_fps: float, stall_after: float) -> None:
     """Watch an RLHF run live. PATH: a run dir or a runs dir (default runs/latest)."""
     target = path or os.path.join("runs", "latest")
     try:
@@ -29,7 +31,7 @@ def cli(path: str | None, fps: float, stall_after: float) -> None:
         sys.exit(2)
     from .app import MonitorApp  # after the path check: a bad path answers at once
 
-    app = MonitorApp(target, fps=fps, stall_after=stall_after)
+    app = MonitorApp(target, fps=fps, chart_fps=chart_fps, stall_after=stall_after)
     _exit_when_terminal_goes(app)
     app.run()
     sys.exit(app.return_code or 0)

@@ -61,16 +61,24 @@ def summarize(values) -> tuple[float, float, int]:
     return math.inf, -math.inf, _flags_of(values)
 
 
+def finite_sum(values, a: int, b: int) -> float:
+    s = sum(values[a:b])  # C speed; NaN or Inf anywhere shows in the sum
+    if s == s and s not in (math.inf, -math.inf):
+        return s
+    return sum(v for v in values[a:b] if v == v and v not in (math.inf, -math.inf))
+
+
 class Column:
     """One field's values with block summaries for fast decimation."""
 
-    __slots__ = ("values", "bmin", "bmax", "bflags", "present")
+    __slots__ = ("values", "bmin", "bmax", "bflags", "bsum", "present")
 
-    def __init__(self, typecode: str = "d"):
+    def __init__(self, typecode: str = "d", sums: bool = False):
         self.values = array(typecode)
         self.bmin = array("d")
         self.bmax = array("d")
         self.bflags = array("b")
+        self.bsum = array("d") if sums else None  # per block: sum of the finite values
         self.present = 0  # records that carried this field
 
     def __len__(self) -> int:
@@ -83,6 +91,8 @@ class Column:
             self.bmin.append(lo)
             self.bmax.append(hi)
             self.bflags.append(fl)
+            if self.bsum is not None:
+                self.bsum.append(finite_sum(v, b * BLOCK, (b + 1) * BLOCK))
 
     def extend(self, values) -> None:
         self.values.extend(values)
@@ -92,6 +102,15 @@ class Column:
         del self.values[n:]
         nb = n // BLOCK
         del self.bmin[nb:], self.bmax[nb:], self.bflags[nb:]
+        if self.bsum is not None:
+            del self.bsum[nb:]
+
+    def sum(self, a: int, b: int) -> float:
+        """Sum of the finite values in values[a:b] (whole blocks from their sums)."""
+        if self.bsum is None or b - a < 2 * BLOCK:
+            return finite_sum(self.values, a, b)
+        ba, bb = -(-a // BLOCK), b // BLOCK
+        return finite_sum(self.values, a, ba * BLOCK) + sum(self.bsum[ba:bb]) + finite_sum(self.values, bb * BLOCK, b)
 
     def range_summary(self, a: int, b: int) -> tuple[float, float, int]:
         """Summary of values[a:b], using whole blocks where it can."""
@@ -131,7 +150,7 @@ class RunStore:
         self.steps = array("q")
         self.times = array("d")
         self.columns: dict[str, Column] = {k: Column("d") for k in SCALAR_FIELDS}
-        self.stages: dict[str, Column] = {s: Column("f") for s in STAGES}
+        self.stages: dict[str, Column] = {s: Column("f", sums=True) for s in STAGES}
         self.generation = 0  # bumped on every change; widgets redraw when it moved
         self.last_record: dict | None = None
 
@@ -245,8 +264,18 @@ class RunStore:
         if n <= 0 or width <= 0:
             return []
         nb = min(width, n)
-        out: list[Bucket] = []
         vals = col.values
+        steps = self.steps
+        if nb == n:  # one row per bucket: no summaries needed
+            out = []
+            for i in range(a, b):
+                v = vals[i]
+                if v == v and v not in (math.inf, -math.inf):
+                    out.append(Bucket(v, v, v, 0, steps[i]))
+                else:
+                    out.append(Bucket(math.inf, -math.inf, v, _flags_of((v,)), steps[i]))
+            return out
+        out: list[Bucket] = []
         for k in range(nb):
             s = a + n * k // nb
             e = a + n * (k + 1) // nb

@@ -67,7 +67,7 @@ async def test_nan_and_inf_show_markers_without_crash(runs_dir):
         await wait_for(pilot, lambda: app.drawn_step == 30)
         w.write(31, grad_norm=math.nan, kl=math.inf, policy_loss=math.nan)
         w.write(32, entropy=-math.inf)
-        await wait_for(pilot, lambda: app.drawn_step == 32)
+        await wait_for(pilot, lambda: app.drawn_step == 32 and app.chart_step == 32, what="values and charts")
         await pilot.pause(0.3)
         grad = rendered(app.query_one("#tile-grad_norm", MetricTile))
         assert "N" in grad.splitlines()[1]  # the NaN marker on the chart
@@ -203,3 +203,25 @@ async def test_verify_button_runs_real_trainerd_verify_m3(runs_dir):
         assert isinstance(res["data"]["passed"], bool)
         assert ("M3 PASS" in text) == res["data"]["passed"]
         assert "M3 FAIL" in text or "M3 PASS" in text
+
+
+async def test_values_update_before_the_charts(runs_dir):
+    """The value line follows each record at the frame rate; the charts redraw at their own,
+    lower rate (and the value frames do not touch the charts)."""
+    paths = make_run(runs_dir, "rates", 20, status="running")
+    w = LiveWriter(paths)
+    app = app_for(paths.root, chart_fps=0.5)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.drawn_step == 20 and app.chart_step == 20)
+        tile = app.query_one("#tile-kl", MetricTile)
+        version = tile.chart_version
+        await pilot.pause(0.3)  # past the frame interval: the record below draws at once
+        w.write(21, kl=0.0424242)
+        await wait_for(pilot, lambda: app.drawn_step == 21, what="the value frame")
+        assert app.chart_step == 20 and tile.chart_version == version, "a value frame redrew the charts"
+        await pilot.pause(0.1)
+        assert "0.04242" in rendered(tile).splitlines()[0]
+        await wait_for(pilot, lambda: app.chart_step == 21, timeout=4, what="the chart frame")
+        assert tile.chart_version == version + 1
+    w.close()
+

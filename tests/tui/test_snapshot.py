@@ -16,7 +16,7 @@ SIZE = (160, 50)
 def _loaded(app: MonitorApp):
     async def wait(pilot):
         deadline = time.monotonic() + 10
-        while app.drawn_step != app.store.last_step or not len(app.store):
+        while app.drawn_step != app.store.last_step or app.chart_step != app.store.last_step or not len(app.store):
             if time.monotonic() > deadline:
                 raise AssertionError("run never loaded")
             await pilot.pause(0.05)

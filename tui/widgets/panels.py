@@ -56,7 +56,7 @@ class RunHeader(Static):
             t.append(f"  ✖ {h.corrupt} corrupt", "bold red")
         if h.loading:
             t.append(f"  ⟳ {h.loading}", "grey62")
-        self.update(t)
+        _update(self, t)
 
 
 class AlertBanner(Static):
@@ -90,18 +90,22 @@ class AlertBanner(Static):
 class ProfilerPanel(Static):
     """The last step split by stage, how the shares moved over the run, the slowest stage."""
 
+    LEAD = 31  # "stage" 14 + "ms" 9 + "share" 6 + 2 spaces, then the sparkline
+    RANGE = 8  # then the range of the share over the run, "20–26%"
+
     def show(self, store: RunStore, width: int) -> None:
         t = Text(no_wrap=True, overflow="crop")
         if not len(store):
-            self.update(Text("waiting for records…", "grey50"))
+            _update(self, Text("waiting for records…", "grey50"))
             return
         last = {s: store.stages[s].values[-1] for s in STAGES}
         total = sum(v for v in last.values() if math.isfinite(v)) or math.nan
         finite = {s: v for s, v in last.items() if math.isfinite(v)}
         slowest = max(finite, key=finite.get) if finite else None
-        spark_w = max(4, min(24, width - 40))
-        n = len(store)
-        t.append(f"{'stage':<14}{'ms':>8} {'share':>6}  share over the run\n", "grey62")
+        spark_w = max(4, width - self.LEAD - self.RANGE)
+        sparks = share_sparklines(store, spark_w)
+        t.append(f"{'stage':<14}{'ms':>8} {'share':>6}  " + "share over the run"[:spark_w + self.RANGE] + "\n",
+                 "grey62")
         for s in STAGES:
             v = last[s]
             share = v / total if math.isfinite(v) and total == total else math.nan
@@ -109,7 +113,9 @@ class ProfilerPanel(Static):
             t.append(f"{s:<14}", style)
             t.append(f"{v * 1000:>8.1f} " if math.isfinite(v) else f"{'—':>8} ")
             t.append(f"{share:>6.0%}  " if share == share else f"{'—':>6}  ")
-            t.append(self._share_spark(store, s, n, spark_w), "cyan")
+            line, rng = sparks[s]
+            t.append(line, "yellow" if s == slowest else "cyan")
+            t.append(rng.rjust(self.RANGE), "grey62")
             t.append("\n")
         tps = store.value("tokens_per_second")
         st = store.value("step_time_s")
@@ -118,41 +124,53 @@ class ProfilerPanel(Static):
         if slowest and total == total:
             t.append(f" ({finite[slowest] / total:.0%} of the step)")
         t.append(f"\nstep {fmt_value(st)} s · {fmt_value(tps)} tokens/s")
-        self.update(t)
+        t.append("\nsparklines scaled from each stage's low to high", "grey50")
+        _update(self, t)
 
-    _spark_cache: dict = {}
 
-    def _share_spark(self, store: RunStore, stage: str, n: int, w: int) -> str:
-        """Mean share of `stage` over the run, recomputed only when the run grew by ~1%."""
-        key = (id(store.steps), stage, w, n * 100 // max(1, n) if n < 100 else n // max(1, n // 100))
-        hit = self._spark_cache.get(key)
-        if hit is None:
-            if len(self._spark_cache) > 64:
-                self._spark_cache.clear()
-            hit = self._spark_cache[key] = self._compute_spark(store, stage, n, w)
-        return hit
+def share_shares(store: RunStore, columns: int) -> dict[str, list[float | None]]:
+    """Each stage's share of the step time in `columns` equal slices of the run: the sum of the
+    stage's seconds over the sum of all stages' seconds (block sums make it O(columns))."""
+    n = len(store)
+    k = min(columns, n)
+    out: dict[str, list[float | None]] = {s: [] for s in STAGES}
+    cols = store.stages
+    for i in range(k):
+        a, b = n * i // k, n * (i + 1) // k
+        sums = {s: cols[s].sum(a, b) for s in STAGES}
+        total = sum(sums.values())
+        for s in STAGES:
+            out[s].append(sums[s] / total if total > 0 and math.isfinite(total) else None)
+    return out
 
-    @staticmethod
-    def _compute_spark(store: RunStore, stage: str, n: int, w: int) -> str:
-        """Mean share of `stage` in each of w slices of the run (sampled, so it costs O(w))."""
-        out = []
-        step_col = store.stages[stage].values
-        stages = store.stages
-        for k in range(w):
-            a, b = n * k // w, n * (k + 1) // w
-            if b <= a:
-                out.append(" ")
-                continue
-            idx = range(a, b, max(1, (b - a) // 32))  # up to 32 samples per slice
-            num = den = 0.0
-            for i in idx:
-                tot = sum(stages[s].values[i] for s in STAGES)
-                v = step_col[i]
-                if tot > 0 and math.isfinite(v) and math.isfinite(tot):
-                    num += v
-                    den += tot
-            out.append(SPARK[min(7, int(num / den * 8))] if den > 0 else " ")
-        return "".join(out)
+
+def share_sparklines(store: RunStore, width: int) -> dict[str, tuple[str, str]]:
+    """Per stage: a sparkline of its share over the run, decimated to `width` columns (a short
+    run: one column per step), scaled from its lowest to its highest share, and that range as a
+    label ("20–26%"). A stage whose share stays within the label's precision is drawn flat."""
+    shares = share_shares(store, width)
+    out = {}
+    for s, row in shares.items():
+        seen = [x for x in row if x is not None]
+        if not seen:
+            out[s] = (" " * len(row), "")
+            continue
+        lo, hi = min(seen), max(seen)
+        if round(lo * 100) == round(hi * 100):
+            out[s] = ("".join(" " if x is None else SPARK[3] for x in row), f"{hi:.0%}")
+            continue
+        span = hi - lo
+        out[s] = ("".join(" " if x is None else SPARK[min(7, int((x - lo) / span * 8))] for x in row),
+                  f"{lo * 100:.0f}–{hi:.0%}")
+    return out
+
+
+def _update(widget: Static, content: Text) -> None:
+    """Update a fixed-size panel: no re-layout, and nothing at all when the text is unchanged."""
+    key = (content.plain, tuple(content.spans))
+    if getattr(widget, "_shown_key", None) != key:
+        widget._shown_key = key
+        widget.update(content, layout=False)
 
 
 EVENT_STYLE = {
@@ -168,7 +186,7 @@ class EventsPanel(Static):
     def show(self, events: list[dict], rows: int, t0: float | None) -> None:
         t = Text(no_wrap=True, overflow="ellipsis")
         if not events:
-            self.update(Text("no events yet", "grey50"))
+            _update(self, Text("no events yet", "grey50"))
             return
         shown = events[-max(1, rows):]
         for i, e in enumerate(shown):
@@ -188,7 +206,7 @@ class EventsPanel(Static):
                     t.append(f" {k}={e[k]}", "grey62")
             if i < len(shown) - 1:
                 t.append("\n")
-        self.update(t)
+        _update(self, t)
 
 
 def now() -> float:
