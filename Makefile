@@ -4,6 +4,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 RUNS ?= runs
+# `make demo INJECT=kl_blowup@20` starts a run with a fault injected, to see alerts fire.
+INJECT ?=
 # One intra-op thread: on 2-core boxes two threads make small ops ~100x slower, and the
 # thread count is part of the determinism settings (results differ bitwise between counts).
 export OMP_NUM_THREADS ?= 1
@@ -35,7 +37,7 @@ tui: install
 	$(BIN)/rlhf-tui $(RUNS)
 
 demo: install
-	$(BIN)/trainerd start --smoke --runs-dir $(RUNS)
+	$(BIN)/trainerd start --smoke --runs-dir $(RUNS) $(if $(INJECT),--inject $(INJECT))
 	$(BIN)/rlhf-tui $(RUNS)
 
 verify: verify_m1 verify_m2 verify_m3
