@@ -47,9 +47,16 @@ class ChartView:
 
 
 def buckets_for(store: RunStore, key: str, a: int, b: int, n: int, time_axis: bool) -> list[Bucket | None]:
-    """Rows [a, b) of `key` as n buckets, by row (step axis) or by wall time (gaps stay gaps)."""
+    """Rows [a, b) of `key` as n buckets, by row (step axis) or by wall time (gaps stay gaps).
+
+    Fewer rows than dot columns are stretched over the whole width (each row repeated over
+    its share of the columns), so the x axis always spans the chart and its labels are true."""
     if not time_axis or b - a < 2:
-        return store.decimate(key, a, b, n)
+        rows = store.decimate(key, a, b, n)
+        if 0 < len(rows) < n:
+            m = len(rows)
+            return [rows[k * m // n] for k in range(n)]
+        return rows
     t0, t1 = store.times[a], store.times[b - 1]
     if not (t1 > t0):
         return store.decimate(key, a, b, n)
