@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from protocol import catalogue
+from protocol.jsonl import read_jsonl
 from protocol.rundir import RunPaths, append_event
 
 _F64 = struct.Struct("<d")
@@ -201,6 +202,7 @@ class ResumeChecker:
         old_records: Iterable[dict],
         resumed_from: int,
         fields: list[str] | None = None,
+        use_earlier_aside: bool = True,
     ):
         self.paths = paths
         self.resumed_from = resumed_from
@@ -208,6 +210,15 @@ class ResumeChecker:
         # Only the steps the resume recomputes: anything at or before the checkpoint
         # was not removed by a correct truncation, but be strict about what we compare.
         self.old = {s: r for s, r in _by_step(old_records).items() if s > resumed_from}
+        # A run that crashed again during a resume, before it recomputed every removed step,
+        # holds the only copy of the later original steps in an earlier aside file: compare
+        # with those too, or they would never be checked.
+        self.from_earlier_aside: list[int] = []
+        if paths is not None and use_earlier_aside:
+            for s, r in earlier_aside_records(paths).items():
+                if s > resumed_from and s not in self.old:
+                    self.old[s] = r
+                    self.from_earlier_aside.append(s)
         self.old_last_step = max(self.old) if self.old else resumed_from
         self.compared: list[int] = []
         self.difference: Difference | None = None
@@ -239,6 +250,7 @@ class ResumeChecker:
     def _emit(self) -> dict:
         fields: dict = {
             "resumed_from": self.resumed_from,
+            "from_earlier_resumes": sorted(self.from_earlier_aside),
             "old_last_step": self.old_last_step,
             "steps_compared": len(self.compared),
             "compared_from": min(self.compared) if self.compared else None,
@@ -271,6 +283,22 @@ class ResumeChecker:
             else {"event": "resume_check", **fields}
         )
         return self.event
+
+
+ASIDE_GLOB = "resume_from_*_old_steps*.jsonl"  # trainerd.ppo.old_records_path names them so
+
+
+def earlier_aside_records(paths: RunPaths) -> dict[int, dict]:
+    """Records kept aside by every resume of the run so far, by step; where several files
+    hold a step, the one written first wins (the original run's record)."""
+    files = sorted(paths.root.glob(ASIDE_GLOB), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    out: dict[int, dict] = {}
+    for f in files:
+        for r in read_jsonl(f):
+            s = r.get("step")
+            if isinstance(s, int) and s not in out:
+                out[s] = r
+    return out
 
 
 def summarize_event(ev: dict) -> str:

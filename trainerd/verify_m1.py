@@ -1,26 +1,36 @@
 """`trainerd verify m1 [RUN] [--json]`: proof that runs are bitwise reproducible.
 
-Without RUN, four short runs of one small config (16 PPO steps, a checkpoint every 5),
-each in its OWN process (`trainerd start --foreground`), two at a time, one thread each:
+Without RUN, four short runs of one small config (`VERIFY_CONFIG`: 16 PPO steps, a
+checkpoint every 5), each in its OWN process (`trainerd start --foreground`), two at a
+time, one thread each:
 
   A  seed S            B  seed S             -> (a) same_seed_bitwise: every deterministic
                                                     field of every record bitwise equal
-  C  seed S+1                                -> (b) other_seed_differs: the negative control
-  D  seed S, SIGKILLed at a step after a checkpoint, then `trainerd resume`
-                                             -> (c) kill_resume_bitwise: D's final log has no gap
-                                                    and no duplicate, equals A bitwise, and its
-                                                    resume_check event says identical
+  C  another seed                            -> (b) other_seed_differs: the negative control
+  D  seed S, SIGKILLed as soon as step 7 is logged (checkpoint 5 behind it), then
+     `trainerd resume`                       -> (c) kill_resume_bitwise: resumed from the last
+                                                    complete checkpoint, final log without gap
+                                                    or duplicate (msgpack and JSONL), equal to A
+                                                    bitwise, and its resume_check event says
+                                                    identical
 
-With RUN (a run dir or runs dir), additionally (d) rerun_matches_RUN: the run's resolved
-config and seed from run.json are run again in a temp dir, in a fresh process, and the
-first N of its steps are compared bitwise with the run's own records (N is all of its
-steps when the rerun fits in the time budget, else as many as fit: see `_rerun_budget_steps`).
-The run's own step log must also have no gap and no duplicate, and any resume_check event
-it holds must say identical.
+With RUN (a run dir, or a runs dir meaning its latest run), the checks above and then, on
+that run: `<run_id>: step log` (no gap, no duplicate), `<run_id>: resume_check` (each such
+event says identical), and `<run_id>: rerun_bitwise`: the run's resolved config and seed
+from run.json are run again in a temp dir, in a fresh process, and its records are compared
+bitwise with the run's own. A rerun needs the same torch version and device (else the check
+fails saying why). It covers all of the run's steps when they fit in the time left of the
+~3 minute budget (estimated from the run's own step times plus a warm-up allowance), else
+the first N that fit (the detail says "the first N of M"); the rerun keeps the run's step
+count, so the LR schedule is the same, and is stopped once it has written the N steps.
 
 Exit 0 only if every check passed. Progress goes to stderr as it happens; with `--json`,
 stdout gets exactly ONE JSON object:
-{"check": "m1", "passed": bool, "checks": [{"name", "passed", "detail"}], "duration_s": float}
+{"check": "m1", "passed": bool, "checks": [{"name", "passed", "detail"}], "run": RUN|null,
+ "duration_s": float}
+SIGTERM (the monitor cancelling) ends the check at once, kills its trainer processes and
+still prints the JSON object. TRAINERD_VERIFY_KEEP=1 keeps the runs' temp dir for a
+post-mortem. About 22 s on an idle 2-core machine (without RUN).
 """
 from __future__ import annotations
 

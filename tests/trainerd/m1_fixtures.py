@@ -252,7 +252,22 @@ def _kill_then_resume(name: str, kill_bootstrap: str | None, kill_at_step: int |
     return sc
 
 
+def _kill_during_resume() -> Scenario:
+    """Killed at step 8 (checkpoint 5); the resume is killed in turn inside step 7 (after it
+    recomputed 6); the second resume must still end bitwise equal and compare 6..8."""
+    name = "kill_during_resume"
+    paths = RunPaths(runs_root() / name)
+    verify_m1.run_killed_at(runs_root(), name, config_path(), SEED, EVERY + 3, env=child_env())
+    recs, _ = read_steplog(paths.steps)
+    sc = Scenario(name, paths, -9, max(r["step"] for r in recs), _complete_checkpoints(paths))
+    first = trainerd("resume", str(paths.root), "--foreground", bootstrap=kill_during_step(EVERY + 2))
+    assert first.returncode == -9, first.stderr[-2000:]
+    sc.resume = trainerd("resume", str(paths.root), "--foreground")
+    return sc
+
+
 SCENARIOS = {
+    "kill_during_resume": _kill_during_resume,
     # killed in the middle of step 8 (after checkpoint 5): recompute 6..7 (8 was never logged)
     "kill_during_step": lambda: _kill_then_resume("kill_during_step", kill_during_step(8), None),
     # state.pt of checkpoint 10 torn: 10 is not a checkpoint, resume from 5

@@ -119,6 +119,23 @@ def test_resume_without_rng_restore_differs_and_resume_check_says_where():
 
 
 @pytest.mark.slow
+def test_crash_during_a_resume_then_resume_again_ends_bitwise_equal():
+    sc = scenario("kill_during_resume")
+    assert sc.resume.returncode == 0, sc.resume.stderr[-2000:]
+    assert check_step_sequence(sc.records) is None
+    d = first_difference(records(reference_run()), sc.records, a_name="uninterrupted", b_name="resumed")
+    assert d is None, d.describe()
+    resumed = [e for e in read_events(sc.paths) if e["event"] == "resumed"]
+    assert [e["step"] for e in resumed] == [EVERY, EVERY]
+    # the first resume died before its check was due: only the second one reports, and it
+    # covers the original steps the first resume had put aside but never recomputed
+    (ev,) = resume_checks(sc.paths)
+    assert ev["result"] == "identical" and ev["complete"], ev
+    assert (ev["compared_from"], ev["compared_to"]) == (EVERY + 1, sc.last_step_before_kill)
+    assert ev["from_earlier_resumes"] == list(range(EVERY + 2, sc.last_step_before_kill + 1))
+
+
+@pytest.mark.slow
 def test_status_shows_the_resume_check():
     sc = scenario("kill_from_outside")
     r = trainerd("status", str(sc.paths.root))
@@ -230,3 +247,21 @@ def test_resume_checker_run_ending_early_reports_partial(tmp_path):
     ev = chk.finish()
     assert ev["result"] == "identical" and not ev["complete"] and ev["compared_to"] == 6
     assert "ended before" in ev["message"]
+
+
+def test_resume_checker_also_compares_steps_only_an_earlier_resume_kept_aside(tmp_path):
+    """Crash at 8, resume from 5 (6..8 kept aside), crash again after recomputing 6, resume
+    from 5 again: this resume removes only 6, but the original 7 and 8 must be checked too."""
+    from protocol.jsonl import JsonlWriter
+
+    paths = create_run(tmp_path, "r")
+    with JsonlWriter(paths.root / "resume_from_000005_old_steps.jsonl") as w:
+        for s in (6, 7, 8):
+            w.write(rec(s, kl=0.25 if s == 8 else 0.5))
+    chk = ResumeChecker(paths, [rec(6)], resumed_from=5)
+    assert chk.old_last_step == 8 and chk.from_earlier_aside == [7, 8]
+    for s in (6, 7):
+        assert chk.observe(rec(s)) is None
+    ev = chk.observe(rec(8))  # the recomputed 8 differs from the original one
+    assert ev["result"] == "differs" and (ev["step"], ev["field"]) == (8, "kl")
+    assert ev["from_earlier_resumes"] == [7, 8]
