@@ -69,6 +69,18 @@ class ResumeError(Exception):
     """A run that cannot be resumed as asked; the message is one line."""
 
 
+def _records_after(paths: RunPaths, step: int) -> list[dict]:
+    """The logged records after `step` (the framed log is the source of truth; the JSONL
+    mirror is used only if the framed log has none, e.g. it was lost)."""
+    framed = [rec for _, _, rec in steplog_mod.iter_frames(paths.steps)]
+    cut = framed[next((i for i, r in enumerate(framed)
+                       if not (isinstance(r.get("step"), int) and r["step"] <= step)), len(framed)):]
+    if cut or framed:
+        return cut
+    mirror = jsonl_mod.read_jsonl(paths.steps_jsonl)
+    return [r for r in mirror if not (isinstance(r.get("step"), int) and r["step"] <= step)]
+
+
 def old_records_path(paths: RunPaths, from_step: int) -> Path:
     """Where `resume` keeps the records it cut from the step log (steps after `from_step`).
     A second resume from the same checkpoint gets `..._2.jsonl`, and so on."""
@@ -662,16 +674,18 @@ def resume(paths: RunPaths, *, force: bool = False, overrides: dict | None = Non
                               "use --force to resume anyway (the result will not be bitwise equal)")
         device = rng.device
 
-        # Cut the records of the steps to be recomputed; keep them aside, never lose them.
-        removed = steplog_mod.truncate_after_step(paths.steps, k)
-        removed_jsonl = jsonl_mod.truncate_after_step(paths.steps_jsonl, k)
-        old = removed or removed_jsonl  # the framed log is the source of truth
+        # The records of the steps to be recomputed are kept aside (written and fsynced) BEFORE
+        # the logs are cut, so a crash between the two loses nothing.
+        old = _records_after(paths, k)
         old_path = None
         if old:
             old_path = old_records_path(paths, k)
             with jsonl_mod.JsonlWriter(old_path) as w:
                 for rec in old:
                     w.write(rec)
+                w.sync()
+        steplog_mod.truncate_after_step(paths.steps, k)
+        jsonl_mod.truncate_after_step(paths.steps_jsonl, k)
         kept, _ = steplog_mod.read_steplog(paths.steps)
         old_steps = [r.get("step") for r in old if isinstance(r.get("step"), int)]
         resume_info = {"from_step": k, "at": time.time(), "pid": os.getpid(),
