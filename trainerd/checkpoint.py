@@ -81,6 +81,21 @@ def list_checkpoints(paths: RunPaths) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def remove_partial_checkpoints(paths: RunPaths) -> list[str]:
+    """Delete the `.tmp-step_*` dirs a killed checkpoint write left behind (never loaded, but
+    they hold a full model each). Only the run's writer, holding its lock, may call this."""
+    removed = []
+    try:
+        entries = list(paths.checkpoints.iterdir())
+    except OSError:
+        return removed
+    for d in entries:
+        if d.name.startswith(".tmp-step_") and d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
+    return removed
+
+
 def latest_checkpoint(paths: RunPaths) -> tuple[int, Path]:
     cps = list_checkpoints(paths)
     if not cps:

@@ -49,7 +49,13 @@ from protocol.rundir import (
 )
 
 from . import config as config_mod
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
 from .config import ConfigError, TrainConfig
 from .daemon import install_stop_signals  # noqa: F401  (re-exported: the loop's stop flag)
 from .determinism import RNG, apply_determinism, capture_rng_state, restore_rng_state, settings_mismatch
@@ -660,6 +666,7 @@ def resume(paths: RunPaths, *, force: bool = False, overrides: dict | None = Non
             raise ResumeError(f"resume cannot change {', '.join(sorted(bad))} (it would change the run)")
         cfg = config_mod.from_dict({**manifest.get("config", {}), **overrides}, source=f"{paths.manifest}")
         cfg.validate()
+        remove_partial_checkpoints(paths)  # we hold the lock: no write is in progress
         k, ckpt_dir = latest_checkpoint(paths)
         if manifest.get("status") == "finished" and k >= cfg.steps:
             raise ResumeError(f"run {paths.root} already finished ({cfg.steps} steps); nothing to resume")

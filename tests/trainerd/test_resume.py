@@ -97,6 +97,8 @@ def test_torn_checkpoint_is_never_published_or_loaded():
         assert 2 * EVERY not in sc.checkpoints_before_kill
         # after the resume, checkpoint 10 exists again, written by the resumed process
         assert (sc.paths.checkpoint_dir(2 * EVERY) / "state.pt").exists()
+        # and the torn write's temp dir (a whole model) was cleaned up by the resume
+        assert not [d.name for d in sc.paths.checkpoints.iterdir() if d.name.startswith(".tmp-")]
 
 
 @pytest.mark.slow
