@@ -75,6 +75,15 @@ class ResumeError(Exception):
     """A run that cannot be resumed as asked; the message is one line."""
 
 
+def _release_run(paths: RunPaths, lock: RunLock) -> None:
+    """The writer is done with the run dir: drop the pid file, then the lock."""
+    try:
+        paths.pid_file.unlink()
+    except OSError:
+        pass
+    lock.release()
+
+
 def _records_after(paths: RunPaths, step: int) -> list[dict]:
     """The logged records after `step` (the framed log is the source of truth; the JSONL
     mirror is used only if the framed log has none, e.g. it was lost)."""
@@ -641,11 +650,7 @@ def train(paths: RunPaths, cfg: TrainConfig, *, log=_stderr_log, should_stop=_ne
 
         return _run_guarded(paths, body, log)
     finally:
-        try:
-            paths.pid_file.unlink()
-        except OSError:
-            pass
-        lock.release()
+        _release_run(paths, lock)
 
 
 def resume(paths: RunPaths, *, force: bool = False, overrides: dict | None = None, log=_stderr_log,
@@ -730,8 +735,4 @@ def resume(paths: RunPaths, *, force: bool = False, overrides: dict | None = Non
 
         return _run_guarded(paths, body, log)
     finally:
-        try:
-            paths.pid_file.unlink()
-        except OSError:
-            pass
-        lock.release()
+        _release_run(paths, lock)

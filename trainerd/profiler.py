@@ -288,15 +288,20 @@ def _reject_constant(name: str):
     raise ValueError(f"non-standard JSON constant {name}")
 
 
-def load_trace(path) -> dict:
-    """Read and sanity-check a Chrome trace; raise ProfileError with a one-line reason."""
-    p = Path(path)
+def _read_artifact(p: Path) -> str:
+    """A profile artifact's text; ProfileError with a one-line reason if it can't be read."""
     try:
-        text = p.read_text()
+        return p.read_text()
     except FileNotFoundError:
         raise ProfileError(f"{p}: missing") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ProfileError(f"{p}: unreadable ({e})") from None
+
+
+def load_trace(path) -> dict:
+    """Read and sanity-check a Chrome trace; raise ProfileError with a one-line reason."""
+    p = Path(path)
+    text = _read_artifact(p)
     try:
         data = json.loads(text, parse_constant=_reject_constant)
     except ValueError as e:
@@ -499,12 +504,7 @@ def _write_csv_atomic(path: Path, columns: list[str], rows: list[list]) -> None:
 def read_csv(path) -> list[dict]:
     """Rows of a CSV as dicts; ProfileError if missing, empty or ragged."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise ProfileError(f"{p}: missing") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ProfileError(f"{p}: unreadable ({e})") from None
+    text = _read_artifact(p)
     try:
         reader = csv.reader(io.StringIO(text))
         lines = [row for row in reader if row]

@@ -51,6 +51,7 @@ from pathlib import Path
 from protocol import catalogue
 from protocol.rundir import RunDirError, RunPaths, read_events, read_manifest, resolve_run
 from protocol.steplog import StepLogTailer, read_steplog
+from trainerd.checks import CheckList
 from trainerd.resume_check import check_step_sequence, first_difference
 
 # The small config all the runs of the check share. The warm start and the reward model
@@ -90,19 +91,10 @@ def _log(msg: str, t0: float) -> None:
     print(f"[verify m1 {time.monotonic() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-class Checks:
+class Checks(CheckList):
     def __init__(self, t0: float):
+        super().__init__(lambda line: _log(line, t0))
         self.t0 = t0
-        self.items: list[dict] = []
-
-    def add(self, name: str, passed: bool, detail: str) -> bool:
-        self.items.append({"name": name, "passed": bool(passed), "detail": detail})
-        _log(f"{'ok  ' if passed else 'FAIL'} {name}: {detail}", self.t0)
-        return passed
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.items) and all(c["passed"] for c in self.items)
 
 
 # -- running the trainer in a separate process ------------------------------------------------

@@ -31,29 +31,21 @@ from protocol.jsonl import read_jsonl
 from protocol.rundir import RunDirError, RunPaths, effective_status, read_events, read_manifest, resolve_run
 from protocol.steplog import read_steplog
 
+from trainerd.checks import CheckList
+
 ALERT_EVENTS = ("alert", "alert_escalated", "alert_cleared")
 ALERT_FIELDS = ("rule", "metric", "value", "threshold", "first_step", "explanation")
 
 
-class Checks:
-    """Collects check results; prints each as it lands (stdout, or stderr under --json)."""
+class Checks(CheckList):
+    """Prints each result as it lands (stdout, or stderr under --json)."""
 
     def __init__(self, as_json: bool):
+        super().__init__(lambda line: print("  " + line, file=sys.stderr if as_json else sys.stdout, flush=True))
         self.as_json = as_json
-        self.items: list[dict] = []
-
-    def add(self, name: str, passed: bool, detail: str) -> bool:
-        self.items.append({"name": name, "passed": bool(passed), "detail": detail})
-        line = f"  {'ok  ' if passed else 'FAIL'} {name}: {detail}"
-        print(line, file=sys.stderr if self.as_json else sys.stdout, flush=True)
-        return passed
 
     def progress(self, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.items) and all(c["passed"] for c in self.items)
 
 
 # -- value comparison -------------------------------------------------------------------
