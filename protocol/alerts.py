@@ -155,6 +155,15 @@ class Alert:
         return d
 
 
+def most_severe(alerts) -> Alert | None:
+    """The alert to show first: the most severe and, among those, the one that began first
+    (the earliest is usually the cause; later ones are often its consequences)."""
+    alerts = list(alerts)
+    if not alerts:
+        return None
+    return min(alerts, key=lambda a: (-SEVERITIES.index(a.severity), a.first_step))
+
+
 def _fmt(v: float) -> str:
     if isinstance(v, float) and not math.isfinite(v):
         return "NaN" if v != v else ("Inf" if v > 0 else "-Inf")
@@ -299,9 +308,7 @@ class AlertEngine:
         return events
 
     def most_severe(self) -> Alert | None:
-        if not self.open:
-            return None
-        return max(self.open.values(), key=lambda a: (SEVERITIES.index(a.severity), a.first_step))
+        return most_severe(self.open.values())
 
     # -- internals -------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from textual.message import Message
 from textual.containers import Grid, Horizontal, Vertical
 from textual.widgets import Footer
 
-from protocol.alerts import SEVERITIES, Alert
+from protocol.alerts import Alert, most_severe
 from protocol.rundir import RunDirError, RunPaths, resolve_run
 
 from .feed import TAIL_BYTES, Batch, RunFeed, load_history
@@ -391,9 +391,7 @@ class MonitorApp(App):
         self.chart_step = self.store.last_step
 
     def most_severe(self) -> Alert | None:
-        if not self.open_alerts:
-            return None
-        return max(self.open_alerts, key=lambda a: (SEVERITIES.index(a.severity), a.first_step))
+        return most_severe(self.open_alerts)
 
     def _update_alert_marks(self) -> None:
         metric = CHART_METRICS[self.selected]

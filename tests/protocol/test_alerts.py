@@ -290,3 +290,17 @@ def test_missing_and_directory_alerts_file(tmp_path):
         with pytest.raises(AlertConfigError) as e:
             rules_from_toml(p)
         assert str(p) in str(e.value) and needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_banner_alert_is_the_most_severe_and_earliest():
+    """Of several critical alerts the first to begin is shown (usually the cause)."""
+    from protocol.alerts import Alert, most_severe
+
+    def a(rule, sev, first):
+        return Alert(rule, "kl", sev, 1.0, 0.5, first, first, "x")
+
+    later = a("reward_hacking", "critical", 56)
+    cause = a("kl_runaway", "critical", 21)
+    warn = a("kl_control", "warning", 5)
+    assert most_severe([later, warn, cause]) is cause
+    assert most_severe([warn]) is warn and most_severe([]) is None
