@@ -84,6 +84,7 @@ class MonitorApp(App):
         self.drawn_at = 0.0
         self.first_full_screen_at: float | None = None
         self.history_done = False  # the whole log is in the store (benchmarks, tests)
+        self.alerts_step = None  # the last step the live alert engine has evaluated
         self._feed_token = 0
         self._feed_stop = threading.Event()
         self._redraw_timer = None
@@ -153,6 +154,7 @@ class MonitorApp(App):
         self.open_alerts, self.alert_history, self.events = [], [], []
         self.manifest, self.status, self.corrupt, self.history_corrupt = {}, "…", 0, 0
         self.loading, self.last_arrival, self.history_done = "", None, False
+        self.alerts_step = None
         self.main_screen.query_one(VerifyPanel).run_dir = paths.root
         self._dirty = {"all"}
         self.chart_step = None
@@ -266,6 +268,8 @@ class MonitorApp(App):
         if [a.rule for a in batch.open_alerts] != [a.rule for a in self.open_alerts] or batch.alerts:
             self._dirty.add("alerts")
         self.open_alerts = batch.open_alerts
+        if batch.evaluated_step is not None:
+            self.alerts_step = batch.evaluated_step
         if batch.alerts_only:
             if self._dirty:
                 self._schedule_redraw()

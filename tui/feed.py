@@ -39,6 +39,7 @@ class Batch:
     arrived: float = 0.0  # monotonic time the batch was read (for latency measurements)
     pending: list = field(default_factory=list)  # records whose alerts are not evaluated yet
     alerts_only: bool = False  # carries alerts (and open alerts) only
+    evaluated_step: int | None = None  # with alerts_only: the last step the alerts have seen
 
     @property
     def empty(self) -> bool:
@@ -96,6 +97,8 @@ class RunFeed:
         """The alerts of a batch's records. Kept apart from `poll` so the records can be shown
         first: the engine costs ~65 us a record, too much to hold a first screen back for."""
         out = Batch(arrived=batch.arrived)
+        if batch.pending:
+            out.evaluated_step = batch.pending[-1].get("step")
         for r in batch.pending:
             out.alerts.extend((ev, snapshot(a)) for ev, a in self.engine.update(r))
         batch.pending = []
