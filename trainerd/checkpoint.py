@@ -67,14 +67,18 @@ def save_checkpoint(paths: RunPaths, step: int, state: dict) -> Path:
     return final
 
 
+def _entries(paths: RunPaths) -> list[Path]:
+    """What the checkpoints dir holds ([] if it is missing or unreadable)."""
+    try:
+        return list(paths.checkpoints.iterdir())
+    except OSError:
+        return []
+
+
 def list_checkpoints(paths: RunPaths) -> list[tuple[int, Path]]:
     """(step, dir) of every complete (renamed-into-place) checkpoint, oldest first."""
     out = []
-    try:
-        entries = list(paths.checkpoints.iterdir())
-    except OSError:
-        return out
-    for d in entries:
+    for d in _entries(paths):
         m = _STEP_DIR.match(d.name)
         if m and d.is_dir():
             out.append((int(m.group(1)), d))
@@ -85,11 +89,7 @@ def remove_partial_checkpoints(paths: RunPaths) -> list[str]:
     """Delete the `.tmp-step_*` dirs a killed checkpoint write left behind (never loaded, but
     they hold a full model each). Only the run's writer, holding its lock, may call this."""
     removed = []
-    try:
-        entries = list(paths.checkpoints.iterdir())
-    except OSError:
-        return removed
-    for d in entries:
+    for d in _entries(paths):
         if d.name.startswith(".tmp-step_") and d.is_dir():
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d.name)

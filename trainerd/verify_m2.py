@@ -96,14 +96,21 @@ def check_trace(paths: RunPaths) -> tuple[Check, dict | None]:
     return c, trace
 
 
+def _read_artifact_csv(c: Check, path) -> list[dict] | None:
+    """The CSV's rows, or None after failing `c` with the reason."""
+    try:
+        return profiler.read_csv(path)
+    except ProfileError as e:
+        c.fail(str(e))
+        c.detail = f"{c.name} missing or unparsable"
+        return None
+
+
 def check_op_stats(paths: RunPaths) -> Check:
     c = Check("op_stats")
     path = paths.profile / OP_STATS_FILE
-    try:
-        rows = profiler.read_csv(path)
-    except ProfileError as e:
-        c.fail(str(e))
-        c.detail = "op_stats missing or unparsable"
+    rows = _read_artifact_csv(c, path)
+    if rows is None:
         return c
     if not rows:
         c.fail(f"{path}: no operator rows")
@@ -131,11 +138,8 @@ def check_op_stats(paths: RunPaths) -> Check:
 def check_summary(paths: RunPaths) -> tuple[Check, list[dict] | None]:
     c = Check("summary")
     path = paths.profile / SUMMARY_FILE
-    try:
-        rows = profiler.read_csv(path)
-    except ProfileError as e:
-        c.fail(str(e))
-        c.detail = "summary missing or unparsable"
+    rows = _read_artifact_csv(c, path)
+    if rows is None:
         return c, None
     if rows:
         missing_cols = [col for col in ("stage", "seconds", "share", "ms_per_token", "peak_memory_bytes")
