@@ -1,5 +1,6 @@
 """The kit's contract in code: record schema and metric catalogue, the framed step log,
 the run directory, and the alert rule engine. Imports nothing but the stdlib and msgpack."""
+
 from .alerts import DEFAULT_RULES, Alert, AlertConfigError, AlertEngine, Rule, rules_from_toml
 from .catalogue import METRICS, SCHEMA_VERSION, STAGES, Metric, check_record, deterministic_fields
 from .jsonl import JsonlTailer, JsonlWriter, read_jsonl

@@ -17,6 +17,7 @@ the defaults below can be overridden, disabled or extended from a TOML file:
     severity = "warning"
     explanation = "responses got very short: check for EOS exploitation"
 """
+
 from __future__ import annotations
 
 import math
@@ -60,64 +61,119 @@ class Rule:
 
 DEFAULT_RULES: tuple[Rule, ...] = (
     Rule(
-        "non_finite", "policy_loss", "non_finite", 0.0, "critical",
+        "non_finite",
+        "policy_loss",
+        "non_finite",
+        0.0,
+        "critical",
         "a loss, KL, entropy, grad norm or reward is NaN/Inf: likely fp overflow in log-probs or the "
         "ratio, an empty minibatch or a NaN reward; stop, restore the last checkpoint, lower the LR, check the reward",
         metrics=("policy_loss", "value_loss", "kl", "entropy", "grad_norm", "reward_mean"),
         clear_consecutive=1,
     ),
     Rule(
-        "kl_runaway", "kl", "above", 0.2, "warning",
+        "kl_runaway",
+        "kl",
+        "above",
+        0.2,
+        "warning",
         "KL to the reference keeps rising: KL penalty too weak, LR too high or an exploitable reward "
         "model; raise kl_coef or the target, lower the LR, read samples",
-        clear_threshold=0.18, critical_factor_of="kl_target", critical_factor=3.0, critical_consecutive=5,
+        clear_threshold=0.18,
+        critical_factor_of="kl_target",
+        critical_factor=3.0,
+        critical_consecutive=5,
     ),
     Rule(
-        "kl_control", "kl_target_error", "abs_above", 0.15, "warning",
+        "kl_control",
+        "kl_target_error",
+        "abs_above",
+        0.15,
+        "warning",
         "the KL controller is not holding KL near its target: the target may be unreachable or the "
         "controller horizon too long; change the target or the initial kl_coef",
-        clear_threshold=0.12, consecutive=3,
+        clear_threshold=0.12,
+        consecutive=3,
     ),
     Rule(
-        "entropy_collapse", "entropy", "below", 0.1, "critical",
+        "entropy_collapse",
+        "entropy",
+        "below",
+        0.1,
+        "critical",
         "policy entropy collapsed: over-confident updates or too many PPO epochs; add an entropy bonus, "
         "raise the sampling temperature, lower the LR",
         clear_threshold=0.12,
     ),
     Rule(
-        "exploding_gradients", "grad_norm", "above", 1000.0, "critical",
+        "exploding_gradients",
+        "grad_norm",
+        "above",
+        1000.0,
+        "critical",
         "gradient norm spiked: instability or a train/inference mismatch; clip harder, lower the LR",
-        spike_factor=10.0, window=50,
+        spike_factor=10.0,
+        window=50,
     ),
     Rule(
-        "reward_variance", "reward_std", "above", 2.0, "warning",
+        "reward_variance",
+        "reward_std",
+        "above",
+        2.0,
+        "warning",
         "reward spread is very wide: unscaled or noisy reward model scores; normalise or clip rewards",
-        clear_threshold=1.8, consecutive=2,
+        clear_threshold=1.8,
+        consecutive=2,
     ),
     Rule(
-        "policy_moving_too_fast", "clip_frac", "above", 0.3, "warning",
+        "policy_moving_too_fast",
+        "clip_frac",
+        "above",
+        0.3,
+        "warning",
         "many PPO ratios are clipped: LR or epochs too high or batch too small; lower the LR or epochs, "
         "use a larger batch",
-        clear_threshold=0.25, consecutive=2,
+        clear_threshold=0.25,
+        consecutive=2,
     ),
     Rule(
-        "value_diverging", "explained_variance", "below", 0.0, "warning",
+        "value_diverging",
+        "explained_variance",
+        "below",
+        0.0,
+        "warning",
         "the value function explains none of the returns: returns drift or rewards are unscaled; warm up "
         "the critic, scale rewards, clip values",
-        clear_threshold=0.05, consecutive=5, warmup_steps=20,
+        clear_threshold=0.05,
+        consecutive=5,
+        warmup_steps=20,
     ),
     Rule(
-        "reward_hacking", "reward_mean", "diverging_trends", 0.5, "critical",
+        "reward_hacking",
+        "reward_mean",
+        "diverging_trends",
+        0.5,
+        "critical",
         "reward-model score rises while the true (gold) score falls (value: trend r of reward_mean over the "
         "window): the policy is exploiting the reward model; stop, raise the KL coefficient, improve or "
         "retrain the reward model, read samples",
-        metrics=("reward_mean", "gold_reward_mean"), window=20, consecutive=3, clear_consecutive=5,
+        metrics=("reward_mean", "gold_reward_mean"),
+        window=20,
+        consecutive=3,
+        clear_consecutive=5,
     ),
     Rule(
-        "reward_hacking_proxy", "reward_mean", "rising_together", 0.6, "warning",
+        "reward_hacking_proxy",
+        "reward_mean",
+        "rising_together",
+        0.6,
+        "warning",
         "reward, KL and response length all climb together (value: trend r of reward_mean; no gold score "
         "to check): a common sign of reward hacking; read samples, raise the KL coefficient",
-        metrics=("reward_mean", "kl", "response_length_mean"), window=30, consecutive=5, clear_consecutive=5,
+        metrics=("reward_mean", "kl", "response_length_mean"),
+        window=30,
+        consecutive=5,
+        clear_consecutive=5,
         only_without="gold_reward_mean",
     ),
 )
@@ -145,10 +201,15 @@ class Alert:
 
     def to_event(self, event: str) -> dict:
         d = {
-            "rule": self.rule, "metric": self.metric, "severity": self.severity,
-            "value": self.value, "threshold": self.threshold, "first_step": self.first_step,
+            "rule": self.rule,
+            "metric": self.metric,
+            "severity": self.severity,
+            "value": self.value,
+            "threshold": self.threshold,
+            "first_step": self.first_step,
             "step": self.step if event != "alert_cleared" else self.cleared_step,
-            "message": self.message(), "explanation": self.explanation,
+            "message": self.message(),
+            "explanation": self.explanation,
         }
         if event == "alert_cleared":
             d["duration_steps"] = (self.cleared_step or self.step) - self.first_step
@@ -276,14 +337,19 @@ class AlertEngine:
                     st.first_bad_step = step
                 st.critical_run = st.critical_run + 1 if critical else 0
                 if alert is None and st.bad_run >= rule.consecutive:
-                    alert = Alert(rule.name, metric, rule.severity, value, threshold,
-                                  st.first_bad_step, step, rule.explanation)
+                    alert = Alert(
+                        rule.name, metric, rule.severity, value, threshold, st.first_bad_step, step, rule.explanation
+                    )
                     self.open[rule.name] = alert
                     events.append(("alert", alert))
                 elif alert is not None:
                     alert.value, alert.step, alert.metric = value, step, metric
-                if (alert is not None and alert.severity != "critical" and rule.critical_factor_of
-                        and st.critical_run >= rule.critical_consecutive):
+                if (
+                    alert is not None
+                    and alert.severity != "critical"
+                    and rule.critical_factor_of
+                    and st.critical_run >= rule.critical_consecutive
+                ):
                     alert.severity = "critical"
                     events.append(("alert_escalated", alert))
             else:
@@ -452,8 +518,7 @@ def rules_from_dict(data: dict, base: tuple[Rule, ...] = DEFAULT_RULES, source: 
             missing = [k for k in ("metric", "kind", "threshold", "severity") if k not in changes]
             if missing:
                 raise AlertConfigError(
-                    f"{source}: new rule rules.{name} needs {', '.join(missing)} "
-                    f"(known rules: {', '.join(rules)})"
+                    f"{source}: new rule rules.{name} needs {', '.join(missing)} (known rules: {', '.join(rules)})"
                 )
             changes.setdefault("explanation", f"{changes['metric']} crossed {changes['threshold']}")
             rule = Rule(name=name, **changes)

@@ -5,6 +5,7 @@ direction and a one-line description live here and nowhere else. The trainer
 writes these keys, the determinism check compares the deterministic ones, the
 alert rules and the monitor read units and directions from here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,55 +44,90 @@ METRICS: dict[str, Metric] = {
         _M("step", "step", "identity", "int", True, "none", "PPO step number, from 1"),
         _M("time", "unix s", "identity", "float", False, "none", "wall-clock time the step ended"),
         # KL control
-        _M("kl", "nats/token", "kl", "float", True, "target",
-           "mean per-token KL to the reference policy (k1 estimator on sampled tokens)"),
-        _M("kl_target", "nats/token", "kl", "float", True, "none",
-           "KL the adaptive controller steers toward"),
+        _M(
+            "kl",
+            "nats/token",
+            "kl",
+            "float",
+            True,
+            "target",
+            "mean per-token KL to the reference policy (k1 estimator on sampled tokens)",
+        ),
+        _M("kl_target", "nats/token", "kl", "float", True, "none", "KL the adaptive controller steers toward"),
         _M("kl_target_error", "nats/token", "kl", "float", True, "target", "kl - kl_target"),
         _M("kl_coef", "", "kl", "float", True, "none", "KL penalty coefficient (beta) used this step"),
         # policy
-        _M("entropy", "nats/token", "policy", "float", True, "none",
-           "mean per-token entropy of the policy on its own samples"),
-        _M("clip_frac", "fraction", "policy", "float", True, "down",
-           "fraction of tokens whose PPO ratio was clipped"),
-        _M("approx_kl", "nats/token", "policy", "float", True, "down",
-           "approximate KL between the rollout policy and the updated policy"),
+        _M(
+            "entropy",
+            "nats/token",
+            "policy",
+            "float",
+            True,
+            "none",
+            "mean per-token entropy of the policy on its own samples",
+        ),
+        _M("clip_frac", "fraction", "policy", "float", True, "down", "fraction of tokens whose PPO ratio was clipped"),
+        _M(
+            "approx_kl",
+            "nats/token",
+            "policy",
+            "float",
+            True,
+            "down",
+            "approximate KL between the rollout policy and the updated policy",
+        ),
         _M("policy_loss", "", "policy", "float", True, "none", "clipped PPO surrogate loss"),
-        _M("grad_norm", "", "policy", "float", True, "down",
-           "global L2 norm of the gradients before clipping"),
+        _M("grad_norm", "", "policy", "float", True, "down", "global L2 norm of the gradients before clipping"),
         _M("learning_rate", "", "policy", "float", True, "none", "learning rate this step"),
         # value
         _M("value_loss", "", "value", "float", True, "down", "clipped value-function loss"),
-        _M("explained_variance", "", "value", "float", True, "up",
-           "1 - Var(returns - values) / Var(returns)"),
+        _M("explained_variance", "", "value", "float", True, "up", "1 - Var(returns - values) / Var(returns)"),
         # reward
-        _M("reward_mean", "score", "reward", "float", True, "up",
-           "mean reward-model score of the responses, before the KL penalty"),
+        _M(
+            "reward_mean",
+            "score",
+            "reward",
+            "float",
+            True,
+            "up",
+            "mean reward-model score of the responses, before the KL penalty",
+        ),
         _M("reward_std", "score", "reward", "float", True, "none", "std of the reward-model scores"),
-        _M("reward_var", "score^2", "reward", "float", True, "none",
-           "variance of the reward-model scores"),
-        _M("gold_reward_mean", "score", "reward", "float", True, "up",
-           "mean true (gold) score of the responses, where the task knows it", required=False),
+        _M("reward_var", "score^2", "reward", "float", True, "none", "variance of the reward-model scores"),
+        _M(
+            "gold_reward_mean",
+            "score",
+            "reward",
+            "float",
+            True,
+            "up",
+            "mean true (gold) score of the responses, where the task knows it",
+            required=False,
+        ),
         # advantage
         _M("advantage_mean", "", "advantage", "float", True, "none", "mean GAE advantage before whitening"),
         _M("advantage_std", "", "advantage", "float", True, "none", "std of GAE advantages before whitening"),
-        _M("advantage_var", "", "advantage", "float", True, "none",
-           "variance of GAE advantages before whitening"),
+        _M("advantage_var", "", "advantage", "float", True, "none", "variance of GAE advantages before whitening"),
         # rollout
-        _M("response_length_mean", "tokens", "rollout", "float", True, "none",
-           "mean generated response length"),
+        _M("response_length_mean", "tokens", "rollout", "float", True, "none", "mean generated response length"),
         _M("batch_size", "sequences", "rollout", "int", True, "none", "responses generated this step"),
-        _M("tokens", "tokens", "rollout", "int", True, "none",
-           "tokens generated and trained on this step"),
+        _M("tokens", "tokens", "rollout", "int", True, "none", "tokens generated and trained on this step"),
         # throughput (non-deterministic: wall clock)
-        _M("tokens_per_second", "tokens/s", "throughput", "float", False, "up",
-           "tokens over measured step wall time"),
+        _M("tokens_per_second", "tokens/s", "throughput", "float", False, "up", "tokens over measured step wall time"),
         _M("step_time_s", "s", "throughput", "float", False, "down", "wall time of the step"),
         _M("stage_s", "s", "stages", "map", False, "none", "seconds per profiler stage this step"),
         # memory
         _M("rss_bytes", "bytes", "memory", "int", False, "down", "resident memory of the trainer"),
-        _M("cuda_max_allocated_bytes", "bytes", "memory", "int", False, "down",
-           "peak CUDA memory allocated this step", required=False),
+        _M(
+            "cuda_max_allocated_bytes",
+            "bytes",
+            "memory",
+            "int",
+            False,
+            "down",
+            "peak CUDA memory allocated this step",
+            required=False,
+        ),
     ]
 }
 
@@ -124,9 +160,7 @@ def check_record(record: dict) -> list[str]:
         elif m.kind == "float":
             ok = isinstance(v, float)
         else:
-            ok = isinstance(v, dict) and all(
-                isinstance(k, str) and isinstance(x, float) for k, x in v.items()
-            )
+            ok = isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, float) for k, x in v.items())
             if ok and m.name == "stage_s":
                 missing = [s for s in STAGES if s not in v]
                 if missing:

@@ -5,6 +5,7 @@ NaN and the infinities are written as the strings "NaN", "Infinity" and "-Infini
 repr is the shortest string that round-trips, so every other float comes back exactly.
 Readers take complete lines only: a torn last line is "not yet".
 """
+
 from __future__ import annotations
 
 import json

@@ -8,11 +8,11 @@
 One process writes a run directory at a time (an flock on `trainerd.lock`); readers
 never take the lock.
 """
+
 from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import socket
 import time
@@ -191,7 +191,7 @@ class RunLock:
         self.paths = paths
         self._fd = -1
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         try:
             fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -207,9 +207,7 @@ class RunLock:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
                 who = f" by pid {holder}" if holder else ""
-                raise RunLockedError(
-                    f"run {self.paths.root} is locked{who}: another trainerd is writing it"
-                ) from None
+                raise RunLockedError(f"run {self.paths.root} is locked{who}: another trainerd is writing it") from None
             raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)

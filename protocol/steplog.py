@@ -9,6 +9,7 @@ The payload is one msgpack map. Readers treat an incomplete last frame as "not y
 by its trusted length, count corruption instead of raising it, and start again from
 the beginning when the file shrank (a resume truncated it).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,9 +17,9 @@ import re
 import struct
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import msgpack
 
@@ -144,9 +145,7 @@ class StepLogTailer:
                 st = os.fstat(f.fileno())
                 ident = (st.st_dev, st.st_ino)
                 if self._ident is not None and (
-                    ident != self._ident
-                    or st.st_size < self._buf_start + len(self._buf)
-                    or not self._tail_unchanged(f)
+                    ident != self._ident or st.st_size < self._buf_start + len(self._buf) or not self._tail_unchanged(f)
                 ):
                     self._reset()
                 self._ident = ident
@@ -335,7 +334,7 @@ def truncate_after_step(path: str | os.PathLike, step: int) -> list[dict]:
         return []
     keep_end = 0
     removed: list[dict] = []
-    for start, end, rec in iter_frames(p):
+    for _start, end, rec in iter_frames(p):
         s = rec.get("step")
         if isinstance(s, int) and s <= step and not removed:
             keep_end = end

@@ -23,6 +23,7 @@ in the same run:
 
 Prints PASS/MISS for the timer target. Exits non-zero only if something crashed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -141,8 +142,9 @@ def main() -> int:
         step += 1
         return step
 
-    print(f"bench_profiler: real PPO step, smoke config, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s)")
+    print(
+        f"bench_profiler: real PPO step, smoke config, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    )
     # Warm-up (allocator, first-call paths), and count the stage entries of a real step.
     for _ in range(2):
         trainer.timer = CountingTimer(trainer.device)
@@ -177,11 +179,15 @@ def main() -> int:
     verdict = "PASS" if share < TIMER_TARGET else "MISS"
     print(f"\nalways-on stage timers ({entries} stage entries per step)")
     print(f"  median step time (CPU time)     {step_s * 1000:10.1f} ms")
-    print(f"  timer cost per step (direct)    {cost * 1e6:10.1f} us = {share * 100:.4f}% of a step "
-          f"[{verdict}: target < {TIMER_TARGET * 100:.1f}%]")
+    print(
+        f"  timer cost per step (direct)    {cost * 1e6:10.1f} us = {share * 100:.4f}% of a step "
+        f"[{verdict}: target < {TIMER_TARGET * 100:.1f}%]"
+    )
     lo, med, hi = quantiles(ratios)
-    print(f"  A/B with/without timer          {med:10.4f}x median of {len(ratios)} pairs "
-          f"(IQR {lo:.4f}..{hi:.4f}; noise, not the verdict)")
+    print(
+        f"  A/B with/without timer          {med:10.4f}x median of {len(ratios)} pairs "
+        f"(IQR {lo:.4f}..{hi:.4f}; noise, not the verdict)"
+    )
 
     # 2. Profiled vs unprofiled, on identical steps: the same P steps run three times from
     # the same snapshot (deterministic algorithms: identical work): unprofiled, inside a
@@ -213,14 +219,21 @@ def main() -> int:
     step_ratios = [p / b for p, b in zip(profiled, base)]
     print(f"\ntorch.profiler window (CPU activities; shapes, memory, stacks off), {len(steps)} identical steps")
     print(f"  unprofiled step (mean)          {statistics.mean(base) * 1000:10.1f} ms CPU")
-    print(f"  profiled step (mean)            {statistics.mean(profiled) * 1000:10.1f} ms CPU = "
-          f"{sum(profiled) / sum(base):.3f}x unprofiled")
-    print(f"  per step                        " + " ".join(f"{r:.3f}x" for r in step_ratios)
-          + f"  (unprofiled runs agree within {max(abs(a - b) / b for a, b in zip(unprof_a, unprof_b)) * 100:.1f}%)")
+    print(
+        f"  profiled step (mean)            {statistics.mean(profiled) * 1000:10.1f} ms CPU = "
+        f"{sum(profiled) / sum(base):.3f}x unprofiled"
+    )
+    print(
+        "  per step                        "
+        + " ".join(f"{r:.3f}x" for r in step_ratios)
+        + f"  (unprofiled runs agree within {max(abs(a - b) / b for a, b in zip(unprof_a, unprof_b)) * 100:.1f}%)"
+    )
     t = window.timings
     trace_mb = (paths.profile / "chrome_trace.json").stat().st_size / 2**20
-    print(f"  after the window (wall): stop {t['stop_s']:.2f} s, export {t['export_s']:.2f} s "
-          f"({trace_mb:.1f} MiB trace), CSVs from the trace {t['derive_s']:.2f} s")
+    print(
+        f"  after the window (wall): stop {t['stop_s']:.2f} s, export {t['export_s']:.2f} s "
+        f"({trace_mb:.1f} MiB trace), CSVs from the trace {t['derive_s']:.2f} s"
+    )
     return 0
 
 

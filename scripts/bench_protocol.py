@@ -10,6 +10,7 @@ Measures, over the same realistic records in the same run:
 Targets (issue #2): framed reader >= 0.5x plain Unpacker; 100k-step log read < 1 s.
 Prints PASS/MISS per target. Exits non-zero only if something crashed, never on a noisy miss.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -140,6 +141,7 @@ def main() -> int:
         t_plain = best_of(r_plain, args.repeat)
         t_framed = best_of(r_framed, args.repeat)
         t_jsonl = best_of(r_jsonl, args.repeat)
+
         # a live tailer reading the same log in polls of whatever has arrived
         def r_tailer():
             t = StepLogTailer(framed)
@@ -170,8 +172,12 @@ def main() -> int:
         del frames
         big_mb = big.stat().st_size / 2**20
         big_plain = d / "big_plain.msgpack"
-        big_plain.write_bytes(b"".join(packb(dict(records[i % n], step=i + 1), use_bin_type=True,
-                                             use_single_float=False) for i in range(args.big)))
+        big_plain.write_bytes(
+            b"".join(
+                packb(dict(records[i % n], step=i + 1), use_bin_type=True, use_single_float=False)
+                for i in range(args.big)
+            )
+        )
 
         def r_big_plain():
             with open(big_plain, "rb") as f:
@@ -192,27 +198,37 @@ def main() -> int:
     def verdict(ok: bool) -> str:
         return "PASS" if ok else "MISS"
 
-    print(f"protocol benchmark: {n} records ({len(records[0])} keys, {float_fields} floats + stage_s map), "
-          f"python {sys.version.split()[0]}, msgpack {'.'.join(map(str, msgpack.version))}, best of {args.repeat}")
+    print(
+        f"protocol benchmark: {n} records ({len(records[0])} keys, {float_fields} floats + stage_s map), "
+        f"python {sys.version.split()[0]}, msgpack {'.'.join(map(str, msgpack.version))}, best of {args.repeat}"
+    )
     print()
     print(f"{'write':<34}{'us/record':>12}{'x plain packb':>16}")
     wp = results["write_plain"]
-    for key, label in (("write_plain", "plain msgpack.packb (baseline)"),
-                       ("write_framed", "framed msgpack (StepLogWriter)"),
-                       ("write_jsonl", "JSONL (JsonlWriter)")):
+    for key, label in (
+        ("write_plain", "plain msgpack.packb (baseline)"),
+        ("write_framed", "framed msgpack (StepLogWriter)"),
+        ("write_jsonl", "JSONL (JsonlWriter)"),
+    ):
         print(f"{label:<34}{results[key]:>12.2f}{results[key] / wp:>15.2f}x")
     print()
     print(f"{'read (crc checked where framed)':<34}{'records/s':>12}{'x Unpacker':>16}{'target':>10}{'':>6}")
     print(f"{'plain msgpack.Unpacker (baseline)':<34}{results['rate_plain']:>12,.0f}{1.0:>15.2f}x")
-    print(f"{'framed: read_steplog':<34}{results['rate_framed']:>12,.0f}{ratio_framed:>15.2f}x"
-          f"{'>= 0.5x':>10}{verdict(ratio_framed >= 0.5):>6}")
+    print(
+        f"{'framed: read_steplog':<34}{results['rate_framed']:>12,.0f}{ratio_framed:>15.2f}x"
+        f"{'>= 0.5x':>10}{verdict(ratio_framed >= 0.5):>6}"
+    )
     print(f"{'framed: StepLogTailer.poll(5000)':<34}{results['rate_tailer']:>12,.0f}{ratio_tailer:>15.2f}x")
     print(f"{'JSONL: read_jsonl':<34}{results['rate_jsonl']:>12,.0f}{ratio_jsonl:>15.2f}x")
     print()
-    print(f"{'read a ' + format(args.big, ',') + '-step log':<34}{t_big:>11.3f}s{'':>16}{'< 1 s':>10}"
-          f"{verdict(t_big < 1.0):>6}   ({big_mb:.1f} MiB, framed, crc checked)")
-    print(f"{'  same records, plain Unpacker':<34}{t_big_plain:>11.3f}s{t_big / t_big_plain:>15.2f}x"
-          f"{'':>16}(floor set by msgpack decoding on this machine)")
+    print(
+        f"{'read a ' + format(args.big, ',') + '-step log':<34}{t_big:>11.3f}s{'':>16}{'< 1 s':>10}"
+        f"{verdict(t_big < 1.0):>6}   ({big_mb:.1f} MiB, framed, crc checked)"
+    )
+    print(
+        f"{'  same records, plain Unpacker':<34}{t_big_plain:>11.3f}s{t_big / t_big_plain:>15.2f}x"
+        f"{'':>16}(floor set by msgpack decoding on this machine)"
+    )
     if os.getloadavg()[0] > (os.cpu_count() or 1):
         print(f"note: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: timings are noisy")
     return 0

@@ -6,6 +6,7 @@ time spent logging (steps.msgpack + steps.jsonl + TensorBoard + alert engine).
    `write`, and compares the total with the run's total step time. Target: under 1%.
 Exit 1 if the logging share is 1% or more.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,22 @@ def main() -> int:
     runs = tmp / "runs"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "trainerd", "start", "--smoke", "--foreground",
-                           "--runs-dir", str(runs), "--run-id", "bench"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainerd",
+            "start",
+            "--smoke",
+            "--foreground",
+            "--runs-dir",
+            str(runs),
+            "--run-id",
+            "bench",
+        ],
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -69,22 +84,33 @@ def main() -> int:
 
     stage_totals = {s: sum(r["stage_s"][s] for r in records) for s in records[0]["stage_s"]}
     print("trainer smoke benchmark (1 intra-op thread)")
-    print(f"  smoke wall time          {wall:7.2f} s  (process CPU {cpu:.2f} s; setup "
-          f"{manifest.get('setup', {}).get('setup_s', float('nan')):.2f} s; {n} PPO steps)")
-    print(f"  steps/s                  {n / step_time:7.2f}  (step compute only; "
-          f"{(n - 1) / loop_span:.2f} incl. logging and checkpoints)")
+    print(
+        f"  smoke wall time          {wall:7.2f} s  (process CPU {cpu:.2f} s; setup "
+        f"{manifest.get('setup', {}).get('setup_s', float('nan')):.2f} s; {n} PPO steps)"
+    )
+    print(
+        f"  steps/s                  {n / step_time:7.2f}  (step compute only; "
+        f"{(n - 1) / loop_span:.2f} incl. logging and checkpoints)"
+    )
     print(f"  tokens/s                 {tokens / step_time:7.0f}  ({tokens} tokens generated and trained on)")
     print(f"  mean step time           {1000 * step_time / n:7.1f} ms")
-    print("  stage share              " + ", ".join(
-        f"{s} {100 * v / step_time:.0f}%" for s, v in stage_totals.items()))
-    print(f"  reward first10 -> last10 {mean('reward_mean', first10):+.3f} -> {mean('reward_mean', last10):+.3f}"
-          f"  (first-10 reward std {mean('reward_std', first10):.3f})")
-    print(f"  gold   first10 -> last10 {mean('gold_reward_mean', first10):+.3f} -> "
-          f"{mean('gold_reward_mean', last10):+.3f}")
-    print(f"  logging per step         {1e6 * statistics.median(write_times):7.0f} us median, "
-          f"{1e6 * max(write_times):.0f} us max, close {1000 * close_s:.1f} ms")
-    print(f"  logging share            {100 * share:7.3f} %  of step time (target < {100 * TARGET_SHARE:.0f}%): "
-          f"{'PASS' if share < TARGET_SHARE else 'FAIL'}")
+    print("  stage share              " + ", ".join(f"{s} {100 * v / step_time:.0f}%" for s, v in stage_totals.items()))
+    print(
+        f"  reward first10 -> last10 {mean('reward_mean', first10):+.3f} -> {mean('reward_mean', last10):+.3f}"
+        f"  (first-10 reward std {mean('reward_std', first10):.3f})"
+    )
+    print(
+        f"  gold   first10 -> last10 {mean('gold_reward_mean', first10):+.3f} -> "
+        f"{mean('gold_reward_mean', last10):+.3f}"
+    )
+    print(
+        f"  logging per step         {1e6 * statistics.median(write_times):7.0f} us median, "
+        f"{1e6 * max(write_times):.0f} us max, close {1000 * close_s:.1f} ms"
+    )
+    print(
+        f"  logging share            {100 * share:7.3f} %  of step time (target < {100 * TARGET_SHARE:.0f}%): "
+        f"{'PASS' if share < TARGET_SHARE else 'FAIL'}"
+    )
     return 0 if share < TARGET_SHARE else 1
 
 

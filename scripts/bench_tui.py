@@ -7,6 +7,7 @@ Runs are made with scripts/gen_run.py at rate 0 and cached in --work. Each measu
 open time, memory and CPU runs the app headless in its own process (peak RSS is per process).
 Targets (issue 7): 1M steps open < 3 s and < 400 MB; p95 latency < 300 ms; idle CPU < 2%.
 """
+
 from __future__ import annotations
 
 import time
@@ -40,12 +41,16 @@ def ensure_run(work: Path, run_id: str, steps: int, *extra: str) -> Path:
     if root.exists():
         subprocess.run(["rm", "-rf", str(root)], check=True)
     print(f"  generating {run_id} ({steps:,} steps)…", flush=True)
-    subprocess.run(GEN + ["--steps", str(steps), "--runs-dir", str(work), "--run-id", run_id, "--no-jsonl",
-                          *extra], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        GEN + ["--steps", str(steps), "--runs-dir", str(work), "--run-id", run_id, "--no-jsonl", *extra],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return root
 
 
 # -- child modes (one process each) -----------------------------------------------------
+
 
 def child_open(path: str, idle_s: float, writer_rate: float) -> None:
     from tui.app import MonitorApp
@@ -70,9 +75,20 @@ def child_open(path: str, idle_s: float, writer_rate: float) -> None:
             if idle_s:
                 writer = None
                 if writer_rate:
-                    writer = subprocess.Popen(GEN + ["--steps", "100000", "--rate", str(writer_rate),
-                                                     "--runs-dir", str(Path(path).parent), "--run-id",
-                                                     f"cpu-{os.getpid()}"], stdout=subprocess.DEVNULL)
+                    writer = subprocess.Popen(
+                        GEN
+                        + [
+                            "--steps",
+                            "100000",
+                            "--rate",
+                            str(writer_rate),
+                            "--runs-dir",
+                            str(Path(path).parent),
+                            "--run-id",
+                            f"cpu-{os.getpid()}",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                    )
                     await pilot.pause(1.0)  # it becomes `latest`; the app switches to it
                 c0, w0 = time.process_time(), time.monotonic()
                 await asyncio.sleep(idle_s)
@@ -97,12 +113,13 @@ def run_child(*args: str) -> dict:
 
 # -- latency (in process, writer thread) -------------------------------------------------
 
+
 def latency(work: Path, n: int = 60, rate: float = 10.0) -> list[float]:
+    import importlib.util
+
     from protocol import rundir
     from protocol.steplog import StepLogWriter
     from tui.app import MonitorApp
-
-    import importlib.util
 
     spec = importlib.util.spec_from_file_location("gen_run", ROOT / "scripts" / "gen_run.py")
     gen = importlib.util.module_from_spec(spec)
@@ -146,6 +163,7 @@ def latency(work: Path, n: int = 60, rate: float = 10.0) -> list[float]:
 
 
 # -- TensorBoard comparison --------------------------------------------------------------
+
 
 def tb_compare(work: Path, steps: int) -> tuple[float, float, int]:
     root = ensure_run(work, f"tb{steps // 1000}k", steps, "--tb")
@@ -196,9 +214,11 @@ def main() -> int:
         root = ensure_run(work, rid, steps)
         r = run_child("--_open", str(root), "0", "0")
         results[rid] = r
-        print(f"  {steps:>9,} steps: first full screen {r['first_screen_s']:.2f} s "
-              f"({r['first_screen_rows']:,} rows), full history {r['full_history_s']:.1f} s "
-              f"({r['rows']:,} rows), peak RSS {r['rss_peak_mb']:.0f} MB")
+        print(
+            f"  {steps:>9,} steps: first full screen {r['first_screen_s']:.2f} s "
+            f"({r['first_screen_rows']:,} rows), full history {r['full_history_s']:.1f} s "
+            f"({r['rows']:,} rows), peak RSS {r['rss_peak_mb']:.0f} MB"
+        )
     big = results.get("open1m") or results.get("open100k")
     label = "1M" if "open1m" in results else "100k"
     if big:
@@ -216,9 +236,10 @@ def main() -> int:
 def latency_report(work: Path) -> None:
     lat = latency(work)
     med, p95 = statistics.median(lat), lat[int(0.95 * (len(lat) - 1))]
-    print(f"  latency record written -> drawn ({len(lat)} records at 10/s): median {med:.0f} ms, "
-          f"p95 {p95:.0f} ms  {verdict(p95 < 300)}")
-
+    print(
+        f"  latency record written -> drawn ({len(lat)} records at 10/s): median {med:.0f} ms, "
+        f"p95 {p95:.0f} ms  {verdict(p95 < 300)}"
+    )
 
 
 def cpu_report(work: Path, secs: str) -> None:
@@ -228,16 +249,20 @@ def cpu_report(work: Path, secs: str) -> None:
     r = run_child("--_open", str(idle_root), secs, "0")
     print(f"  CPU idle (finished run, {secs} s): {r['cpu_frac']:.1%} of a core  {verdict(r['cpu_frac'] < 0.02)}")
     r = run_child("--_open", str(idle_root), secs, "10")
-    print(f"  CPU while a run writes 10 records/s: {r['cpu_frac']:.1%} of a core "
-          f"(default --fps 5, charts 1/s; following {r.get('live_run')}, at step {r.get('live_step')})")
+    print(
+        f"  CPU while a run writes 10 records/s: {r['cpu_frac']:.1%} of a core "
+        f"(default --fps 5, charts 1/s; following {r.get('live_run')}, at step {r.get('live_step')})"
+    )
     subprocess.run(f"rm -rf {idle_runs}/cpu-*", shell=True)
 
 
 def tb_report(work: Path) -> None:
     try:
         ours, theirs, n = tb_compare(work, 20_000)
-        print(f"  load 20k steps: monitor {ours:.2f} s vs TensorBoard EventAccumulator {theirs:.2f} s "
-              f"({n:,} scalars): {theirs / ours:.1f}x faster")
+        print(
+            f"  load 20k steps: monitor {ours:.2f} s vs TensorBoard EventAccumulator {theirs:.2f} s "
+            f"({n:,} scalars): {theirs / ours:.1f}x faster"
+        )
     except ImportError as e:
         print(f"  TensorBoard comparison skipped: {e}")
 

@@ -11,11 +11,11 @@ then flattens, explained variance climbing, generation taking most of a step.
 `--unstable` adds a gradient spike, a KL runaway and a NaN loss; `--corrupt` writes one
 frame with flipped payload bytes (the tailer must count it and carry on).
 """
+
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 import sys
 import time
@@ -29,8 +29,14 @@ from protocol.steplog import StepLogWriter, encode_frame  # noqa: E402
 
 # Typical shares of a PPO step (FIELD_NOTES "Where the time goes").
 STAGE_SHARES = {
-    "rollout": 0.55, "ref_logprobs": 0.08, "reward": 0.06, "values": 0.05,
-    "advantages": 0.01, "policy_update": 0.17, "value_update": 0.06, "other": 0.02,
+    "rollout": 0.55,
+    "ref_logprobs": 0.08,
+    "reward": 0.06,
+    "values": 0.05,
+    "advantages": 0.01,
+    "policy_update": 0.17,
+    "value_update": 0.06,
+    "other": 0.02,
 }
 
 
@@ -143,13 +149,25 @@ class TbScalarWriter:
         self._w.close()
 
 
-def generate(runs_dir: str, run_id: str | None, steps: int, rate: float, unstable: bool = False,
-             corrupt: bool = False, seed: int = 0, jsonl_mirror: bool = True, tb: bool = False,
-             status: str = "finished", start_time: float | None = None, quiet: bool = False) -> Path:
+def generate(
+    runs_dir: str,
+    run_id: str | None,
+    steps: int,
+    rate: float,
+    unstable: bool = False,
+    corrupt: bool = False,
+    seed: int = 0,
+    jsonl_mirror: bool = True,
+    tb: bool = False,
+    status: str = "finished",
+    start_time: float | None = None,
+    quiet: bool = False,
+) -> Path:
     paths = rundir.create_run(runs_dir, run_id, prefix="gen")
     config = {"preset": "gen_run", "steps": steps, "seed": seed, "rate": rate, "unstable": unstable}
-    manifest = rundir.new_manifest(paths, config, seed, {"generator": "scripts/gen_run.py"},
-                                   {"python": sys.version.split()[0], "kit": "0.1.0"})
+    manifest = rundir.new_manifest(
+        paths, config, seed, {"generator": "scripts/gen_run.py"}, {"python": sys.version.split()[0], "kit": "0.1.0"}
+    )
     t0 = start_time if start_time is not None else time.time()
     manifest["started_at"] = t0
     rundir.write_manifest(paths, manifest)
@@ -165,6 +183,7 @@ def generate(runs_dir: str, run_id: str | None, steps: int, rate: float, unstabl
     alerts = None
     if unstable:
         from protocol.alerts import AlertEngine
+
         alerts = AlertEngine()
     tbw = TbScalarWriter(paths.tb) if tb else None
     mirror = jsonl.JsonlWriter(paths.steps_jsonl) if jsonl_mirror else None
@@ -223,8 +242,17 @@ def main(argv=None) -> int:
     ap.add_argument("--tb", action="store_true", help="also write TensorBoard scalars to tb/")
     args = ap.parse_args(argv)
     try:
-        generate(args.runs_dir, args.run_id, args.steps, args.rate, args.unstable, args.corrupt,
-                 args.seed, not args.no_jsonl, args.tb)
+        generate(
+            args.runs_dir,
+            args.run_id,
+            args.steps,
+            args.rate,
+            args.unstable,
+            args.corrupt,
+            args.seed,
+            not args.no_jsonl,
+            args.tb,
+        )
     except rundir.RunDirError as e:
         print(f"gen_run: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """Save the monitor's main screen as SVG (docs/screenshot_main.svg) for a finished run.
 
-    python scripts/screenshot.py RUN_DIR [OUT.svg]
+python scripts/screenshot.py RUN_DIR [OUT.svg]
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -8,6 +8,7 @@ Checked statically (every Import / ImportFrom node, relative ones resolved, plus
 `importlib.import_module("...")` / `__import__("...")` with a literal name) and dynamically
 (import the package and every submodule in a fresh interpreter, then look at sys.modules).
 """
+
 from __future__ import annotations
 
 import ast
@@ -58,8 +59,12 @@ def imported_names(path: Path, mod: str | None = None) -> list[tuple[int, str]]:
         elif isinstance(node, ast.Call):
             f = node.func
             name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
-            if name in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant) \
-                    and isinstance(node.args[0].value, str):
+            if (
+                name in ("import_module", "__import__")
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+            ):
                 out.append((node.lineno, node.args[0].value))
     return out
 
@@ -69,8 +74,9 @@ def _files(pkg: str) -> list[Path]:
 
 
 def _protocol_violations(names):
-    return [(ln, n) for ln, n in names
-            if n.split(".")[0] not in STDLIB and n.split(".")[0] not in ("msgpack", "protocol")]
+    return [
+        (ln, n) for ln, n in names if n.split(".")[0] not in STDLIB and n.split(".")[0] not in ("msgpack", "protocol")
+    ]
 
 
 def _tui_violations(names):
@@ -100,9 +106,16 @@ def test_static_checker_catches_violations(tmp_path):
     assert "numpy" in names and "protocol.steplog" in names and "torch" in names
     assert "trainerd.cli" in names and "<relative import above the top package>" in names
     assert {n for _, n in _protocol_violations([(0, n) for n in names])} == {
-        "numpy", "torch", "trainerd.cli", "<relative import above the top package>"}
+        "numpy",
+        "torch",
+        "trainerd.cli",
+        "<relative import above the top package>",
+    }
     assert {n for _, n in _tui_violations([(0, n) for n in names])} == {
-        "torch", "trainerd.cli", "<relative import above the top package>"}
+        "torch",
+        "trainerd.cli",
+        "<relative import above the top package>",
+    }
 
 
 _PROBE = r"""
@@ -122,8 +135,7 @@ print(json.dumps({"new": new, "failed": failed,
 
 
 def _probe(pkg: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", _PROBE, pkg], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run([sys.executable, "-c", _PROBE, pkg], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 

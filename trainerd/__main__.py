@@ -1,4 +1,5 @@
 """`python -m trainerd ...` is the `trainerd` command."""
+
 from .cli import main
 
 main()

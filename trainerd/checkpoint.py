@@ -5,6 +5,7 @@ written into a hidden temp dir, fsynced, then renamed into place, so a directory
 `step_NNNNNN` is always complete; a crash mid-write leaves only a `.tmp-*` dir that is ignored.
 `state.pt` holds plain tensors and python values only and loads with weights_only=True.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -3,9 +3,10 @@
 Each result is printed as it lands through `say` (the check decides where: under --json stdout
 is kept for the one JSON object the monitor's verify buttons read).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 class CheckList:

@@ -10,6 +10,7 @@ RUN is a run dir or a runs dir (its `latest`); default `runs`. Every error a use
 is one line on stderr and a non-zero exit (see `main`). torch is imported only by the
 commands that train, so `status`, `wait` and `stop` answer fast.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,8 @@ from protocol.rundir import (
     create_run,
     effective_status,
     is_locked,
-    read_events,
     new_manifest,
+    read_events,
     read_manifest,
     resolve_run,
     switch_latest,
@@ -60,6 +61,7 @@ def cli():
 
 
 # -- start / resume ------------------------------------------------------------------------------
+
 
 def _seed(seed: int | None) -> int | None:
     """--seed, else the SEED environment variable, else None (the config's seed)."""
@@ -108,9 +110,15 @@ def _exit_code(status: str) -> int:
 @click.option("--foreground", is_flag=True, help="stay attached instead of detaching")
 def start(smoke, config_file, seed, steps, runs_dir, run_id, profile_steps, inject, alerts_file, foreground):
     """Start a training run; prints its run directory."""
-    cfg = load_config(config_file, preset="smoke" if smoke else "default", seed=_seed(seed),
-                      steps=steps, profile_steps=profile_steps, inject=inject,
-                      alerts_file=str(Path(alerts_file).resolve()) if alerts_file else None)
+    cfg = load_config(
+        config_file,
+        preset="smoke" if smoke else "default",
+        seed=_seed(seed),
+        steps=steps,
+        profile_steps=profile_steps,
+        inject=inject,
+        alerts_file=str(Path(alerts_file).resolve()) if alerts_file else None,
+    )
     _check_hooks(cfg)
     paths = create_run(runs_dir, run_id)
     paths = RunPaths(paths.root.resolve())
@@ -152,8 +160,7 @@ def resume(run, foreground, force, steps):
         should_stop = install_stop_signals()
         from . import ppo
 
-        status = ppo.resume(paths, force=force, overrides={"steps": steps}, should_stop=should_stop,
-                            on_ready=ready)
+        status = ppo.resume(paths, force=force, overrides={"steps": steps}, should_stop=should_stop, on_ready=ready)
         print(f"run {paths.run_id}: {status}", file=sys.stderr)
         return _exit_code(status)
 
@@ -171,6 +178,7 @@ def _launch(paths: RunPaths, body, foreground: bool) -> int:
 
 
 # -- status / wait / stop ----------------------------------------------------------------------
+
 
 def _tail_records(paths: RunPaths, n: int = 20, max_bytes: int = 256 << 10) -> list[dict]:
     """The last few records of steps.jsonl (reads only the file's tail)."""
@@ -231,10 +239,17 @@ def run_status(paths: RunPaths) -> dict:
         except ImportError:
             resume_check = checks[-1].get("message") or checks[-1].get("result")
     return {
-        "run_id": paths.run_id, "run_dir": str(paths.root), "status": status,
-        "step": step, "steps_total": total, "steps_per_s": rate, "eta_s": eta,
-        "pid": m.get("pid"), "last_checkpoint": m.get("last_checkpoint"),
-        "started_at": m.get("started_at"), "ended_at": m.get("ended_at"),
+        "run_id": paths.run_id,
+        "run_dir": str(paths.root),
+        "status": status,
+        "step": step,
+        "steps_total": total,
+        "steps_per_s": rate,
+        "eta_s": eta,
+        "pid": m.get("pid"),
+        "last_checkpoint": m.get("last_checkpoint"),
+        "started_at": m.get("started_at"),
+        "ended_at": m.get("ended_at"),
         "open_alerts": [
             {k: a.get(k) for k in ("rule", "severity", "metric", "value", "threshold", "first_step", "message")}
             for a in open_alerts(events)
@@ -260,8 +275,10 @@ def status(run, as_json):
         click.echo(json.dumps(info, allow_nan=False, default=str))
         return 0
     rate = f"{info['steps_per_s']:.2f} steps/s" if info["steps_per_s"] else "- steps/s"
-    click.echo(f"{info['run_id']}: {info['status']}  step {info['step']}/{info['steps_total']}  {rate}  "
-               f"ETA {_fmt_secs(info['eta_s'])}")
+    click.echo(
+        f"{info['run_id']}: {info['status']}  step {info['step']}/{info['steps_total']}  {rate}  "
+        f"ETA {_fmt_secs(info['eta_s'])}"
+    )
     click.echo(f"  dir {info['run_dir']}  last checkpoint {info['last_checkpoint'] or '-'}")
     if info["resume_check"]:
         click.echo(f"  {info['resume_check']}")
@@ -296,6 +313,7 @@ def stop(run, timeout):
 
 # -- verify / report / profile: modules built by the M1/M2/M3 engineers ------------------------------
 
+
 def _module(name: str, what: str):
     try:
         return importlib.import_module(f"trainerd.{name}")
@@ -328,13 +346,27 @@ def verify(which, run, as_json):
         try:
             results.append(json.loads(buf.getvalue().strip().splitlines()[-1]))
         except (ValueError, IndexError):
-            results.append({"check": n, "passed": False, "checks": [
-                {"name": "output", "passed": False, "detail": "no JSON result"}]})
+            results.append(
+                {
+                    "check": n,
+                    "passed": False,
+                    "checks": [{"name": "output", "passed": False, "detail": "no JSON result"}],
+                }
+            )
     if as_json:
-        click.echo(json.dumps({"check": "all", "passed": code == 0 and all(r.get("passed") for r in results),
-                               "checks": [{"name": r.get("check"), "passed": bool(r.get("passed")),
-                                           "detail": _summary(r)} for r in results],
-                               "results": results}))
+        click.echo(
+            json.dumps(
+                {
+                    "check": "all",
+                    "passed": code == 0 and all(r.get("passed") for r in results),
+                    "checks": [
+                        {"name": r.get("check"), "passed": bool(r.get("passed")), "detail": _summary(r)}
+                        for r in results
+                    ],
+                    "results": results,
+                }
+            )
+        )
     return code
 
 
@@ -361,7 +393,12 @@ def profile(run):
 # -- the top-level handler: one line per error, never a traceback --------------------------------------
 
 _USER_ERRORS: tuple[type[BaseException], ...] = (
-    RunDirError, ConfigError, AlertConfigError, DaemonError, UserError, FileNotFoundError,
+    RunDirError,
+    ConfigError,
+    AlertConfigError,
+    DaemonError,
+    UserError,
+    FileNotFoundError,
 )
 
 

@@ -3,6 +3,7 @@
 Every knob of the run lives in `TrainConfig`; the resolved config (preset + TOML + command
 line) is written to run.json, and `resume` rebuilds the exact config from there.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,19 +81,38 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "TrainConfig":
-        pos_int = ["steps", "threads", "checkpoint_every", "tb_flush_every", "n_letters", "prompt_letters",
-                   "max_response_len", "n_prompts", "n_layer", "n_head", "d_model", "value_hidden",
-                   "sft_batch_size", "rm_n_layer", "rm_d_model", "rm_batch_size", "batch_size",
-                   "minibatch_size", "ppo_epochs", "kl_horizon"]
+    def validate(self) -> TrainConfig:
+        pos_int = [
+            "steps",
+            "threads",
+            "checkpoint_every",
+            "tb_flush_every",
+            "n_letters",
+            "prompt_letters",
+            "max_response_len",
+            "n_prompts",
+            "n_layer",
+            "n_head",
+            "d_model",
+            "value_hidden",
+            "sft_batch_size",
+            "rm_n_layer",
+            "rm_d_model",
+            "rm_batch_size",
+            "batch_size",
+            "minibatch_size",
+            "ppo_epochs",
+            "kl_horizon",
+        ]
         for k in pos_int:
             if getattr(self, k) < 1:
                 raise ConfigError(f"config {k} must be at least 1, got {getattr(self, k)}")
         if self.d_model % self.n_head:
             raise ConfigError(f"config d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
         if self.batch_size % self.minibatch_size:
-            raise ConfigError(f"config batch_size ({self.batch_size}) must be a multiple of minibatch_size "
-                              f"({self.minibatch_size})")
+            raise ConfigError(
+                f"config batch_size ({self.batch_size}) must be a multiple of minibatch_size ({self.minibatch_size})"
+            )
         if self.prompt_letters > self.n_letters:
             raise ConfigError("config prompt_letters must not exceed n_letters")
         if self.n_prompts < self.batch_size:

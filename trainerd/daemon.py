@@ -9,6 +9,7 @@ comes back to the parent as one line.
 
 SIGTERM asks the trainer to finish the current step, checkpoint and exit (`stop`).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,8 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from protocol.rundir import RunPaths, effective_status, pid_alive, read_manifest
 

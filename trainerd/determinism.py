@@ -6,6 +6,7 @@ order), switches torch to deterministic kernels and fixes the intra-op thread co
 differ bitwise between thread counts). `capture_rng_state` / `restore_rng_state` move every
 RNG state in and out of plain values that `torch.load(weights_only=True)` accepts.
 """
+
 from __future__ import annotations
 
 import os
@@ -93,9 +94,18 @@ def determinism_settings(seed: int, threads: int, dev: torch.device) -> dict:
 
 
 # Settings that must match for a resume to be bitwise equal (checked unless --force).
-RESUME_MUST_MATCH = ("intra_op_threads", "torch_version", "device", "deterministic_algorithms", "tf32_matmul",
-                     "tf32_cudnn", "fp16_reduced_precision_reduction", "bf16_reduced_precision_reduction",
-                     "cudnn_deterministic", "cudnn_benchmark")
+RESUME_MUST_MATCH = (
+    "intra_op_threads",
+    "torch_version",
+    "device",
+    "deterministic_algorithms",
+    "tf32_matmul",
+    "tf32_cudnn",
+    "fp16_reduced_precision_reduction",
+    "bf16_reduced_precision_reduction",
+    "cudnn_deterministic",
+    "cudnn_benchmark",
+)
 
 
 def settings_mismatch(recorded: dict, current: dict) -> list[str]:
@@ -113,8 +123,13 @@ def capture_rng_state(rng: RNG) -> dict:
     state = {
         "python": {"version": version, "state": list(mt_state), "gauss_next": gauss},
         # numpy's legacy tuple holds an ndarray, which weights_only refuses: store plain values
-        "numpy_legacy": {"kind": kind, "keys": [int(k) for k in keys], "pos": int(pos),
-                         "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy_legacy": {
+            "kind": kind,
+            "keys": [int(k) for k in keys],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "numpy_generator": rng.numpy.bit_generator.state,
         "torch": torch.get_rng_state(),
         "generators": {name: g.get_state() for name, g in rng.torch.items()},
@@ -128,8 +143,9 @@ def restore_rng_state(rng: RNG, state: dict) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
     nl = state["numpy_legacy"]
-    np.random.set_state((nl["kind"], np.array(nl["keys"], dtype=np.uint32), nl["pos"],
-                         nl["has_gauss"], nl["cached_gaussian"]))
+    np.random.set_state(
+        (nl["kind"], np.array(nl["keys"], dtype=np.uint32), nl["pos"], nl["has_gauss"], nl["cached_gaussian"])
+    )
     rng.numpy.bit_generator.state = state["numpy_generator"]
     torch.set_rng_state(state["torch"])
     for name, s in state["generators"].items():

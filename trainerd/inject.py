@@ -26,6 +26,7 @@ measured and clipped, and `.on_step_begin(step, trainer)` at the start of each P
 (kl_blowup needs it to reach the optimizer and the KL controller).
 `Injection.none()` is a no-op for every hook. `to_dict()` goes to run.json.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,7 +49,7 @@ DESCRIPTIONS = {
     "grad_explode": "gradients multiplied before the norm is measured and clipped: a gradient spike",
     "nan": "a NaN enters the loss",
     "reward_hack": "the reward model is replaced by a corrupted one (preference flipped, as if its labels "
-                   "were swapped): reward rises while the gold score falls",
+    "were swapped): reward rises while the gold score falls",
 }
 
 KL_BLOWUP_LR_FACTOR = 10.0
@@ -78,11 +79,11 @@ class Injection:
     # -- construction --------------------------------------------------------------------
 
     @classmethod
-    def none(cls) -> "Injection":
+    def none(cls) -> Injection:
         return cls(None, 0)
 
     @classmethod
-    def parse(cls, spec: str | None) -> "Injection":
+    def parse(cls, spec: str | None) -> Injection:
         """'KIND' or 'KIND@STEP' (STEP >= 1); None or '' or 'none' -> no injection."""
         if spec is None or str(spec).strip().lower() in ("", "none"):
             return cls.none()
@@ -111,8 +112,13 @@ class Injection:
     def to_dict(self) -> dict | None:
         if not self.kind:
             return None
-        return {"kind": self.kind, "step": self.step, "spec": self.spec(),
-                "description": DESCRIPTIONS[self.kind], "expected_alerts": list(EXPECTED_ALERTS[self.kind])}
+        return {
+            "kind": self.kind,
+            "step": self.step,
+            "spec": self.spec(),
+            "description": DESCRIPTIONS[self.kind],
+            "expected_alerts": list(EXPECTED_ALERTS[self.kind]),
+        }
 
     def _once(self, key) -> bool:
         """True the first time `key` is seen in this process."""

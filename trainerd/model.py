@@ -3,6 +3,7 @@
 Read top to bottom: attention, MLP, block, the GPT trunk, the policy (GPT + value head), and
 `generate`, which samples with a KV cache from a seeded torch.Generator.
 """
+
 from __future__ import annotations
 
 import math
@@ -125,9 +126,7 @@ class Policy(nn.Module):
     def __init__(self, cfg: GPTConfig, value_hidden: int, init_generator: torch.Generator | None = None):
         super().__init__()
         self.lm = GPT(cfg, init_generator)
-        self.value_head = nn.Sequential(
-            nn.Linear(cfg.d_model, value_hidden), nn.Tanh(), nn.Linear(value_hidden, 1)
-        )
+        self.value_head = nn.Sequential(nn.Linear(cfg.d_model, value_hidden), nn.Tanh(), nn.Linear(value_hidden, 1))
         init_weights(self.value_head, init_generator, 1)
 
     def forward(self, idx):
@@ -152,8 +151,9 @@ def response_slice(prompt_len: int, response_len: int) -> slice:
 
 
 @torch.no_grad()
-def generate(lm: GPT, prompts: torch.Tensor, max_new: int, generator: torch.Generator,
-             temperature: float = 1.0) -> torch.Tensor:
+def generate(
+    lm: GPT, prompts: torch.Tensor, max_new: int, generator: torch.Generator, temperature: float = 1.0
+) -> torch.Tensor:
     """Sample responses (B, max_new) with a KV cache; PAD after a sequence's EOS.
 
     Each token is `torch.multinomial(p, 1, generator=g)` from the 'sampling' generator, which

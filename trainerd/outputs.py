@@ -10,6 +10,7 @@ EventFileWriter (its background thread does the file I/O). This is ~30x cheaper 
 `SummaryWriter.add_scalar` per field, which is what keeps logging under 1% of step time.
 The event file is flushed every `tb_flush_every` steps and at sync/close, not every step.
 """
+
 from __future__ import annotations
 
 from protocol import alerts as alerts_mod
@@ -37,8 +38,9 @@ class TensorBoardScalars:
         values = [Value(tag=k, simple_value=float(record[k])) for k in _SCALARS if k in record]
         for name, secs in (record.get("stage_s") or {}).items():
             values.append(Value(tag=f"stage_s/{name}", simple_value=float(secs)))
-        event = self._Event(wall_time=float(record.get("time", 0.0)), step=int(record["step"]),
-                            summary=self._Summary(value=values))
+        event = self._Event(
+            wall_time=float(record.get("time", 0.0)), step=int(record["step"]), summary=self._Summary(value=values)
+        )
         self._writer.add_event(event)
 
     def flush(self) -> None:
@@ -49,8 +51,9 @@ class TensorBoardScalars:
 
 
 class RunWriter:
-    def __init__(self, paths: RunPaths, rules=alerts_mod.DEFAULT_RULES, tb_flush_every: int = 25,
-                 tensorboard: bool = True):
+    def __init__(
+        self, paths: RunPaths, rules=alerts_mod.DEFAULT_RULES, tb_flush_every: int = 25, tensorboard: bool = True
+    ):
         self.paths = paths
         self.steplog = StepLogWriter(paths.steps)
         self.jsonl = JsonlWriter(paths.steps_jsonl)

@@ -18,6 +18,7 @@ One PPO step, in the order of the profiler stages (CleanRL spirit: every detail 
   value_update   clipped value loss on the value head (detached trunk features), AdamW
   other          everything else (data cursor, KL controller and LR schedule updates, stats)
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,9 +29,9 @@ import resource
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +68,15 @@ from .task import Task, response_mask
 
 KIT_VERSION = "0.1.0"
 # Config keys `resume` may change: none of them alters the computation of a step.
-RESUME_OVERRIDABLE = {"steps", "inject", "profile_steps", "alerts_file", "continue_on_nonfinite",
-                      "checkpoint_every", "tb_flush_every"}
+RESUME_OVERRIDABLE = {
+    "steps",
+    "inject",
+    "profile_steps",
+    "alerts_file",
+    "continue_on_nonfinite",
+    "checkpoint_every",
+    "tb_flush_every",
+}
 
 
 class ResumeError(Exception):
@@ -88,8 +96,11 @@ def _records_after(paths: RunPaths, step: int) -> list[dict]:
     """The logged records after `step` (the framed log is the source of truth; the JSONL
     mirror is used only if the framed log has none, e.g. it was lost)."""
     framed = [rec for _, _, rec in steplog_mod.iter_frames(paths.steps)]
-    cut = framed[next((i for i, r in enumerate(framed)
-                       if not (isinstance(r.get("step"), int) and r["step"] <= step)), len(framed)):]
+    cut = framed[
+        next(
+            (i for i, r in enumerate(framed) if not (isinstance(r.get("step"), int) and r["step"] <= step)), len(framed)
+        ) :
+    ]
     if cut or framed:
         return cut
     mirror = jsonl_mod.read_jsonl(paths.steps_jsonl)
@@ -109,6 +120,7 @@ def old_records_path(paths: RunPaths, from_step: int) -> Path:
 
 
 # -- small pieces of PPO state -----------------------------------------------------------------
+
 
 class AdaptiveKLController:
     """Ziegler et al. 2019: error = clip(kl/target - 1, -0.2, 0.2); coef *= 1 + error * n / horizon.
@@ -149,7 +161,7 @@ class PromptCursor:
             self.epoch += 1
             self.pos = 0
             self.order = torch.randperm(len(self.prompts), generator=self.g)
-        idx = self.order[self.pos: self.pos + n]
+        idx = self.order[self.pos : self.pos + n]
         self.pos += n
         return self.prompts[idx]
 
@@ -194,6 +206,7 @@ def rss_bytes() -> int:
 
 
 # -- hooks for the profiler (M2) and fault injection (M3), used when those modules exist ---------
+
 
 class _NoInjection:
     def apply_config(self, cfg):
@@ -251,6 +264,7 @@ def load_rules(cfg: TrainConfig):
 
 # -- the trainer ---------------------------------------------------------------------------------
 
+
 @dataclass
 class Components:
     task: Task
@@ -273,14 +287,15 @@ def build_components(cfg: TrainConfig, rng: RNG, device: torch.device) -> Compon
     task = Task(cfg.n_letters, cfg.prompt_letters, cfg.max_response_len, rng.numpy)
     gcfg = GPTConfig(task.tok.vocab_size, task.seq_len, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.dropout)
     policy = Policy(gcfg, cfg.value_hidden, rng["init"]).to(device)
-    rm_cfg = GPTConfig(task.tok.vocab_size, task.seq_len, cfg.rm_n_layer, max(1, cfg.rm_d_model // 16),
-                       cfg.rm_d_model, 0.0)
+    rm_cfg = GPTConfig(
+        task.tok.vocab_size, task.seq_len, cfg.rm_n_layer, max(1, cfg.rm_d_model // 16), cfg.rm_d_model, 0.0
+    )
     rm = RewardModel(rm_cfg, rng["init"]).to(device)
     ref = copy.deepcopy(policy.lm).requires_grad_(False).eval()
-    policy_opt = torch.optim.AdamW(policy.lm.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps,
-                                   weight_decay=cfg.weight_decay)
-    value_opt = torch.optim.AdamW(policy.value_head.parameters(), lr=cfg.value_lr, eps=cfg.adam_eps,
-                                  weight_decay=0.0)
+    policy_opt = torch.optim.AdamW(
+        policy.lm.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+    )
+    value_opt = torch.optim.AdamW(policy.value_head.parameters(), lr=cfg.value_lr, eps=cfg.adam_eps, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(policy_opt, lr_lambda_for(cfg))
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.adaptive_kl)
     cursor = PromptCursor(task.make_prompts(cfg.n_prompts), rng["data"])
@@ -312,8 +327,18 @@ def warm_start(c: Components, cfg: TrainConfig, device: torch.device, log) -> di
 
 
 class Trainer:
-    def __init__(self, paths: RunPaths, cfg: TrainConfig, rng: RNG, device: torch.device, c: Components,
-                 writer: RunWriter, injection, log, should_stop: Callable[[], bool]):
+    def __init__(
+        self,
+        paths: RunPaths,
+        cfg: TrainConfig,
+        rng: RNG,
+        device: torch.device,
+        c: Components,
+        writer: RunWriter,
+        injection,
+        log,
+        should_stop: Callable[[], bool],
+    ):
         self.paths, self.cfg, self.rng, self.device, self.c = paths, cfg, rng, device, c
         self.writer, self.injection, self.log, self.should_stop = writer, injection, log, should_stop
         self.timer = StageTimer(device)
@@ -423,7 +448,7 @@ class Trainer:
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=self.rng["shuffle"]).to(dev)
             for start in range(0, B, mb):
-                idx = order[start:start + mb]
+                idx = order[start : start + mb]
                 m = mask[idx]
                 with timer.stage("policy_update"):
                     c.policy.train()
@@ -466,8 +491,11 @@ class Trainer:
         with torch.no_grad():
             kl = masked_mean(kl_tok, mask).item()
             returns_var = masked_var(returns, mask)
-            explained_var = (1.0 - masked_var(returns - old_values, mask) / returns_var).item() \
-                if returns_var.item() > 0 else float("nan")
+            explained_var = (
+                (1.0 - masked_var(returns - old_values, mask) / returns_var).item()
+                if returns_var.item() > 0
+                else float("nan")
+            )
             reward_var = scores.var(unbiased=False)
             tokens = int(mask.sum().item())
             rec = {
@@ -498,13 +526,15 @@ class Trainer:
         c.kl_ctl.update(kl, B)
         stage_s = timer.end_step()
         step_time = timer.step_time_s
-        rec.update({
-            "time": time.time(),
-            "tokens_per_second": tokens / step_time if step_time > 0 else 0.0,
-            "step_time_s": step_time,
-            "stage_s": stage_s,
-            "rss_bytes": rss_bytes(),
-        })
+        rec.update(
+            {
+                "time": time.time(),
+                "tokens_per_second": tokens / step_time if step_time > 0 else 0.0,
+                "step_time_s": step_time,
+                "stage_s": stage_s,
+                "rss_bytes": rss_bytes(),
+            }
+        )
         if dev.type == "cuda":
             rec["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(dev))
         return rec
@@ -533,15 +563,19 @@ class Trainer:
                 if self.resume_checker is not None:
                     self.resume_checker.observe(rec)
                 if step % 10 == 0 or step == first_step:
-                    self.log(f"step {step}/{cfg.steps} reward {rec['reward_mean']:+.3f} "
-                             f"gold {rec['gold_reward_mean']:+.3f} kl {rec['kl']:.4f} "
-                             f"({rec['step_time_s'] * 1000:.0f} ms)")
+                    self.log(
+                        f"step {step}/{cfg.steps} reward {rec['reward_mean']:+.3f} "
+                        f"gold {rec['gold_reward_mean']:+.3f} kl {rec['kl']:.4f} "
+                        f"({rec['step_time_s'] * 1000:.0f} ms)"
+                    )
                 if snapshot_each_step and any(is_nonfinite_alert(e, a) for e, a in fired):
                     alert = next(a for e, a in fired if is_nonfinite_alert(e, a))
                     if self.last_checkpoint_step != step - 1:
                         self.checkpoint(step - 1, healthy)
-                    self.log(f"non-finite {alert.metric} at step {step}: checkpointed the last healthy "
-                             f"state (step {step - 1}) and stopping")
+                    self.log(
+                        f"non-finite {alert.metric} at step {step}: checkpointed the last healthy "
+                        f"state (step {step - 1}) and stopping"
+                    )
                     status = "failed"
                     self._end(status, step, reason=f"non_finite {alert.metric} at step {step}")
                     return status
@@ -579,6 +613,7 @@ class Trainer:
 
 # -- public entry points ---------------------------------------------------------------------------
 
+
 def _versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "kit": KIT_VERSION}
 
@@ -609,8 +644,15 @@ def _run_guarded(paths: RunPaths, body: Callable[[], str], log) -> str:
         raise
 
 
-def train(paths: RunPaths, cfg: TrainConfig, *, log=_stderr_log, should_stop=_never,
-          on_ready: Callable[[], None] | None = None, lock: RunLock | None = None) -> str:
+def train(
+    paths: RunPaths,
+    cfg: TrainConfig,
+    *,
+    log=_stderr_log,
+    should_stop=_never,
+    on_ready: Callable[[], None] | None = None,
+    lock: RunLock | None = None,
+) -> str:
     """A fresh run in `paths` (created by protocol.rundir.create_run). Returns the final status:
     finished, stopped or failed. Takes the run's writer lock unless one is passed in."""
     cfg.validate()
@@ -638,8 +680,10 @@ def train(paths: RunPaths, cfg: TrainConfig, *, log=_stderr_log, should_stop=_ne
             c.scorer = injection.reward_model(c.rm, c.task) or c.rm
             setup = {**sft, **rm_info, "setup_s": time.perf_counter() - t0}
             update_manifest(paths, setup=setup)
-            log(f"warm start and reward model done in {setup['setup_s']:.1f}s "
-                f"(RM held-out accuracy {rm_info['rm_heldout_accuracy']:.3f})")
+            log(
+                f"warm start and reward model done in {setup['setup_s']:.1f}s "
+                f"(RM held-out accuracy {rm_info['rm_heldout_accuracy']:.3f})"
+            )
             writer = RunWriter(paths, rules, cfg.tb_flush_every)
             trainer = Trainer(paths, cfg, rng, device, c, writer, injection, log, should_stop)
             trainer.checkpoint(0)  # resumable from the very first step
@@ -653,8 +697,16 @@ def train(paths: RunPaths, cfg: TrainConfig, *, log=_stderr_log, should_stop=_ne
         _release_run(paths, lock)
 
 
-def resume(paths: RunPaths, *, force: bool = False, overrides: dict | None = None, log=_stderr_log,
-           should_stop=_never, on_ready: Callable[[], None] | None = None, lock: RunLock | None = None) -> str:
+def resume(
+    paths: RunPaths,
+    *,
+    force: bool = False,
+    overrides: dict | None = None,
+    log=_stderr_log,
+    should_stop=_never,
+    on_ready: Callable[[], None] | None = None,
+    lock: RunLock | None = None,
+) -> str:
     """Continue a run from its last complete checkpoint (step k).
 
     Steps after k are cut from steps.msgpack and steps.jsonl and kept in
@@ -682,8 +734,10 @@ def resume(paths: RunPaths, *, force: bool = False, overrides: dict | None = Non
         rng, det = apply_determinism(cfg.seed, cfg.threads, cfg.device)
         mismatch = settings_mismatch(manifest.get("determinism", {}), det)
         if mismatch and not force:
-            raise ResumeError(f"determinism settings differ from the run's ({'; '.join(mismatch)}); "
-                              "use --force to resume anyway (the result will not be bitwise equal)")
+            raise ResumeError(
+                f"determinism settings differ from the run's ({'; '.join(mismatch)}); "
+                "use --force to resume anyway (the result will not be bitwise equal)"
+            )
         device = rng.device
 
         # The records of the steps to be recomputed are kept aside (written and fsynced) BEFORE
@@ -700,22 +754,42 @@ def resume(paths: RunPaths, *, force: bool = False, overrides: dict | None = Non
         jsonl_mod.truncate_after_step(paths.steps_jsonl, k)
         kept, _ = steplog_mod.read_steplog(paths.steps)
         old_steps = [r.get("step") for r in old if isinstance(r.get("step"), int)]
-        resume_info = {"from_step": k, "at": time.time(), "pid": os.getpid(),
-                       "old_records": old_path.name if old_path else None,
-                       "removed_steps": len(old), "last_logged_step": max(old_steps) if old_steps else k,
-                       "forced": bool(mismatch and force)}
-        manifest.update(status="running", pid=os.getpid(), ended_at=None, last_step=k,
-                        injection=injection.to_dict() if hasattr(injection, "to_dict") else None,
-                        config=cfg.to_dict(), resumes=manifest.get("resumes", []) + [resume_info])
+        resume_info = {
+            "from_step": k,
+            "at": time.time(),
+            "pid": os.getpid(),
+            "old_records": old_path.name if old_path else None,
+            "removed_steps": len(old),
+            "last_logged_step": max(old_steps) if old_steps else k,
+            "forced": bool(mismatch and force),
+        }
+        manifest.update(
+            status="running",
+            pid=os.getpid(),
+            ended_at=None,
+            last_step=k,
+            injection=injection.to_dict() if hasattr(injection, "to_dict") else None,
+            config=cfg.to_dict(),
+            resumes=manifest.get("resumes", []) + [resume_info],
+        )
         if mismatch:
             manifest["determinism_resumed"] = det
         write_manifest(paths, manifest)
         paths.pid_file.write_text(f"{os.getpid()}\n")
-        append_event(paths, "resumed", step=k, checkpoint=str(ckpt_dir.relative_to(paths.root)),
-                     old_records=resume_info["old_records"], removed_steps=len(old),
-                     last_logged_step=resume_info["last_logged_step"], pid=os.getpid())
-        log(f"resuming {paths.root} from checkpoint step {k}; {len(old)} later records kept in "
-            f"{resume_info['old_records']}")
+        append_event(
+            paths,
+            "resumed",
+            step=k,
+            checkpoint=str(ckpt_dir.relative_to(paths.root)),
+            old_records=resume_info["old_records"],
+            removed_steps=len(old),
+            last_logged_step=resume_info["last_logged_step"],
+            pid=os.getpid(),
+        )
+        log(
+            f"resuming {paths.root} from checkpoint step {k}; {len(old)} later records kept in "
+            f"{resume_info['old_records']}"
+        )
         if on_ready:
             on_ready()
 

@@ -26,6 +26,7 @@ for 30 steps measured here) while parsing the exported JSON ourselves was ~13x f
 This module imports torch only inside `ProfilerWindow`, so `trainerd profile` and
 `trainerd verify m2` (which parse artifacts) start without loading a training stack.
 """
+
 from __future__ import annotations
 
 import csv
@@ -217,9 +218,11 @@ class ProfilerWindow:
             t3 = time.perf_counter()
             self.timings = {"stop_s": t1 - t0, "export_s": t2 - t1, "derive_s": t3 - t2}
             if self.log:
-                self.log(f"profiler window {self.start}:{self.end}: {len(self.records)} steps -> "
-                         f"{self.profile_dir} (stop {t1 - t0:.2f}s, export {t2 - t1:.2f}s, "
-                         f"csv {t3 - t2:.2f}s)")
+                self.log(
+                    f"profiler window {self.start}:{self.end}: {len(self.records)} steps -> "
+                    f"{self.profile_dir} (stop {t1 - t0:.2f}s, export {t2 - t1:.2f}s, "
+                    f"csv {t3 - t2:.2f}s)"
+                )
         except Exception as e:  # profiling must never take a training run down
             self._report_error(e)
 
@@ -385,7 +388,7 @@ def analyze_trace(trace: dict) -> TraceAnalysis:
             dur = float(ev["dur"])
             if name.startswith(STEP_RANGE_PREFIX):
                 try:
-                    out.steps[int(name[len(STEP_RANGE_PREFIX):])] = dur
+                    out.steps[int(name[len(STEP_RANGE_PREFIX) :])] = dur
                 except ValueError:
                     pass
                 key_name = STEP_RANGE_ROW
@@ -411,7 +414,7 @@ def _enclosing_step(events: list[dict], parent: list[int], i: int) -> int | None
         name = str(events[p].get("name", ""))
         if name.startswith(STEP_RANGE_PREFIX):
             try:
-                return int(name[len(STEP_RANGE_PREFIX):])
+                return int(name[len(STEP_RANGE_PREFIX) :])
             except ValueError:
                 return None
         p = parent[p]
@@ -426,8 +429,14 @@ def op_stats_rows(analysis: TraceAnalysis) -> tuple[list[str], list[list]]:
     total_self = sum(s.self_cpu_us for s in analysis.ops.values()) or 1.0
     rows = []
     for s in sorted(analysis.ops.values(), key=lambda s: (-s.self_cpu_us, s.name)):
-        row = [s.name, s.category, s.calls, _r(s.self_cpu_us, 3), _r(s.total_cpu_us, 3),
-               _r(s.self_cpu_us / total_self, 6)]
+        row = [
+            s.name,
+            s.category,
+            s.calls,
+            _r(s.self_cpu_us, 3),
+            _r(s.total_cpu_us, 3),
+            _r(s.self_cpu_us / total_self, 6),
+        ]
         if analysis.has_device:
             row += [_r(s.self_cuda_us, 3), _r(s.total_cuda_us, 3)]
         rows.append(row)
@@ -472,8 +481,9 @@ def summary_rows(records: list[dict], analysis: TraceAnalysis | None) -> list[li
         share = sums[s] / total if total > 0 else 0.0
         ms_per_token = sums[s] * 1000.0 / tokens if tokens > 0 else 0.0
         trace_s = _r(trace_sums[s] / trace_steps, 6) if s in trace_sums else ""
-        rows.append([s, _r(seconds, 6), _r(share, 6), _r(ms_per_token, 6),
-                     "" if peak is None else peak, kind, trace_s, n])
+        rows.append(
+            [s, _r(seconds, 6), _r(share, 6), _r(ms_per_token, 6), "" if peak is None else peak, kind, trace_s, n]
+        )
     return rows
 
 
@@ -552,8 +562,7 @@ def profile_report(run, out=None, err=None, width: int = 80) -> int:
         print(line[:width], file=out)
 
     steps = [r.get("step") for r in timed]
-    emit(f"profile of {paths.root} ({effective_status(manifest)}, steps {steps[0]}..{steps[-1]}, "
-         f"{len(timed)} timed)")
+    emit(f"profile of {paths.root} ({effective_status(manifest)}, steps {steps[0]}..{steps[-1]}, {len(timed)} timed)")
     if stats.corrupt_frames:
         emit(f"note: {stats.corrupt_frames} corrupt frame(s) in steps.msgpack were skipped")
     emit()
@@ -563,12 +572,13 @@ def profile_report(run, out=None, err=None, width: int = 80) -> int:
     total_s = sum(overall.values())
     thirds = _thirds(timed)
     third_shares = [_shares(_stage_totals(part)) for part in thirds]
-    emit(f"{'stage':<14}{'mean s':>9}{'share':>8}{'ms/tok':>9}"
-         + ("".join(f"{h:>9}" for h in ("1st 3rd", "2nd 3rd", "last 3rd")) + f"{'moved':>9}" if thirds else ""))
+    emit(
+        f"{'stage':<14}{'mean s':>9}{'share':>8}{'ms/tok':>9}"
+        + ("".join(f"{h:>9}" for h in ("1st 3rd", "2nd 3rd", "last 3rd")) + f"{'moved':>9}" if thirds else "")
+    )
     shares = _shares(overall)
     for s in STAGES:
-        line = (f"{s:<14}{overall[s] / len(timed):>9.4f}{_pct(shares[s]):>8}"
-                f"{_ms_per_token(overall[s], tokens):>9}")
+        line = f"{s:<14}{overall[s] / len(timed):>9.4f}{_pct(shares[s]):>8}{_ms_per_token(overall[s], tokens):>9}"
         if thirds:
             line += "".join(f"{_pct(sh[s]):>9}" for sh in third_shares)
             line += f"{(third_shares[-1][s] - third_shares[0][s]) * 100:>+7.1f}pp"
@@ -578,8 +588,10 @@ def profile_report(run, out=None, err=None, width: int = 80) -> int:
     emit(f"{'step':<14}{mean_step:>9.4f}{'100.0%':>8}{_ms_per_token(mean_step * len(timed), tokens):>9}")
     emit()
     slowest = max(STAGES, key=lambda s: overall[s])
-    emit(f"slowest stage: {slowest}, {_pct(shares[slowest])} of a step "
-         f"({overall[slowest] / len(timed):.4f} s mean, {_ms_per_token(overall[slowest], tokens).strip()} ms/token)")
+    emit(
+        f"slowest stage: {slowest}, {_pct(shares[slowest])} of a step "
+        f"({overall[slowest] / len(timed):.4f} s mean, {_ms_per_token(overall[slowest], tokens).strip()} ms/token)"
+    )
     if thirds:
         moved = max(STAGES, key=lambda s: abs(third_shares[-1][s] - third_shares[0][s]))
         delta = (third_shares[-1][moved] - third_shares[0][moved]) * 100
@@ -627,8 +639,7 @@ def _report_profile_dir(profile_dir: Path, emit) -> None:
     try:
         summary = read_csv(profile_dir / SUMMARY_FILE)
     except ProfileError:
-        emit(f"no profiled window ({profile_dir / SUMMARY_FILE} missing); "
-             "run with --profile-steps A:B to get one")
+        emit(f"no profiled window ({profile_dir / SUMMARY_FILE} missing); run with --profile-steps A:B to get one")
         return
     n = summary[0].get("profiled_steps", "?") if summary else "?"
     kind = (summary[0].get("memory_kind") or "memory") if summary else "memory"
@@ -637,9 +648,11 @@ def _report_profile_dir(profile_dir: Path, emit) -> None:
     for row in summary:
         try:
             trace_s = f"{float(row['trace_seconds']):.4f}" if row.get("trace_seconds") else "-"
-            line = (f"{row['stage']:<14}{float(row['seconds']):>9.4f}{_pct(float(row['share'])):>8}"
-                    f"{float(row['ms_per_token']):>9.4f}{trace_s:>10}"
-                    f"{_mib(row.get('peak_memory_bytes')):>24}")
+            line = (
+                f"{row['stage']:<14}{float(row['seconds']):>9.4f}{_pct(float(row['share'])):>8}"
+                f"{float(row['ms_per_token']):>9.4f}{trace_s:>10}"
+                f"{_mib(row.get('peak_memory_bytes')):>24}"
+            )
         except (KeyError, ValueError):
             emit(f"{profile_dir / SUMMARY_FILE}: malformed row {row}")
             return
@@ -657,13 +670,17 @@ def _report_profile_dir(profile_dir: Path, emit) -> None:
     emit()
     emit(f"top ops by self CPU time (of all profiled CPU time), from {OP_STATS_FILE}")
     name_w = 42 if not cuda else 32
-    emit(f"{'op':<{name_w}}{'calls':>7}{'self ms':>10}{'total ms':>10}{'self %':>8}"
-         + (f"{'cuda ms':>10}" if cuda else ""))
+    emit(
+        f"{'op':<{name_w}}{'calls':>7}{'self ms':>10}{'total ms':>10}{'self %':>8}"
+        + (f"{'cuda ms':>10}" if cuda else "")
+    )
     for o in ops[:10]:
         try:
             name = _middle_truncate(o["name"], name_w - 1)
-            line = (f"{name:<{name_w}}{int(o['calls']):>7}{float(o['self_cpu_us']) / 1000:>10.2f}"
-                    f"{float(o['total_cpu_us']) / 1000:>10.2f}{_pct(float(o['self_cpu_share'])):>8}")
+            line = (
+                f"{name:<{name_w}}{int(o['calls']):>7}{float(o['self_cpu_us']) / 1000:>10.2f}"
+                f"{float(o['total_cpu_us']) / 1000:>10.2f}{_pct(float(o['self_cpu_share'])):>8}"
+            )
             if cuda:
                 line += f"{float(o['total_cuda_us']) / 1000:>10.2f}"
         except (KeyError, ValueError):
@@ -677,7 +694,7 @@ def _middle_truncate(name: str, width: int) -> str:
     if len(name) <= width:
         return name
     head = (width - 2) * 2 // 3
-    return name[:head] + ".." + name[len(name) - (width - 2 - head):]
+    return name[:head] + ".." + name[len(name) - (width - 2 - head) :]
 
 
 def _mib(v) -> str:

@@ -12,6 +12,7 @@ What it says:
 - correlations between kl, reward_mean, gold_reward_mean, entropy, response_length_mean;
 - the stage breakdown from `stage_s` (mean seconds per step and share of the step).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,13 @@ from protocol.steplog import read_steplog
 
 FORMATS = ("text", "md", "json")
 CORR_METRICS = ("kl", "reward_mean", "gold_reward_mean", "entropy", "response_length_mean")
-_CORR_SHORT = {"kl": "kl", "reward_mean": "reward", "gold_reward_mean": "gold",
-               "entropy": "entropy", "response_length_mean": "length"}
+_CORR_SHORT = {
+    "kl": "kl",
+    "reward_mean": "reward",
+    "gold_reward_mean": "gold",
+    "entropy": "entropy",
+    "response_length_mean": "length",
+}
 _SKIP_STATS = ("step", "time")  # identity fields: the x axis, not metrics
 ALERT_EVENTS = ("alert", "alert_escalated", "alert_cleared")
 
@@ -37,6 +43,7 @@ class ReportError(Exception):
 
 
 # -- loading ---------------------------------------------------------------------------
+
 
 def load_run(run: str) -> tuple[RunPaths, dict, list[dict], dict, list[dict]]:
     """(paths, manifest, records, source info, events) of a run dir (or a runs dir's latest)."""
@@ -49,8 +56,7 @@ def load_run(run: str) -> tuple[RunPaths, dict, list[dict], dict, list[dict]]:
     records: list[dict] = []
     if paths.steps.exists():
         records, stats = read_steplog(paths.steps)
-        info.update(source=paths.steps.name, corrupt_frames=stats.corrupt_frames,
-                    skipped_bytes=stats.skipped_bytes)
+        info.update(source=paths.steps.name, corrupt_frames=stats.corrupt_frames, skipped_bytes=stats.skipped_bytes)
     elif paths.steps_jsonl.exists():
         records = read_jsonl(paths.steps_jsonl)
         info["source"] = paths.steps_jsonl.name
@@ -63,6 +69,7 @@ def load_run(run: str) -> tuple[RunPaths, dict, list[dict], dict, list[dict]]:
 
 
 # -- statistics ------------------------------------------------------------------------
+
 
 def _num(v) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -140,12 +147,21 @@ def metric_stats(records: list[dict], name: str) -> dict:
             vals.append(v)
     s = sorted(vals)
     r = pearson(steps, vals)
-    first_bad = next((rec["step"] for rec in records
-                      if (v := _num(rec.get(name))) is not None and not math.isfinite(v)), None)
+    first_bad = next(
+        (rec["step"] for rec in records if (v := _num(rec.get(name))) is not None and not math.isfinite(v)), None
+    )
     return {
-        "count": n, "finite": len(vals), "nan": nan, "inf": pinf, "neg_inf": ninf,
-        "min": s[0] if s else None, "median": _median(s) if s else None, "max": s[-1] if s else None,
-        "last": last, "trend_r": r, "trend": arrow(r),
+        "count": n,
+        "finite": len(vals),
+        "nan": nan,
+        "inf": pinf,
+        "neg_inf": ninf,
+        "min": s[0] if s else None,
+        "median": _median(s) if s else None,
+        "max": s[-1] if s else None,
+        "last": last,
+        "trend_r": r,
+        "trend": arrow(r),
         "first_non_finite_step": first_bad,
     }
 
@@ -161,13 +177,20 @@ def alert_timeline(events: list[dict], last_step: int | None) -> list[dict]:
         rule = str(e.get("rule", "?"))
         if kind == "alert" or (rule not in open_ and kind == "alert_escalated"):
             ep = {
-                "rule": rule, "metric": e.get("metric"), "severity": e.get("severity"),
+                "rule": rule,
+                "metric": e.get("metric"),
+                "severity": e.get("severity"),
                 "fired_severity": e.get("severity"),
-                "first_step": e.get("first_step"), "fired_step": e.get("step", e.get("first_step")),
-                "value": e.get("value"), "threshold": e.get("threshold"),
+                "first_step": e.get("first_step"),
+                "fired_step": e.get("step", e.get("first_step")),
+                "value": e.get("value"),
+                "threshold": e.get("threshold"),
                 "escalated_step": e.get("step") if kind == "alert_escalated" else None,
-                "cleared_step": None, "duration_steps": None, "open": True,
-                "message": e.get("message"), "explanation": e.get("explanation"),
+                "cleared_step": None,
+                "duration_steps": None,
+                "open": True,
+                "message": e.get("message"),
+                "explanation": e.get("explanation"),
             }
             open_[rule] = ep
             out.append(ep)
@@ -183,7 +206,11 @@ def alert_timeline(events: list[dict], last_step: int | None) -> list[dict]:
             ep["open"] = False
             ep["cleared_step"] = e.get("step")
             ep["duration_steps"] = e.get("duration_steps")
-            if ep["duration_steps"] is None and isinstance(ep["cleared_step"], int) and isinstance(ep["first_step"], int):
+            if (
+                ep["duration_steps"] is None
+                and isinstance(ep["cleared_step"], int)
+                and isinstance(ep["first_step"], int)
+            ):
                 ep["duration_steps"] = ep["cleared_step"] - ep["first_step"]
     for ep in open_.values():
         if isinstance(last_step, int) and isinstance(ep["first_step"], int):
@@ -286,6 +313,7 @@ def build(run: str) -> dict:
 
 # -- rendering -------------------------------------------------------------------------
 
+
 def _fmt(v, width: int | None = None) -> str:
     if v is None:
         s = "-"
@@ -324,8 +352,11 @@ def _alert_when(ep: dict) -> str:
 
 
 def _header(d: dict) -> list[tuple[str, str]]:
-    rows = [("run", d["run"]), ("status", str(d["status"])),
-            ("steps", f"{d['steps']} ({d['first_step']}..{d['last_step']})" if d["steps"] else "0 (no steps yet)")]
+    rows = [
+        ("run", d["run"]),
+        ("status", str(d["status"])),
+        ("steps", f"{d['steps']} ({d['first_step']}..{d['last_step']})" if d["steps"] else "0 (no steps yet)"),
+    ]
     if d["seed"] is not None:
         rows.append(("seed", str(d["seed"])))
     if d["injection"]:
@@ -358,8 +389,10 @@ def render_text(d: dict) -> str:
     hdr = f"{'metric':<22}{'min':>10}{'median':>10}{'max':>10}{'last':>10} tr {'non-fin':>8}"
     out += [hdr, "-" * len(hdr)]
     for name, st in d["metrics"].items():
-        out.append(f"{name[:21]:<22}{_fmt(st['min'], 10)}{_fmt(st['median'], 10)}{_fmt(st['max'], 10)}"
-                   f"{_fmt(st['last'], 10)}  {st['trend']}{_nonfinite(st):>9}")
+        out.append(
+            f"{name[:21]:<22}{_fmt(st['min'], 10)}{_fmt(st['median'], 10)}{_fmt(st['max'], 10)}"
+            f"{_fmt(st['last'], 10)}  {st['trend']}{_nonfinite(st):>9}"
+        )
     out.append("tr = trend, Pearson r of value vs step: ↑ >=.5 ↗ >=.2 → |r|<.2 ↘ <=-.2 ↓ <=-.5")
     out.append("")
     out.append(f"Alerts ({d['alert_source']})")
@@ -400,23 +433,33 @@ def render_md(d: dict) -> str:
     out = [f"# Stability report: {d['run_id']}", ""]
     for k, v in _header(d):
         out.append(f"- **{k}**: {v}")
-    out += ["", "## Metrics", "",
-            "| metric | min | median | max | last | trend | r | NaN | Inf |",
-            "|---|---:|---:|---:|---:|:---:|---:|---:|---:|"]
+    out += [
+        "",
+        "## Metrics",
+        "",
+        "| metric | min | median | max | last | trend | r | NaN | Inf |",
+        "|---|---:|---:|---:|---:|:---:|---:|---:|---:|",
+    ]
     for name, st in d["metrics"].items():
         r = "-" if st["trend_r"] is None else f"{st['trend_r']:+.2f}"
-        out.append(f"| {name} | {_fmt(st['min'])} | {_fmt(st['median'])} | {_fmt(st['max'])} | {_fmt(st['last'])} "
-                   f"| {st['trend']} | {r} | {st['nan']} | {st['inf'] + st['neg_inf']} |")
+        out.append(
+            f"| {name} | {_fmt(st['min'])} | {_fmt(st['median'])} | {_fmt(st['max'])} | {_fmt(st['last'])} "
+            f"| {st['trend']} | {r} | {st['nan']} | {st['inf'] + st['neg_inf']} |"
+        )
     out += ["", f"## Alerts ({d['alert_source']})", ""]
     if not d["alerts"]:
         out.append("None fired.")
     else:
-        out += ["| severity | rule | metric | value | threshold | first step | duration | explanation |",
-                "|---|---|---|---:|---:|---:|---|---|"]
+        out += [
+            "| severity | rule | metric | value | threshold | first step | duration | explanation |",
+            "|---|---|---|---:|---:|---:|---|---|",
+        ]
         for ep in d["alerts"]:
             expl = str(ep["explanation"] or "").replace("|", "\\|")
-            out.append(f"| {ep['severity']} | {ep['rule']} | {ep['metric']} | {_fmt(ep['value'])} "
-                       f"| {_fmt(ep['threshold'])} | {ep['first_step']} | {_alert_when(ep)} | {expl} |")
+            out.append(
+                f"| {ep['severity']} | {ep['rule']} | {ep['metric']} | {_fmt(ep['value'])} "
+                f"| {_fmt(ep['threshold'])} | {ep['first_step']} | {_alert_when(ep)} | {expl} |"
+            )
     out += ["", "## Correlations", ""]
     corr = d["correlations"]
     if len(corr) < 2:
@@ -426,8 +469,9 @@ def render_md(d: dict) -> str:
         out.append("| | " + " | ".join(names) + " |")
         out.append("|---|" + "---:|" * len(names))
         for a in names:
-            out.append(f"| {a} | " + " | ".join("-" if corr[a][b] is None else f"{corr[a][b]:+.2f}"
-                                                  for b in names) + " |")
+            out.append(
+                f"| {a} | " + " | ".join("-" if corr[a][b] is None else f"{corr[a][b]:+.2f}" for b in names) + " |"
+            )
     out += ["", "## Stages", ""]
     if not d["stages"]:
         out.append("No stage timings in the step log.")
@@ -474,5 +518,4 @@ def run(run: str, fmt: str = "text") -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run(sys.argv[1] if len(sys.argv) > 1 else "runs/latest",
-                 sys.argv[2] if len(sys.argv) > 2 else "text"))
+    sys.exit(run(sys.argv[1] if len(sys.argv) > 1 else "runs/latest", sys.argv[2] if len(sys.argv) > 2 else "text"))

@@ -17,12 +17,13 @@ Two uses:
 reproducible) and -0.0 differs from 0.0 (a sign flip is a real difference). Python's
 `==` gets both of these wrong.
 """
+
 from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from protocol import catalogue
 from protocol.jsonl import read_jsonl
@@ -258,8 +259,11 @@ class ResumeChecker:
             "complete": set(self.compared) >= set(self.old),
         }
         if not self.old:
-            fields.update(result="nothing_to_compare", identical=True,
-                          message=f"resume check: no steps after checkpoint {self.resumed_from} to compare")
+            fields.update(
+                result="nothing_to_compare",
+                identical=True,
+                message=f"resume check: no steps after checkpoint {self.resumed_from} to compare",
+            )
         elif self.difference is not None:
             fields.update(result="differs", identical=False, **self.difference.to_fields())
             fields["message"] = (
@@ -267,19 +271,20 @@ class ResumeChecker:
             )
         else:
             span = f"steps {fields['compared_from']}..{fields['compared_to']}" if self.compared else "no steps"
-            partial = "" if fields["complete"] else (
-                f" (run ended before old last step {self.old_last_step})"
+            partial = "" if fields["complete"] else (f" (run ended before old last step {self.old_last_step})")
+            fields.update(
+                result="identical",
+                identical=bool(self.compared),
+                message=f"resume check: {span} recomputed bitwise identical{partial}",
             )
-            fields.update(result="identical", identical=bool(self.compared),
-                          message=f"resume check: {span} recomputed bitwise identical{partial}")
             if not self.compared:
                 fields["result"] = "not_compared"
                 fields["message"] = (
-                    f"resume check: run ended before recomputing any of steps "
-                    f"{min(self.old)}..{self.old_last_step}"
+                    f"resume check: run ended before recomputing any of steps {min(self.old)}..{self.old_last_step}"
                 )
         self.event = (
-            append_event(self.paths, "resume_check", **fields) if self.paths is not None
+            append_event(self.paths, "resume_check", **fields)
+            if self.paths is not None
             else {"event": "resume_check", **fields}
         )
         return self.event

@@ -4,6 +4,7 @@ Bradley-Terry loss on gold-labelled preference pairs, then frozen.
 Its raw score is normalised to mean 0, std 1 on demonstration-like responses, so
 `reward_mean`/`reward_std` start near 0 and 1 and thresholds mean the same run to run.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,9 @@ class RewardModel(nn.Module):
         return (self.raw_score(prompts, responses) - self.score_mean) / self.score_std
 
 
-def train_reward_model(rm: RewardModel, task: Task, steps: int, batch_size: int, lr: float,
-                       device: torch.device, log=print) -> dict:
+def train_reward_model(
+    rm: RewardModel, task: Task, steps: int, batch_size: int, lr: float, device: torch.device, log=print
+) -> dict:
     """Bradley-Terry: maximise log sigmoid(r_chosen - r_rejected); then normalise and freeze.
 
     Returns held-out pairwise accuracy (how often the RM agrees with the gold rule) and

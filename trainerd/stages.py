@@ -12,6 +12,7 @@ an on-demand profiler window shows the same names. On GPU the device is synchron
 stage boundaries so kernel time lands in the stage that launched it. Overhead per stage
 entry is two perf_counter calls and one record_function (a few microseconds).
 """
+
 from __future__ import annotations
 
 import time

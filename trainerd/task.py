@@ -13,6 +13,7 @@ responses, so it is an imperfect proxy: where the policy drifts away from that d
 (longer answers, stuttering, odd letter mixes) the proxy and the gold score can part, which is
 what reward hacking looks like. Everything is generated from a seeded numpy Generator.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -32,6 +32,7 @@ SIGTERM (the monitor cancelling) ends the check at once, kills its trainer proce
 still prints the JSON object. TRAINERD_VERIFY_KEEP=1 keeps the runs' temp dir for a
 post-mortem. About 22 s on an idle 2-core machine (without RUN).
 """
+
 from __future__ import annotations
 
 import json
@@ -99,6 +100,7 @@ class Checks(CheckList):
 
 # -- running the trainer in a separate process ------------------------------------------------
 
+
 def toml_value(v) -> str:
     """A TOML literal for a flat config value (str, bool, int, float incl. inf/nan)."""
     if isinstance(v, bool):
@@ -141,7 +143,7 @@ def _child_env(extra: dict | None = None) -> dict:
     return env
 
 
-_LIVE: set["TrainerProcess"] = set()  # children to SIGKILL if verify itself is interrupted
+_LIVE: set[TrainerProcess] = set()  # children to SIGKILL if verify itself is interrupted
 _LIVE_LOCK = threading.Lock()
 _CANCELLED = threading.Event()  # set when verify is interrupted: start no more trainers
 
@@ -156,15 +158,19 @@ class TrainerProcess:
     env: dict = field(default_factory=_child_env)
     proc: subprocess.Popen | None = None
 
-    def start(self) -> "TrainerProcess":
+    def start(self) -> TrainerProcess:
         # Under the lock, so an interrupt either sees this child in _LIVE or stops it starting.
         with _LIVE_LOCK:
             if _CANCELLED.is_set():
                 raise RunFailed("verify m1 was interrupted")
             self._log = open(self.log_path, "ab")
             self.proc = subprocess.Popen(
-                _trainerd_cmd(*self.args), stdout=self._log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, env=self.env, start_new_session=True,
+                _trainerd_cmd(*self.args),
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
             )
             _LIVE.add(self)
         return self
@@ -200,8 +206,18 @@ class TrainerProcess:
 
 
 def start_args(runs_dir: Path, run_id: str, config_path: Path, seed: int) -> list[str]:
-    return ["start", "--foreground", "--config", str(config_path), "--seed", str(seed),
-            "--runs-dir", str(runs_dir), "--run-id", run_id]
+    return [
+        "start",
+        "--foreground",
+        "--config",
+        str(config_path),
+        "--seed",
+        str(seed),
+        "--runs-dir",
+        str(runs_dir),
+        "--run-id",
+        run_id,
+    ]
 
 
 class RunFailed(Exception):
@@ -215,8 +231,9 @@ def kill_all_children() -> None:
         p.kill()
 
 
-def run_to_end(runs_dir: Path, run_id: str, config_path: Path, seed: int, timeout: float = RUN_TIMEOUT_S,
-               env: dict | None = None) -> RunPaths:
+def run_to_end(
+    runs_dir: Path, run_id: str, config_path: Path, seed: int, timeout: float = RUN_TIMEOUT_S, env: dict | None = None
+) -> RunPaths:
     log = runs_dir / f"{run_id}.out"
     p = TrainerProcess(start_args(runs_dir, run_id, config_path, seed), log, env or _child_env()).start()
     try:
@@ -240,8 +257,15 @@ def _checkpoint_steps(paths: RunPaths) -> list[int]:
     return sorted(out)
 
 
-def run_killed_at(runs_dir: Path, run_id: str, config_path: Path, seed: int, kill_at_step: int,
-                  timeout: float = RUN_TIMEOUT_S, env: dict | None = None) -> tuple[RunPaths, int]:
+def run_killed_at(
+    runs_dir: Path,
+    run_id: str,
+    config_path: Path,
+    seed: int,
+    kill_at_step: int,
+    timeout: float = RUN_TIMEOUT_S,
+    env: dict | None = None,
+) -> tuple[RunPaths, int]:
     """Start a run and SIGKILL it as soon as its step log holds a record at or after
     `kill_at_step`; returns (paths, last step written before the kill)."""
     log = runs_dir / f"{run_id}.out"
@@ -259,8 +283,10 @@ def run_killed_at(runs_dir: Path, run_id: str, config_path: Path, seed: int, kil
                 p.kill()
                 break
             if p.proc.poll() is not None:
-                raise RunFailed(f"run {run_id} exited {p.proc.returncode} at step {last} before it could be "
-                                f"killed at step {kill_at_step}: {p.tail()}")
+                raise RunFailed(
+                    f"run {run_id} exited {p.proc.returncode} at step {last} before it could be "
+                    f"killed at step {kill_at_step}: {p.tail()}"
+                )
             if time.monotonic() > deadline:
                 p.kill()
                 raise RunFailed(f"run {run_id} did not reach step {kill_at_step} in {timeout:.0f} s")
@@ -274,8 +300,9 @@ def run_killed_at(runs_dir: Path, run_id: str, config_path: Path, seed: int, kil
     return paths, max(steps) if steps else 0
 
 
-def resume(paths: RunPaths, timeout: float = RUN_TIMEOUT_S, extra_args: tuple[str, ...] = (),
-           env: dict | None = None) -> tuple[int, str]:
+def resume(
+    paths: RunPaths, timeout: float = RUN_TIMEOUT_S, extra_args: tuple[str, ...] = (), env: dict | None = None
+) -> tuple[int, str]:
     """`trainerd resume RUN --foreground`; returns (exit code, last lines of its output)."""
     log = paths.root.parent / f"{paths.run_id}.resume.out"
     p = TrainerProcess(["resume", str(paths.root), "--foreground", *extra_args], log, env or _child_env()).start()
@@ -293,6 +320,7 @@ def records_of(paths: RunPaths) -> list[dict]:
 
 # -- the checks --------------------------------------------------------------------------------
 
+
 def check_same_seed(checks: Checks, a: RunPaths, b: RunPaths) -> list[dict] | None:
     ra, rb = records_of(a), records_of(b)
     name = "same_seed_bitwise"
@@ -304,8 +332,9 @@ def check_same_seed(checks: Checks, a: RunPaths, b: RunPaths) -> list[dict] | No
         checks.add(name, False, f"two processes, seed {SEED}, differ at {d.describe()}")
     else:
         n_fields = len(catalogue.deterministic_fields())
-        checks.add(name, True, f"two processes, seed {SEED}: {len(ra)} steps x {n_fields} deterministic "
-                               f"fields bitwise equal")
+        checks.add(
+            name, True, f"two processes, seed {SEED}: {len(ra)} steps x {n_fields} deterministic fields bitwise equal"
+        )
     return ra
 
 
@@ -317,14 +346,19 @@ def check_other_seed(checks: Checks, ra: list[dict], c: RunPaths) -> None:
         return
     d = first_difference(ra, rc, steps=[r["step"] for r in rc], a_name=f"seed_{SEED}", b_name=f"seed_{OTHER_SEED}")
     if d is None:
-        checks.add(name, False, f"seed {OTHER_SEED} gave bitwise the same records as seed {SEED}: "
-                                f"the seed does not reach the run, so check (a) proves nothing")
+        checks.add(
+            name,
+            False,
+            f"seed {OTHER_SEED} gave bitwise the same records as seed {SEED}: "
+            f"the seed does not reach the run, so check (a) proves nothing",
+        )
     else:
         checks.add(name, True, f"seed {OTHER_SEED} differs from seed {SEED} (first at {d.describe()})")
 
 
-def check_kill_resume(checks: Checks, ra: list[dict], d: RunPaths, killed_at: int, ckpts: list[int], rc: int,
-                      out: str) -> None:
+def check_kill_resume(
+    checks: Checks, ra: list[dict], d: RunPaths, killed_at: int, ckpts: list[int], rc: int, out: str
+) -> None:
     name = "kill_resume_bitwise"
     if rc != 0:
         checks.add(name, False, f"resume after SIGKILL (after step {killed_at}) exited {rc}: {out}")
@@ -336,6 +370,7 @@ def check_kill_resume(checks: Checks, ra: list[dict], d: RunPaths, killed_at: in
         problems.append(f"step log: {seq}")
     try:
         from protocol.jsonl import read_jsonl
+
         seq_jsonl = check_step_sequence(read_jsonl(d.steps_jsonl))
         if seq_jsonl:
             problems.append(f"steps.jsonl: {seq_jsonl}")
@@ -349,8 +384,10 @@ def check_kill_resume(checks: Checks, ra: list[dict], d: RunPaths, killed_at: in
     checks_ev = [e for e in events if e.get("event") == "resume_check"]
     last_complete = max(ckpts) if ckpts else None
     if len(resumed) != 1 or resumed[0].get("step") != last_complete:
-        problems.append(f"expected one resume from the last complete checkpoint {last_complete}, "
-                        f"got resumed events at {[e.get('step') for e in resumed]}")
+        problems.append(
+            f"expected one resume from the last complete checkpoint {last_complete}, "
+            f"got resumed events at {[e.get('step') for e in resumed]}"
+        )
     if not checks_ev:
         problems.append("no resume_check event in events.jsonl")
     else:
@@ -362,13 +399,18 @@ def check_kill_resume(checks: Checks, ra: list[dict], d: RunPaths, killed_at: in
         return
     ev = checks_ev[-1]
     from_step = ev.get("resumed_from", resumed[-1].get("step") if resumed else "?")
-    checks.add(name, True, f"SIGKILL after step {killed_at} was logged, resumed from checkpoint {from_step}: steps "
-                           f"{ev.get('compared_from')}..{ev.get('compared_to')} recomputed identical "
-                           f"(resume_check event), final log {len(rd)} steps without gap or duplicate, "
-                           f"bitwise equal to the uninterrupted run")
+    checks.add(
+        name,
+        True,
+        f"SIGKILL after step {killed_at} was logged, resumed from checkpoint {from_step}: steps "
+        f"{ev.get('compared_from')}..{ev.get('compared_to')} recomputed identical "
+        f"(resume_check event), final log {len(rd)} steps without gap or duplicate, "
+        f"bitwise equal to the uninterrupted run",
+    )
 
 
 # -- RUN: rerun a given run ----------------------------------------------------------------------
+
 
 def _rerun_budget_steps(records: list[dict], budget_s: float, warmup_s: float = 15.0) -> int:
     """How many of a run's steps a rerun can redo within `budget_s` (from its step times)."""
@@ -406,11 +448,17 @@ def check_given_run(checks: Checks, run: str, work: Path, t0: float, budget_s: f
     label = paths.run_id
     records = records_of(paths)
     seq = check_step_sequence(records)
-    checks.add(f"{label}: step log", not seq and bool(records),
-               seq or (f"{len(records)} steps without gap or duplicate" if records else "no records"))
+    checks.add(
+        f"{label}: step log",
+        not seq and bool(records),
+        seq or (f"{len(records)} steps without gap or duplicate" if records else "no records"),
+    )
     for ev in (e for e in read_events(paths) if e.get("event") == "resume_check"):
-        checks.add(f"{label}: resume_check", ev.get("result") in ("identical", "nothing_to_compare"),
-                   str(ev.get("message", ev.get("result"))))
+        checks.add(
+            f"{label}: resume_check",
+            ev.get("result") in ("identical", "nothing_to_compare"),
+            str(ev.get("message", ev.get("result"))),
+        )
     if not records:
         return
     config = manifest.get("config")
@@ -444,12 +492,17 @@ def check_given_run(checks: Checks, run: str, work: Path, t0: float, budget_s: f
     steps = [r["step"] for r in sorted(records, key=lambda r: r["step"])][:n]
     d = first_difference(records, records_of(rerun), steps=steps, a_name="run", b_name="rerun")
     scope = "all" if n == len(records) else f"the first {n} (time budget) of"
-    checks.add(f"{label}: rerun_bitwise", d is None,
-               f"{scope} {len(records)} steps bitwise equal to a fresh rerun" if d is None
-               else f"rerun differs at {d.describe()}")
+    checks.add(
+        f"{label}: rerun_bitwise",
+        d is None,
+        f"{scope} {len(records)} steps bitwise equal to a fresh rerun"
+        if d is None
+        else f"rerun differs at {d.describe()}",
+    )
 
 
 # -- entry point ------------------------------------------------------------------------------------
+
 
 def run(run: str | None, as_json: bool) -> int:
     t0 = time.monotonic()
@@ -475,8 +528,17 @@ def run(run: str | None, as_json: bool) -> int:
     duration = time.monotonic() - t0
     _log(f"{'PASSED' if checks.passed else 'FAILED'} in {duration:.1f} s", t0)
     if as_json:
-        print(json.dumps({"check": "m1", "passed": checks.passed, "checks": checks.items,
-                          "run": run, "duration_s": round(duration, 2)}))
+        print(
+            json.dumps(
+                {
+                    "check": "m1",
+                    "passed": checks.passed,
+                    "checks": checks.items,
+                    "run": run,
+                    "duration_s": round(duration, 2),
+                }
+            )
+        )
     return 0 if checks.passed else 1
 
 
@@ -502,8 +564,11 @@ def _verify(checks: Checks, run: str | None, work: Path, t0: float) -> None:
     runs_dir = work / "runs"
     runs_dir.mkdir()
     config_path = write_config_toml(work / "verify_m1.toml", VERIFY_CONFIG)
-    _log(f"config: {VERIFY_STEPS} PPO steps, checkpoint every {VERIFY_CHECKPOINT_EVERY}, one thread per "
-         f"process, two processes at a time; work dir {work}", t0)
+    _log(
+        f"config: {VERIFY_STEPS} PPO steps, checkpoint every {VERIFY_CHECKPOINT_EVERY}, one thread per "
+        f"process, two processes at a time; work dir {work}",
+        t0,
+    )
 
     def job_run(run_id: str, seed: int):
         _log(f"start {run_id} (seed {seed}) in its own process", t0)

@@ -30,6 +30,7 @@ With no RUN, it makes a short profiled smoke run in a temporary runs dir first (
 afterwards if the checks passed, kept for inspection if not; TRAINERD_KEEP_VERIFY_RUN=1
 keeps it always).
 """
+
 from __future__ import annotations
 
 import json
@@ -142,8 +143,9 @@ def check_summary(paths: RunPaths) -> tuple[Check, list[dict] | None]:
     if rows is None:
         return c, None
     if rows:
-        missing_cols = [col for col in ("stage", "seconds", "share", "ms_per_token", "peak_memory_bytes")
-                        if col not in rows[0]]
+        missing_cols = [
+            col for col in ("stage", "seconds", "share", "ms_per_token", "peak_memory_bytes") if col not in rows[0]
+        ]
         if missing_cols:
             c.fail(f"{path}: lacks columns {missing_cols}")
             return c, None
@@ -187,9 +189,12 @@ def check_stage_ranges(paths: RunPaths, trace: dict | None) -> Check:
         if lacking:
             c.fail(f"{paths.profile / TRACE_FILE}: profiled step {step} has no range for {lacking}")
     exempt = "" if REMAINDER_STAGE in present else f"; {REMAINDER_STAGE!r} is the remainder (no range needed)"
-    c.detail = (f"{len(analysis.stage_ranges)} stage ranges over {len(by_step)} profiled steps"
-                f" (steps {min(by_step)}..{max(by_step)})" if by_step else
-                f"{len(analysis.stage_ranges)} stage ranges (no ProfilerStep# ranges)") + exempt
+    c.detail = (
+        f"{len(analysis.stage_ranges)} stage ranges over {len(by_step)} profiled steps"
+        f" (steps {min(by_step)}..{max(by_step)})"
+        if by_step
+        else f"{len(analysis.stage_ranges)} stage ranges (no ProfilerStep# ranges)"
+    ) + exempt
     return c
 
 
@@ -226,8 +231,10 @@ def check_stage_sums(paths: RunPaths) -> Check:
         if worst is None or abs(ratio - 1) > abs(worst[1] - 1):
             worst = (step, ratio)
         if not SUM_LOW <= ratio <= SUM_HIGH:
-            c.fail(f"{where}: stages sum to {sum(vals):.6f} s = {ratio:.3f} of step_time_s "
-                   f"{step_time:.6f} (allowed {SUM_LOW}..{SUM_HIGH})")
+            c.fail(
+                f"{where}: stages sum to {sum(vals):.6f} s = {ratio:.3f} of step_time_s "
+                f"{step_time:.6f} (allowed {SUM_LOW}..{SUM_HIGH})"
+            )
     c.detail = f"{len(records)} steps"
     if worst is not None:
         c.detail += f", worst ratio {worst[1]:.3f} at step {worst[0]}"
@@ -310,8 +317,12 @@ def run(run: str | None, as_json: bool) -> int:
     try:
         if run is None:
             tmp_runs = tempfile.mkdtemp(prefix="trainerd-verify-m2-")
-            print(f"verify m2: no RUN given, making a {SELF_RUN_STEPS}-step smoke run profiled at steps "
-                  f"{SELF_RUN_WINDOW[0]}:{SELF_RUN_WINDOW[1]} in {tmp_runs}", file=progress, flush=True)
+            print(
+                f"verify m2: no RUN given, making a {SELF_RUN_STEPS}-step smoke run profiled at steps "
+                f"{SELF_RUN_WINDOW[0]}:{SELF_RUN_WINDOW[1]} in {tmp_runs}",
+                file=progress,
+                flush=True,
+            )
             try:
                 run = str(make_profiled_run(tmp_runs))
             except RunDirError as e:
@@ -334,8 +345,9 @@ def run(run: str | None, as_json: bool) -> int:
         checks = run_checks(paths, on_check=lambda c: (_print_check(c, progress), progress.flush()))
         passed = all(c.passed for c in checks)
         n_failed = sum(not c.passed for c in checks)
-        summary_line = ("m2 PASSED" if passed else f"m2 FAILED ({n_failed} of {len(checks)} checks)") + \
-            f" in {time.monotonic() - t0:.1f} s"
+        summary_line = (
+            "m2 PASSED" if passed else f"m2 FAILED ({n_failed} of {len(checks)} checks)"
+        ) + f" in {time.monotonic() - t0:.1f} s"
         print(summary_line, file=progress, flush=True)
         if as_json:
             _emit_json(passed, checks, str(paths.root), t0)
@@ -361,10 +373,22 @@ def make_profiled_run(runs_dir: str) -> Path:
     config = Path(runs_dir) / "verify_m2.toml"
     config.write_text("".join(f"{k} = {v}\n" for k, v in SELF_RUN_CONFIG.items()))
     cmd = [
-        sys.executable, "-m", "trainerd", "start", "--smoke", "--foreground",
-        "--config", str(config), "--runs-dir", runs_dir, "--run-id", "verify-m2",
-        "--steps", str(SELF_RUN_STEPS),
-        "--profile-steps", f"{SELF_RUN_WINDOW[0]}:{SELF_RUN_WINDOW[1]}",
+        sys.executable,
+        "-m",
+        "trainerd",
+        "start",
+        "--smoke",
+        "--foreground",
+        "--config",
+        str(config),
+        "--runs-dir",
+        runs_dir,
+        "--run-id",
+        "verify-m2",
+        "--steps",
+        str(SELF_RUN_STEPS),
+        "--profile-steps",
+        f"{SELF_RUN_WINDOW[0]}:{SELF_RUN_WINDOW[1]}",
     ]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")

@@ -15,6 +15,7 @@ Exit 0 only if every check passed. Progress goes to stderr; with `--json`, stdou
 gets exactly one JSON object:
 {"check": "m3", "passed": bool, "checks": [{"name", "passed", "detail"}], "run": ..., "duration_s": ...}
 """
+
 from __future__ import annotations
 
 import glob
@@ -30,7 +31,6 @@ from protocol import catalogue
 from protocol.jsonl import read_jsonl
 from protocol.rundir import RunDirError, RunPaths, effective_status, read_events, read_manifest, resolve_run
 from protocol.steplog import read_steplog
-
 from trainerd.checks import CheckList
 
 ALERT_EVENTS = ("alert", "alert_escalated", "alert_cleared")
@@ -49,6 +49,7 @@ class Checks(CheckList):
 
 
 # -- value comparison -------------------------------------------------------------------
+
 
 def _bits(v: float) -> bytes:
     return struct.pack("<d", v)
@@ -90,6 +91,7 @@ def _fmt(v) -> str:
 
 # -- checks on one run dir --------------------------------------------------------------
 
+
 def check_run(paths: RunPaths, checks: Checks, prefix: str = "") -> list[dict] | None:
     """Schema, mirror, TensorBoard and alert-event checks of one run; returns its records."""
     p = prefix
@@ -116,8 +118,11 @@ def check_run(paths: RunPaths, checks: Checks, prefix: str = "") -> list[dict] |
             problems.append("steps out of order")
         elif ints[-1] - ints[0] + 1 != len(set(ints)):
             problems.append(f"gaps between steps {ints[0]} and {ints[-1]}")
-    checks.add(f"{p}step log", not problems,
-               "; ".join(problems) if problems else f"{len(records)} framed records, steps {ints[0]}..{ints[-1]}")
+    checks.add(
+        f"{p}step log",
+        not problems,
+        "; ".join(problems) if problems else f"{len(records)} framed records, steps {ints[0]}..{ints[-1]}",
+    )
     if not records:
         return records
 
@@ -127,9 +132,13 @@ def check_run(paths: RunPaths, checks: Checks, prefix: str = "") -> list[dict] |
         for prob in catalogue.check_record(r):
             bad.append(f"step {r.get('step')}: {prob}")
     nfields = len(catalogue.required_fields())
-    checks.add(f"{p}schema", not bad,
-               f"{len(bad)} problem(s), first: {'; '.join(bad[:3])}" if bad else
-               f"all {nfields} required catalogue fields present and typed in {len(records)} records")
+    checks.add(
+        f"{p}schema",
+        not bad,
+        f"{len(bad)} problem(s), first: {'; '.join(bad[:3])}"
+        if bad
+        else f"all {nfields} required catalogue fields present and typed in {len(records)} records",
+    )
 
     # 2. JSONL mirror identical to the framed log, NaN / Inf included
     nonfinite = sum(1 for r in records for _ in _non_finite_fields(r))
@@ -155,10 +164,14 @@ def check_run(paths: RunPaths, checks: Checks, prefix: str = "") -> list[dict] |
                 break
         raw = paths.steps_jsonl.read_text(errors="replace")
         if nonfinite and "null" in raw and not diffs:
-            diffs.append("steps.jsonl holds null values (NaN must be written as \"NaN\")")
-        checks.add(f"{p}jsonl mirror", not diffs,
-                   f"{len(diffs)} difference(s), first: {'; '.join(diffs[:3])}" if diffs else
-                   f"{len(records)} records identical, {nonfinite} non-finite value(s) kept in both")
+            diffs.append('steps.jsonl holds null values (NaN must be written as "NaN")')
+        checks.add(
+            f"{p}jsonl mirror",
+            not diffs,
+            f"{len(diffs)} difference(s), first: {'; '.join(diffs[:3])}"
+            if diffs
+            else f"{len(records)} records identical, {nonfinite} non-finite value(s) kept in both",
+        )
 
     # 3. TensorBoard keeps non-finite values (float32 scalars: compare NaN/Inf exactly, finite approx.)
     _check_tensorboard(paths, records, checks, p, running)
@@ -186,9 +199,13 @@ def check_run(paths: RunPaths, checks: Checks, prefix: str = "") -> list[dict] |
         checks.add(f"{p}alert events", False, f"{paths.events} does not exist")
     else:
         fired = sorted({e.get("rule") for e in alerts if e.get("event") == "alert"})
-        checks.add(f"{p}alert events", not bad,
-                   f"{len(bad)} problem(s), first: {'; '.join(bad[:3])}" if bad else
-                   f"{len(alerts)} alert event(s) complete" + (f" (fired: {', '.join(fired)})" if fired else ""))
+        checks.add(
+            f"{p}alert events",
+            not bad,
+            f"{len(bad)} problem(s), first: {'; '.join(bad[:3])}"
+            if bad
+            else f"{len(alerts)} alert event(s) complete" + (f" (fired: {', '.join(fired)})" if fired else ""),
+        )
     return records
 
 
@@ -282,10 +299,14 @@ def _check_tensorboard(paths: RunPaths, records: list[dict], checks: Checks, p: 
     lost = sorted(m for m in missing_tags if m in numeric)
     if lost:
         problems.append(f"no TensorBoard tag for {', '.join(lost[:5])}")
-    checks.add(f"{p}tensorboard", not problems,
-               f"{len(problems)} problem(s), first: {'; '.join(problems[:3])}" if problems else
-               f"{compared} scalars match the step log, {nonfin} non-finite kept"
-               + (f" ({pending} newest step(s) not flushed yet: the run is running)" if pending else ""))
+    checks.add(
+        f"{p}tensorboard",
+        not problems,
+        f"{len(problems)} problem(s), first: {'; '.join(problems[:3])}"
+        if problems
+        else f"{compared} scalars match the step log, {nonfin} non-finite kept"
+        + (f" ({pending} newest step(s) not flushed yet: the run is running)" if pending else ""),
+    )
 
 
 # -- live runs: a clean smoke run and one run per injection ----------------------------------
@@ -316,13 +337,28 @@ def _expected(kind: str) -> tuple[str, ...]:
     return EXPECTED_ALERTS[kind]
 
 
-def _start_run(runs_dir: Path, run_id: str, spec: str | None, steps: int, seed: int,
-               timeout: float = RUN_TIMEOUT_S) -> tuple[int, str, float]:
+def _start_run(
+    runs_dir: Path, run_id: str, spec: str | None, steps: int, seed: int, timeout: float = RUN_TIMEOUT_S
+) -> tuple[int, str, float]:
     """One `trainerd start --smoke --foreground` in its own process; (exit code, last log line, seconds)."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "trainerd", "start", "--smoke", "--foreground", "--runs-dir", str(runs_dir),
-           "--run-id", run_id, "--steps", str(steps), "--seed", str(seed)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainerd",
+        "start",
+        "--smoke",
+        "--foreground",
+        "--runs-dir",
+        str(runs_dir),
+        "--run-id",
+        run_id,
+        "--steps",
+        str(steps),
+        "--seed",
+        str(seed),
+    ]
     if spec:
         cmd += ["--inject", spec]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -331,8 +367,7 @@ def _start_run(runs_dir: Path, run_id: str, spec: str | None, steps: int, seed: 
     t0 = time.monotonic()
     with open(log, "w") as f:
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                timeout=max(1.0, timeout)).returncode
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=max(1.0, timeout)).returncode
         except subprocess.TimeoutExpired:
             f.write(f"verify m3: killed after {timeout:.0f}s (time budget)\n")
             rc = -9
@@ -340,8 +375,9 @@ def _start_run(runs_dir: Path, run_id: str, spec: str | None, steps: int, seed: 
     return rc, (lines[-1] if lines else ""), time.monotonic() - t0
 
 
-def make_live_runs(runs_dir: Path, checks: Checks | None = None, seed: int = LIVE_SEED,
-                   runs=LIVE_RUNS, steps: int = LIVE_STEPS) -> dict[str | None, tuple[Path, int, str, float]]:
+def make_live_runs(
+    runs_dir: Path, checks: Checks | None = None, seed: int = LIVE_SEED, runs=LIVE_RUNS, steps: int = LIVE_STEPS
+) -> dict[str | None, tuple[Path, int, str, float]]:
     """Make every run of `runs` in runs_dir, PARALLEL at a time; spec -> (run dir, rc, last log line, s)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -352,8 +388,7 @@ def make_live_runs(runs_dir: Path, checks: Checks | None = None, seed: int = LIV
     def one(item):
         spec, _ = item
         run_id = run_id_for(spec)
-        res = _start_run(runs_dir, run_id, spec, steps, seed,
-                         min(RUN_TIMEOUT_S, deadline - time.monotonic()))
+        res = _start_run(runs_dir, run_id, spec, steps, seed, min(RUN_TIMEOUT_S, deadline - time.monotonic()))
         if checks is not None:
             checks.progress(f"  run {spec or 'clean'} ({steps} steps) done in {res[2]:.1f}s, exit {res[0]}")
         return spec, (runs_dir / run_id, *res)
@@ -374,12 +409,17 @@ def _alert_events(paths: RunPaths) -> list[dict]:
 
 def check_clean(paths: RunPaths, rc: int, checks: Checks, last_line: str = "") -> None:
     m = read_manifest(paths)
-    crit = [e for e in _alert_events(paths)
-            if e.get("severity") == "critical" and e.get("event") in ("alert", "alert_escalated")]
+    crit = [
+        e
+        for e in _alert_events(paths)
+        if e.get("severity") == "critical" and e.get("event") in ("alert", "alert_escalated")
+    ]
     fired = sorted({e["rule"] for e in _alert_events(paths) if e.get("event") == "alert"})
-    detail = (f"status {m.get('status')}, {m.get('last_step')} steps, warnings: {', '.join(fired) or 'none'}"
-              if not crit else
-              "critical alert(s): " + "; ".join(f"{e['rule']} at step {e.get('step')}" for e in crit[:3]))
+    detail = (
+        f"status {m.get('status')}, {m.get('last_step')} steps, warnings: {', '.join(fired) or 'none'}"
+        if not crit
+        else "critical alert(s): " + "; ".join(f"{e['rule']} at step {e.get('step')}" for e in crit[:3])
+    )
     if rc != 0:
         detail += f"; trainer exit {rc}: {last_line[-160:]}"
     checks.add("clean: no critical alert", rc == 0 and m.get("status") == "finished" and not crit, detail)
@@ -388,12 +428,19 @@ def check_clean(paths: RunPaths, rc: int, checks: Checks, last_line: str = "") -
 def injection_outcome(paths: RunPaths, kind: str, step: int, tolerance: int) -> dict:
     """When the expected alert of an injected run fired: {'fired_step', 'rule', 'message', ...}."""
     expected = _expected(kind)
-    hits = [e for e in _alert_events(paths)
-            if e.get("rule") in expected and e.get("event") in ("alert", "alert_escalated")
-            and isinstance(e.get("step"), int) and e["step"] >= step]
+    hits = [
+        e
+        for e in _alert_events(paths)
+        if e.get("rule") in expected
+        and e.get("event") in ("alert", "alert_escalated")
+        and isinstance(e.get("step"), int)
+        and e["step"] >= step
+    ]
     first = min(hits, key=lambda e: e["step"]) if hits else None
     return {
-        "kind": kind, "injected_step": step, "expected": list(expected),
+        "kind": kind,
+        "injected_step": step,
+        "expected": list(expected),
         "fired_step": first["step"] if first else None,
         "rule": first["rule"] if first else None,
         "event": first["event"] if first else None,
@@ -410,12 +457,16 @@ def check_injected(paths: RunPaths, spec: str, rc: int, tolerance: int, checks: 
     out = injection_outcome(paths, inj.kind, inj.step, tolerance)
     if out["fired_step"] is None:
         others = sorted({e["rule"] for e in _alert_events(paths) if e.get("event") == "alert"})
-        detail = (f"{'/'.join(out['expected'])} never fired at or after step {inj.step} "
-                  f"(fired: {', '.join(others) or 'nothing'}; trainer exit {rc}: {last_line[-160:]})")
+        detail = (
+            f"{'/'.join(out['expected'])} never fired at or after step {inj.step} "
+            f"(fired: {', '.join(others) or 'nothing'}; trainer exit {rc}: {last_line[-160:]})"
+        )
     else:
-        detail = (f"{out['rule']} {'escalated' if out['event'] == 'alert_escalated' else 'fired'} at step "
-                  f"{out['fired_step']} (injected at {inj.step}, allowed up to {inj.step + tolerance}): "
-                  f"{out['message']}")
+        detail = (
+            f"{out['rule']} {'escalated' if out['event'] == 'alert_escalated' else 'fired'} at step "
+            f"{out['fired_step']} (injected at {inj.step}, allowed up to {inj.step + tolerance}): "
+            f"{out['message']}"
+        )
     checks.add(f"{spec}: {'/'.join(out['expected'])} fires", out["within"], detail)
     if inj.kind == "nan":
         _check_nonfinite_stop(paths, inj.step, checks, spec)
@@ -451,17 +502,24 @@ def _check_nonfinite_stop(paths: RunPaths, step: int, checks: Checks, spec: str)
     stops = [e for e in read_events(paths) if e.get("event") == "stopped"]
     if not stops or stops[-1].get("status") != "failed":
         problems.append("no 'stopped' event with status failed")
-    checks.add(f"{spec}: stops cleanly", not problems,
-               "; ".join(problems) if problems else
-               f"status failed, last healthy state checkpointed at step {step - 1} (finite weights), "
-               f"reason: {stops[-1].get('reason')}")
+    checks.add(
+        f"{spec}: stops cleanly",
+        not problems,
+        "; ".join(problems)
+        if problems
+        else f"status failed, last healthy state checkpointed at step {step - 1} (finite weights), "
+        f"reason: {stops[-1].get('reason')}",
+    )
 
 
 def _non_finite_tensors(state: dict) -> list[str]:
     import torch
 
-    return [k for k, v in state.items()
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return [
+        k
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
 
 
 def run_live(checks: Checks, runs_dir: str | os.PathLike | None = None) -> str | None:
@@ -473,8 +531,7 @@ def run_live(checks: Checks, runs_dir: str | os.PathLike | None = None) -> str |
     keep = runs_dir is not None
     root = Path(runs_dir) if keep else Path(tempfile.mkdtemp(prefix="verify-m3-"))
     try:
-        checks.progress(f"verify m3: {len(LIVE_RUNS)} runs of {LIVE_STEPS} smoke steps in {root}, "
-                        f"{PARALLEL} at a time")
+        checks.progress(f"verify m3: {len(LIVE_RUNS)} runs of {LIVE_STEPS} smoke steps in {root}, {PARALLEL} at a time")
         made = make_live_runs(root, checks)
         outcomes = []
         for spec, tol in LIVE_RUNS:
@@ -500,6 +557,7 @@ def run_live(checks: Checks, runs_dir: str | os.PathLike | None = None) -> str |
 
 
 # -- entry point --------------------------------------------------------------------------
+
 
 def run(run: str | None, as_json: bool = False, runs_dir: str | os.PathLike | None = None) -> int:
     """Exit code 0 only if every check passed (2: RUN is not a readable run). Without RUN, the
@@ -532,13 +590,20 @@ def run(run: str | None, as_json: bool = False, runs_dir: str | os.PathLike | No
         _emit_json(checks, run_path, t0)
     else:
         n_fail = sum(not c["passed"] for c in checks.items)
-        print(f"verify m3: {'PASSED' if passed else f'FAILED ({n_fail} of {len(checks.items)} checks)'}"
-              f" in {time.monotonic() - t0:.1f}s")
+        print(
+            f"verify m3: {'PASSED' if passed else f'FAILED ({n_fail} of {len(checks.items)} checks)'}"
+            f" in {time.monotonic() - t0:.1f}s"
+        )
     return 0 if passed else 1
 
 
 def _emit_json(checks: Checks, run_path, t0: float) -> None:
-    out = {"check": "m3", "passed": checks.passed, "checks": checks.items, "run": run_path,
-           "duration_s": round(time.monotonic() - t0, 3)}
+    out = {
+        "check": "m3",
+        "passed": checks.passed,
+        "checks": checks.items,
+        "run": run_path,
+        "duration_s": round(time.monotonic() - t0, 3),
+    }
     sys.stdout.write(json.dumps(out, allow_nan=False) + "\n")
     sys.stdout.flush()

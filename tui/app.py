@@ -1,18 +1,19 @@
 """`MonitorApp`: wires the run feed (workers) to the widgets and keys."""
+
 from __future__ import annotations
 
 import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.message import Message
 from textual.containers import Grid, Horizontal, Vertical
+from textual.message import Message
 from textual.widgets import Footer
 
 from protocol.alerts import Alert, most_severe
@@ -28,8 +29,14 @@ from .widgets.verify import VerifyPanel
 GRID_COLS = 3
 CHART_FPS = 1.0
 # An alert on a metric without its own chart jumps to the chart that tells its story.
-CHART_OF = {"kl_target_error": "kl", "explained_variance": "value_loss", "reward_std": "reward_mean",
-            "policy_loss": "grad_norm", "approx_kl": "clip_frac", "gold_reward_mean": "reward_mean"}
+CHART_OF = {
+    "kl_target_error": "kl",
+    "explained_variance": "value_loss",
+    "reward_std": "reward_mean",
+    "policy_loss": "grad_norm",
+    "approx_kl": "clip_frac",
+    "gold_reward_mean": "reward_mean",
+}
 
 
 class MonitorApp(App):
@@ -54,9 +61,16 @@ class MonitorApp(App):
         Binding("x", "cancel_verify", "cancel", show=False),
     ]
 
-    def __init__(self, target: str | os.PathLike, fps: float = 5.0, stall_after: float = 60.0,
-                 chart_fps: float | None = None,
-                 clock: Callable[[], float] = time.time, tail_bytes: int = TAIL_BYTES, live: bool = True):
+    def __init__(
+        self,
+        target: str | os.PathLike,
+        fps: float = 5.0,
+        stall_after: float = 60.0,
+        chart_fps: float | None = None,
+        clock: Callable[[], float] = time.time,
+        tail_bytes: int = TAIL_BYTES,
+        live: bool = True,
+    ):
         super().__init__()
         self.target = Path(target)
         self.fps = max(0.2, fps)
@@ -112,7 +126,7 @@ class MonitorApp(App):
         with Horizontal(id="body"):
             with Vertical(id="left"):
                 with Grid(id="grid"):
-                    for i, m in enumerate(CHART_METRICS):
+                    for _i, m in enumerate(CHART_METRICS):
                         yield MetricTile(m, id=f"tile-{m}", classes="tile")
                 yield DetailChart(id="detail")
             with Vertical(id="right"):
@@ -203,8 +217,16 @@ class MonitorApp(App):
         try:
             from watchfiles import watch
 
-            for _changes in watch(paths.root, stop_event=stop, debounce=20, step=10, rust_timeout=1000,
-                                  yield_on_timeout=True, recursive=False, raise_interrupt=False):
+            for _changes in watch(
+                paths.root,
+                stop_event=stop,
+                debounce=20,
+                step=10,
+                rust_timeout=1000,
+                yield_on_timeout=True,
+                recursive=False,
+                raise_interrupt=False,
+            ):
                 yield
             return
         except Exception:  # no inotify (limits, exotic FS): poll instead
@@ -229,7 +251,7 @@ class MonitorApp(App):
             super().__init__()
             self.fn, self.args, self.done = fn, args, threading.Event()
 
-    def on_monitor_app_from_worker(self, msg: "MonitorApp.FromWorker") -> None:
+    def on_monitor_app_from_worker(self, msg: MonitorApp.FromWorker) -> None:
         try:
             msg.fn(*msg.args)
         finally:
@@ -400,7 +422,8 @@ class MonitorApp(App):
     def _update_alert_marks(self) -> None:
         metric = CHART_METRICS[self.selected]
         self.view.alert_marks = [
-            (a.first_step, a.severity) for ev, a in self.alert_history
+            (a.first_step, a.severity)
+            for ev, a in self.alert_history
             if ev == "alert" and CHART_OF.get(a.metric, a.metric) == metric
         ]
 
@@ -419,9 +442,15 @@ class MonitorApp(App):
         cfg = m.get("config") if isinstance(m.get("config"), dict) else {}
         total = cfg.get("steps") if isinstance(cfg.get("steps"), int) else None
         return HeaderInfo(
-            run_id=self.paths.run_id if self.paths else "—", status=status, step=s.last_step,
-            total_steps=total, steps_per_s=s.steps_per_second(), elapsed_s=elapsed,
-            age_s=age, corrupt=self.corrupt, loading=self.loading,
+            run_id=self.paths.run_id if self.paths else "—",
+            status=status,
+            step=s.last_step,
+            total_steps=total,
+            steps_per_s=s.steps_per_second(),
+            elapsed_s=elapsed,
+            age_s=age,
+            corrupt=self.corrupt,
+            loading=self.loading,
         )
 
     # -- keys -----------------------------------------------------------------------------
@@ -462,8 +491,9 @@ class MonitorApp(App):
         self.push_screen(HelpScreen())
 
     def action_alerts(self) -> None:
-        self.push_screen(AlertListScreen(list(self.alert_history), {a.rule for a in self.open_alerts}),
-                         self.jump_to_alert)
+        self.push_screen(
+            AlertListScreen(list(self.alert_history), {a.rule for a in self.open_alerts}), self.jump_to_alert
+        )
 
     def jump_to_alert(self, alert: Alert | None) -> None:
         if alert is None:

@@ -4,6 +4,7 @@ Drawn ourselves rather than with plotext or Textual's Sparkline: both fail on Na
 Inf, and plotext's cost grows with the number of points. Input here is already
 decimated to two buckets per cell, so a chart costs O(width x height) whatever the run's length.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """`rlhf-tui [PATH]`: watch a run directory (or a runs dir's latest run) live."""
+
 from __future__ import annotations
 
 import os
@@ -13,12 +14,27 @@ from protocol.rundir import RunDirError, resolve_run
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("path", required=False, default=None)
-@click.option("--fps", type=click.FloatRange(0.2, 30), default=5.0, show_default=True,
-              help="at most this many redraws a second of the values (lower it on slow links)")
-@click.option("--chart-fps", type=click.FloatRange(0.2, 30), default=1.0, show_default=True,
-              help="at most this many chart redraws a second (never more than --fps)")
-@click.option("--stall-after", type=click.FloatRange(1), default=60.0, show_default=True,
-              help="seconds without a record before a running run shows as stalled")
+@click.option(
+    "--fps",
+    type=click.FloatRange(0.2, 30),
+    default=5.0,
+    show_default=True,
+    help="at most this many redraws a second of the values (lower it on slow links)",
+)
+@click.option(
+    "--chart-fps",
+    type=click.FloatRange(0.2, 30),
+    default=1.0,
+    show_default=True,
+    help="at most this many chart redraws a second (never more than --fps)",
+)
+@click.option(
+    "--stall-after",
+    type=click.FloatRange(1),
+    default=60.0,
+    show_default=True,
+    help="seconds without a record before a running run shows as stalled",
+)
 def cli(path: str | None, fps: float, chart_fps: float, stall_after: float) -> None:
     """Watch an RLHF run live. PATH: a run dir or a runs dir (default runs/latest)."""
     target = path or os.path.join("runs", "latest")

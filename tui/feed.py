@@ -6,6 +6,7 @@ them, new events, the manifest when it changed, corruption counts. A huge log is
 tail first (`StepLogTailer(start_offset=...)`) and its older history by `load_history`
 in the background.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +23,9 @@ from .store import RunStore
 
 TAIL_BYTES = 4 << 20  # read this much of a big log first (~5k records), the rest in the background
 BATCH_RECORDS = 5000  # records per batch applied to the UI
-HISTORY_ALERT_RECORDS = 100_000  # older history gets alerts evaluated only this far back (the engine costs ~65 us/record)
+HISTORY_ALERT_RECORDS = (
+    100_000  # older history gets alerts evaluated only this far back (the engine costs ~65 us/record)
+)
 
 
 @dataclass
@@ -43,8 +46,13 @@ class Batch:
 
     @property
     def empty(self) -> bool:
-        return not (self.cols and self.cols["step"]) and not self.alerts and not self.events \
-            and self.manifest is None and not self.reset
+        return (
+            not (self.cols and self.cols["step"])
+            and not self.alerts
+            and not self.events
+            and self.manifest is None
+            and not self.reset
+        )
 
 
 def snapshot(alert: Alert) -> Alert:
@@ -143,8 +151,7 @@ class RunFeed:
                 b.manifest = self._manifest
 
 
-def load_history(paths: RunPaths, end_offset: int, should_stop=lambda: False,
-                 est_bytes_per_record: float = 700.0):
+def load_history(paths: RunPaths, end_offset: int, should_stop=lambda: False, est_bytes_per_record: float = 700.0):
     """The records before `end_offset`, as one older RunStore plus their alerts.
 
     Yields progress fractions while reading; the last value yielded is the result tuple

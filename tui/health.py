@@ -1,4 +1,5 @@
 """Green / yellow / red for a metric's current value, from the alert rules' thresholds."""
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,11 @@ def level_for(metric: str, value: float | None, open_alerts: list[Alert] = (), r
         if bad:
             lv = SEVERITY_LEVEL.get(severity, "warning")
         else:
-            near = {"above": value > thr * NEAR, "below": value < thr / NEAR if thr > 0 else value < thr + 0.05,
-                    "abs_above": abs(value) > thr * NEAR}[kind]
+            near = {
+                "above": value > thr * NEAR,
+                "below": value < thr / NEAR if thr > 0 else value < thr + 0.05,
+                "abs_above": abs(value) > thr * NEAR,
+            }[kind]
             lv = "warning" if near else "ok"
         if _RANK[lv] > _RANK[level]:
             level = lv

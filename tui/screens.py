@@ -1,4 +1,5 @@
 """Modal screens: help, the alert list, the run picker."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,8 +60,16 @@ class AlertListScreen(ModalScreen[Alert | None]):
         for i, (ev, a) in enumerate(reversed(self.alerts)):
             sev_style = {"critical": "bold red", "warning": "yellow"}.get(a.severity, "")
             step = a.cleared_step if ev == "alert_cleared" and a.cleared_step else a.first_step
-            table.add_row(f"{step:,}", ev, Text(a.severity, sev_style), a.rule, a.metric,
-                          fmt_value(a.value), a.explanation[:80], key=str(len(self.alerts) - 1 - i))
+            table.add_row(
+                f"{step:,}",
+                ev,
+                Text(a.severity, sev_style),
+                a.rule,
+                a.metric,
+                fmt_value(a.value),
+                a.explanation[:80],
+                key=str(len(self.alerts) - 1 - i),
+            )
         if not self.alerts:
             table.add_row("—", "no alerts so far", "", "", "", "", "")
         table.focus()
@@ -98,9 +107,14 @@ class RunPickerScreen(ModalScreen[RunPaths | None]):
             started = r.manifest.get("started_at")
             when = _t.strftime("%Y-%m-%d %H:%M", _t.localtime(started)) if isinstance(started, (int, float)) else "—"
             mark = "▶ " if self.current and r.paths.root.resolve() == self.current.resolve() else "  "
-            table.add_row(mark + r.run_id, r.status, f"{r.manifest.get('last_step') or 0:,}",
-                          Text(", ".join(sorted(open_alerts)) or "—", "yellow" if open_alerts else "grey50"),
-                          when, key=str(i))
+            table.add_row(
+                mark + r.run_id,
+                r.status,
+                f"{r.manifest.get('last_step') or 0:,}",
+                Text(", ".join(sorted(open_alerts)) or "—", "yellow" if open_alerts else "grey50"),
+                when,
+                key=str(i),
+            )
         if not self.runs:
             table.add_row("no runs here", "", "", "", "")
         table.focus()

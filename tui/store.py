@@ -5,6 +5,7 @@ field is an `array('d')` (stage times `array('f')`, they are only drawn), and ev
 column has per-block summaries (finite min/max and non-finite flags per BLOCK values)
 so that decimating a whole run to a chart's width touches ~width x 2 blocks, not 1M values.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,15 @@ from protocol.catalogue import STAGES
 BLOCK = 256
 # Charted metrics, in grid order, with the companion line drawn in the same chart.
 CHART_METRICS: tuple[str, ...] = (
-    "kl", "entropy", "reward_mean", "advantage_mean", "grad_norm",
-    "clip_frac", "value_loss", "tokens_per_second", "response_length_mean",
+    "kl",
+    "entropy",
+    "reward_mean",
+    "advantage_mean",
+    "grad_norm",
+    "clip_frac",
+    "value_loss",
+    "tokens_per_second",
+    "response_length_mean",
 )
 COMPANIONS: dict[str, str] = {"kl": "kl_target", "reward_mean": "gold_reward_mean"}
 SCALAR_FIELDS: tuple[str, ...] = CHART_METRICS + tuple(COMPANIONS.values()) + ("step_time_s", "tokens")
@@ -87,7 +95,7 @@ class Column:
     def _summarize_new_blocks(self) -> None:
         v = self.values
         for b in range(len(self.bmin), len(v) // BLOCK):
-            lo, hi, fl = summarize(v[b * BLOCK:(b + 1) * BLOCK])
+            lo, hi, fl = summarize(v[b * BLOCK : (b + 1) * BLOCK])
             self.bmin.append(lo)
             self.bmax.append(hi)
             self.bflags.append(fl)
@@ -117,8 +125,8 @@ class Column:
         if b - a < 2 * BLOCK:
             return summarize(self.values[a:b])
         ba, bb = -(-a // BLOCK), b // BLOCK
-        lo, hi, fl = summarize(self.values[a:ba * BLOCK])
-        lo2, hi2, fl2 = summarize(self.values[bb * BLOCK:b])
+        lo, hi, fl = summarize(self.values[a : ba * BLOCK])
+        lo2, hi2, fl2 = summarize(self.values[bb * BLOCK : b])
         if bb > ba:
             lo = min(lo, lo2, min(self.bmin[ba:bb]))
             hi = max(hi, hi2, max(self.bmax[ba:bb]))
@@ -190,7 +198,9 @@ class RunStore:
             st = st if isinstance(st, dict) else {}
             for s in STAGES:
                 v = st.get(s)
-                out["stage:" + s].append(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan)
+                out["stage:" + s].append(
+                    float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+                )
         out["present"] = present
         out["last"] = records[-1] if records else None
         return out
@@ -213,7 +223,7 @@ class RunStore:
             self.last_record = cols["last"]
         self.generation += 1
 
-    def prepend(self, older: "RunStore") -> None:
+    def prepend(self, older: RunStore) -> None:
         """Put an older history (loaded in the background) in front of what is here."""
         if not len(older):
             return

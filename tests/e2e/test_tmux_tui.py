@@ -7,6 +7,7 @@ the trainer writes, metric values in the tiles, FINISHED at the end, `?` for the
 
 Without tmux the tests skip locally, but fail under CI (the env var CI set; .ci/run installs tmux).
 """
+
 from __future__ import annotations
 
 import os
@@ -83,8 +84,11 @@ class Pane:
 def _start_tui(session: str, target: Path, size=(160, 50)) -> Pane:
     # the shell stays after the monitor exits, so its exit code can be read off the screen
     cmd = " ".join(_tui_command() + [str(target)]) + "; echo TUI-EXITED rc=$?; sleep 30"
-    subprocess.run([TMUX, "new-session", "-d", "-s", session, "-x", str(size[0]), "-y", str(size[1]),
-                    f"cd {ROOT} && {cmd}"], check=True, env=_env())
+    subprocess.run(
+        [TMUX, "new-session", "-d", "-s", session, "-x", str(size[0]), "-y", str(size[1]), f"cd {ROOT} && {cmd}"],
+        check=True,
+        env=_env(),
+    )
     return Pane(session)
 
 
@@ -110,8 +114,9 @@ def test_live_trainer_run_in_tmux(tmp_path, need_tmux):
         deadline = time.monotonic() + 60
         while not (runs / "latest" / "run.json").exists():  # the trainer made its run
             if writer.poll() is not None:
-                raise AssertionError("the trainer ended before making its run:\n"
-                                     + (tmp_path / "trainer.log").read_text()[-3000:])
+                raise AssertionError(
+                    "the trainer ended before making its run:\n" + (tmp_path / "trainer.log").read_text()[-3000:]
+                )
             assert time.monotonic() < deadline, "the trainer never started a run"
             time.sleep(0.1)
         pane = _start_tui(session, runs)
@@ -164,8 +169,7 @@ def test_live_trainer_run_in_tmux(tmp_path, need_tmux):
 
 def test_bad_path_is_one_line_and_exit_2(tmp_path):
     env = _env()
-    out = subprocess.run(_tui_command() + [str(tmp_path / "nope")], capture_output=True, text=True, env=env,
-                         timeout=30)
+    out = subprocess.run(_tui_command() + [str(tmp_path / "nope")], capture_output=True, text=True, env=env, timeout=30)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "no such run" in out.stderr
     assert "Traceback" not in out.stderr
@@ -180,15 +184,23 @@ def test_exits_when_its_terminal_goes_away(tmp_path, need_tmux):
     """Killing the tmux session hangs up the terminal: the monitor must exit, not spin.
     A generated run is enough here (and takes a second, where the trainer takes ~15)."""
     runs = tmp_path / "runs-hup"
-    subprocess.run(GEN_RUN + ["--steps", "50", "--runs-dir", str(runs)], cwd=ROOT, env=_env(), check=True,
-                   capture_output=True)
+    subprocess.run(
+        GEN_RUN + ["--steps", "50", "--runs-dir", str(runs)], cwd=ROOT, env=_env(), check=True, capture_output=True
+    )
     session = f"hup-{uuid.uuid4().hex[:8]}"
-    subprocess.run([TMUX, "new-session", "-d", "-s", session, "-x", "120", "-y", "40",
-                    " ".join(_tui_command() + [str(runs)])], check=True, env=_env(), cwd=ROOT)
+    subprocess.run(
+        [TMUX, "new-session", "-d", "-s", session, "-x", "120", "-y", "40", " ".join(_tui_command() + [str(runs)])],
+        check=True,
+        env=_env(),
+        cwd=ROOT,
+    )
     pane = Pane(session)
     pane.wait_for(r"step 50/50")
-    pid = int(subprocess.run([TMUX, "display", "-p", "-t", session, "#{pane_pid}"],
-                             capture_output=True, text=True).stdout.strip())
+    pid = int(
+        subprocess.run(
+            [TMUX, "display", "-p", "-t", session, "#{pane_pid}"], capture_output=True, text=True
+        ).stdout.strip()
+    )
     subprocess.run([TMUX, "kill-session", "-t", session], check=True)
     deadline = time.monotonic() + 8
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:

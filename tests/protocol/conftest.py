@@ -1,7 +1,6 @@
 import random
 
 import pytest
-
 from protocol_helpers import make_record
 
 

@@ -1,4 +1,5 @@
 """Helpers for the protocol tests: realistic records and exact (bitwise) comparisons."""
+
 from __future__ import annotations
 
 import math

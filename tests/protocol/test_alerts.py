@@ -1,4 +1,5 @@
 """The alert rule engine (SPEC section 8): every default rule fires and clears as specified."""
+
 from __future__ import annotations
 
 import math
@@ -18,10 +19,20 @@ from protocol.alerts import (
 def healthy(step: int, rng: random.Random | None = None, **over) -> dict:
     rng = rng or random.Random(step)
     rec = {
-        "step": step, "kl": 0.05 + rng.uniform(-0.01, 0.01), "kl_target": 0.05, "kl_target_error": 0.0,
-        "kl_coef": 0.1, "entropy": 1.0 + rng.uniform(-0.05, 0.05), "clip_frac": 0.1, "approx_kl": 0.01,
-        "policy_loss": 0.1, "value_loss": 0.2, "grad_norm": 1.0 + rng.uniform(-0.2, 0.2),
-        "explained_variance": 0.5, "reward_mean": rng.uniform(-0.1, 0.1), "reward_std": 0.5,
+        "step": step,
+        "kl": 0.05 + rng.uniform(-0.01, 0.01),
+        "kl_target": 0.05,
+        "kl_target_error": 0.0,
+        "kl_coef": 0.1,
+        "entropy": 1.0 + rng.uniform(-0.05, 0.05),
+        "clip_frac": 0.1,
+        "approx_kl": 0.01,
+        "policy_loss": 0.1,
+        "value_loss": 0.2,
+        "grad_norm": 1.0 + rng.uniform(-0.2, 0.2),
+        "explained_variance": 0.5,
+        "reward_mean": rng.uniform(-0.1, 0.1),
+        "reward_std": 0.5,
         "response_length_mean": 20 + rng.uniform(-1, 1),
     }
     rec["kl_target_error"] = rec["kl"] - rec["kl_target"]
@@ -77,7 +88,8 @@ def test_kl_runaway_fires_hysteresis_and_escalates():
     assert only(ev, "kl_runaway") == [(5, "alert_escalated", "kl_runaway", "critical")]
     assert eng.open["kl_runaway"].severity == "critical" and eng.most_severe().rule == "kl_runaway"
     assert feed(eng, [healthy(s, kl=0.25, kl_target=0.05) for s in range(6, 20)]) == only(
-        [], "kl_runaway")  # escalates once
+        [], "kl_runaway"
+    )  # escalates once
     # above 0.2 but below 3x target: never critical
     eng = AlertEngine()
     ev = feed(eng, [healthy(s, kl=0.25, kl_target=0.1) for s in range(1, 30)])
@@ -110,15 +122,19 @@ def test_exploding_gradients_absolute_and_spike_over_rolling_median():
     recs += [healthy(22, grad_norm=25.0)]  # 12.5x: a spike, far below 1000
     recs += [healthy(s, grad_norm=2.0) for s in range(23, 26)]
     ev = only(feed(eng, recs), "exploding_gradients")
-    assert ev == [(22, "alert", "exploding_gradients", "critical"),
-                  (25, "alert_cleared", "exploding_gradients", "critical")]
+    assert ev == [
+        (22, "alert", "exploding_gradients", "critical"),
+        (25, "alert_cleared", "exploding_gradients", "critical"),
+    ]
     a = eng.history[0][1]
     assert a.value == 25.0 and a.threshold == pytest.approx(20.0)  # the bar it crossed: 10x median
 
 
 def test_reward_variance_and_policy_moving_too_fast():
-    for metric, rule, bad, band, good in (("reward_std", "reward_variance", 2.5, 1.9, 1.5),
-                                          ("clip_frac", "policy_moving_too_fast", 0.35, 0.28, 0.2)):
+    for metric, rule, bad, band, good in (
+        ("reward_std", "reward_variance", 2.5, 1.9, 1.5),
+        ("clip_frac", "policy_moving_too_fast", 0.35, 0.28, 0.2),
+    ):
         eng = AlertEngine()
         vals = [bad, good, bad, bad, band, band, band, good, good, good]
         ev = only(feed(eng, [healthy(i + 1, **{metric: v}) for i, v in enumerate(vals)]), rule)
@@ -141,8 +157,15 @@ def test_value_diverging_respects_warm_up():
 def test_reward_hacking_when_reward_rises_and_gold_falls():
     eng = AlertEngine()
     rng = random.Random(3)
-    recs = [healthy(s, rng, reward_mean=0.05 * s + rng.uniform(-0.02, 0.02),
-                    gold_reward_mean=1.0 - 0.03 * s + rng.uniform(-0.02, 0.02)) for s in range(1, 41)]
+    recs = [
+        healthy(
+            s,
+            rng,
+            reward_mean=0.05 * s + rng.uniform(-0.02, 0.02),
+            gold_reward_mean=1.0 - 0.03 * s + rng.uniform(-0.02, 0.02),
+        )
+        for s in range(1, 41)
+    ]
     ev = feed(eng, recs)
     hack = only(ev, "reward_hacking")
     assert hack and hack[0][1:] == ("alert", "reward_hacking", "critical")
@@ -189,8 +212,9 @@ def test_every_default_rule_fires_and_alerts_carry_their_fields():
         "policy_moving_too_fast": [healthy(s, clip_frac=0.5) for s in range(1, 3)],
         "value_diverging": [healthy(s, explained_variance=-1.0) for s in range(1, 30)],
         "reward_hacking": [healthy(s, reward_mean=0.1 * s, gold_reward_mean=-0.1 * s) for s in range(1, 30)],
-        "reward_hacking_proxy": [healthy(s, reward_mean=0.1 * s, kl=0.001 * s, response_length_mean=s * 1.0)
-                                 for s in range(1, 40)],
+        "reward_hacking_proxy": [
+            healthy(s, reward_mean=0.1 * s, kl=0.001 * s, response_length_mean=s * 1.0) for s in range(1, 40)
+        ],
     }
     assert set(scenarios) == {r.name for r in DEFAULT_RULES}
     for name, recs in scenarios.items():
@@ -225,7 +249,9 @@ def write(tmp_path, text, name="alerts.toml"):
 
 
 def test_toml_override_threshold_disable_and_new_rule(tmp_path):
-    p = write(tmp_path, """
+    p = write(
+        tmp_path,
+        """
 [rules.kl_runaway]
 threshold = 0.3
 clear_threshold = 0.28
@@ -240,13 +266,25 @@ threshold = 4
 severity = "warning"
 consecutive = 2
 explanation = "responses got very short: check for EOS exploitation"
-""")
+""",
+    )
     rules = rules_from_toml(p)
     eng = AlertEngine(rules)
-    ev = feed(eng, [healthy(1, kl=0.25), healthy(2, kl=0.35), healthy(3, entropy=0.01),
-                    healthy(4, response_length_mean=2.0), healthy(5, response_length_mean=2.0)])
+    ev = feed(
+        eng,
+        [
+            healthy(1, kl=0.25),
+            healthy(2, kl=0.35),
+            healthy(3, entropy=0.01),
+            healthy(4, response_length_mean=2.0),
+            healthy(5, response_length_mean=2.0),
+        ],
+    )
     assert [(e[0], e[1], e[2]) for e in ev] == [
-        (2, "alert", "kl_runaway"), (5, "alert_cleared", "kl_runaway"), (5, "alert", "short_answers")]
+        (2, "alert", "kl_runaway"),
+        (5, "alert_cleared", "kl_runaway"),
+        (5, "alert", "short_answers"),
+    ]
     new = eng.open["short_answers"]
     assert new.threshold == 4.0 and new.first_step == 4 and "EOS" in new.explanation
     assert "entropy_collapse" not in [r.name for r in eng.rules]
@@ -259,18 +297,20 @@ explanation = "responses got very short: check for EOS exploitation"
     [
         ("[rules.kl_runaway\nthreshold = 1", "not valid TOML"),
         ("[rules.kl_runaway]\nthreshhold = 0.3", "unknown key 'threshhold'"),
-        ("[rules.kl_runaway]\nthreshold = \"high\"", "must be a finite number"),
+        ('[rules.kl_runaway]\nthreshold = "high"', "must be a finite number"),
         ("[rules.kl_runaway]\nconsecutive = 1.5", "non-negative integer"),
-        ("[rules.kl_runaway]\nenabled = \"no\"", "true or false"),
-        ("[rules.kl_runaway]\nmetric = \"kl_divergence\"", "unknown metric 'kl_divergence'"),
-        ("[rules.kl_runaway]\nkind = \"sideways\"", "kind must be one of"),
-        ("[rules.kl_runaway]\nseverity = \"doom\"", "severity must be one of"),
-        ("[rules.kl_runaway]\ncritical_factor_of = \"kl_goal\"", "unknown metric 'kl_goal'"),
+        ('[rules.kl_runaway]\nenabled = "no"', "true or false"),
+        ('[rules.kl_runaway]\nmetric = "kl_divergence"', "unknown metric 'kl_divergence'"),
+        ('[rules.kl_runaway]\nkind = "sideways"', "kind must be one of"),
+        ('[rules.kl_runaway]\nseverity = "doom"', "severity must be one of"),
+        ('[rules.kl_runaway]\ncritical_factor_of = "kl_goal"', "unknown metric 'kl_goal'"),
         ("[rules.kl_runaway]\nthreshold = nan", "finite number"),
-        ("[rules.kl_runaway]\nexplanation = \"\"\"two\nlines\"\"\"", "one line"),
-        ("[rules.mine]\nmetric = \"kl\"", "needs kind, threshold, severity"),
-        ("[rules.mine]\nmetric = \"kl\"\nkind = \"above\"\nthreshold = 1\nseverity = \"warning\"\nwindow = -1",
-         "non-negative integer"),
+        ('[rules.kl_runaway]\nexplanation = """two\nlines"""', "one line"),
+        ('[rules.mine]\nmetric = "kl"', "needs kind, threshold, severity"),
+        (
+            '[rules.mine]\nmetric = "kl"\nkind = "above"\nthreshold = 1\nseverity = "warning"\nwindow = -1',
+            "non-negative integer",
+        ),
         ("[other]\nx = 1", "unknown top-level key"),
         ("rules = 3", "must be a table"),
         ("[rules]\nkl_runaway = 3", "must be a table"),

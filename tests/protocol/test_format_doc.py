@@ -1,4 +1,5 @@
 """protocol/FORMAT.md's minimal reader is real: extract it and run it against a real log."""
+
 from __future__ import annotations
 
 import random
@@ -8,8 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from protocol.steplog import StepLogWriter, encode_frame, read_steplog
 from protocol_helpers import exactly_equal, make_record
+
+from protocol.steplog import StepLogWriter, encode_frame, read_steplog
 
 FORMAT = Path(__file__).resolve().parents[2] / "protocol" / "FORMAT.md"
 

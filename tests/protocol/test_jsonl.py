@@ -1,19 +1,29 @@
 """The JSONL mirror: exact floats, visible NaN, complete lines only."""
+
 from __future__ import annotations
 
 import json
 import math
 
+from protocol_helpers import exactly_equal, make_record
+
 from protocol import jsonl
 from protocol.jsonl import JsonlTailer, JsonlWriter, read_jsonl, truncate_after_step
-from protocol_helpers import exactly_equal, make_record
 
 
 def test_non_finite_written_as_strings_never_null(tmp_path):
     p = tmp_path / "steps.jsonl"
     with JsonlWriter(p) as w:
-        w.write({"step": 1, "policy_loss": math.nan, "kl": math.inf, "entropy": -math.inf,
-                 "stage_s": {"rollout": math.nan}, "xs": [math.inf, 1.5]})
+        w.write(
+            {
+                "step": 1,
+                "policy_loss": math.nan,
+                "kl": math.inf,
+                "entropy": -math.inf,
+                "stage_s": {"rollout": math.nan},
+                "xs": [math.inf, 1.5],
+            }
+        )
     line = p.read_text()
     assert line.endswith("\n") and line.count("\n") == 1
     raw = json.loads(line)  # plain JSON: jq and other tools can read it

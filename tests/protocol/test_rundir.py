@@ -1,4 +1,5 @@
 """The run directory: layout, atomic manifest and latest link, the writer's lock, resolving runs."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -65,8 +65,21 @@ def test_create_run_layout_and_refuses_existing(tmp_path):
 def test_manifest_round_trip_and_atomic_write(tmp_path, monkeypatch):
     paths = _run(tmp_path, "r1")
     m = read_manifest(paths)
-    for key in ("schema_version", "run_id", "config", "seed", "determinism", "versions", "host", "pid",
-                "status", "started_at", "ended_at", "last_step", "last_checkpoint"):
+    for key in (
+        "schema_version",
+        "run_id",
+        "config",
+        "seed",
+        "determinism",
+        "versions",
+        "host",
+        "pid",
+        "status",
+        "started_at",
+        "ended_at",
+        "last_step",
+        "last_checkpoint",
+    ):
         assert key in m
     assert update_manifest(paths, last_step=5, status="finished")["last_step"] == 5
     assert read_manifest(paths)["status"] == "finished"
@@ -153,8 +166,7 @@ HOLDER = textwrap.dedent(
 def test_lock_refuses_second_writer_in_another_process_and_frees_on_sigkill(tmp_path):
     paths = _run(tmp_path, "r1")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(paths.root)], stdout=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(paths.root)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout.readline().strip() == "locked"
         assert is_locked(paths)

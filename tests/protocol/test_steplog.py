@@ -1,4 +1,5 @@
 """The framed step log: exact round trips, truncation, bit flips, hostile bytes (SPEC section 4)."""
+
 from __future__ import annotations
 
 import math
@@ -10,6 +11,7 @@ import tracemalloc
 
 import msgpack
 import pytest
+from protocol_helpers import exactly_equal, make_record
 
 from protocol import jsonl
 from protocol.catalogue import METRICS, check_record
@@ -24,13 +26,26 @@ from protocol.steplog import (
     read_steplog,
     truncate_after_step,
 )
-from protocol_helpers import exactly_equal, make_record
 
 MIB = 1 << 20
 HEADROOM = 3 * MIB  # allowed beyond the one file chunk a poll holds
 
-SPECIAL = [math.nan, math.inf, -math.inf, -0.0, 0.0, 5e-324, -5e-324, 2.2250738585072009e-308,
-           2.2250738585072014e-308, 1.7976931348623157e308, -1.7976931348623157e308, 1e-300, 0.1, 1 / 3]
+SPECIAL = [
+    math.nan,
+    math.inf,
+    -math.inf,
+    -0.0,
+    0.0,
+    5e-324,
+    -5e-324,
+    2.2250738585072009e-308,
+    2.2250738585072014e-308,
+    1.7976931348623157e308,
+    -1.7976931348623157e308,
+    1e-300,
+    0.1,
+    1 / 3,
+]
 
 
 def random_floats(n: int, seed: int = 7) -> list[float]:
@@ -39,10 +54,8 @@ def random_floats(n: int, seed: int = 7) -> list[float]:
     out = [struct.unpack("<d", struct.pack("<Q", rng.getrandbits(64)))[0] for _ in range(n)]
     # subnormals and NaN payloads on purpose, not only by luck
     out += [struct.unpack("<d", struct.pack("<Q", rng.getrandbits(52)))[0] for _ in range(50)]
-    out += [struct.unpack("<d", struct.pack("<Q", 0x7FF0000000000000 | rng.getrandbits(51) | 1))[0]
-            for _ in range(20)]
-    out += [struct.unpack("<d", struct.pack("<Q", 0xFFF8000000000000 | rng.getrandbits(51)))[0]
-            for _ in range(20)]
+    out += [struct.unpack("<d", struct.pack("<Q", 0x7FF0000000000000 | rng.getrandbits(51) | 1))[0] for _ in range(20)]
+    out += [struct.unpack("<d", struct.pack("<Q", 0xFFF8000000000000 | rng.getrandbits(51)))[0] for _ in range(20)]
     return out
 
 
@@ -92,8 +105,12 @@ def test_special_and_random_float64_values_are_bit_exact(tmp_path):
     recs = []
     for i in range(0, len(values), 23):  # spread over scalar fields and the stage map
         chunk = values[i : i + 23]
-        rec = {"step": i + 1, "kl": chunk[0], "policy_loss": chunk[-1],
-               "stage_s": {f"s{k}": v for k, v in enumerate(chunk)}}
+        rec = {
+            "step": i + 1,
+            "kl": chunk[0],
+            "policy_loss": chunk[-1],
+            "stage_s": {f"s{k}": v for k, v in enumerate(chunk)},
+        }
         recs.append(rec)
     with StepLogWriter(tmp_path / "s.msgpack") as w, jsonl.JsonlWriter(tmp_path / "s.jsonl") as j:
         for r in recs:
@@ -295,8 +312,10 @@ def test_zero_filled_tail_is_cheap_and_later_frames_are_found(tmp_path):
 
 @pytest.mark.parametrize(
     "pattern, size",
-    [(b"\x01\x00\x00\x00\x00\x00\x00\x00", 128 * 1024),  # int64 array of small values: dense candidates
-     (b"\x00" * 9 + b"\x01", MIB)],  # zero runs with a byte between (was quadratic: a copy per run)
+    [
+        (b"\x01\x00\x00\x00\x00\x00\x00\x00", 128 * 1024),  # int64 array of small values: dense candidates
+        (b"\x00" * 9 + b"\x01", MIB),
+    ],  # zero runs with a byte between (was quadratic: a copy per run)
 )
 def test_adversarial_candidate_dense_bytes_are_linear_and_bounded(tmp_path, pattern, size):
     p = tmp_path / "ints.bin"
@@ -312,8 +331,11 @@ def test_adversarial_candidate_dense_bytes_are_linear_and_bounded(tmp_path, patt
 
 def test_valid_crc_but_not_a_map_is_corrupt_not_raised(tmp_path):
     p = tmp_path / "s.msgpack"
-    bad = [_frame_with_payload(msgpack.packb([1, 2, 3])), _frame_with_payload(b"\xc1"),
-           _frame_with_payload(msgpack.packb({"a": 1}) + b"\x00")]
+    bad = [
+        _frame_with_payload(msgpack.packb([1, 2, 3])),
+        _frame_with_payload(b"\xc1"),
+        _frame_with_payload(msgpack.packb({"a": 1}) + b"\x00"),
+    ]
     p.write_bytes(encode_frame({"step": 1}) + b"".join(bad) + encode_frame({"step": 2}))
     got, stats = read_steplog(p)
     assert got == [{"step": 1}, {"step": 2}] and stats.corrupt_frames == 3

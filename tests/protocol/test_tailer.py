@@ -1,4 +1,5 @@
 """Live tailing: a writer in another process, torn tails, files that shrink or are rewritten."""
+
 from __future__ import annotations
 
 import os
@@ -9,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from protocol_helpers import exactly_equal, make_record
 
 from protocol.steplog import StepLogTailer, StepLogWriter, encode_frame, read_steplog, truncate_after_step
-from protocol_helpers import exactly_equal, make_record
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -69,8 +70,13 @@ def _env():
 
 def test_torn_tail_from_another_process_waits_then_completes(tmp_path):
     p = tmp_path / "steps.msgpack"
-    proc = subprocess.Popen([sys.executable, "-c", DRIVEN_WRITER, str(p)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVEN_WRITER, str(p)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
 
     def do(cmd):
         proc.stdin.write(cmd + "\n")

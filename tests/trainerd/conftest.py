@@ -1,4 +1,5 @@
 """Shared fixtures of the trainer tests: one real smoke run per session, run through the CLI."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,9 @@ def trainerd(*args: str, timeout: float = 240, env_extra: dict | None = None) ->
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("SEED", None)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "trainerd", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "trainerd", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 @dataclass

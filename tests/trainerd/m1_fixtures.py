@@ -8,6 +8,7 @@ Test-only faults are injected WITHOUT any hook in the product code: the child pr
 is started through a bootstrap (`python -c "<patch>; main()"`) that monkeypatches one
 function of the trainer before the CLI runs. Nothing a user can set reaches them.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -102,6 +103,7 @@ def kill_before_checkpoint_rename(step: int) -> str:
 
 # -- running trainerd ------------------------------------------------------------------------------
 
+
 def child_env(**extra) -> dict:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
@@ -115,16 +117,18 @@ _CHILDREN_LOCK = threading.Lock()
 _EXITING = threading.Event()
 
 
-def trainerd(*args: str, bootstrap: str = "", env: dict | None = None, timeout: float = RUN_TIMEOUT,
-             cwd: Path | None = None) -> subprocess.CompletedProcess:
+def trainerd(
+    *args: str, bootstrap: str = "", env: dict | None = None, timeout: float = RUN_TIMEOUT, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run `trainerd ARGS` in a fresh interpreter, optionally after a test bootstrap."""
     code = bootstrap + "\n" + _MAIN if bootstrap else _MAIN
     cmd = [sys.executable, "-c", code, *args]
     with _CHILDREN_LOCK:
         if _EXITING.is_set():
             raise RuntimeError("test session is ending")
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=env or child_env(), cwd=cwd or REPO)
+        p = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or child_env(), cwd=cwd or REPO
+        )
         _CHILDREN.add(p)
     try:
         out, err = p.communicate(timeout=timeout)
@@ -174,6 +178,7 @@ def resume_checks(paths: RunPaths) -> list[dict]:
 
 
 # -- shared runs -----------------------------------------------------------------------------------
+
 
 @dataclass
 class Scenario:
@@ -235,19 +240,18 @@ def _complete_checkpoints(paths: RunPaths) -> list[int]:
     return verify_m1._checkpoint_steps(paths)
 
 
-def _kill_then_resume(name: str, kill_bootstrap: str | None, kill_at_step: int | None,
-                      resume_bootstrap: str = "") -> Scenario:
+def _kill_then_resume(
+    name: str, kill_bootstrap: str | None, kill_at_step: int | None, resume_bootstrap: str = ""
+) -> Scenario:
     paths = RunPaths(runs_root() / name)
     if kill_bootstrap is not None:  # the trainer kills itself at a chosen point
         r = trainerd(*start_args(name), bootstrap=kill_bootstrap)
         kill_rc = r.returncode
     else:  # killed from outside, as soon as the log reaches kill_at_step
-        _, _ = verify_m1.run_killed_at(runs_root(), name, config_path(), SEED, kill_at_step,
-                                       env=child_env())
+        _, _ = verify_m1.run_killed_at(runs_root(), name, config_path(), SEED, kill_at_step, env=child_env())
         kill_rc = -9
     recs, _ = read_steplog(paths.steps)
-    sc = Scenario(name, paths, kill_rc, max((x["step"] for x in recs), default=0),
-                  _complete_checkpoints(paths))
+    sc = Scenario(name, paths, kill_rc, max((x["step"] for x in recs), default=0), _complete_checkpoints(paths))
     sc.resume = trainerd("resume", str(paths.root), "--foreground", bootstrap=resume_bootstrap)
     return sc
 
@@ -272,15 +276,18 @@ SCENARIOS = {
     "kill_during_step": lambda: _kill_then_resume("kill_during_step", kill_during_step(8), None),
     # state.pt of checkpoint 10 torn: 10 is not a checkpoint, resume from 5
     "kill_mid_checkpoint_write": lambda: _kill_then_resume(
-        "kill_mid_checkpoint_write", kill_mid_state_write(2 * EVERY), None),
+        "kill_mid_checkpoint_write", kill_mid_state_write(2 * EVERY), None
+    ),
     # checkpoint 10 fully written but not renamed into place: still resume from 5
     "kill_before_checkpoint_rename": lambda: _kill_then_resume(
-        "kill_before_checkpoint_rename", kill_before_checkpoint_rename(2 * EVERY), None),
+        "kill_before_checkpoint_rename", kill_before_checkpoint_rename(2 * EVERY), None
+    ),
     # SIGKILL from outside at a step after checkpoint 10, as `verify m1` does
     "kill_from_outside": lambda: _kill_then_resume("kill_from_outside", None, 2 * EVERY + 2),
     # the negative control: killed like above, resumed WITHOUT restoring the RNG states
     "resume_without_rng_restore": lambda: _kill_then_resume(
-        "resume_without_rng_restore", None, EVERY + 3, resume_bootstrap=SKIP_RNG_RESTORE),
+        "resume_without_rng_restore", None, EVERY + 3, resume_bootstrap=SKIP_RNG_RESTORE
+    ),
 }
 
 
@@ -296,15 +303,17 @@ def killed_run_copy(new_name: str) -> RunPaths:
     return copy_run(_FUTURES["killed_unresumed"].result(), new_name)
 
 
-def resume_until_resume_check(paths: RunPaths, *extra_args: str, env: dict | None = None,
-                              timeout: float = RUN_TIMEOUT) -> dict:
+def resume_until_resume_check(
+    paths: RunPaths, *extra_args: str, env: dict | None = None, timeout: float = RUN_TIMEOUT
+) -> dict:
     """`trainerd resume RUN --foreground EXTRA`, SIGKILLed as soon as its resume_check event
     is written (the steps after it are not needed by the caller); returns that event."""
     import time
 
     log = paths.root.parent / f"{paths.run_id}.resume.out"
-    p = verify_m1.TrainerProcess(["resume", str(paths.root), "--foreground", *extra_args], log,
-                                 env or child_env()).start()
+    p = verify_m1.TrainerProcess(
+        ["resume", str(paths.root), "--foreground", *extra_args], log, env or child_env()
+    ).start()
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -354,7 +363,22 @@ def copy_run(paths: RunPaths, new_name: str) -> RunPaths:
 
 
 __all__ = [
-    "SEED", "STEPS", "EVERY", "trainerd", "child_env", "reference_run", "scenario", "records",
-    "resume_checks", "edit_manifest", "copy_run", "killed_run_copy", "resume_until_resume_check", "read_jsonl", "StepLogTailer", "runs_root",
-    "config_path", "start_args",
+    "SEED",
+    "STEPS",
+    "EVERY",
+    "trainerd",
+    "child_env",
+    "reference_run",
+    "scenario",
+    "records",
+    "resume_checks",
+    "edit_manifest",
+    "copy_run",
+    "killed_run_copy",
+    "resume_until_resume_check",
+    "read_jsonl",
+    "StepLogTailer",
+    "runs_root",
+    "config_path",
+    "start_args",
 ]

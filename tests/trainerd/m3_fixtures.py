@@ -4,6 +4,7 @@
 catalogue records, the JSONL mirror, and the alert events the rule engine produces.
 `live_runs()` makes the runs of `trainerd verify m3` (no RUN) once per test process and shares them.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -59,9 +60,16 @@ def synthetic_record(step: int, **over) -> dict:
     return rec
 
 
-def make_synthetic_run(runs_dir, run_id: str, records: list[dict], status: str = "finished",
-                       events: bool = True, jsonl: bool = True, config: dict | None = None,
-                       tb: bool = False) -> Path:
+def make_synthetic_run(
+    runs_dir,
+    run_id: str,
+    records: list[dict],
+    status: str = "finished",
+    events: bool = True,
+    jsonl: bool = True,
+    config: dict | None = None,
+    tb: bool = False,
+) -> Path:
     paths = create_run(runs_dir, run_id)
     m = new_manifest(paths, config or {"steps": len(records)}, 0, {}, {"python": "3"})
     m["status"] = status

@@ -1,4 +1,5 @@
 """The daemon for real (start detached, status, stop, resume, wait) and the CLI's one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,6 @@ import pytest
 from protocol.jsonl import read_jsonl
 from protocol.rundir import RunLock, RunPaths, read_events, read_manifest
 from protocol.steplog import read_steplog
-
 
 # A short run: small warm start and reward model, checkpoints every 5 steps.
 FAST = """preset = "smoke"
@@ -120,9 +120,24 @@ def test_sigkill_then_resume_recomputes_and_keeps_old_records(tmp_path):
     runs = tmp_path / "runs"
     cfg = _fast_config(tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "trainerd", "start", "--foreground", "--config", str(cfg),
-                             "--runs-dir", str(runs), "--run-id", "k"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trainerd",
+            "start",
+            "--foreground",
+            "--config",
+            str(cfg),
+            "--runs-dir",
+            str(runs),
+            "--run-id",
+            "k",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     paths = RunPaths(runs / "k")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -153,6 +168,7 @@ def test_sigkill_then_resume_recomputes_and_keeps_old_records(tmp_path):
 
 
 # -- one clear line for every user error ----------------------------------------------------------
+
 
 def test_bad_config_key_and_values(tmp_path):
     bad = tmp_path / "bad.toml"

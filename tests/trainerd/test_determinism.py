@@ -5,6 +5,7 @@ The runs are real `trainerd` processes (shared through m1_fixtures). A mismatch 
 way it happens in practice: the run was recorded elsewhere (another torch, another device),
 or its config now asks for another thread count, which is what a resume would apply.
 """
+
 from __future__ import annotations
 
 import sys
@@ -24,6 +25,7 @@ from m1_fixtures import (  # noqa: E402
     resume_until_resume_check,
     trainerd,
 )
+
 from protocol.rundir import read_events, read_manifest  # noqa: E402
 from trainerd.determinism import RESUME_MUST_MATCH, settings_mismatch  # noqa: E402
 from trainerd.resume_check import first_difference  # noqa: E402
@@ -44,8 +46,14 @@ def test_settings_are_recorded_in_run_json():
 def test_settings_mismatch_names_each_setting_that_must_match():
     base = {k: v for k, v in read_manifest(reference_run())["determinism"].items()}
     assert settings_mismatch(base, dict(base)) == []
-    for key in ("intra_op_threads", "torch_version", "device", "deterministic_algorithms", "tf32_matmul",
-                "cudnn_deterministic"):
+    for key in (
+        "intra_op_threads",
+        "torch_version",
+        "device",
+        "deterministic_algorithms",
+        "tf32_matmul",
+        "cudnn_deterministic",
+    ):
         if key not in RESUME_MUST_MATCH:
             pytest.fail(f"{key} is not checked on resume")
         changed = {**base, key: "something else"}

@@ -4,6 +4,7 @@ The real runs are those of `trainerd verify m3` with no RUN (a clean run and one
 injection, same seed and config), made once per test process by m3_fixtures.live_runs() and
 shared with test_report.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,11 +37,14 @@ def test_parse_and_to_dict():
     assert set(inject.KINDS) >= {"kl_blowup", "entropy_collapse", "grad_explode", "nan", "reward_hack"}
 
 
-@pytest.mark.parametrize("spec,msg", [
-    ("nanx@3", "unknown injection 'nanx'"),
-    ("nan@x", "STEP must be an integer"),
-    ("nan@0", "STEP must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "spec,msg",
+    [
+        ("nanx@3", "unknown injection 'nanx'"),
+        ("nan@x", "STEP must be an integer"),
+        ("nan@0", "STEP must be at least 1"),
+    ],
+)
 def test_parse_errors_are_config_errors(spec, msg):
     with pytest.raises(ConfigError, match=msg) as e:
         Injection.parse(spec)
@@ -157,8 +161,7 @@ def test_kl_blowup_pushes_lr_once_and_holds_the_kl_coefficient_at_zero():
     p = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.AdamW([p], lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-    trainer = SimpleNamespace(c=SimpleNamespace(policy_opt=opt, scheduler=sched,
-                                                kl_ctl=SimpleNamespace(coef=0.1)))
+    trainer = SimpleNamespace(c=SimpleNamespace(policy_opt=opt, scheduler=sched, kl_ctl=SimpleNamespace(coef=0.1)))
     inj = Injection.parse("kl_blowup@3")
     inj.on_step_begin(2, trainer)
     assert opt.param_groups[0]["lr"] == 1e-3 and trainer.c.kl_ctl.coef == 0.1
@@ -185,8 +188,16 @@ from trainerd import verify_m3  # noqa: E402
 INJECTED = [spec for spec, _ in verify_m3.LIVE_RUNS if spec]
 # Fields a step's rollout, reference pass, reward and value pass produce, before any update of
 # that step: an injection acting on the update (loss, grads, KL coefficient) leaves them alone.
-ROLLOUT_FIELDS = ("kl", "kl_target", "kl_target_error", "entropy", "gold_reward_mean",
-                  "response_length_mean", "batch_size", "tokens")
+ROLLOUT_FIELDS = (
+    "kl",
+    "kl_target",
+    "kl_target_error",
+    "entropy",
+    "gold_reward_mean",
+    "response_length_mean",
+    "batch_size",
+    "tokens",
+)
 
 
 @pytest.fixture(scope="module")
@@ -213,8 +224,13 @@ def test_verify_m3_without_a_run_passes(live):
 def test_each_injection_fires_its_alert_on_a_real_run(live, spec):
     inj = Injection.parse(spec)
     tol = dict(verify_m3.LIVE_RUNS)[spec]
-    fired = [e for e in live.events(spec) if e["event"] in ("alert", "alert_escalated")
-             and e["rule"] in inject.EXPECTED_ALERTS[inj.kind] and e["step"] >= inj.step]
+    fired = [
+        e
+        for e in live.events(spec)
+        if e["event"] in ("alert", "alert_escalated")
+        and e["rule"] in inject.EXPECTED_ALERTS[inj.kind]
+        and e["step"] >= inj.step
+    ]
     assert fired, f"{spec}: no {inject.EXPECTED_ALERTS[inj.kind]} alert in events.jsonl"
     first = fired[0]
     assert inj.step <= first["step"] <= inj.step + tol, first
@@ -259,7 +275,7 @@ def test_reward_hack_flips_the_reward_and_nothing_else_at_its_step(live):
     assert b["gold_reward_mean"] == a["gold_reward_mean"]
     # ...and then the proxy and the gold score part: reward up, gold down over the rule's window
     fired = next(e for e in live.events("reward_hack@1") if e["event"] == "alert" and e["rule"] == "reward_hacking")
-    recs = live.records("reward_hack@1")[fired["step"] - 20: fired["step"]]
+    recs = live.records("reward_hack@1")[fired["step"] - 20 : fired["step"]]
     assert len(recs) == 20
     r = [x["reward_mean"] for x in recs]
     g = [x["gold_reward_mean"] for x in recs]
@@ -275,7 +291,9 @@ def test_kl_blowup_pushes_lr_and_zeroes_the_kl_coefficient(live):
     for a, b in zip(clean[4:], hurt[4:]):
         assert b["kl_coef"] == 0.0
         assert b["learning_rate"] == pytest.approx(a["learning_rate"] * inject.KL_BLOWUP_LR_FACTOR, rel=1e-9)
-    assert max(r["kl"] for r in hurt[5:]) > 0.2 and max(r["kl"] for r in hurt[5:]) > 2 * max(r["kl"] for r in clean[5:10])
+    assert max(r["kl"] for r in hurt[5:]) > 0.2 and max(r["kl"] for r in hurt[5:]) > 2 * max(
+        r["kl"] for r in clean[5:10]
+    )
 
 
 @pytest.mark.slow
@@ -365,19 +383,38 @@ import subprocess  # noqa: E402
 
 def _start(tmp_path, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "trainerd", "start", "--smoke", "--foreground",
-                           "--runs-dir", str(tmp_path / "runs"), *args],
-                          capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainerd",
+            "start",
+            "--smoke",
+            "--foreground",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
-@pytest.mark.parametrize("content,msg", [
-    ("[rules.kl_runaway]\nthreshhold = 0.3\n", "rules.kl_runaway has unknown key 'threshhold'"),
-    ("rules = [", "is not valid TOML"),
-    ("[rules.kl_runaway]\nseverity = \"bad\"\n", "severity must be one of"),
-    ("[rules.mine]\nmetric = \"no_such_metric\"\nkind = \"above\"\nthreshold = 1.0\nseverity = \"warning\"\n",
-     "unknown metric 'no_such_metric'"),
-    (None, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "content,msg",
+    [
+        ("[rules.kl_runaway]\nthreshhold = 0.3\n", "rules.kl_runaway has unknown key 'threshhold'"),
+        ("rules = [", "is not valid TOML"),
+        ('[rules.kl_runaway]\nseverity = "bad"\n', "severity must be one of"),
+        (
+            '[rules.mine]\nmetric = "no_such_metric"\nkind = "above"\nthreshold = 1.0\nseverity = "warning"\n',
+            "unknown metric 'no_such_metric'",
+        ),
+        (None, "does not exist"),
+    ],
+)
 def test_bad_alerts_file_is_one_clear_line(tmp_path, content, msg):
     f = tmp_path / "bad.toml"
     if content is not None:
@@ -395,7 +432,8 @@ def test_bad_inject_is_one_clear_line(tmp_path):
     assert p.returncode != 0
     assert p.stderr.strip().splitlines() == [
         "trainerd start: unknown injection 'nanx' in --inject 'nanx@3' "
-        "(kinds: kl_blowup, entropy_collapse, grad_explode, nan, reward_hack)"]
+        "(kinds: kl_blowup, entropy_collapse, grad_explode, nan, reward_hack)"
+    ]
 
 
 @pytest.mark.slow

@@ -4,11 +4,11 @@ The workload here is synthetic (a small torch MLP stepping through the PPO stage
 with record_function ranges and wall-clock stage timers), so these tests do not depend
 on the trainer; one test in test_verify_m2.py runs the real trainer.
 """
+
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import time
 from pathlib import Path
@@ -64,7 +64,9 @@ class SyntheticPPO:
             ref = self._stage("ref_logprobs", stage_s, lambda: torch.log_softmax(self.policy(h), -1))
             rew = self._stage("reward", stage_s, lambda: h.sum(-1))
             val = self._stage("values", stage_s, lambda: self.value(h).squeeze(-1))
-            adv = self._stage("advantages", stage_s, lambda: (rew - val - (rew - val).mean()) / ((rew - val).std() + 1e-8))
+            adv = self._stage(
+                "advantages", stage_s, lambda: (rew - val - (rew - val).mean()) / ((rew - val).std() + 1e-8)
+            )
 
         def policy_update():
             logp = torch.log_softmax(self.policy(h), -1)
@@ -88,13 +90,33 @@ class SyntheticPPO:
         stage_s["other"] = max(0.0, step_time - sum(stage_s.values()))
         tokens = self.batch * self.gen_tokens
         return {
-            "step": step, "time": time.time(), "kl": 0.01, "kl_target": 0.1, "kl_target_error": -0.09,
-            "kl_coef": 0.05, "entropy": 1.0, "clip_frac": 0.0, "approx_kl": 0.0, "policy_loss": policy_loss,
-            "grad_norm": 1.0, "learning_rate": 1e-3, "value_loss": value_loss, "explained_variance": 0.0,
-            "reward_mean": float(rew.mean()), "reward_std": float(rew.std()), "reward_var": float(rew.var()),
-            "advantage_mean": 0.0, "advantage_std": 1.0, "advantage_var": 1.0, "response_length_mean": 6.0,
-            "batch_size": self.batch, "tokens": tokens, "tokens_per_second": tokens / step_time,
-            "step_time_s": step_time, "stage_s": {s: stage_s[s] for s in STAGES}, "rss_bytes": 100 << 20,
+            "step": step,
+            "time": time.time(),
+            "kl": 0.01,
+            "kl_target": 0.1,
+            "kl_target_error": -0.09,
+            "kl_coef": 0.05,
+            "entropy": 1.0,
+            "clip_frac": 0.0,
+            "approx_kl": 0.0,
+            "policy_loss": policy_loss,
+            "grad_norm": 1.0,
+            "learning_rate": 1e-3,
+            "value_loss": value_loss,
+            "explained_variance": 0.0,
+            "reward_mean": float(rew.mean()),
+            "reward_std": float(rew.std()),
+            "reward_var": float(rew.var()),
+            "advantage_mean": 0.0,
+            "advantage_std": 1.0,
+            "advantage_var": 1.0,
+            "response_length_mean": 6.0,
+            "batch_size": self.batch,
+            "tokens": tokens,
+            "tokens_per_second": tokens / step_time,
+            "step_time_s": step_time,
+            "stage_s": {s: stage_s[s] for s in STAGES},
+            "rss_bytes": 100 << 20,
         }
 
 
@@ -215,18 +237,20 @@ def _x(name, ts, dur, tid=1, cat="cpu_op", **args):
 
 
 def test_self_time_subtracts_direct_children_per_thread():
-    trace = {"traceEvents": [
-        {"ph": "M", "name": "process_name", "pid": 1, "tid": 0, "args": {"name": "python"}},
-        _x("PyTorch Profiler (0)", 0, 1000, cat="Trace"),  # whole-trace span: not an op
-        _x("ProfilerStep#7", 0, 100, cat="user_annotation"),
-        _x("rollout", 10, 60, cat="user_annotation"),
-        _x("aten::linear", 10, 40),  # starts with its parent: longer one is the parent
-        _x("aten::addmm", 15, 30),
-        _x("aten::relu", 50, 10.0004),  # overhangs rollout's end by a rounding error
-        _x("aten::relu", 80, 5),  # in the step, outside rollout
-        _x("aten::mm", 0, 500, tid=2),  # another thread: never a child of thread 1's events
-        _x("aten::addmm", 100, 20, tid=2),
-    ]}
+    trace = {
+        "traceEvents": [
+            {"ph": "M", "name": "process_name", "pid": 1, "tid": 0, "args": {"name": "python"}},
+            _x("PyTorch Profiler (0)", 0, 1000, cat="Trace"),  # whole-trace span: not an op
+            _x("ProfilerStep#7", 0, 100, cat="user_annotation"),
+            _x("rollout", 10, 60, cat="user_annotation"),
+            _x("aten::linear", 10, 40),  # starts with its parent: longer one is the parent
+            _x("aten::addmm", 15, 30),
+            _x("aten::relu", 50, 10.0004),  # overhangs rollout's end by a rounding error
+            _x("aten::relu", 80, 5),  # in the step, outside rollout
+            _x("aten::mm", 0, 500, tid=2),  # another thread: never a child of thread 1's events
+            _x("aten::addmm", 100, 20, tid=2),
+        ]
+    }
     a = analyze_trace(trace)
     ops = {name: st for (name, _cat), st in a.ops.items()}
     assert "PyTorch Profiler (0)" not in ops
@@ -242,14 +266,32 @@ def test_self_time_subtracts_direct_children_per_thread():
 
 
 def test_device_time_goes_to_the_launching_op_and_its_ancestors():
-    trace = {"traceEvents": [
-        _x("aten::linear", 0, 50, **{"External id": 1}),
-        _x("aten::addmm", 5, 40, **{"External id": 2}),
-        {"ph": "X", "cat": "kernel", "name": "gemm", "pid": 0, "tid": 7, "ts": 20, "dur": 30,
-         "args": {"External id": 2, "correlation": 9}},
-        {"ph": "X", "cat": "kernel", "name": "gemm", "pid": 0, "tid": 7, "ts": 60, "dur": 5,
-         "args": {"External id": 2}},
-    ]}
+    trace = {
+        "traceEvents": [
+            _x("aten::linear", 0, 50, **{"External id": 1}),
+            _x("aten::addmm", 5, 40, **{"External id": 2}),
+            {
+                "ph": "X",
+                "cat": "kernel",
+                "name": "gemm",
+                "pid": 0,
+                "tid": 7,
+                "ts": 20,
+                "dur": 30,
+                "args": {"External id": 2, "correlation": 9},
+            },
+            {
+                "ph": "X",
+                "cat": "kernel",
+                "name": "gemm",
+                "pid": 0,
+                "tid": 7,
+                "ts": 60,
+                "dur": 5,
+                "args": {"External id": 2},
+            },
+        ]
+    }
     a = analyze_trace(trace)
     assert a.has_device
     ops = {name: st for (name, _cat), st in a.ops.items()}
@@ -260,13 +302,16 @@ def test_device_time_goes_to_the_launching_op_and_its_ancestors():
     assert columns[-2:] == ["self_cuda_us", "total_cuda_us"]
 
 
-@pytest.mark.parametrize("text, why", [
-    ("", "not valid JSON"),
-    ('{"traceEvents": [', "not valid JSON"),
-    ('{"traceEvents": [{"ph": "X", "name": "a", "ts": NaN, "dur": 1}]}', "not valid JSON"),
-    ('{"events": []}', "no traceEvents"),
-    ('{"traceEvents": [{"ph": "X", "name": "a", "ts": 1}]}', "numeric ts/dur"),
-])
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("", "not valid JSON"),
+        ('{"traceEvents": [', "not valid JSON"),
+        ('{"traceEvents": [{"ph": "X", "name": "a", "ts": NaN, "dur": 1}]}', "not valid JSON"),
+        ('{"events": []}', "no traceEvents"),
+        ('{"traceEvents": [{"ph": "X", "name": "a", "ts": 1}]}', "numeric ts/dur"),
+    ],
+)
 def test_load_trace_rejects_what_perfetto_would(tmp_path, text, why):
     p = tmp_path / "t.json"
     p.write_text(text)

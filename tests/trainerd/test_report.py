@@ -1,5 +1,6 @@
 """`trainerd report`: the offline stability report, on synthetic run dirs written with
 `protocol` and (in test_inject.py's shared runs) on real trainer runs."""
+
 from __future__ import annotations
 
 import json
@@ -136,14 +137,17 @@ def test_bad_run_is_one_line_and_exit_2(tmp_path, capsys, case):
 
 def test_report_module_never_imports_torch(runs):
     clean, _ = runs
-    code = ("import sys, trainerd; before = 'torch' in sys.modules; from trainerd import report; "
-            "rc = report.run(sys.argv[1], 'json'); "
-            "assert before or 'torch' not in sys.modules, 'report imported torch'; sys.exit(rc)")
+    code = (
+        "import sys, trainerd; before = 'torch' in sys.modules; from trainerd import report; "
+        "rc = report.run(sys.argv[1], 'json'); "
+        "assert before or 'torch' not in sys.modules, 'report imported torch'; sys.exit(rc)"
+    )
     p = subprocess.run([sys.executable, "-c", code, str(clean)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
 
 
 # -- on REAL runs (the shared runs of `verify m3`, m3_fixtures.live_runs) ----------------------
+
 
 @pytest.fixture(scope="module")
 def live():
@@ -166,8 +170,16 @@ def test_report_on_a_real_clean_run(live, capsys):
     assert all(st["nan"] == 0 and st["inf"] == 0 for st in d["metrics"].values())
     # the smoke run's stage timers are in the step log: all eight stages, shares that add up
     stages = {s["stage"]: s for s in d["stages"]}
-    assert list(stages)[:8] == ["rollout", "ref_logprobs", "reward", "values", "advantages",
-                                "policy_update", "value_update", "other"]
+    assert list(stages)[:8] == [
+        "rollout",
+        "ref_logprobs",
+        "reward",
+        "values",
+        "advantages",
+        "policy_update",
+        "value_update",
+        "other",
+    ]
     assert 0.85 <= sum(s["share"] for s in d["stages"]) <= 1.15
     assert set(d["correlations"]) == {"kl", "reward_mean", "gold_reward_mean", "entropy", "response_length_mean"}
 
@@ -193,11 +205,21 @@ def test_report_on_a_real_unstable_run(live, capsys):
 def test_cli_report_dispatches_and_fails_cleanly(tmp_path):
     run = make_synthetic_run(tmp_path, "r", [synthetic_record(s) for s in range(1, 4)])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "trainerd", "report", str(run), "--format", "md"],
-                       capture_output=True, text=True, timeout=60, env=env)
+    p = subprocess.run(
+        [sys.executable, "-m", "trainerd", "report", str(run), "--format", "md"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert p.returncode == 0 and p.stdout.startswith("# Stability report: r"), p.stderr
-    p = subprocess.run([sys.executable, "-m", "trainerd", "report", str(tmp_path / "nope")],
-                       capture_output=True, text=True, timeout=60, env=env)
+    p = subprocess.run(
+        [sys.executable, "-m", "trainerd", "report", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert p.returncode == 2 and p.stdout == ""
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
 

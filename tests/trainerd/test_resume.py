@@ -8,6 +8,7 @@ run bitwise, the removed records were kept aside, and the `resume_check` event s
 identical. The negative control (a resume that does not restore the RNG states) must be
 caught: it differs from the uninterrupted run, and its resume_check event says where.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,6 +31,7 @@ from m1_fixtures import (  # noqa: E402
     start_args,
     trainerd,
 )
+
 from protocol import catalogue  # noqa: E402
 from protocol.jsonl import read_jsonl  # noqa: E402
 from protocol.rundir import create_run, read_events, read_manifest  # noqa: E402
@@ -40,8 +42,7 @@ from trainerd.resume_check import (  # noqa: E402
     first_difference,
 )
 
-GOOD_SCENARIOS = ["kill_during_step", "kill_mid_checkpoint_write", "kill_before_checkpoint_rename",
-                  "kill_from_outside"]
+GOOD_SCENARIOS = ["kill_during_step", "kill_mid_checkpoint_write", "kill_before_checkpoint_rename", "kill_from_outside"]
 # (the checkpoint the resume must start from, the last step logged before the kill, at least)
 EXPECTED = {
     "kill_during_step": (EVERY, 7),  # died inside step 8: 8 was never logged
@@ -119,7 +120,6 @@ def test_resume_without_rng_restore_differs_and_resume_check_says_where():
     assert ev["old"] != ev["new"] or ev["old_bits"] != ev["new_bits"]
 
 
-
 @pytest.mark.slow
 def test_crash_during_a_resume_then_resume_again_ends_bitwise_equal():
     sc = scenario("kill_during_resume")
@@ -167,12 +167,15 @@ def test_kill_before_the_first_checkpoint_cannot_resume_and_says_so_in_one_line(
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "no complete checkpoint" in lines[0] and "Traceback" not in r.stderr, r.stderr
 
+
 # -- the comparison itself, on records built by hand (no trainer) --------------------------------
+
 
 def rec(step: int, **over) -> dict:
     r = {f: 0.5 for f in catalogue.deterministic_fields()}
-    r.update(step=step, batch_size=8, tokens=64, time=1.0e9 + step, step_time_s=0.1 * step,
-             stage_s={"rollout": 0.01 * step})
+    r.update(
+        step=step, batch_size=8, tokens=64, time=1.0e9 + step, step_time_s=0.1 * step, stage_s={"rollout": 0.01 * step}
+    )
     r.update(over)
     return r
 

@@ -1,4 +1,5 @@
 """The smoke preset, run for real once per session (conftest.trainer_smoke_run)."""
+
 from __future__ import annotations
 
 import math
@@ -67,8 +68,9 @@ def test_reward_clearly_rises(records):
     rise = statistics.mean(r["reward_mean"] for r in last) - statistics.mean(r["reward_mean"] for r in first)
     margin = 0.5 * statistics.mean(r["reward_std"] for r in first)
     assert rise > margin, (rise, margin)
-    gold_rise = (statistics.mean(r["gold_reward_mean"] for r in last)
-                 - statistics.mean(r["gold_reward_mean"] for r in first))
+    gold_rise = statistics.mean(r["gold_reward_mean"] for r in last) - statistics.mean(
+        r["gold_reward_mean"] for r in first
+    )
     assert gold_rise > 0.05, gold_rise
 
 
@@ -103,8 +105,18 @@ def test_checkpoint_complete_and_weights_only(trainer_smoke_run):
     raw = torch.load(d / "state.pt", weights_only=True)  # plain values only
     state = load_checkpoint(d)
     assert raw.keys() == state.keys()
-    for key in ("policy", "ref", "reward_model", "policy_optimizer", "value_optimizer", "scheduler",
-                "kl_controller", "data_cursor", "rng", "step"):
+    for key in (
+        "policy",
+        "ref",
+        "reward_model",
+        "policy_optimizer",
+        "value_optimizer",
+        "scheduler",
+        "kl_controller",
+        "data_cursor",
+        "rng",
+        "step",
+    ):
         assert key in state, key
     assert state["step"] == step == SMOKE_STEPS
     rng = state["rng"]

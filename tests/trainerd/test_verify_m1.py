@@ -7,6 +7,7 @@ parameter by an amount that depends on the process id, the way a nondeterministi
 an unseeded source would. Two processes with the same seed then differ from their first
 optimizer step, and verify m1 must report the first step and field that differ.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from m1_fixtures import REPO, STEPS, child_env, copy_run, records, reference_run  # noqa: E402
+
 from protocol.steplog import StepLogWriter  # noqa: E402
 from trainerd import verify_m1  # noqa: E402
 
@@ -49,8 +51,9 @@ NOISE_SITECUSTOMIZE = textwrap.dedent("""
 
 def test_make_verify_m1_passes():
     t0 = time.monotonic()
-    r = subprocess.run(["make", "-s", "verify_m1"], cwd=REPO, capture_output=True, text=True,
-                       env=child_env(), timeout=290)
+    r = subprocess.run(
+        ["make", "-s", "verify_m1"], cwd=REPO, capture_output=True, text=True, env=child_env(), timeout=290
+    )
     took = time.monotonic() - t0
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("same_seed_bitwise", "other_seed_differs", "kill_resume_bitwise"):
@@ -63,8 +66,14 @@ def test_make_verify_m1_passes():
 def test_verify_m1_fails_and_says_where_when_determinism_is_broken(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(NOISE_SITECUSTOMIZE)
     env = child_env(PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
-    r = subprocess.run([sys.executable, "-c", verify_m1.CLI_MAIN, "verify", "m1", "--json"], cwd=REPO,
-                       capture_output=True, text=True, env=env, timeout=290)
+    r = subprocess.run(
+        [sys.executable, "-c", verify_m1.CLI_MAIN, "verify", "m1", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=290,
+    )
     assert r.returncode == 1, r.stderr[-3000:]
     out = r.stdout.strip().splitlines()
     assert len(out) == 1, r.stdout  # ONE JSON object, nothing else on stdout

@@ -1,4 +1,5 @@
 """`trainerd verify m2`: passes on a good profiled run, fails (and says where) on each defect."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from protocol.steplog import StepLogWriter, read_steplog  # noqa: E402
 from test_profiler import make_profiled_run  # noqa: E402  (tests/trainerd is on sys.path)
+
+from protocol.steplog import StepLogWriter, read_steplog  # noqa: E402
 from trainerd import profiler, verify_m2  # noqa: E402
 from trainerd.profiler import OP_STATS_FILE, SUMMARY_FILE, TRACE_FILE  # noqa: E402
 
@@ -44,7 +46,13 @@ def test_good_run_passes(run_dir, capsys):
     assert report["check"] == "m2" and report["run"] == str(run_dir)
     assert isinstance(report["duration_s"], float)
     assert [c["name"] for c in report["checks"]] == [
-        "chrome_trace", "op_stats", "summary", "stage_ranges", "stage_sums", "summary_shares"]
+        "chrome_trace",
+        "op_stats",
+        "summary",
+        "stage_ranges",
+        "stage_sums",
+        "summary_shares",
+    ]
     assert all(set(c) >= {"name", "passed", "detail"} for c in report["checks"])
 
 
@@ -71,13 +79,15 @@ def test_one_profiled_step_missing_a_stage_fails(run_dir, capsys):
     trace = json.loads(path.read_text())
     step3 = next(e for e in trace["traceEvents"] if e.get("name") == "ProfilerStep#3")
     end = step3["ts"] + step3["dur"]
-    trace["traceEvents"] = [e for e in trace["traceEvents"]
-                            if not (e.get("name") == "values" and step3["ts"] <= e["ts"] < end)]
+    trace["traceEvents"] = [
+        e for e in trace["traceEvents"] if not (e.get("name") == "values" and step3["ts"] <= e["ts"] < end)
+    ]
     path.write_text(json.dumps(trace))
     code, report = verify_json(run_dir, capsys)
     assert code == 1
     assert failing(report)["stage_ranges"] == [
-        f"{run_dir / 'profile' / TRACE_FILE}: profiled step 3 has no range for ['values']"]
+        f"{run_dir / 'profile' / TRACE_FILE}: profiled step 3 has no range for ['values']"
+    ]
 
 
 def test_other_range_is_required_in_every_step_once_traced(run_dir, capsys):
@@ -85,8 +95,17 @@ def test_other_range_is_required_in_every_step_once_traced(run_dir, capsys):
     path = run_dir / "profile" / TRACE_FILE
     trace = json.loads(path.read_text())
     step2 = next(e for e in trace["traceEvents"] if e.get("name") == "ProfilerStep#2")
-    trace["traceEvents"].append({"ph": "X", "cat": "user_annotation", "name": "other", "pid": step2["pid"],
-                                 "tid": step2["tid"], "ts": step2["ts"] + step2["dur"] - 0.5, "dur": 0.2})
+    trace["traceEvents"].append(
+        {
+            "ph": "X",
+            "cat": "user_annotation",
+            "name": "other",
+            "pid": step2["pid"],
+            "tid": step2["tid"],
+            "ts": step2["ts"] + step2["dur"] - 0.5,
+            "dur": 0.2,
+        }
+    )
     path.write_text(json.dumps(trace))
     code, report = verify_json(run_dir, capsys)
     assert code == 1
@@ -187,13 +206,23 @@ def test_cli_dispatch_json_and_profile(good_run_template):
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "trainerd", "verify", "m2", str(good_run_template.root), "--json"],
-                          capture_output=True, text=True, env=env, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainerd", "verify", "m2", str(good_run_template.root), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["passed"] is True
     assert "PASS stage_sums" in proc.stderr  # progress goes to stderr in --json mode
-    proc = subprocess.run([sys.executable, "-m", "trainerd", "profile", str(good_run_template.root)],
-                          capture_output=True, text=True, env=env, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainerd", "profile", str(good_run_template.root)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "slowest stage:" in proc.stdout
 

@@ -1,6 +1,7 @@
 """`trainerd verify m3 RUN`: the schema / mirror / TensorBoard / alert-event checks, on
 synthetic runs (each a way a run can break the contract). The live part (`verify m3`
 with no RUN: injected runs) is in test_inject.py, on the shared real runs."""
+
 from __future__ import annotations
 
 import json
@@ -65,7 +66,7 @@ def _rewrite(run: Path, records: list[dict], jsonl_records: list[dict] | None = 
         w.write(r)
     w.close()
     with open(run / "steps.jsonl", "w") as f:
-        for r in (records if jsonl_records is None else jsonl_records):
+        for r in records if jsonl_records is None else jsonl_records:
             f.write(dumps(r) + "\n")
 
 
@@ -163,6 +164,7 @@ def test_a_running_run_may_lag_in_tensorboard_and_the_mirror(tmp_path, capsys):
     import os
 
     from m3_fixtures import write_tensorboard
+
     from protocol.rundir import RunPaths, update_manifest
 
     recs = [synthetic_record(s) for s in range(1, 11)]

@@ -1,23 +1,20 @@
 """Pilot tests of the monitor against runs written while it runs."""
+
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+from tui_helpers import T0, LiveWriter, make_run, rendered, wait_for
 
-from protocol import rundir
 from protocol.steplog import truncate_after_step
 from tui.app import MonitorApp
 from tui.screens import AlertListScreen, HelpScreen, RunPickerScreen
 from tui.widgets.charts import DetailChart, MetricTile
 from tui.widgets.panels import AlertBanner, RunHeader
 from tui.widgets.verify import VerifyPanel, find_trainerd
-
-from tui_helpers import T0, LiveWriter, make_run, rendered, wait_for
 
 SIZE = (160, 50)
 pytestmark = pytest.mark.asyncio
@@ -74,8 +71,9 @@ async def test_nan_and_inf_show_markers_without_crash(runs_dir):
         kl = rendered(app.query_one("#tile-kl", MetricTile))
         assert "▲" in kl and "⚠" not in grad  # +Inf marker; the current grad_norm is finite again
         assert "-Inf" in rendered(app.query_one("#tile-entropy", MetricTile))
-        assert "non_finite" in [a.rule for a, in [(x,) for x in app.open_alerts]] or \
-            any(ev == "alert" and a.rule == "non_finite" for ev, a in app.alert_history)
+        assert "non_finite" in [a.rule for (a,) in [(x,) for x in app.open_alerts]] or any(
+            ev == "alert" and a.rule == "non_finite" for ev, a in app.alert_history
+        )
         await pilot.press("s", "t", "z")  # smoothing, time axis, zoom all survive NaN/Inf
         await pilot.pause(0.2)
         rendered(app.query_one(DetailChart))
@@ -91,8 +89,7 @@ async def test_resume_that_shrinks_the_log_is_followed(runs_dir):
         truncate_after_step(paths.steps, 25)
         for step in range(26, 31):
             w.write(step, reward_mean=7.5)
-        await wait_for(pilot, lambda: app.drawn_step == 30 and len(app.store) == 30,
-                       what="the shrunk log re-read")
+        await wait_for(pilot, lambda: app.drawn_step == 30 and len(app.store) == 30, what="the shrunk log re-read")
         assert list(app.store.steps) == list(range(1, 31))
         assert app.store.value("reward_mean") == 7.5
     w.close()
@@ -102,8 +99,9 @@ async def test_alert_list_opens_and_jumps_to_the_step(runs_dir):
     paths = make_run(runs_dir, "unstable", 300, unstable=True)
     app = app_for(paths.root)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.drawn_step == 300 and app.open_alerts,
-                       what="the KL runaway, still open at the end")
+        await wait_for(
+            pilot, lambda: app.drawn_step == 300 and app.open_alerts, what="the KL runaway, still open at the end"
+        )
         await pilot.pause(0.3)
         assert "kl_runaway" in rendered(app.query_one(AlertBanner))
         await pilot.press("a")
@@ -127,8 +125,7 @@ async def test_run_picker_opens_another_run(runs_dir):
         await pilot.press("r")
         await wait_for(pilot, lambda: isinstance(app.screen, RunPickerScreen))
         await pilot.press("down", "enter")  # newest first: the second row is "first"
-        await wait_for(pilot, lambda: app.paths.run_id == "first" and app.drawn_step == 15,
-                       what="the other run opened")
+        await wait_for(pilot, lambda: app.paths.run_id == "first" and app.drawn_step == 15, what="the other run opened")
 
 
 async def test_follows_latest_when_a_new_run_starts(runs_dir):
@@ -137,8 +134,12 @@ async def test_follows_latest_when_a_new_run_starts(runs_dir):
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.drawn_step == 10)
         make_run(runs_dir, "new", 12, status="running")
-        await wait_for(pilot, lambda: app.paths.run_id == "new" and app.drawn_step == 12, timeout=6,
-                       what="switch to the new latest")
+        await wait_for(
+            pilot,
+            lambda: app.paths.run_id == "new" and app.drawn_step == 12,
+            timeout=6,
+            what="switch to the new latest",
+        )
 
 
 async def test_help_and_keys(runs_dir):
@@ -224,4 +225,3 @@ async def test_values_update_before_the_charts(runs_dir):
         await wait_for(pilot, lambda: app.chart_step == 21, timeout=4, what="the chart frame")
         assert tile.chart_version == version + 1
     w.close()
-

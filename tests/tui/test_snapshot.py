@@ -2,13 +2,14 @@
 
 Update after an intended change with `pytest tests/tui/test_snapshot.py --snapshot-update`.
 """
+
 from __future__ import annotations
 
 import time
 
-from tui.app import MonitorApp
-
 from tui_helpers import T0, make_run
+
+from tui.app import MonitorApp
 
 SIZE = (160, 50)
 
@@ -18,13 +19,20 @@ def _loaded(app: MonitorApp):
         deadline = time.monotonic() + 10
         # records are shown first and their alerts evaluated after: wait for both, and for the
         # chart frame that draws the alert markers
-        while (not len(app.store) or app.drawn_step != app.store.last_step
-               or app.chart_step != app.store.last_step or app.alerts_step != app.store.last_step
-               or app._dirty or app._redraw_timer is not None or app._charts_pending):
+        while (
+            not len(app.store)
+            or app.drawn_step != app.store.last_step
+            or app.chart_step != app.store.last_step
+            or app.alerts_step != app.store.last_step
+            or app._dirty
+            or app._redraw_timer is not None
+            or app._charts_pending
+        ):
             if time.monotonic() > deadline:
                 raise AssertionError("run never loaded")
             await pilot.pause(0.05)
         await pilot.pause(0.2)
+
     return wait
 
 

@@ -1,4 +1,5 @@
 """The monitor's compact history: decimation keeps NaN/Inf visible, resumes cut history."""
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,9 @@ def _recs(n, start=1, special=None):
 def test_decimation_keeps_non_finite_markers_and_extremes():
     store = RunStore()
     n = 50 * BLOCK
-    store.extend(RunStore.columnize(_recs(n, special={1234: {"kl": math.nan}, 9000: {"kl": math.inf},
-                                                     7000: {"kl": 55.0}})))
+    store.extend(
+        RunStore.columnize(_recs(n, special={1234: {"kl": math.nan}, 9000: {"kl": math.inf}, 7000: {"kl": 55.0}}))
+    )
     buckets = store.decimate("kl", 0, n, 40)
     flags = 0
     for b in buckets:

@@ -1,4 +1,5 @@
 """The monitor's widgets alone: value labels that fit their tile, the profiler's sparklines."""
+
 from __future__ import annotations
 
 from tui_helpers import T0
@@ -11,8 +12,11 @@ def test_value_labels_fit_their_tile():
         for v, c in ((0.09734512, 0.1), (0.1352, 0.1), (-1.234e-05, 0.1), (float("nan"), 0.1)):
             t = value_label("kl", v, "kl_target", c, "ok", width)
             assert t.cell_len <= width, (width, t.plain)
-            assert t.plain.startswith(("0.09735", "0.1352", "-1.23e-05", "NaN")[(0.09734512, 0.1352, -1.234e-05).index(v)]
-                                      if v == v else "NaN"), t.plain
+            assert t.plain.startswith(
+                ("0.09735", "0.1352", "-1.23e-05", "NaN")[(0.09734512, 0.1352, -1.234e-05).index(v)]
+                if v == v
+                else "NaN"
+            ), t.plain
     assert value_label("kl", 0.09734512, "kl_target", 0.1, "ok", 32).plain == "0.09735 nats  kl_target 0.1"
     assert value_label("kl", 0.1352, "kl_target", 0.1, "ok", 40).plain == "0.1352 nats/token  kl_target 0.1"
     assert value_label("kl", 0.09734512, "kl_target", 0.1, "ok", 20).plain == "0.09735  target 0.1"

@@ -1,9 +1,8 @@
 """Helpers for the monitor's tests: runs made by scripts/gen_run.py, and a live writer."""
+
 from __future__ import annotations
 
-import asyncio
 import importlib.util
-import math
 import os
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ def make_run(runs_dir: Path, run_id: str, steps: int, status: str = "finished", 
     rundir.write_manifest(paths, m)
     # fixed event times too (append_event stamps the wall clock)
     events = rundir.read_events(paths)
-    for i, e in enumerate(events):
+    for _i, e in enumerate(events):
         e["time"] = T0 + 0.5 * e.get("step", 0) if isinstance(e.get("step"), int) else T0
     paths.events.write_text("".join(jsonl.dumps(e) + "\n" for e in events))
     return paths

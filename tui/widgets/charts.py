@@ -1,4 +1,5 @@
 """Metric tiles (the grid) and the detail chart of the selected metric."""
+
 from __future__ import annotations
 
 import math
@@ -75,8 +76,9 @@ def buckets_for(store: RunStore, key: str, a: int, b: int, n: int, time_axis: bo
     return out
 
 
-def chart_lines(store: RunStore, key: str, view: ChartView, width: int, height: int,
-                thresholds: bool, rules=None) -> tuple[list[Runs], tuple[float, float] | None, list]:
+def chart_lines(
+    store: RunStore, key: str, view: ChartView, width: int, height: int, thresholds: bool, rules=None
+) -> tuple[list[Runs], tuple[float, float] | None, list]:
     """The chart of `key` as rows of styled runs, its y range, and the main line's buckets."""
     a, b = view.rows(store)
     lines: list[Line] = []
@@ -141,8 +143,11 @@ class StripWidget(Widget, can_focus=False):
         return Strip(segs, sum(len(c) for c, _ in runs)).adjust_cell_length(width, base)
 
     def _text_strip(self, text: Text, width: int, base: Style) -> Strip:
-        segs = [Segment(seg.text, base + seg.style if seg.style else base)
-                for seg in text.render(self.app.console) if seg.text != "\n"]
+        segs = [
+            Segment(seg.text, base + seg.style if seg.style else base)
+            for seg in text.render(self.app.console)
+            if seg.text != "\n"
+        ]
         return Strip(segs).adjust_cell_length(width, base)
 
 
@@ -150,8 +155,9 @@ UNIT_SHORT = {"nats/token": "nats", "tokens/s": "tok/s", "tokens": "tok", "score
 COMPANION_LABEL = {"kl_target": ("kl_target", "target", "tgt"), "gold_reward_mean": ("gold_reward", "gold", "gold")}
 
 
-def value_label(metric: str, value: float | None, comp: str | None, comp_value: float | None,
-                level: str, width: int) -> Text:
+def value_label(
+    metric: str, value: float | None, comp: str | None, comp_value: float | None, level: str, width: int
+) -> Text:
     """The value line of a tile, made to fit `width` cells: the unit is shortened, then dropped,
     the companion's name shortened, before anything is cut. The value itself always shows."""
     val = fmt_value(value)

@@ -1,4 +1,5 @@
 """Header, alert banner, profiler and events panels: text views over the app's state."""
+
 from __future__ import annotations
 
 import math
@@ -13,11 +14,15 @@ from protocol.catalogue import STAGES
 
 from ..braille import fmt_value
 from ..store import RunStore
-from .charts import SEVERITY_STYLE, _fmt_duration
+from .charts import _fmt_duration
 
 STATUS_STYLE = {
-    "running": "bold green", "finished": "bold cyan", "stopped": "bold yellow",
-    "crashed": "bold white on red", "failed": "bold white on red", "stalled": "bold black on yellow",
+    "running": "bold green",
+    "finished": "bold cyan",
+    "stopped": "bold yellow",
+    "crashed": "bold white on red",
+    "failed": "bold white on red",
+    "stalled": "bold black on yellow",
 }
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -76,8 +81,10 @@ class AlertBanner(Static):
         else:
             self.add_class("-critical" if alert.severity == "critical" else "-warning")
             t.append(f"{'⛔' if alert.severity == 'critical' else '⚠'} {alert.severity.upper()} {alert.rule}: ", "bold")
-            t.append(f"{alert.metric}={fmt_value(alert.value)} (threshold {fmt_value(alert.threshold)}) "
-                     f"since step {alert.first_step:,}")
+            t.append(
+                f"{alert.metric}={fmt_value(alert.value)} (threshold {fmt_value(alert.threshold)}) "
+                f"since step {alert.first_step:,}"
+            )
             more = n_open - 1
             if more > 0:
                 t.append(f"  (+{more} more)")
@@ -104,8 +111,9 @@ class ProfilerPanel(Static):
         slowest = max(finite, key=finite.get) if finite else None
         spark_w = max(4, width - self.LEAD - self.RANGE)
         sparks = share_sparklines(store, spark_w)
-        t.append(f"{'stage':<14}{'ms':>8} {'share':>6}  " + "share over the run"[:spark_w + self.RANGE] + "\n",
-                 "grey62")
+        t.append(
+            f"{'stage':<14}{'ms':>8} {'share':>6}  " + "share over the run"[: spark_w + self.RANGE] + "\n", "grey62"
+        )
         for s in STAGES:
             v = last[s]
             share = v / total if math.isfinite(v) and total == total else math.nan
@@ -160,8 +168,10 @@ def share_sparklines(store: RunStore, width: int) -> dict[str, tuple[str, str]]:
             out[s] = ("".join(" " if x is None else SPARK[3] for x in row), f"{hi:.0%}")
             continue
         span = hi - lo
-        out[s] = ("".join(" " if x is None else SPARK[min(7, int((x - lo) / span * 8))] for x in row),
-                  f"{lo * 100:.0f}–{hi:.0%}")
+        out[s] = (
+            "".join(" " if x is None else SPARK[min(7, int((x - lo) / span * 8))] for x in row),
+            f"{lo * 100:.0f}–{hi:.0%}",
+        )
     return out
 
 
@@ -174,8 +184,15 @@ def _update(widget: Static, content: Text) -> None:
 
 
 EVENT_STYLE = {
-    "alert": "yellow", "alert_escalated": "bold red", "alert_cleared": "green", "crashed": "bold red",
-    "started": "cyan", "resumed": "cyan", "stopped": "yellow", "finished": "cyan", "checkpoint": "grey62",
+    "alert": "yellow",
+    "alert_escalated": "bold red",
+    "alert_cleared": "green",
+    "crashed": "bold red",
+    "started": "cyan",
+    "resumed": "cyan",
+    "stopped": "yellow",
+    "finished": "cyan",
+    "checkpoint": "grey62",
     "resume_check": "magenta",
 }
 
@@ -188,7 +205,7 @@ class EventsPanel(Static):
         if not events:
             _update(self, Text("no events yet", "grey50"))
             return
-        shown = events[-max(1, rows):]
+        shown = events[-max(1, rows) :]
         for i, e in enumerate(shown):
             name = str(e.get("event", "?"))
             when = e.get("time")
@@ -198,7 +215,10 @@ class EventsPanel(Static):
             if "rule" in e:
                 t.append(f" {e.get('rule')} @{e.get('step', '?')}")
                 if name != "alert_cleared" and "value" in e:
-                    t.append(f" {e.get('metric', '')}={fmt_value(e['value']) if isinstance(e['value'], float) else e['value']}")
+                    t.append(
+                        f" {e.get('metric', '')}="
+                        f"{fmt_value(e['value']) if isinstance(e['value'], float) else e['value']}"
+                    )
             elif "step" in e:
                 t.append(f" step {e['step']}")
             for k in ("passed", "message", "reason", "path"):

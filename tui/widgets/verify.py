@@ -4,6 +4,7 @@ The monitor never imports the trainer (it must start fast and without torch): th
 runs in a thread worker, its stderr is streamed as progress, the JSON on its stdout
 (an object with at least a boolean "passed") gives pass/fail and the details.
 """
+
 from __future__ import annotations
 
 import json
@@ -109,13 +110,18 @@ class VerifyPanel(Vertical):
 
     def start(self, check: str) -> None:
         if self._proc is not None:
-            self._say(Text(f"a check is already running (x to cancel it)", "yellow"))
+            self._say(Text("a check is already running (x to cancel it)", "yellow"))
             return
         exe = find_trainerd()
         if exe is None:
             self.last_result = {"check": check, "rc": None, "data": None, "missing": True}
-            self._say(Text("trainerd is not installed (not on PATH): the checks need the trainer; "
-                           "install the kit with `make install` and run the monitor from its venv", "bold yellow"))
+            self._say(
+                Text(
+                    "trainerd is not installed (not on PATH): the checks need the trainer; "
+                    "install the kit with `make install` and run the monitor from its venv",
+                    "bold yellow",
+                )
+            )
             return
         if self.run_dir is None:
             self._say(Text("no run open", "yellow"))
@@ -138,8 +144,15 @@ class VerifyPanel(Vertical):
     def run_check(self, exe: str, check: str, run_dir: str) -> None:
         cmd = [exe, "verify", check, "--json", run_dir]
         try:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                    text=True, errors="replace", start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                errors="replace",
+                start_new_session=True,
+            )
         except OSError as e:
             self.app.call_from_thread(self._finish, check, None, None, [f"cannot run {exe}: {e.strerror}"], False)
             return
