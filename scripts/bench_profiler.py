@@ -43,10 +43,11 @@ import torch  # noqa: E402
 
 from protocol.catalogue import STAGES  # noqa: E402
 from trainerd import config as config_mod  # noqa: E402
-from trainerd import ppo  # noqa: E402
-from trainerd.determinism import apply_determinism  # noqa: E402
-from trainerd.profiler import ProfilerWindow  # noqa: E402
-from trainerd.stages import MEASURED, StageTimer  # noqa: E402
+from trainerd.run import trainer as ppo  # noqa: E402
+from trainerd.run.determinism import apply_determinism  # noqa: E402
+from trainerd.run.stages import MEASURED, StageTimer  # noqa: E402
+from trainerd.tools.inject import Injection  # noqa: E402
+from trainerd.tools.profiler import ProfilerWindow  # noqa: E402
 
 TIMER_TARGET = 0.005  # 0.5% of a step
 
@@ -92,7 +93,7 @@ def build_trainer(steps: int):
 
     paths = RunPaths(run_dir)
     (run_dir / "profile").mkdir()
-    trainer = ppo.Trainer(paths, cfg, rng, device, c, None, ppo.load_injection(None), lambda m: None, lambda: False)
+    trainer = ppo.Trainer(paths, cfg, rng, device, c, None, Injection.none(), lambda m: None, lambda: False)
     return trainer, paths
 
 

@@ -22,7 +22,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 from protocol.rundir import RunPaths, create_run, read_manifest  # noqa: E402
 from protocol.steplog import read_steplog  # noqa: E402
-from trainerd.outputs import RunWriter  # noqa: E402
+from trainerd.run.outputs import RunWriter  # noqa: E402
 
 TARGET_SHARE = 0.01
 

@@ -1,5 +1,5 @@
 """`python -m trainerd ...` is the `trainerd` command."""
 
-from .cli import main
+from trainerd.cli import main
 
 main()

@@ -39,15 +39,11 @@ from protocol.rundir import (
     switch_latest,
     write_manifest,
 )
-
-from .config import ConfigError, TrainConfig, load_config
-from .daemon import DaemonError, install_stop_signals, one_line, request_stop, spawn_detached, wait_for_end
+from trainerd.config import TrainConfig, load_config
+from trainerd.errors import ConfigError, TrainerdError
+from trainerd.run.daemon import DaemonError, install_stop_signals, one_line, request_stop, spawn_detached, wait_for_end
 
 DEFAULT_RUNS_DIR = "runs"
-
-
-class UserError(Exception):
-    """Anything else a user can cause; one line."""
 
 
 def _run_paths(run: str | None) -> RunPaths:
@@ -81,12 +77,8 @@ def _check_hooks(cfg: TrainConfig) -> None:
     if cfg.alerts_file:
         rules_from_toml(cfg.alerts_file)
     if cfg.inject:
-        try:
-            inject = importlib.import_module("trainerd.inject")
-        except ModuleNotFoundError as e:
-            if e.name != "trainerd.inject":
-                raise
-            raise ConfigError("fault injection (--inject) is not built yet (trainerd/inject.py is missing)") from None
+        from trainerd.tools import inject
+
         try:
             inject.Injection.parse(cfg.inject)
         except (ValueError, KeyError) as e:
@@ -131,9 +123,9 @@ def start(smoke, config_file, seed, steps, runs_dir, run_id, profile_steps, inje
         lock = RunLock(paths).acquire()
         write_manifest(paths, new_manifest(paths, cfg.to_dict(), cfg.seed, {}, {}))
         ready()
-        from . import ppo  # torch is imported here, in the process that trains
+        from trainerd.run import lifecycle  # torch is imported here, in the process that trains
 
-        status = ppo.train(paths, cfg, should_stop=should_stop, lock=lock)
+        status = lifecycle.train(paths, cfg, should_stop=should_stop, lock=lock)
         print(f"run {paths.run_id}: {status}", file=sys.stderr)
         return _exit_code(status)
 
@@ -150,7 +142,7 @@ def resume(run, foreground, force, steps):
     paths = _run_paths(run)
     if is_locked(paths):
         RunLock(paths).acquire()  # raises RunLockedError with the holder's pid
-    from .checkpoint import latest_checkpoint, load_checkpoint
+    from trainerd.run.checkpoint import latest_checkpoint, load_checkpoint
 
     read_manifest(paths)
     _, ckpt = latest_checkpoint(paths)
@@ -158,9 +150,11 @@ def resume(run, foreground, force, steps):
 
     def body(ready) -> int:
         should_stop = install_stop_signals()
-        from . import ppo
+        from trainerd.run import lifecycle
 
-        status = ppo.resume(paths, force=force, overrides={"steps": steps}, should_stop=should_stop, on_ready=ready)
+        status = lifecycle.resume(
+            paths, force=force, overrides={"steps": steps}, should_stop=should_stop, on_ready=ready
+        )
         print(f"run {paths.run_id}: {status}", file=sys.stderr)
         return _exit_code(status)
 
@@ -232,12 +226,9 @@ def run_status(paths: RunPaths) -> dict:
     resume_check = None
     checks = [e for e in events if e.get("event") == "resume_check"]
     if checks:
-        try:
-            from .resume_check import summarize_event
+        from trainerd.run.resume_check import summarize_event
 
-            resume_check = summarize_event(checks[-1])
-        except ImportError:
-            resume_check = checks[-1].get("message") or checks[-1].get("result")
+        resume_check = summarize_event(checks[-1])
     return {
         "run_id": paths.run_id,
         "run_dir": str(paths.root),
@@ -311,16 +302,19 @@ def stop(run, timeout):
     return 0 if final in ("stopped", "finished") else 1
 
 
-# -- verify / report / profile: modules built by the M1/M2/M3 engineers ------------------------------
+# -- verify / report / profile (imported when asked for: each pulls in more than status needs) ----------
+
+_MODULES = {
+    "verify_m1": "trainerd.verify.m1",
+    "verify_m2": "trainerd.verify.m2",
+    "verify_m3": "trainerd.verify.m3",
+    "report": "trainerd.tools.report",
+    "profiler": "trainerd.tools.profiler",
+}
 
 
 def _module(name: str, what: str):
-    try:
-        return importlib.import_module(f"trainerd.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"trainerd.{name}":
-            raise
-        raise UserError(f"{what} is not built yet (trainerd/{name}.py is missing)") from None
+    return importlib.import_module(_MODULES[name])
 
 
 @cli.command()
@@ -394,23 +388,11 @@ def profile(run):
 
 _USER_ERRORS: tuple[type[BaseException], ...] = (
     RunDirError,
-    ConfigError,
     AlertConfigError,
     DaemonError,
-    UserError,
+    TrainerdError,
     FileNotFoundError,
 )
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    extra: list[type[BaseException]] = []
-    mod = sys.modules.get("trainerd.checkpoint")
-    if mod is not None:
-        extra.append(mod.CheckpointError)
-    mod = sys.modules.get("trainerd.ppo")
-    if mod is not None:
-        extra.append(mod.ResumeError)
-    return _USER_ERRORS + tuple(extra)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -431,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{prefix}: interrupted", file=sys.stderr)
         rc = 130
     except Exception as e:  # noqa: BLE001
-        if isinstance(e, _user_errors()):
+        if isinstance(e, _USER_ERRORS):
             print(f"{prefix}: {one_line(e)}", file=sys.stderr)
         else:
             print(f"{prefix}: internal error: {type(e).__name__}: {one_line(e)}", file=sys.stderr)

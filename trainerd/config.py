@@ -11,9 +11,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-
-class ConfigError(Exception):
-    """A bad configuration a user can fix; the message is one line."""
+from trainerd.errors import ConfigError  # noqa: F401  (raised by every validation below)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pathlib import Path
 from protocol.jsonl import read_jsonl
 from protocol.rundir import RunPaths, read_events, read_manifest, write_manifest
 from protocol.steplog import StepLogTailer, read_steplog
-from trainerd import verify_m1
+from trainerd.verify import m1 as verify_m1
 
 SEED = verify_m1.SEED
 STEPS = verify_m1.VERIFY_STEPS
@@ -40,7 +40,7 @@ _MAIN = verify_m1.CLI_MAIN
 
 # The negative control: a resume that restores everything BUT the RNG states.
 SKIP_RNG_RESTORE = textwrap.dedent("""
-    import trainerd.ppo as _ppo
+    import trainerd.run.trainer as _ppo
     _ppo.restore_rng_state = lambda rng, state: None
 """)
 
@@ -50,7 +50,7 @@ def kill_during_step(step: int) -> str:
     after the policy has already been updated once in memory)."""
     return textwrap.dedent(f"""
         import os, signal
-        import trainerd.ppo as _ppo
+        import trainerd.run.trainer as _ppo
         _orig = _ppo.Trainer.ppo_step
         def _ppo_step(self, step):
             if step == {step}:
@@ -67,7 +67,7 @@ def kill_mid_state_write(step: int) -> str:
     (a torn file in the checkpoint's temp dir)."""
     return textwrap.dedent(f"""
         import builtins, os, signal
-        import trainerd.checkpoint as _ck
+        import trainerd.run.checkpoint as _ck
         class _Torn:
             def __init__(self, f): self.f = f
             def write(self, data):
@@ -91,7 +91,7 @@ def kill_before_checkpoint_rename(step: int) -> str:
     temp dir, just before the rename that publishes it."""
     return textwrap.dedent(f"""
         import os, signal
-        import trainerd.checkpoint as _ck
+        import trainerd.run.checkpoint as _ck
         _orig = _ck._fsync_dir
         def _fsync_dir(path):
             _orig(path)

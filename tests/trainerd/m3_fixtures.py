@@ -151,7 +151,7 @@ class LiveRuns:
         self.rc, self.result, self.root, self.seconds = rc, result, root, seconds
 
     def path(self, spec: str | None) -> Path:
-        from trainerd.verify_m3 import run_id_for
+        from trainerd.verify.m3 import run_id_for
 
         return self.root / run_id_for(spec)
 
@@ -172,7 +172,7 @@ def live_runs() -> LiveRuns:
     import io
     import json
 
-    from trainerd import verify_m3
+    from trainerd.verify import m3 as verify_m3
 
     with _LOCK:
         if "live" not in _CACHE:

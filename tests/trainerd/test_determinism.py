@@ -27,8 +27,8 @@ from m1_fixtures import (  # noqa: E402
 )
 
 from protocol.rundir import read_events, read_manifest  # noqa: E402
-from trainerd.determinism import RESUME_MUST_MATCH, settings_mismatch  # noqa: E402
-from trainerd.resume_check import first_difference  # noqa: E402
+from trainerd.run.determinism import RESUME_MUST_MATCH, settings_mismatch  # noqa: E402
+from trainerd.run.resume_check import first_difference  # noqa: E402
 
 KILLED_AFTER = 2 * EVERY  # the shared killed run's last complete checkpoint
 

@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from trainerd import inject  # noqa: E402
 from trainerd.config import ConfigError  # noqa: E402
-from trainerd.inject import Injection  # noqa: E402
+from trainerd.tools import inject  # noqa: E402
+from trainerd.tools.inject import Injection  # noqa: E402
 
 # -- the hooks on their own --------------------------------------------------------------
 
@@ -183,7 +183,7 @@ from m3_fixtures import live_runs  # noqa: E402
 
 from protocol.catalogue import deterministic_fields  # noqa: E402
 from protocol.steplog import read_steplog  # noqa: E402
-from trainerd import verify_m3  # noqa: E402
+from trainerd.verify import m3 as verify_m3  # noqa: E402
 
 INJECTED = [spec for spec, _ in verify_m3.LIVE_RUNS if spec]
 # Fields a step's rollout, reference pass, reward and value pass produce, before any update of
@@ -279,7 +279,7 @@ def test_reward_hack_flips_the_reward_and_nothing_else_at_its_step(live):
     assert len(recs) == 20
     r = [x["reward_mean"] for x in recs]
     g = [x["gold_reward_mean"] for x in recs]
-    from trainerd.report import pearson
+    from trainerd.tools.report import pearson
 
     steps = list(range(len(recs)))
     assert pearson(steps, r) > 0.5 and pearson(steps, g) < -0.5
@@ -322,7 +322,7 @@ def test_nan_stops_the_run_with_the_last_healthy_checkpoint(live):
     assert math.isnan(recs[-1]["policy_loss"]) and math.isnan(recs[-1]["grad_norm"])
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["status"] == "failed" and manifest["last_checkpoint"] == "checkpoints/step_000007"
-    from trainerd.checkpoint import load_checkpoint
+    from trainerd.run.checkpoint import load_checkpoint
 
     state = load_checkpoint(run / "checkpoints" / "step_000007")
     assert state["step"] == 7
@@ -347,7 +347,7 @@ def test_nan_and_inf_kept_by_the_trainers_writer(tmp_path):
     from m3_fixtures import synthetic_record
 
     from protocol.rundir import create_run
-    from trainerd.outputs import RunWriter
+    from trainerd.run.outputs import RunWriter
 
     paths = create_run(tmp_path, "r")
     w = RunWriter(paths, tb_flush_every=1)

@@ -20,8 +20,8 @@ torch = pytest.importorskip("torch")
 from protocol import rundir  # noqa: E402
 from protocol.catalogue import STAGES  # noqa: E402
 from protocol.steplog import StepLogWriter  # noqa: E402
-from trainerd import profiler  # noqa: E402
-from trainerd.profiler import ProfilerWindow, analyze_trace, load_trace, parse_window  # noqa: E402
+from trainerd.tools import profiler  # noqa: E402
+from trainerd.tools.profiler import ProfilerWindow, analyze_trace, load_trace, parse_window  # noqa: E402
 
 TRACED_STAGES = [s for s in STAGES if s != "other"]  # `other` is the untraced remainder
 

@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from m3_fixtures import make_synthetic_run, synthetic_record, unstable_records  # noqa: E402
 
-from trainerd import report  # noqa: E402
+from trainerd.tools import report  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from m1_fixtures import (  # noqa: E402
 from protocol import catalogue  # noqa: E402
 from protocol.jsonl import read_jsonl  # noqa: E402
 from protocol.rundir import create_run, read_events, read_manifest  # noqa: E402
-from trainerd.resume_check import (  # noqa: E402
+from trainerd.run.resume_check import (  # noqa: E402
     ResumeChecker,
     bitwise_equal,
     check_step_sequence,
@@ -156,7 +156,7 @@ def test_kill_before_the_first_checkpoint_cannot_resume_and_says_so_in_one_line(
     """Killed during the warm start: no checkpoint exists, so there is nothing to resume
     from; the resume must say so in one line (no traceback) and touch nothing."""
     die_in_warm_start = (
-        "import os, signal\nimport trainerd.ppo as _ppo\n"
+        "import os, signal\nimport trainerd.run.lifecycle as _ppo\n"
         "_ppo.warm_start = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     r = trainerd(*start_args("killed_in_warm_start"), bootstrap=die_in_warm_start)

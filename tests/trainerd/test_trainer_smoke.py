@@ -12,8 +12,8 @@ from protocol.catalogue import METRICS, STAGES, check_record
 from protocol.jsonl import read_jsonl
 from protocol.rundir import read_events, read_manifest
 from protocol.steplog import read_steplog
-from trainerd.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from trainerd.config import PRESETS
+from trainerd.run.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
 SMOKE_STEPS = PRESETS["smoke"]["steps"]
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from m1_fixtures import REPO, STEPS, child_env, copy_run, records, reference_run  # noqa: E402
 
 from protocol.steplog import StepLogWriter  # noqa: E402
-from trainerd import verify_m1  # noqa: E402
+from trainerd.verify import m1 as verify_m1  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

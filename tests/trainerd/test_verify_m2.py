@@ -12,8 +12,9 @@ pytest.importorskip("torch")
 from test_profiler import make_profiled_run  # noqa: E402  (tests/trainerd is on sys.path)
 
 from protocol.steplog import StepLogWriter, read_steplog  # noqa: E402
-from trainerd import profiler, verify_m2  # noqa: E402
-from trainerd.profiler import OP_STATS_FILE, SUMMARY_FILE, TRACE_FILE  # noqa: E402
+from trainerd.tools import profiler
+from trainerd.tools.profiler import OP_STATS_FILE, SUMMARY_FILE, TRACE_FILE  # noqa: E402
+from trainerd.verify import m2 as verify_m2  # noqa: E402
 
 
 @pytest.fixture(scope="module")

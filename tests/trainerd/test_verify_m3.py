@@ -16,7 +16,7 @@ from m3_fixtures import make_synthetic_run, synthetic_record, unstable_records  
 
 from protocol.jsonl import dumps, read_jsonl  # noqa: E402
 from protocol.steplog import StepLogWriter  # noqa: E402
-from trainerd import verify_m3  # noqa: E402
+from trainerd.verify import m3 as verify_m3  # noqa: E402
 
 
 def _verify(capsys, run, as_json=True):

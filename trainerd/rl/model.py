@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .task import EOS, PAD
+from trainerd.rl.task import EOS, PAD
 
 
 @dataclass

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import GPT, GPTConfig, init_weights
-from .task import Task, response_mask
+from trainerd.rl.model import GPT, GPTConfig, init_weights
+from trainerd.rl.task import Task, response_mask
 
 
 class RewardModel(nn.Module):

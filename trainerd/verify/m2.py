@@ -47,9 +47,8 @@ from pathlib import Path
 from protocol.catalogue import STAGES
 from protocol.rundir import RunDirError, RunPaths, resolve_run
 from protocol.steplog import read_steplog
-
-from . import profiler
-from .profiler import OP_STATS_FILE, SUMMARY_FILE, TRACE_FILE, ProfileError
+from trainerd.tools import profiler
+from trainerd.tools.profiler import OP_STATS_FILE, SUMMARY_FILE, TRACE_FILE, ProfileError
 
 SUM_LOW, SUM_HIGH = 0.85, 1.15  # stages / step_time_s (SPEC section 6)
 SHARE_TOLERANCE = 1e-3

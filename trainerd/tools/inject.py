@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .config import ConfigError
+from trainerd.config import ConfigError
 
 KINDS = ("kl_blowup", "entropy_collapse", "grad_explode", "nan", "reward_hack")
 DEFAULT_STEP = {"kl_blowup": 5, "entropy_collapse": 10, "grad_explode": 10, "nan": 10, "reward_hack": 1}

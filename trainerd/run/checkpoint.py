@@ -25,8 +25,7 @@ FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
-class CheckpointError(Exception):
-    """A missing or corrupt checkpoint; the message is one line."""
+from trainerd.errors import CheckpointError
 
 
 def _fsync_dir(path: Path) -> None:

@@ -52,8 +52,8 @@ from pathlib import Path
 from protocol import catalogue
 from protocol.rundir import RunDirError, RunPaths, read_events, read_manifest, resolve_run
 from protocol.steplog import StepLogTailer, read_steplog
-from trainerd.checks import CheckList
-from trainerd.resume_check import check_step_sequence, first_difference
+from trainerd.run.resume_check import check_step_sequence, first_difference
+from trainerd.verify.harness import CheckList
 
 # The small config all the runs of the check share. The warm start and the reward model
 # are shortened, not skipped (their training is part of what must be reproducible); 16

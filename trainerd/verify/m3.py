@@ -31,7 +31,7 @@ from protocol import catalogue
 from protocol.jsonl import read_jsonl
 from protocol.rundir import RunDirError, RunPaths, effective_status, read_events, read_manifest, resolve_run
 from protocol.steplog import read_steplog
-from trainerd.checks import CheckList
+from trainerd.verify.harness import CheckList
 
 ALERT_EVENTS = ("alert", "alert_escalated", "alert_cleared")
 ALERT_FIELDS = ("rule", "metric", "value", "threshold", "first_step", "explanation")
@@ -332,7 +332,7 @@ PARALLEL = 2  # two trainer processes, one thread each (2 cores)
 
 
 def _expected(kind: str) -> tuple[str, ...]:
-    from .inject import EXPECTED_ALERTS
+    from trainerd.tools.inject import EXPECTED_ALERTS
 
     return EXPECTED_ALERTS[kind]
 
@@ -451,7 +451,7 @@ def injection_outcome(paths: RunPaths, kind: str, step: int, tolerance: int) -> 
 
 
 def check_injected(paths: RunPaths, spec: str, rc: int, tolerance: int, checks: Checks, last_line: str = "") -> dict:
-    from .inject import Injection
+    from trainerd.tools.inject import Injection
 
     inj = Injection.parse(spec)
     out = injection_outcome(paths, inj.kind, inj.step, tolerance)
@@ -491,7 +491,7 @@ def _check_nonfinite_stop(paths: RunPaths, step: int, checks: Checks, spec: str)
         if m.get("last_checkpoint") != rel:
             problems.append(f"run.json last_checkpoint is {m.get('last_checkpoint')!r}, not {rel!r}")
         try:
-            from .checkpoint import load_checkpoint
+            from trainerd.run.checkpoint import load_checkpoint
 
             state = load_checkpoint(ckpt)
             bad = _non_finite_tensors(state.get("policy", {}))

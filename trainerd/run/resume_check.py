@@ -290,7 +290,7 @@ class ResumeChecker:
         return self.event
 
 
-ASIDE_GLOB = "resume_from_*_old_steps*.jsonl"  # trainerd.ppo.old_records_path names them so
+ASIDE_GLOB = "resume_from_*_old_steps*.jsonl"  # trainerd.run.lifecycle.old_records_path names them so
 
 
 def earlier_aside_records(paths: RunPaths) -> dict[int, dict]:

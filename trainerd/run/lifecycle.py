@@ -1,0 +1,295 @@
+"""A run's lifecycle: start a fresh run, or resume one from its last complete checkpoint.
+
+    train(paths, cfg)       a fresh run in the (empty, already created) run dir `paths`
+    resume(paths)           continue a run from its last complete checkpoint
+
+Both take the run's writer lock, write run.json and the lifecycle events, build a `Trainer`
+(`run/trainer.py`) and hand it the steps to compute. An unexpected error marks the run
+`crashed` with the error, so a reader never sees `running` for a dead run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from protocol import jsonl as jsonl_mod
+from protocol import steplog as steplog_mod
+from protocol.alerts import DEFAULT_RULES, rules_from_toml
+from protocol.rundir import (
+    RunLock,
+    RunPaths,
+    append_event,
+    new_manifest,
+    read_manifest,
+    update_manifest,
+    write_manifest,
+)
+from trainerd import __version__
+from trainerd import config as config_mod
+from trainerd.config import TrainConfig
+from trainerd.errors import ResumeError, TrainerdError
+from trainerd.rl.reward import train_reward_model
+from trainerd.run.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints
+from trainerd.run.determinism import apply_determinism, settings_mismatch
+from trainerd.run.outputs import RunWriter
+from trainerd.run.resume_check import ResumeChecker
+from trainerd.run.trainer import Trainer, build_components, warm_start
+from trainerd.tools.inject import Injection
+
+# Config keys `resume` may change: none of them alters the computation of a step.
+RESUME_OVERRIDABLE = {
+    "steps",
+    "inject",
+    "profile_steps",
+    "alerts_file",
+    "continue_on_nonfinite",
+    "checkpoint_every",
+    "tb_flush_every",
+}
+
+
+def _release_run(paths: RunPaths, lock: RunLock) -> None:
+    """The writer is done with the run dir: drop the pid file, then the lock."""
+    try:
+        paths.pid_file.unlink()
+    except OSError:
+        pass
+    lock.release()
+
+
+def _records_after(paths: RunPaths, step: int) -> list[dict]:
+    """The logged records after `step` (the framed log is the source of truth; the JSONL
+    mirror is used only if the framed log has none, e.g. it was lost)."""
+    framed = [rec for _, _, rec in steplog_mod.iter_frames(paths.steps)]
+    cut = framed[
+        next(
+            (i for i, r in enumerate(framed) if not (isinstance(r.get("step"), int) and r["step"] <= step)), len(framed)
+        ) :
+    ]
+    if cut or framed:
+        return cut
+    mirror = jsonl_mod.read_jsonl(paths.steps_jsonl)
+    return [r for r in mirror if not (isinstance(r.get("step"), int) and r["step"] <= step)]
+
+
+def old_records_path(paths: RunPaths, from_step: int) -> Path:
+    """Where `resume` keeps the records it cut from the step log (steps after `from_step`).
+    A second resume from the same checkpoint gets `..._2.jsonl`, and so on."""
+    base = paths.root / f"resume_from_{from_step:06d}_old_steps.jsonl"
+    n = 1
+    p = base
+    while p.exists():
+        n += 1
+        p = base.with_name(f"resume_from_{from_step:06d}_old_steps_{n}.jsonl")
+    return p
+
+
+def load_rules(cfg: TrainConfig):
+    """The alert rules a run evaluates with: its --alerts file, or the defaults."""
+    return rules_from_toml(cfg.alerts_file) if cfg.alerts_file else DEFAULT_RULES
+
+
+def _versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "kit": __version__}
+
+
+def _stderr_log(msg: str) -> None:
+    print(f"[trainerd {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _never() -> bool:
+    return False
+
+
+def _run_guarded(paths: RunPaths, body: Callable[[], str], log) -> str:
+    """Run the training body; an unexpected exception marks the run crashed (with the error)."""
+    try:
+        return body()
+    except BaseException as e:
+        if isinstance(e, TrainerdError):
+            raise
+        msg = f"{type(e).__name__}: {e}".splitlines()[0]
+        try:
+            with open(paths.log, "a") as f:
+                f.write(traceback.format_exc())
+            update_manifest(paths, status="crashed", ended_at=time.time())
+            append_event(paths, "crashed", error=msg)
+        except Exception:
+            pass
+        raise
+
+
+def train(
+    paths: RunPaths,
+    cfg: TrainConfig,
+    *,
+    log=_stderr_log,
+    should_stop=_never,
+    on_ready: Callable[[], None] | None = None,
+    lock: RunLock | None = None,
+) -> str:
+    """A fresh run in `paths` (created by protocol.rundir.create_run). Returns the final status:
+    finished, stopped or failed. Takes the run's writer lock unless one is passed in."""
+    cfg.validate()
+    injection = Injection.parse(cfg.inject)
+    cfg = injection.apply_config(cfg) or cfg
+    rules = load_rules(cfg)
+    lock = lock or RunLock(paths).acquire()
+    try:
+        rng, det = apply_determinism(cfg.seed, cfg.threads, cfg.device)
+        device = rng.device
+        manifest = new_manifest(paths, cfg.to_dict(), cfg.seed, det, _versions())
+        manifest["injection"] = injection.to_dict()
+        write_manifest(paths, manifest)
+        paths.pid_file.write_text(f"{os.getpid()}\n")
+        append_event(paths, "started", pid=os.getpid(), seed=cfg.seed, steps=cfg.steps, device=str(device))
+        if on_ready:
+            on_ready()
+
+        def body() -> str:
+            t0 = time.perf_counter()
+            c = build_components(cfg, rng, device)
+            sft = warm_start(c, cfg, device, log)
+            c.ref.load_state_dict(c.policy.lm.state_dict())  # the reference = the warm-started policy
+            rm_info = train_reward_model(c.rm, c.task, cfg.rm_steps, cfg.rm_batch_size, cfg.rm_lr, device, log)
+            c.scorer = injection.reward_model(c.rm, c.task) or c.rm
+            setup = {**sft, **rm_info, "setup_s": time.perf_counter() - t0}
+            update_manifest(paths, setup=setup)
+            log(
+                f"warm start and reward model done in {setup['setup_s']:.1f}s "
+                f"(RM held-out accuracy {rm_info['rm_heldout_accuracy']:.3f})"
+            )
+            writer = RunWriter(paths, rules, cfg.tb_flush_every)
+            trainer = Trainer(paths, cfg, rng, device, c, writer, injection, log, should_stop)
+            trainer.checkpoint(0)  # resumable from the very first step
+            if should_stop():
+                trainer._end("stopped", 0)
+                return "stopped"
+            return trainer.loop(1)
+
+        return _run_guarded(paths, body, log)
+    finally:
+        _release_run(paths, lock)
+
+
+def resume(
+    paths: RunPaths,
+    *,
+    force: bool = False,
+    overrides: dict | None = None,
+    log=_stderr_log,
+    should_stop=_never,
+    on_ready: Callable[[], None] | None = None,
+    lock: RunLock | None = None,
+) -> str:
+    """Continue a run from its last complete checkpoint (step k).
+
+    Steps after k are cut from steps.msgpack and steps.jsonl and kept in
+    `resume_from_<k>_old_steps.jsonl` (see `old_records_path`, also named in the `resumed`
+    event), then recomputed by the same loop as a fresh run. Refuses (ResumeError) a finished
+    run, or determinism settings that differ from the run's unless `force`.
+    """
+    lock = lock or RunLock(paths).acquire()
+    try:
+        manifest = read_manifest(paths)
+        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        bad = set(overrides) - RESUME_OVERRIDABLE
+        if bad:
+            raise ResumeError(f"resume cannot change {', '.join(sorted(bad))} (it would change the run)")
+        cfg = config_mod.from_dict({**manifest.get("config", {}), **overrides}, source=f"{paths.manifest}")
+        cfg.validate()
+        remove_partial_checkpoints(paths)  # we hold the lock: no write is in progress
+        k, ckpt_dir = latest_checkpoint(paths)
+        if manifest.get("status") == "finished" and k >= cfg.steps:
+            raise ResumeError(f"run {paths.root} already finished ({cfg.steps} steps); nothing to resume")
+        state = load_checkpoint(ckpt_dir)
+        injection = Injection.parse(cfg.inject)
+        cfg = injection.apply_config(cfg) or cfg
+        rules = load_rules(cfg)
+        rng, det = apply_determinism(cfg.seed, cfg.threads, cfg.device)
+        mismatch = settings_mismatch(manifest.get("determinism", {}), det)
+        if mismatch and not force:
+            raise ResumeError(
+                f"determinism settings differ from the run's ({'; '.join(mismatch)}); "
+                "use --force to resume anyway (the result will not be bitwise equal)"
+            )
+        device = rng.device
+
+        # The records of the steps to be recomputed are kept aside (written and fsynced) BEFORE
+        # the logs are cut, so a crash between the two loses nothing.
+        old = _records_after(paths, k)
+        old_path = None
+        if old:
+            old_path = old_records_path(paths, k)
+            with jsonl_mod.JsonlWriter(old_path) as w:
+                for rec in old:
+                    w.write(rec)
+                w.sync()
+        steplog_mod.truncate_after_step(paths.steps, k)
+        jsonl_mod.truncate_after_step(paths.steps_jsonl, k)
+        kept, _ = steplog_mod.read_steplog(paths.steps)
+        old_steps = [r.get("step") for r in old if isinstance(r.get("step"), int)]
+        resume_info = {
+            "from_step": k,
+            "at": time.time(),
+            "pid": os.getpid(),
+            "old_records": old_path.name if old_path else None,
+            "removed_steps": len(old),
+            "last_logged_step": max(old_steps) if old_steps else k,
+            "forced": bool(mismatch and force),
+        }
+        manifest.update(
+            status="running",
+            pid=os.getpid(),
+            ended_at=None,
+            last_step=k,
+            injection=injection.to_dict(),
+            config=cfg.to_dict(),
+            resumes=manifest.get("resumes", []) + [resume_info],
+        )
+        if mismatch:
+            manifest["determinism_resumed"] = det
+        write_manifest(paths, manifest)
+        paths.pid_file.write_text(f"{os.getpid()}\n")
+        append_event(
+            paths,
+            "resumed",
+            step=k,
+            checkpoint=str(ckpt_dir.relative_to(paths.root)),
+            old_records=resume_info["old_records"],
+            removed_steps=len(old),
+            last_logged_step=resume_info["last_logged_step"],
+            pid=os.getpid(),
+        )
+        log(
+            f"resuming {paths.root} from checkpoint step {k}; {len(old)} later records kept in "
+            f"{resume_info['old_records']}"
+        )
+        if on_ready:
+            on_ready()
+
+        def body() -> str:
+            c = build_components(cfg, rng, device)
+            writer = RunWriter(paths, rules, cfg.tb_flush_every)
+            writer.prime_alerts(kept)
+            trainer = Trainer(paths, cfg, rng, device, c, writer, injection, log, should_stop)
+            trainer.load_state(state)
+            c.scorer = injection.reward_model(c.rm, c.task) or c.rm
+            trainer.last_checkpoint_step = k
+            trainer.resume_checker = ResumeChecker(paths, old, k)
+            if k >= cfg.steps:
+                trainer._end("finished", k)
+                return "finished"
+            return trainer.loop(k + 1)
+
+        return _run_guarded(paths, body, log)
+    finally:
+        _release_run(paths, lock)
