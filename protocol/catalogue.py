@@ -8,6 +8,7 @@ alert rules and the monitor read units and directions from here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 SCHEMA_VERSION = 1
@@ -168,3 +169,12 @@ def check_record(record: dict) -> list[str]:
         if not ok:
             problems.append(f"field {m.name!r} should be {m.kind}, got {type(v).__name__}")
     return problems
+
+
+def stage_shares(stage_seconds: dict[str, float]) -> dict[str, float]:
+    """Each stage's share of the time: its seconds over the sum of the finite stage seconds
+    (NaN or missing stages count as 0). All 0.0 when nothing was timed. The one definition
+    the profiler's summary, the report, verify m2 and the monitor's profiler panel share."""
+    clean = {s: float(v) for s, v in stage_seconds.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    total = sum(clean.values())
+    return {s: (clean.get(s, 0.0) / total if total > 0 else 0.0) for s in stage_seconds}

@@ -25,6 +25,7 @@ import click
 
 from protocol import jsonl as jsonl_mod
 from protocol.alerts import AlertConfigError, rules_from_toml
+from protocol.events import open_alerts
 from protocol.rundir import (
     RunDirError,
     RunLock,
@@ -193,19 +194,6 @@ def _tail_records(paths: RunPaths, n: int = 20, max_bytes: int = 256 << 10) -> l
         if isinstance(rec, dict) and isinstance(rec.get("step"), int):
             out.append(rec)
     return out
-
-
-def open_alerts(events: list[dict]) -> list[dict]:
-    """Alerts fired and not cleared, replayed from events.jsonl (a resume starts them afresh
-    only if the trainer fires them again)."""
-    open_: dict[str, dict] = {}
-    for ev in events:
-        kind, rule = ev.get("event"), ev.get("rule")
-        if kind in ("alert", "alert_escalated") and rule:
-            open_[rule] = ev
-        elif kind == "alert_cleared" and rule:
-            open_.pop(rule, None)
-    return list(open_.values())
 
 
 def run_status(paths: RunPaths) -> dict:

@@ -12,6 +12,7 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
 from protocol.alerts import Alert
+from protocol.events import open_alerts
 from protocol.rundir import RunPaths, find_runs, read_events
 
 from .braille import fmt_value
@@ -126,11 +127,4 @@ class RunPickerScreen(ModalScreen[RunPaths | None]):
 
 def _open_alert_rules(paths: RunPaths) -> set[str]:
     """Alerts the run's writer raised and has not cleared (from its events.jsonl)."""
-    open_rules: set[str] = set()
-    for e in read_events(paths):
-        ev, rule = e.get("event"), e.get("rule")
-        if ev == "alert" and rule:
-            open_rules.add(rule)
-        elif ev == "alert_cleared" and rule:
-            open_rules.discard(rule)
-    return open_rules
+    return {a["rule"] for a in open_alerts(read_events(paths))}

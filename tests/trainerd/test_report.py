@@ -138,7 +138,7 @@ def test_bad_run_is_one_line_and_exit_2(tmp_path, capsys, case):
 def test_report_module_never_imports_torch(runs):
     clean, _ = runs
     code = (
-        "import sys, trainerd; before = 'torch' in sys.modules; from trainerd import report; "
+        "import sys, trainerd; before = 'torch' in sys.modules; from trainerd.tools import report; "
         "rc = report.run(sys.argv[1], 'json'); "
         "assert before or 'torch' not in sys.modules, 'report imported torch'; sys.exit(rc)"
     )

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protocol.catalogue import STAGES
+from protocol.catalogue import STAGES, stage_shares
 
 TRACE_FILE = "chrome_trace.json"
 OP_STATS_FILE = "op_stats.csv"
@@ -467,7 +467,6 @@ def summary_rows(records: list[dict], analysis: TraceAnalysis | None) -> list[li
             v = r["stage_s"].get(s, 0.0)
             if _is_num(v):
                 sums[s] += float(v)
-    total = sum(sums.values())
     tokens = sum(int(r["tokens"]) for r in stage_records if _is_num(r.get("tokens")))
     peak, kind = _peak_memory(records)
     trace_sums: dict[str, float] = {}
@@ -475,10 +474,11 @@ def summary_rows(records: list[dict], analysis: TraceAnalysis | None) -> list[li
     if analysis is not None:
         for rng in analysis.stage_ranges:
             trace_sums[rng.stage] = trace_sums.get(rng.stage, 0.0) + rng.dur / 1e6
+    shares = stage_shares(sums)
     rows = []
     for s in STAGES:
         seconds = sums[s] / n if n else 0.0
-        share = sums[s] / total if total > 0 else 0.0
+        share = shares[s]
         ms_per_token = sums[s] * 1000.0 / tokens if tokens > 0 else 0.0
         trace_s = _r(trace_sums[s] / trace_steps, 6) if s in trace_sums else ""
         rows.append(
@@ -571,12 +571,12 @@ def profile_report(run, out=None, err=None, width: int = 80) -> int:
     tokens = sum(int(r["tokens"]) for r in timed if _is_num(r.get("tokens")))
     total_s = sum(overall.values())
     thirds = _thirds(timed)
-    third_shares = [_shares(_stage_totals(part)) for part in thirds]
+    third_shares = [stage_shares(_stage_totals(part)) for part in thirds]
     emit(
         f"{'stage':<14}{'mean s':>9}{'share':>8}{'ms/tok':>9}"
         + ("".join(f"{h:>9}" for h in ("1st 3rd", "2nd 3rd", "last 3rd")) + f"{'moved':>9}" if thirds else "")
     )
-    shares = _shares(overall)
+    shares = stage_shares(overall)
     for s in STAGES:
         line = f"{s:<14}{overall[s] / len(timed):>9.4f}{_pct(shares[s]):>8}{_ms_per_token(overall[s], tokens):>9}"
         if thirds:
@@ -611,11 +611,6 @@ def _stage_totals(records: list[dict]) -> dict[str, float]:
             if _is_num(v):
                 totals[s] += float(v)
     return totals
-
-
-def _shares(totals: dict[str, float]) -> dict[str, float]:
-    total = sum(totals.values())
-    return {s: (v / total if total > 0 else 0.0) for s, v in totals.items()}
 
 
 def _thirds(records: list[dict]) -> list[list[dict]]:

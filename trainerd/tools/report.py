@@ -21,6 +21,7 @@ import sys
 
 from protocol import catalogue
 from protocol.alerts import DEFAULT_RULES, AlertEngine
+from protocol.events import alert_timeline
 from protocol.jsonl import read_jsonl
 from protocol.rundir import RunDirError, RunPaths, effective_status, read_events, read_manifest, resolve_run
 from protocol.steplog import read_steplog
@@ -35,7 +36,6 @@ _CORR_SHORT = {
     "response_length_mean": "length",
 }
 _SKIP_STATS = ("step", "time")  # identity fields: the x axis, not metrics
-ALERT_EVENTS = ("alert", "alert_escalated", "alert_cleared")
 
 
 class ReportError(Exception):
@@ -164,58 +164,6 @@ def metric_stats(records: list[dict], name: str) -> dict:
         "trend": arrow(r),
         "first_non_finite_step": first_bad,
     }
-
-
-def alert_timeline(events: list[dict], last_step: int | None) -> list[dict]:
-    """One entry per alert episode (fire .. clear), in firing order."""
-    out: list[dict] = []
-    open_: dict[str, dict] = {}
-    for e in events:
-        kind = e.get("event")
-        if kind not in ALERT_EVENTS:
-            continue
-        rule = str(e.get("rule", "?"))
-        if kind == "alert" or (rule not in open_ and kind == "alert_escalated"):
-            ep = {
-                "rule": rule,
-                "metric": e.get("metric"),
-                "severity": e.get("severity"),
-                "fired_severity": e.get("severity"),
-                "first_step": e.get("first_step"),
-                "fired_step": e.get("step", e.get("first_step")),
-                "value": e.get("value"),
-                "threshold": e.get("threshold"),
-                "escalated_step": e.get("step") if kind == "alert_escalated" else None,
-                "cleared_step": None,
-                "duration_steps": None,
-                "open": True,
-                "message": e.get("message"),
-                "explanation": e.get("explanation"),
-            }
-            open_[rule] = ep
-            out.append(ep)
-        elif kind == "alert_escalated":
-            ep = open_[rule]
-            ep["severity"] = e.get("severity", ep["severity"])
-            ep["escalated_step"] = e.get("step")
-            ep["value"] = e.get("value", ep["value"])
-        elif kind == "alert_cleared":
-            ep = open_.pop(rule, None)
-            if ep is None:
-                continue
-            ep["open"] = False
-            ep["cleared_step"] = e.get("step")
-            ep["duration_steps"] = e.get("duration_steps")
-            if (
-                ep["duration_steps"] is None
-                and isinstance(ep["cleared_step"], int)
-                and isinstance(ep["first_step"], int)
-            ):
-                ep["duration_steps"] = ep["cleared_step"] - ep["first_step"]
-    for ep in open_.values():
-        if isinstance(last_step, int) and isinstance(ep["first_step"], int):
-            ep["duration_steps"] = last_step - ep["first_step"] + 1
-    return out
 
 
 def replay_alerts(records: list[dict]) -> list[dict]:

@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 
 from protocol import catalogue
+from protocol.events import ALERT_EVENTS
 from protocol.jsonl import read_jsonl
 from protocol.rundir import RunDirError, RunPaths, effective_status, read_events, read_manifest, resolve_run
 from protocol.steplog import read_steplog
 from trainerd.verify.harness import CheckList
 
-ALERT_EVENTS = ("alert", "alert_escalated", "alert_cleared")
 ALERT_FIELDS = ("rule", "metric", "value", "threshold", "first_step", "explanation")
 
 
