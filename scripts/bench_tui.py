@@ -64,13 +64,13 @@ def child_open(path: str, idle_s: float, writer_rate: float) -> None:
             while app.first_full_screen_at is None:
                 await pilot.pause(0.01)
             out["first_screen_s"] = app.first_full_screen_at - _T_START
-            out["first_screen_rows"] = len(app.store)
+            out["first_screen_rows"] = len(app.model.store)
             out["rss_first_mb"] = rss_peak_mb()
             t = time.monotonic()
-            while not app.history_done and time.monotonic() - t < 300:  # the background load
+            while not app.model.history_done and time.monotonic() - t < 300:  # the background load
                 await pilot.pause(0.05)
             out["full_history_s"] = time.monotonic() - _T_START
-            out["rows"] = len(app.store)
+            out["rows"] = len(app.model.store)
             await pilot.pause(0.5)
             if idle_s:
                 writer = None
@@ -96,8 +96,8 @@ def child_open(path: str, idle_s: float, writer_rate: float) -> None:
                 if writer:
                     writer.terminate()
                     writer.wait()
-                    out["live_run"] = app.paths.run_id
-                    out["live_step"] = app.store.last_step
+                    out["live_run"] = app.model.paths.run_id
+                    out["live_step"] = app.model.store.last_step
             out["rss_peak_mb"] = rss_peak_mb()
 
     asyncio.run(main())

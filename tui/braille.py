@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from rich.style import Style
 from rich.text import Text
 
 from .store import FLAG_NAN, FLAG_NEG_INF, FLAG_POS_INF, Bucket
@@ -194,7 +193,3 @@ def fmt_value(v: float | None) -> str:
     if a >= 100:
         return f"{v:,.0f}"
     return f"{v:.4g}"
-
-
-def style_for(level: str) -> Style:
-    return Style.parse({"ok": "green", "warning": "yellow", "critical": "red", "none": "white"}[level])

@@ -2,15 +2,18 @@
 
 `RunFeed.poll()` returns a `Batch` of what arrived since the last call: new step
 records (already columnized), the alerts the live `AlertEngine` raised or cleared on
-them, new events, the manifest when it changed, corruption counts. A huge log is read
-tail first (`StepLogTailer(start_offset=...)`) and its older history by `load_history`
-in the background.
+them, new events, the manifest when it changed, corruption counts, and a one-line
+`problem` when a run file cannot be read. A huge log is read tail first
+(`StepLogTailer(start_offset=...)`) and its older history by `load_history` in the
+background. Files are opened by `protocol` only; a run file that is not a regular file
+(a FIFO, a device) is reported, never opened here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 
@@ -19,13 +22,13 @@ from protocol.jsonl import JsonlTailer
 from protocol.rundir import RunDirError, RunPaths, effective_status, read_manifest
 from protocol.steplog import StepLogTailer
 
-from .store import RunStore
+from .store import RunStore, is_placeable
 
 TAIL_BYTES = 4 << 20  # read this much of a big log first (~5k records), the rest in the background
 BATCH_RECORDS = 5000  # records per batch applied to the UI
-HISTORY_ALERT_RECORDS = (
-    100_000  # older history gets alerts evaluated only this far back (the engine costs ~65 us/record)
-)
+# older history gets alerts evaluated only this far back (the engine costs ~65 us/record)
+HISTORY_ALERT_RECORDS = 100_000
+HISTORY_CHUNK = 5000  # records read between checks of should_stop (~30 ms)
 
 
 @dataclass
@@ -37,7 +40,8 @@ class Batch:
     manifest: dict | None = None
     status: str | None = None
     corrupt_frames: int = 0
-    bad_event_lines: int = 0
+    skipped_records: int = 0  # records without a step a chart can place (since the feed began)
+    problem: str | None = None  # a run file cannot be read (one line), "" when that cleared
     reset: bool = False  # the log shrank or was replaced: forget what was shown
     arrived: float = 0.0  # monotonic time the batch was read (for latency measurements)
     pending: list = field(default_factory=list)  # records whose alerts are not evaluated yet
@@ -47,11 +51,12 @@ class Batch:
     @property
     def empty(self) -> bool:
         return (
-            not (self.cols and self.cols["step"])
+            not (self.cols and (self.cols["step"] or self.cols["skipped"]))
             and not self.alerts
             and not self.events
             and self.manifest is None
             and not self.reset
+            and self.problem is None
         )
 
 
@@ -72,7 +77,11 @@ class RunFeed:
         self.engine = AlertEngine()
         self._resets = 0
         self._manifest_mtime = None
+        self._manifest: dict = {}
         self._status = None
+        self._problem = ""
+        self._manifest_problem = ""
+        self.skipped = 0
         self.first_offset: int | None = None  # where the tail's first frame starts
 
     def poll(self, max_records: int = BATCH_RECORDS) -> Batch:
@@ -93,13 +102,28 @@ class RunFeed:
             b.reset = True
         if recs:
             b.cols = RunStore.columnize(recs)
-            b.pending = recs
+            self.skipped += b.cols["skipped"]
+            b.pending = [r for r in recs if is_placeable(r)] if b.cols["skipped"] else recs
         b.open_alerts = [snapshot(a) for a in self.engine.open.values()]
         b.events = self.events.poll()
         b.corrupt_frames = self.tailer.stats.corrupt_frames
-        b.bad_event_lines = self.events.bad_lines
+        b.skipped_records = self.skipped
         self._read_manifest(b)
+        problem = self._manifest_problem or self._not_regular()
+        if problem != self._problem:
+            self._problem = b.problem = problem
         return b
+
+    def _not_regular(self) -> str:
+        """A run file that exists but is not a regular file (a FIFO would block a reader)."""
+        for p in (self.paths.manifest, self.paths.steps, self.paths.events):
+            try:
+                mode = os.stat(p).st_mode
+            except OSError:
+                continue
+            if not stat.S_ISREG(mode):
+                return f"{p.name} is not a regular file: not read"
+        return ""
 
     def evaluate(self, batch: Batch) -> Batch:
         """The alerts of a batch's records. Kept apart from `poll` so the records can be shown
@@ -128,20 +152,23 @@ class RunFeed:
 
     def _read_manifest(self, b: Batch) -> None:
         try:
-            mtime = os.stat(self.paths.manifest).st_mtime_ns
+            st = os.stat(self.paths.manifest)
         except OSError:
             return
-        if mtime == self._manifest_mtime:
-            status = self._status
-        else:
+        if not stat.S_ISREG(st.st_mode):
+            return  # reported by _not_regular; opening a FIFO would block
+        mtime = st.st_mtime_ns
+        if mtime != self._manifest_mtime:
+            self._manifest_mtime = mtime  # an unreadable run.json is read again when it changes
             try:
-                m = read_manifest(self.paths)
-            except RunDirError:
-                return
-            self._manifest_mtime = mtime
-            self._manifest = m
-            b.manifest = m
-            status = None
+                self._manifest = read_manifest(self.paths)
+            except RunDirError as e:
+                self._manifest_problem = str(e)
+            else:
+                self._manifest_problem = ""
+                b.manifest = self._manifest
+        if self._manifest_problem:
+            return
         # effective_status notices a dead writer, so it is asked again even when run.json is unchanged
         status = effective_status(self._manifest, self.paths)
         if status != self._status:
@@ -155,7 +182,8 @@ def load_history(paths: RunPaths, end_offset: int, should_stop=lambda: False, es
     """The records before `end_offset`, as one older RunStore plus their alerts.
 
     Yields progress fractions while reading; the last value yielded is the result tuple
-    (store, alerts, open_alerts_at_end, corrupt_frames).
+    (store, alerts, open_alerts_at_end, corrupt_frames). Ends early, yielding no result,
+    once `should_stop()` is true.
     """
     older = RunStore()
     engine = AlertEngine()
@@ -164,7 +192,7 @@ def load_history(paths: RunPaths, end_offset: int, should_stop=lambda: False, es
     t = StepLogTailer(paths.steps, with_offsets=True)
     done = False
     while not done and not should_stop():
-        batch = t.poll(20_000)
+        batch = t.poll(HISTORY_CHUNK)
         if not batch:
             break
         recs = []
@@ -173,9 +201,13 @@ def load_history(paths: RunPaths, end_offset: int, should_stop=lambda: False, es
                 done = True
                 break
             recs.append(r)
-            if start >= alert_from:
+            if start >= alert_from and is_placeable(r):
                 alerts.extend((ev, snapshot(a)) for ev, a in engine.update(r))
+                if not len(recs) % 500 and should_stop():
+                    return  # quitting or another run opened: the alert engine is the slow part
         older.extend(RunStore.columnize(recs))
         yield min(1.0, t.offset / max(1, end_offset))
         time.sleep(0.001)  # let the UI thread have the GIL between chunks
+    if should_stop():
+        return
     yield older, alerts, [snapshot(a) for a in engine.open.values()], t.stats.corrupt_frames

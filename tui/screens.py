@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
 from protocol.alerts import Alert
 from protocol.events import open_alerts
 from protocol.rundir import RunPaths, find_runs, read_events
+from protocol.text import safe_text
 
 from .braille import fmt_value
+from .follow import one_line, post, spawn
+from .model import finite
 
 HELP = """\
 [b]Keys[/b]
@@ -61,18 +68,18 @@ class AlertListScreen(ModalScreen[Alert | None]):
         for i, (ev, a) in enumerate(reversed(self.alerts)):
             sev_style = {"critical": "bold red", "warning": "yellow"}.get(a.severity, "")
             step = a.cleared_step if ev == "alert_cleared" and a.cleared_step else a.first_step
-            table.add_row(
-                f"{step:,}",
-                ev,
-                Text(a.severity, sev_style),
-                a.rule,
-                a.metric,
-                fmt_value(a.value),
-                a.explanation[:80],
+            table.add_row(  # Text cells: a str cell would be read as markup
+                Text(f"{step:,}"),
+                Text(ev),
+                Text(safe_text(a.severity, 20), sev_style),
+                Text(safe_text(a.rule, 60)),
+                Text(safe_text(a.metric, 60)),
+                Text(fmt_value(a.value)),
+                Text(safe_text(a.explanation, 80)),
                 key=str(len(self.alerts) - 1 - i),
             )
         if not self.alerts:
-            table.add_row("—", "no alerts so far", "", "", "", "", "")
+            table.add_row(Text("—"), Text("no alerts so far"), "", "", "", "", "")
         table.focus()
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
@@ -83,48 +90,111 @@ class AlertListScreen(ModalScreen[Alert | None]):
             self.dismiss(None)
 
 
-class RunPickerScreen(ModalScreen[RunPaths | None]):
+class RunPickerScreen(ModalScreen["RunRow | None"]):
+    """The runs of a runs dir, newest first; listed by a reader thread (a run's events are read
+    for its open alerts), the table fills in when the list arrives."""
+
     BINDINGS = [Binding("escape,r,q", "dismiss", "close")]
+
+    class Listed(Message):
+        def __init__(self, rows: list[RunRow], error: str = ""):
+            super().__init__()
+            self.rows, self.error = rows, error
 
     def __init__(self, runs_dir: Path, current: Path | None):
         super().__init__()
         self.runs_dir = runs_dir
         self.current = current
-        self.runs = []
+        self.rows: list[RunRow] = []
+        self._stop = threading.Event()
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Static(Text(f"Runs in {self.runs_dir} (Enter: open, Esc: close)", "bold"))
+            yield Static(Text(f"Runs in {safe_text(str(self.runs_dir))} (Enter: open, Esc: close)", "bold"))
             yield DataTable(id="run-table", cursor_type="row", zebra_stripes=True)
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
         table.add_columns("run", "status", "steps", "open alerts", "started")
-        self.runs = list(reversed(find_runs(self.runs_dir)))
-        import time as _t
+        table.add_row(Text("reading the runs…", "grey50"), "", "", "", "")
+        table.focus()
+        spawn(self._list, self.runs_dir, self.current, name="runs")
 
-        for i, r in enumerate(self.runs):
-            open_alerts = _open_alert_rules(r.paths)
-            started = r.manifest.get("started_at")
-            when = _t.strftime("%Y-%m-%d %H:%M", _t.localtime(started)) if isinstance(started, (int, float)) else "—"
-            mark = "▶ " if self.current and r.paths.root.resolve() == self.current.resolve() else "  "
+    def on_unmount(self) -> None:
+        self._stop.set()
+
+    def _list(self, runs_dir: Path, current: Path | None) -> None:
+        try:
+            msg = self.Listed(list_runs(runs_dir, current, self._stop.is_set))
+        except Exception as e:
+            msg = self.Listed([], one_line(e))
+        post(self, msg)
+
+    def on_run_picker_screen_listed(self, msg: Listed) -> None:
+        self.rows = msg.rows
+        table = self.query_one(DataTable)
+        table.clear()
+        for i, r in enumerate(self.rows):
             table.add_row(
-                mark + r.run_id,
-                r.status,
-                f"{r.manifest.get('last_step') or 0:,}",
-                Text(", ".join(sorted(open_alerts)) or "—", "yellow" if open_alerts else "grey50"),
-                when,
+                Text(("▶ " if r.current else "  ") + r.run_id),
+                Text(r.status),
+                Text(r.steps),
+                Text(", ".join(r.open_alerts) or "—", "yellow" if r.open_alerts else "grey50"),
+                Text(r.started),
                 key=str(i),
             )
-        if not self.runs:
-            table.add_row("no runs here", "", "", "", "")
-        table.focus()
+        if msg.error:
+            table.add_row(Text(f"cannot list the runs: {safe_text(msg.error, 200)}", "red"), "", "", "", "")
+        elif not self.rows:
+            table.add_row(Text("no runs here"), "", "", "", "")
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         key = event.row_key.value
-        self.dismiss(self.runs[int(key)].paths if key is not None and key.isdigit() else None)
+        self.dismiss(self.rows[int(key)] if key is not None and key.isdigit() else None)
 
 
-def _open_alert_rules(paths: RunPaths) -> set[str]:
-    """Alerts the run's writer raised and has not cleared (from its events.jsonl)."""
-    return {a["rule"] for a in open_alerts(read_events(paths))}
+@dataclass
+class RunRow:
+    """One run as the picker shows it; every field from the run's files made safe to print."""
+
+    paths: RunPaths
+    run_id: str
+    status: str
+    steps: str
+    open_alerts: list[str]
+    started: str
+    current: bool  # the run on screen
+    is_latest: bool  # where the runs dir's `latest` points
+
+
+def list_runs(runs_dir: Path, current: Path | None, should_stop=lambda: False) -> list[RunRow]:
+    """The runs of `runs_dir`, newest first (file IO: called off the UI thread)."""
+    try:
+        latest = (runs_dir / "latest").resolve(strict=True)
+    except OSError:
+        latest = None
+    current = current.resolve() if current else None
+    rows = []
+    for r in reversed(find_runs(runs_dir)):
+        if should_stop():
+            break
+        root = r.paths.root.resolve()
+        last_step = r.manifest.get("last_step")
+        started = finite(r.manifest.get("started_at"))
+        try:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(started)) if started is not None else "—"
+        except (OverflowError, OSError, ValueError):
+            when = "?"
+        rows.append(
+            RunRow(
+                paths=r.paths,
+                run_id=safe_text(r.run_id, 80),
+                status=safe_text(str(r.status), 20),
+                steps=f"{last_step:,}" if isinstance(last_step, int) and not isinstance(last_step, bool) else "0",
+                open_alerts=sorted({safe_text(str(a["rule"]), 40) for a in open_alerts(read_events(r.paths))}),
+                started=when,
+                current=root == current,
+                is_latest=root == latest,
+            )
+        )
+    return rows

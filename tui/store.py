@@ -39,6 +39,25 @@ _MISSING_BITS = 0x7FF8_DEAD_0000_0000
 FLAG_NAN, FLAG_POS_INF, FLAG_NEG_INF = 1, 2, 4
 
 
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def is_placeable(record) -> bool:
+    """A record with an integer step the step column (int64) can hold."""
+    step = record.get("step") if isinstance(record, dict) else None
+    return isinstance(step, int) and not isinstance(step, bool) and INT64[0] <= step <= INT64[1]
+
+
+def number(v, default):
+    """A record's value as a float (a huge int as +-Inf); `default` when it is not a number."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return default
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+
+
 def is_missing(v: float) -> bool:
     return v != v and struct.unpack("<Q", struct.pack("<d", v))[0] == _MISSING_BITS
 
@@ -159,8 +178,6 @@ class RunStore:
         self.times = array("d")
         self.columns: dict[str, Column] = {k: Column("d") for k in SCALAR_FIELDS}
         self.stages: dict[str, Column] = {s: Column("f", sums=True) for s in STAGES}
-        self.generation = 0  # bumped on every change; widgets redraw when it moved
-        self.last_record: dict | None = None
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -180,29 +197,26 @@ class RunStore:
         for s in STAGES:
             out["stage:" + s] = []
         present = dict.fromkeys(SCALAR_FIELDS, 0)
+        skipped = 0
         for r in records:
-            step = r.get("step")
-            if isinstance(step, bool) or not isinstance(step, int):
-                continue  # a record without a step cannot be placed on a chart
-            out["step"].append(step)
-            t = r.get("time")
-            out["time"].append(float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else math.nan)
+            if not is_placeable(r):
+                skipped += 1  # a record without a step (or one no int64 holds) cannot be placed on a chart
+                continue
+            out["step"].append(r["step"])
+            out["time"].append(number(r.get("time"), math.nan))
             for k in SCALAR_FIELDS:
-                v = r.get(k)
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    out[k].append(float(v))
-                    present[k] += 1
-                else:
+                v = number(r.get(k), None)
+                if v is None:
                     out[k].append(MISSING)
+                else:
+                    out[k].append(v)
+                    present[k] += 1
             st = r.get("stage_s")
             st = st if isinstance(st, dict) else {}
             for s in STAGES:
-                v = st.get(s)
-                out["stage:" + s].append(
-                    float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
-                )
+                out["stage:" + s].append(number(st.get(s), math.nan))
         out["present"] = present
-        out["last"] = records[-1] if records else None
+        out["skipped"] = skipped
         return out
 
     def extend(self, cols: dict) -> None:
@@ -219,9 +233,6 @@ class RunStore:
             c.present += cols["present"][k]
         for s, c in self.stages.items():
             c.extend(cols["stage:" + s])
-        if cols.get("last") is not None:
-            self.last_record = cols["last"]
-        self.generation += 1
 
     def prepend(self, older: RunStore) -> None:
         """Put an older history (loaded in the background) in front of what is here."""
@@ -239,13 +250,11 @@ class RunStore:
             c.extend(self.stages[s].values)
         self.steps, self.times = older.steps, older.times
         self.columns, self.stages = older.columns, older.stages
-        self.generation += 1
 
     def truncate(self, n: int) -> None:
         del self.steps[n:], self.times[n:]
         for c in (*self.columns.values(), *self.stages.values()):
             c.truncate(n)
-        self.generation += 1
 
     # -- reading ----------------------------------------------------------------------
 

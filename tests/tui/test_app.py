@@ -37,7 +37,7 @@ async def test_records_written_while_running_appear(runs_dir):
         await wait_for(pilot, lambda: app.drawn_step == 30, what="steps 21..30 on screen")
         assert "0.1235" in rendered(app.query_one("#tile-kl", MetricTile))
         assert "step 30" in rendered(app.query_one(RunHeader))
-        assert app.store.value("entropy") == rec["entropy"]
+        assert app.model.store.value("entropy") == rec["entropy"]
     w.close()
 
 
@@ -49,7 +49,7 @@ async def test_corrupt_record_raises_banner_and_counter(runs_dir):
         await wait_for(pilot, lambda: app.drawn_step == 10)
         w.write_corrupt(11)
         w.write(12)
-        await wait_for(pilot, lambda: app.drawn_step == 12 and app.corrupt == 1, what="corruption counted")
+        await wait_for(pilot, lambda: app.drawn_step == 12 and app.model.corrupt == 1, what="corruption counted")
         await pilot.pause(0.3)
         assert "corrupt" in rendered(app.query_one(AlertBanner))
         assert "1 corrupt" in rendered(app.query_one(RunHeader))
@@ -71,8 +71,8 @@ async def test_nan_and_inf_show_markers_without_crash(runs_dir):
         kl = rendered(app.query_one("#tile-kl", MetricTile))
         assert "▲" in kl and "⚠" not in grad  # +Inf marker; the current grad_norm is finite again
         assert "-Inf" in rendered(app.query_one("#tile-entropy", MetricTile))
-        assert "non_finite" in [a.rule for (a,) in [(x,) for x in app.open_alerts]] or any(
-            ev == "alert" and a.rule == "non_finite" for ev, a in app.alert_history
+        assert "non_finite" in [a.rule for (a,) in [(x,) for x in app.model.open_alerts]] or any(
+            ev == "alert" and a.rule == "non_finite" for ev, a in app.model.alert_history
         )
         await pilot.press("s", "t", "z")  # smoothing, time axis, zoom all survive NaN/Inf
         await pilot.pause(0.2)
@@ -89,9 +89,9 @@ async def test_resume_that_shrinks_the_log_is_followed(runs_dir):
         truncate_after_step(paths.steps, 25)
         for step in range(26, 31):
             w.write(step, reward_mean=7.5)
-        await wait_for(pilot, lambda: app.drawn_step == 30 and len(app.store) == 30, what="the shrunk log re-read")
-        assert list(app.store.steps) == list(range(1, 31))
-        assert app.store.value("reward_mean") == 7.5
+        await wait_for(pilot, lambda: app.drawn_step == 30 and len(app.model.store) == 30, what="the shrunk log re-read")
+        assert list(app.model.store.steps) == list(range(1, 31))
+        assert app.model.store.value("reward_mean") == 7.5
     w.close()
 
 
@@ -100,7 +100,7 @@ async def test_alert_list_opens_and_jumps_to_the_step(runs_dir):
     app = app_for(paths.root)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(
-            pilot, lambda: app.drawn_step == 300 and app.open_alerts, what="the KL runaway, still open at the end"
+            pilot, lambda: app.drawn_step == 300 and app.model.open_alerts, what="the KL runaway, still open at the end"
         )
         await pilot.pause(0.3)
         assert "kl_runaway" in rendered(app.query_one(AlertBanner))
@@ -108,11 +108,11 @@ async def test_alert_list_opens_and_jumps_to_the_step(runs_dir):
         await wait_for(pilot, lambda: isinstance(app.screen, AlertListScreen))
         await pilot.press("enter")  # the newest alert
         await wait_for(pilot, lambda: not isinstance(app.screen, AlertListScreen))
-        newest = app.alert_history[-1][1]
-        assert app.view.around_step == newest.first_step
+        newest = app.model.alert_history[-1][1]
+        assert app.around_step == newest.first_step
         assert f"around step {newest.first_step:,}" in str(app.query_one(DetailChart).border_title)
         await pilot.press("f")
-        assert app.view.around_step is None
+        assert app.around_step is None
 
 
 async def test_run_picker_opens_another_run(runs_dir):
@@ -121,11 +121,11 @@ async def test_run_picker_opens_another_run(runs_dir):
     app = app_for(runs_dir)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.drawn_step == 25)
-        assert app.paths.run_id == "second"
+        assert app.model.paths.run_id == "second"
         await pilot.press("r")
         await wait_for(pilot, lambda: isinstance(app.screen, RunPickerScreen))
         await pilot.press("down", "enter")  # newest first: the second row is "first"
-        await wait_for(pilot, lambda: app.paths.run_id == "first" and app.drawn_step == 15, what="the other run opened")
+        await wait_for(pilot, lambda: app.model.paths.run_id == "first" and app.drawn_step == 15, what="the other run opened")
 
 
 async def test_follows_latest_when_a_new_run_starts(runs_dir):
@@ -136,7 +136,7 @@ async def test_follows_latest_when_a_new_run_starts(runs_dir):
         make_run(runs_dir, "new", 12, status="running")
         await wait_for(
             pilot,
-            lambda: app.paths.run_id == "new" and app.drawn_step == 12,
+            lambda: app.model.paths.run_id == "new" and app.drawn_step == 12,
             timeout=6,
             what="switch to the new latest",
         )

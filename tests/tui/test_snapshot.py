@@ -19,15 +19,7 @@ def _loaded(app: MonitorApp):
         deadline = time.monotonic() + 10
         # records are shown first and their alerts evaluated after: wait for both, and for the
         # chart frame that draws the alert markers
-        while (
-            not len(app.store)
-            or app.drawn_step != app.store.last_step
-            or app.chart_step != app.store.last_step
-            or app.alerts_step != app.store.last_step
-            or app._dirty
-            or app._redraw_timer is not None
-            or app._charts_pending
-        ):
+        while not app.settled:
             if time.monotonic() > deadline:
                 raise AssertionError("run never loaded")
             await pilot.pause(0.05)

@@ -18,6 +18,7 @@ gen_run = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gen_run)
 
 T0 = 1_700_000_000.0  # fixed start time: snapshots must not depend on the clock
+_LOCKS: list[rundir.RunLock] = []  # writer locks of "running" runs, released after each test
 
 
 def make_run(runs_dir: Path, run_id: str, steps: int, status: str = "finished", **kw) -> rundir.RunPaths:
@@ -26,6 +27,7 @@ def make_run(runs_dir: Path, run_id: str, steps: int, status: str = "finished", 
     m = rundir.read_manifest(paths)
     if status == "running":
         m.update(status="running", ended_at=None, pid=os.getpid())  # a live writer: this test process
+        _LOCKS.append(rundir.RunLock(paths).acquire())  # liveness is the writer's lock
     else:
         m.update(ended_at=T0 + steps * 0.5)
     rundir.write_manifest(paths, m)
@@ -82,3 +84,10 @@ def rendered(widget) -> str:
 @pytest.fixture
 def runs_dir(tmp_path) -> Path:
     return tmp_path / "runs"
+
+
+@pytest.fixture(autouse=True)
+def release_writer_locks():
+    yield
+    while _LOCKS:
+        _LOCKS.pop().release()

@@ -1,1 +1,1 @@
-"""The monitor's widgets: each one small, drawing from the shared RunStore."""
+"""The monitor's widgets: each one small, drawing from the RunModel and ChartView it is given."""

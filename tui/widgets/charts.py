@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rich.segment import Segment
 from rich.style import Style
@@ -18,6 +18,7 @@ from protocol.catalogue import METRICS
 
 from ..braille import ChartSpec, HLine, Line, Runs, draw_runs, ema, finite_range, fmt_value, padded
 from ..health import level_for, threshold_values
+from ..model import RunModel
 from ..store import COMPANIONS, Bucket, RunStore
 
 LEVEL_STYLE = {"ok": "green", "warning": "yellow", "critical": "bold red", "none": "grey50"}
@@ -27,13 +28,13 @@ ZOOM_STEPS = (None, 10_000, 1000, 200)  # whole run, then the last N steps
 
 @dataclass
 class ChartView:
-    """What every chart shows: shared, changed by keys."""
+    """What every chart shows: one object the charts share; the app's reactive view
+    settings (keys) write it."""
 
     zoom: int | None = None  # last N rows, None = whole run
     around_step: int | None = None  # set when jumping to an alert: the window centres here
     smooth: bool = False
     time_axis: bool = False
-    alert_marks: list[tuple[int, str]] = field(default_factory=list)  # (step, severity)
 
     def rows(self, store: RunStore) -> tuple[int, int]:
         if self.around_step is not None:
@@ -198,9 +199,10 @@ class MetricTile(StripWidget):
 
     selected: reactive[bool] = reactive(False)
 
-    def __init__(self, metric: str, **kw):
+    def __init__(self, metric: str, model: RunModel, view: ChartView, **kw):
         super().__init__(**kw)
         self.metric = metric
+        self.model, self.view = model, view
         self.border_title = metric
         self.chart_version = 0  # bumped by the app when the chart should be drawn again
         self._head_key = None
@@ -217,12 +219,12 @@ class MetricTile(StripWidget):
     # -- what is shown ----------------------------------------------------------------
 
     def _head_state(self, width: int) -> tuple:
-        store: RunStore = self.app.store
+        store = self.model.store
         value = store.value(self.metric)
         comp = COMPANIONS.get(self.metric)
         comp = comp if comp and store.columns[comp].present else None
         cval = store.value(comp) if comp else None
-        level = level_for(self.metric, value, self.app.open_alerts)
+        level = level_for(self.metric, value, self.model.open_alerts)
         # fmt_value strings, not floats: a change below the shown precision draws nothing
         return (fmt_value(value), level, fmt_value(cval) if comp else None, width), (value, comp, cval, level)
 
@@ -234,7 +236,7 @@ class MetricTile(StripWidget):
     def body_runs(self, width: int | None = None, height: int | None = None) -> list[Runs]:
         w = self.content_size.width if width is None else width
         h = (self.content_size.height if height is None else height) - 1
-        store: RunStore = self.app.store
+        store = self.model.store
         key = (self.chart_version, w, h, not len(store))
         if key != self._body_key:
             self._body_key = key
@@ -242,7 +244,7 @@ class MetricTile(StripWidget):
             if not len(store) or h < 1:
                 self._body = [[("waiting for records…", "grey50")]]
             else:
-                self._body = chart_lines(store, self.metric, self.app.view, w, h, thresholds=False)[0]
+                self._body = chart_lines(store, self.metric, self.view, w, h, thresholds=False)[0]
         return self._body
 
     def render(self) -> Text:
@@ -288,8 +290,9 @@ class DetailChart(StripWidget):
 
     metric: reactive[str] = reactive("kl")
 
-    def __init__(self, **kw):
+    def __init__(self, model: RunModel, view: ChartView, **kw):
         super().__init__(**kw)
+        self.model, self.view = model, view
         self.chart_version = 0
         self._key = None
         self._rows: list[Runs] = []
@@ -297,7 +300,7 @@ class DetailChart(StripWidget):
         self._strips_base = None
 
     def update_title(self) -> None:
-        title = f"{self.metric} · {self.app.view.describe()}"
+        title = f"{self.metric} · {self.view.describe()}"
         if title != self.border_title:
             self.border_title = title
 
@@ -312,7 +315,7 @@ class DetailChart(StripWidget):
     def rows(self, w: int | None = None, h: int | None = None) -> list[Runs]:
         w = self.content_size.width if w is None else w
         h = self.content_size.height if h is None else h
-        key = (self.chart_version, self.metric, w, h, not len(self.app.store))
+        key = (self.chart_version, self.metric, w, h, not len(self.model.store))
         if key != self._key:
             self._key = key
             self._strips = []
@@ -320,9 +323,7 @@ class DetailChart(StripWidget):
         return self._rows
 
     def _compute(self, w: int, h: int) -> list[Runs]:
-        app = self.app
-        store: RunStore = app.store
-        view: ChartView = app.view
+        store, view = self.model.store, self.view
         if not len(store) or h < 4 or w < 20:
             return [[("waiting for records…", "grey50")]]
         label_w = 10
@@ -363,7 +364,7 @@ class DetailChart(StripWidget):
         cells = [" "] * cw
         styles: list[str | None] = [None] * cw
         steps = [b.step if b is not None else None for b in main]
-        for step, sev in self.app.view.alert_marks:
+        for step, sev in self.model.alert_marks(self.metric):
             # the first dot column whose last step reaches the alert's step
             for x, s in enumerate(steps):
                 if s is not None and s >= step:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
 
 from rich.text import Text
 from textual.widgets import Static
 
 from protocol.alerts import Alert
-from protocol.catalogue import STAGES
+from protocol.catalogue import STAGES, stage_shares
+from protocol.text import safe_text
 
 from ..braille import fmt_value
+from ..model import HeaderInfo, finite
 from ..store import RunStore
 from .charts import _fmt_duration
 
@@ -27,25 +27,12 @@ STATUS_STYLE = {
 SPARK = "▁▂▃▄▅▆▇█"
 
 
-@dataclass
-class HeaderInfo:
-    run_id: str = "—"
-    status: str = "…"
-    step: int | None = None
-    total_steps: int | None = None
-    steps_per_s: float | None = None
-    elapsed_s: float | None = None
-    age_s: float | None = None
-    corrupt: int = 0
-    loading: str = ""  # "history 40%" while the background load runs
-
-
 class RunHeader(Static):
     def show(self, h: HeaderInfo) -> None:
         t = Text(no_wrap=True, overflow="ellipsis")
         t.append(" RLHF ", "bold black on bright_cyan")
-        t.append(f" {h.run_id} ", "bold")
-        t.append(f" {h.status.upper()} ", STATUS_STYLE.get(h.status, "bold"))
+        t.append(f" {safe_text(h.run_id)} ", "bold")
+        t.append(f" {safe_text(h.status).upper()} ", STATUS_STYLE.get(h.status, "bold"))
         step = "—" if h.step is None else f"{h.step:,}"
         if h.total_steps:
             step += f"/{h.total_steps:,}"
@@ -65,37 +52,48 @@ class RunHeader(Static):
 
 
 class AlertBanner(Static):
-    """The most severe open alert with its explanation; corruption counts here too."""
+    """The most severe open alert with its explanation; corruption counts and what could not
+    be read (`notice`, one line) show here too."""
 
-    def show(self, alert: Alert | None, n_open: int, corrupt: int) -> None:
+    def show(self, alert: Alert | None, n_open: int, corrupt: int, notice: str = "") -> None:
         self.remove_class("-critical", "-warning", "-ok")
         t = Text(overflow="ellipsis")
-        if alert is None and not corrupt:
+        if alert is None and not corrupt and not notice:
             self.add_class("-ok")
             t.append("✔ no open alerts", "bold")
             t.append("   a: alert list", "dim")
         elif alert is None:
             self.add_class("-warning")
-            t.append(f"✖ step log: {corrupt} corrupt frame{'s' * (corrupt != 1)} skipped", "bold")
-            t.append(" (bad bytes on disk; the records around them are intact)   a: alert list")
+            if notice:
+                t.append(f"✖ {safe_text(notice)}", "bold")
+            if corrupt:
+                t.append("  " if notice else "")
+                t.append(f"✖ step log: {corrupt} corrupt frame{'s' * (corrupt != 1)} skipped", "bold")
+                t.append(" (bad bytes on disk; the records around them are intact)")
+            t.append("   a: alert list")
         else:
             self.add_class("-critical" if alert.severity == "critical" else "-warning")
-            t.append(f"{'⛔' if alert.severity == 'critical' else '⚠'} {alert.severity.upper()} {alert.rule}: ", "bold")
+            head = f"{'⛔' if alert.severity == 'critical' else '⚠'} {alert.severity.upper()} {alert.rule}: "
+            t.append(safe_text(head), "bold")
             t.append(
-                f"{alert.metric}={fmt_value(alert.value)} (threshold {fmt_value(alert.threshold)}) "
-                f"since step {alert.first_step:,}"
+                safe_text(f"{alert.metric}={fmt_value(alert.value)} (threshold {fmt_value(alert.threshold)}) ")
+                + f"since step {alert.first_step:,}"
             )
             more = n_open - 1
             if more > 0:
                 t.append(f"  (+{more} more)")
             if corrupt:
                 t.append(f"  ✖ {corrupt} corrupt frames")
-            t.append(f"\n{alert.explanation}   a: alert list")
-        self.update(t)
+            if notice:
+                t.append(f"  ✖ {safe_text(notice)}")
+            t.append(f"\n{safe_text(alert.explanation)}   a: alert list")
+        _update(self, t, layout=True)
 
 
 class ProfilerPanel(Static):
     """The last step split by stage, how the shares moved over the run, the slowest stage."""
+
+    BORDER_TITLE = "where the time goes"
 
     LEAD = 31  # "stage" 14 + "ms" 9 + "share" 6 + 2 spaces, then the sparkline
     RANGE = 8  # then the range of the share over the run, "20–26%"
@@ -106,9 +104,9 @@ class ProfilerPanel(Static):
             _update(self, Text("waiting for records…", "grey50"))
             return
         last = {s: store.stages[s].values[-1] for s in STAGES}
-        total = sum(v for v in last.values() if math.isfinite(v)) or math.nan
-        finite = {s: v for s, v in last.items() if math.isfinite(v)}
-        slowest = max(finite, key=finite.get) if finite else None
+        shares = stage_shares(last)
+        timed = {s: v for s, v in last.items() if math.isfinite(v)}
+        slowest = max(timed, key=timed.get) if timed and any(shares.values()) else None
         spark_w = max(4, width - self.LEAD - self.RANGE)
         sparks = share_sparklines(store, spark_w)
         t.append(
@@ -116,7 +114,7 @@ class ProfilerPanel(Static):
         )
         for s in STAGES:
             v = last[s]
-            share = v / total if math.isfinite(v) and total == total else math.nan
+            share = shares[s] if math.isfinite(v) and slowest else math.nan
             style = "bold yellow" if s == slowest else None
             t.append(f"{s:<14}", style)
             t.append(f"{v * 1000:>8.1f} " if math.isfinite(v) else f"{'—':>8} ")
@@ -129,8 +127,8 @@ class ProfilerPanel(Static):
         st = store.value("step_time_s")
         t.append("slowest: ", "grey62")
         t.append(f"{slowest or '—'}", "bold yellow")
-        if slowest and total == total:
-            t.append(f" ({finite[slowest] / total:.0%} of the step)")
+        if slowest:
+            t.append(f" ({shares[slowest]:.0%} of the step)")
         t.append(f"\nstep {fmt_value(st)} s · {fmt_value(tps)} tokens/s")
         t.append("\nsparklines scaled from each stage's low to high", "grey50")
         _update(self, t)
@@ -145,10 +143,10 @@ def share_shares(store: RunStore, columns: int) -> dict[str, list[float | None]]
     cols = store.stages
     for i in range(k):
         a, b = n * i // k, n * (i + 1) // k
-        sums = {s: cols[s].sum(a, b) for s in STAGES}
-        total = sum(sums.values())
+        shares = stage_shares({s: cols[s].sum(a, b) for s in STAGES})
+        timed = any(shares.values())  # all 0.0: nothing was timed in this slice
         for s in STAGES:
-            out[s].append(sums[s] / total if total > 0 and math.isfinite(total) else None)
+            out[s].append(shares[s] if timed else None)
     return out
 
 
@@ -175,12 +173,13 @@ def share_sparklines(store: RunStore, width: int) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _update(widget: Static, content: Text) -> None:
-    """Update a fixed-size panel: no re-layout, and nothing at all when the text is unchanged."""
+def _update(widget: Static, content: Text, layout: bool = False) -> None:
+    """Update a panel: nothing at all when the text is unchanged; a fixed-size panel
+    without a re-layout."""
     key = (content.plain, tuple(content.spans))
     if getattr(widget, "_shown_key", None) != key:
         widget._shown_key = key
-        widget.update(content, layout=False)
+        widget.update(content, layout=layout)
 
 
 EVENT_STYLE = {
@@ -200,34 +199,36 @@ EVENT_STYLE = {
 class EventsPanel(Static):
     """The last lifecycle and alert events of events.jsonl, newest last."""
 
+    BORDER_TITLE = "events"
+
     def show(self, events: list[dict], rows: int, t0: float | None) -> None:
+        """Every field is run-file text: shown through safe_text, as plain Text (no markup)."""
         t = Text(no_wrap=True, overflow="ellipsis")
         if not events:
             _update(self, Text("no events yet", "grey50"))
             return
         shown = events[-max(1, rows) :]
         for i, e in enumerate(shown):
-            name = str(e.get("event", "?"))
-            when = e.get("time")
-            rel = _fmt_duration(when - t0) if isinstance(when, (int, float)) and t0 else "—"
+            name = _field(e.get("event", "?"), 40)
+            when = finite(e.get("time"))
+            rel = _fmt_duration(when - t0) if when is not None and t0 is not None else "—"
             t.append(f"{rel:>7} ", "grey50")
             t.append(f"{name:<15}", EVENT_STYLE.get(name, None))
             if "rule" in e:
-                t.append(f" {e.get('rule')} @{e.get('step', '?')}")
+                t.append(f" {_field(e.get('rule'))} @{_field(e.get('step', '?'))}")
                 if name != "alert_cleared" and "value" in e:
-                    t.append(
-                        f" {e.get('metric', '')}="
-                        f"{fmt_value(e['value']) if isinstance(e['value'], float) else e['value']}"
-                    )
+                    v = e["value"]
+                    t.append(f" {_field(e.get('metric', ''))}={fmt_value(v) if isinstance(v, float) else _field(v)}")
             elif "step" in e:
-                t.append(f" step {e['step']}")
+                t.append(f" step {_field(e['step'])}")
             for k in ("passed", "message", "reason", "path"):
                 if k in e and "rule" not in e:
-                    t.append(f" {k}={e[k]}", "grey62")
+                    t.append(f" {k}={_field(e[k])}", "grey62")
             if i < len(shown) - 1:
                 t.append("\n")
         _update(self, t)
 
 
-def now() -> float:
-    return time.time()
+def _field(v, max_len: int = 200) -> str:
+    """An event's field as one safe line (strings, numbers, or whatever else the file held)."""
+    return safe_text(v if isinstance(v, str) else str(v), max_len)

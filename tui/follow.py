@@ -1,0 +1,247 @@
+"""The monitor's file IO, off the UI thread: opening the target, following a run, loading its
+history. Each reader posts typed messages to the app; the app applies them to its `RunModel`.
+
+The readers are daemon threads, not Textual's thread workers: those run in the event loop's
+default executor, which is joined when the app's loop ends, so a read that takes 30 s (a
+1M-step history) or never returns (a library opening a FIFO) would hold up quitting. A
+daemon thread is left behind instead; each one checks its stop event between chunks and
+ends by itself. Every message carries the token of the run it was read for: the app drops
+the messages of a run it has left.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from textual.message import Message
+
+from protocol.rundir import RunDirError, RunPaths, resolve_run
+
+from .feed import BATCH_RECORDS, TAIL_BYTES, Batch, RunFeed, load_history
+
+
+def spawn(fn, *args, name: str) -> threading.Thread:
+    """Run fn(*args) in a daemon thread (never joined: quitting does not wait for it)."""
+    t = threading.Thread(target=fn, args=args, name=f"rlhf-tui-{name}", daemon=True)
+    t.start()
+    return t
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as the one line a user reads (RunDirError messages are written for that)."""
+    if isinstance(e, RunDirError):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        return f"cannot read {e.filename or 'the run'}: {e.strerror}"
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def post(target, msg: Message, stop: threading.Event | None = None) -> bool:
+    """Post to the app from a reader thread; with `stop`, wait until the app has applied it
+    (back-pressure while a long log is caught up). False once the app is closing."""
+    try:
+        if not target.post_message(msg):
+            return False
+    except RuntimeError:  # the event loop has closed
+        return False
+    if stop is None:
+        return True
+    while not msg.done.wait(0.05):
+        if stop.is_set() or not target.is_running:
+            return False
+    return True
+
+
+# -- messages ---------------------------------------------------------------------------
+
+
+class TargetResolved(Message):
+    """The command line's path resolved to a run (and, for a runs dir, the dir to watch)."""
+
+    def __init__(self, paths: RunPaths | None, runs_dir: Path | None, error: str = ""):
+        super().__init__()
+        self.paths, self.runs_dir, self.error = paths, runs_dir, error
+
+
+class FeedMessage(Message):
+    def __init__(self, token: int):
+        super().__init__()
+        self.token = token
+
+
+class RecordsRead(FeedMessage):
+    """A batch from the feed; the reader waits for `done` before it reads more."""
+
+    def __init__(self, token: int, batch: Batch):
+        super().__init__(token)
+        self.batch = batch
+        self.done = threading.Event()
+
+
+class HistoryProgress(FeedMessage):
+    """How far the history load is; a newer one replaces one not yet handled."""
+
+    def __init__(self, token: int, frac: float):
+        super().__init__(token)
+        self.frac = frac
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, HistoryProgress)
+
+
+class HistoryLoaded(FeedMessage):
+    def __init__(self, token: int, result: tuple):
+        super().__init__(token)
+        self.result = result
+
+
+class LatestMoved(FeedMessage):
+    def __init__(self, token: int, paths: RunPaths):
+        super().__init__(token)
+        self.paths = paths
+
+
+class FeedFailed(FeedMessage):
+    """The reader stopped on something it could not handle (one line)."""
+
+    def __init__(self, token: int, text: str):
+        super().__init__(token)
+        self.text = text
+
+
+# -- readers ----------------------------------------------------------------------------
+
+
+def runs_dir_of(target: Path) -> Path | None:
+    """A runs dir given on the command line (or its `latest`) is followed as `latest` moves."""
+    if target.name == "latest":
+        return target.parent
+    if target.is_dir() and not (target / "run.json").exists():
+        return target
+    return None
+
+
+def resolve_target(app, target: Path) -> None:
+    try:
+        paths = RunPaths(resolve_run(target).root.resolve())  # `latest` -> the run's real name
+        msg = TargetResolved(paths, runs_dir_of(target))
+    except (RunDirError, OSError, ValueError) as e:
+        msg = TargetResolved(None, None, one_line(e))
+    post(app, msg)
+
+
+class RunFollower:
+    """Reads one run: its tail first, then live as it grows (watchfiles, or a 1 s poll), its older
+    history beside that; with `runs_dir`, notices when `latest` moves to another run."""
+
+    def __init__(
+        self, app, paths: RunPaths, token: int, runs_dir: Path | None, tail_bytes: int = TAIL_BYTES, live: bool = True
+    ):
+        self.app, self.paths, self.token = app, paths, token
+        self.runs_dir, self.tail_bytes, self.live = runs_dir, tail_bytes, live
+        self.stop = threading.Event()
+        self.first_screen = threading.Event()  # the app drew the tail: the history may load
+        self.tail_records = 0
+
+    def start(self) -> RunFollower:
+        spawn(self._guarded, self._follow, name="feed")
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+
+    def _guarded(self, fn) -> None:
+        try:
+            fn()
+        except Exception as e:  # a reader never takes the app down: it says what stopped it
+            if not self.stop.is_set():
+                post(self.app, FeedFailed(self.token, "stopped reading: " + one_line(e)))
+
+    def _send(self, batch: Batch) -> bool:
+        return post(self.app, RecordsRead(self.token, batch), self.stop)
+
+    def _follow(self) -> None:
+        feed = RunFeed(self.paths, tail_bytes=self.tail_bytes)
+        history_started = False
+
+        def drain() -> bool:
+            nonlocal history_started
+            while not self.stop.is_set():
+                batch = feed.poll()
+                if batch.cols:
+                    self.tail_records += len(batch.cols["step"])
+                if not batch.empty and not self._send(batch):
+                    return False
+                if batch.pending and not self._send(feed.evaluate(batch)):
+                    return False
+                if not history_started and feed.first_offset is not None:
+                    history_started = True
+                    if feed.first_offset > 0:
+                        spawn(self._guarded, lambda: self._history(feed.first_offset), name="history")
+                    else:
+                        post(self.app, HistoryLoaded(self.token, None))
+                if not batch.cols or len(batch.cols["step"]) + batch.cols["skipped"] < BATCH_RECORDS:
+                    return True  # caught up
+            return False
+
+        if not drain() or not self.live:
+            return
+        for _ in self._wake_ups():
+            if not self.app.is_running or not drain():
+                return
+            if self.runs_dir is not None:
+                moved = self._latest_moved()
+                if moved is not None:
+                    post(self.app, LatestMoved(self.token, moved))
+                    return
+
+    def _history(self, end_offset: int) -> None:
+        """Load the records before the tail (after the tail's first screen: the GIL is shared)."""
+        while not self.first_screen.wait(0.05):
+            if self.stop.is_set():
+                return
+        per_record = self.tail_bytes / max(1, self.tail_records)
+        last_report = 0.0
+        for item in load_history(self.paths, end_offset, self.stop.is_set, per_record):
+            if isinstance(item, float):
+                if time.monotonic() - last_report > 0.5:
+                    last_report = time.monotonic()
+                    post(self.app, HistoryProgress(self.token, item))
+            elif not self.stop.is_set():
+                post(self.app, HistoryLoaded(self.token, item))
+
+    def _wake_ups(self):
+        """Yield when the run dir changed (watchfiles), or every second anyway: a slow poll
+        covers file systems that send no notifications (NFS) and the `latest` link."""
+        try:
+            from watchfiles import watch
+
+            for _changes in watch(
+                self.paths.root,
+                stop_event=self.stop,
+                debounce=20,
+                step=10,
+                rust_timeout=1000,
+                yield_on_timeout=True,
+                recursive=False,
+                raise_interrupt=False,
+            ):
+                yield
+            return
+        except Exception:  # no inotify (limits, exotic FS): poll instead
+            pass
+        while not self.stop.wait(1.0):
+            yield
+
+    def _latest_moved(self) -> RunPaths | None:
+        latest = self.runs_dir / "latest"
+        try:
+            now = latest.resolve(strict=True)
+            if (now / "run.json").exists() and now != self.paths.root.resolve():
+                return RunPaths(now)
+        except OSError:
+            pass
+        return None

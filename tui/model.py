@@ -1,0 +1,198 @@
+"""The run the monitor shows: its state in one object, changed only by the feed's batches.
+
+The app applies what the readers post (`apply_batch`, `apply_history`) and each apply says
+which parts of the screen changed; widgets are handed the model and read it when they draw.
+No Textual and no file IO here: every value that came from a run file is checked (a
+`started_at` of "yesterday", a status that is a number) before anything does arithmetic on it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from protocol.alerts import Alert, most_severe
+from protocol.rundir import RunPaths
+from protocol.text import safe_text
+
+from .store import CHART_METRICS, RunStore
+
+# An alert on a metric without its own chart jumps to the chart that tells its story.
+CHART_OF = {
+    "kl_target_error": "kl",
+    "explained_variance": "value_loss",
+    "reward_std": "reward_mean",
+    "policy_loss": "grad_norm",
+    "approx_kl": "clip_frac",
+    "gold_reward_mean": "reward_mean",
+}
+MAX_EVENTS = 500  # the events panel shows the last ones only
+
+
+def finite(v) -> float | None:
+    """A run file's value as a finite float, else None (strings, bools, NaN, huge ints)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def chart_of(metric: str) -> str:
+    return CHART_OF.get(metric, metric)
+
+
+@dataclass
+class HeaderInfo:
+    run_id: str = "—"
+    status: str = "…"
+    step: int | None = None
+    total_steps: int | None = None
+    steps_per_s: float | None = None
+    elapsed_s: float | None = None
+    age_s: float | None = None
+    corrupt: int = 0
+    loading: str = ""  # "history 40%" while the background load runs
+
+
+class RunModel:
+    def __init__(self):
+        self.store = RunStore()
+        self.reset(None)
+
+    def reset(self, paths: RunPaths | None) -> None:
+        """Forget the run shown (the store is cleared in place: widgets keep their reference)."""
+        self.paths = paths
+        self.store.clear()
+        self.open_alerts: list[Alert] = []
+        self.alert_history: list[tuple[str, Alert]] = []
+        self.events: list[dict] = []
+        self.manifest: dict = {}
+        self.status = "…"
+        self.corrupt = 0
+        self.history_corrupt = 0
+        self.skipped = 0  # records without a placeable step
+        self.problem = ""  # a run file that cannot be read, from the feed (one line)
+        self.loading = ""
+        self.last_arrival: float | None = None  # wall clock of the last batch with records
+        self.history_done = False  # the whole log is in the store
+        self.alerts_step: int | None = None  # the last step the live alert engine has evaluated
+
+    @property
+    def run_id(self) -> str:
+        return safe_text(self.paths.run_id, 80) if self.paths else "—"
+
+    # -- changes ------------------------------------------------------------------------
+
+    def apply_batch(self, batch, now: float) -> set[str]:
+        """Take in a `feed.Batch`; return what changed: data, alerts, events, header, notice."""
+        changed: set[str] = set()
+        if batch.reset:
+            self.store.clear()
+            self.alert_history = []
+            changed |= {"data", "alerts", "reset"}
+        if batch.cols and batch.cols["step"]:
+            self.store.extend(batch.cols)
+            self.last_arrival = now
+            changed.add("data")
+        if batch.alerts:
+            self.alert_history.extend(batch.alerts)
+        if batch.alerts or [a.rule for a in batch.open_alerts] != [a.rule for a in self.open_alerts]:
+            changed.add("alerts")
+        self.open_alerts = batch.open_alerts
+        if batch.evaluated_step is not None:
+            self.alerts_step = batch.evaluated_step
+        if batch.alerts_only:
+            return changed
+        if batch.events:
+            self.events.extend(batch.events)
+            del self.events[:-MAX_EVENTS]
+            changed.add("events")
+        if batch.manifest is not None:
+            self.manifest = batch.manifest if isinstance(batch.manifest, dict) else {}
+            changed |= {"header", "events"}  # the events' times are relative to started_at
+        if batch.status is not None:
+            self.status = safe_text(str(batch.status), 20) or "?"
+            changed.add("header")
+        if batch.corrupt_frames + self.history_corrupt != self.corrupt:
+            self.corrupt = batch.corrupt_frames + self.history_corrupt
+            changed.add("alerts")
+        if batch.skipped_records != self.skipped:
+            self.skipped = batch.skipped_records
+            changed.add("alerts")
+        if batch.problem is not None and batch.problem != self.problem:
+            self.problem = batch.problem
+            changed.add("alerts")
+        return changed
+
+    def apply_history(self, result) -> set[str]:
+        older, alerts, _open_at_end, corrupt = result
+        self.store.prepend(older)
+        self.alert_history[:0] = alerts
+        self.history_corrupt = corrupt
+        self.corrupt += corrupt
+        self.loading = ""
+        self.history_done = True
+        return {"data", "alerts", "header"}
+
+    def fail(self, text: str) -> None:
+        """The reader stopped on something it could not handle: say so, keep what is shown."""
+        self.problem = text
+
+    # -- what is shown ------------------------------------------------------------------
+
+    @property
+    def started_at(self) -> float | None:
+        return finite(self.manifest.get("started_at"))
+
+    @property
+    def total_steps(self) -> int | None:
+        cfg = self.manifest.get("config")
+        steps = cfg.get("steps") if isinstance(cfg, dict) else None
+        return steps if isinstance(steps, int) and not isinstance(steps, bool) and 0 < steps < 1 << 63 else None
+
+    def most_severe(self) -> Alert | None:
+        return most_severe(self.open_alerts)
+
+    def notice(self) -> str:
+        """One line on what could not be read, "" when everything could."""
+        parts = []
+        if self.problem:
+            parts.append(safe_text(self.problem, 200))
+        if self.skipped:
+            parts.append(f"{self.skipped:,} record{'s' * (self.skipped != 1)} without a usable step skipped")
+        return "; ".join(parts)
+
+    def alert_marks(self, metric: str) -> list[tuple[int, str]]:
+        """(first step, severity) of the alerts drawn under `metric`'s detail chart."""
+        return [
+            (a.first_step, a.severity) for ev, a in self.alert_history if ev == "alert" and chart_of(a.metric) == metric
+        ]
+
+    def header_info(self, now: float, stall_after: float) -> HeaderInfo:
+        s = self.store
+        last_time = s.times[-1] if len(s) and math.isfinite(s.times[-1]) else self.last_arrival
+        age = now - last_time if last_time is not None else None
+        status = self.status
+        if status == "running" and age is not None and age > stall_after:
+            status = "stalled"
+        started, ended = self.started_at, finite(self.manifest.get("ended_at"))
+        elapsed = None if started is None else (ended if ended is not None else now) - started
+        return HeaderInfo(
+            run_id=self.run_id,
+            status=status,
+            step=s.last_step,
+            total_steps=self.total_steps,
+            steps_per_s=s.steps_per_second(),
+            elapsed_s=elapsed,
+            age_s=age,
+            corrupt=self.corrupt,
+            loading=self.loading,
+        )
+
+    def selected_chart(self, alert: Alert) -> int | None:
+        """The grid index of the chart that shows `alert`, if it has one."""
+        metric = chart_of(alert.metric)
+        return CHART_METRICS.index(metric) if metric in CHART_METRICS else None
