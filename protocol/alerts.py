@@ -24,8 +24,10 @@ import math
 import tomllib
 from bisect import insort
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 from .catalogue import METRICS
 
@@ -199,7 +201,7 @@ class Alert:
             f"(threshold {_fmt(self.threshold)}) since step {self.first_step} - {self.explanation}"
         )
 
-    def to_event(self, event: str) -> dict:
+    def to_event(self, event: str) -> dict[str, Any]:
         d = {
             "rule": self.rule,
             "metric": self.metric,
@@ -216,13 +218,13 @@ class Alert:
         return d
 
 
-def most_severe(alerts) -> Alert | None:
+def most_severe(alerts: Iterable[Alert]) -> Alert | None:
     """The alert to show first: the most severe and, among those, the one that began first
     (the earliest is usually the cause; later ones are often its consequences)."""
-    alerts = list(alerts)
-    if not alerts:
+    found = list(alerts)
+    if not found:
         return None
-    return min(alerts, key=lambda a: (-SEVERITIES.index(a.severity), a.first_step))
+    return min(found, key=lambda a: (-SEVERITIES.index(a.severity), a.first_step))
 
 
 def _fmt(v: float) -> str:
@@ -231,13 +233,18 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
-def _num(v) -> float | None:
+def _num(v: object) -> float | None:
+    """A record's value as a float; None if it is not a number. An int too large for a float
+    (a hostile record) is +-inf, so it trips the non-finite rule instead of raising."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
 
 
-def _trend(values) -> float:
+def _trend(values: list[float]) -> float:
     """Pearson correlation of values with their index: +1 rising steadily, -1 falling."""
     t = RollingTrend(max(len(values), 1))
     for v in values:
@@ -292,15 +299,19 @@ class RollingTrend:
         return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
 
 
+# (bad, value, metric, critical, threshold crossed)
+_Verdict = tuple[bool, float, str, bool, float]
+
+
 @dataclass
 class _RuleState:
     bad_run: int = 0
     good_run: int = 0
     critical_run: int = 0
     first_bad_step: int | None = None
-    history: deque = field(default_factory=deque)  # rolling values (spike median)
-    sorted_hist: list = field(default_factory=list)
-    trends: dict = field(default_factory=dict)  # metric -> RollingTrend for trend kinds
+    history: deque[float] = field(default_factory=deque)  # rolling values (spike median)
+    sorted_hist: list[float] = field(default_factory=list)
+    trends: dict[str, RollingTrend] = field(default_factory=dict)  # metric -> RollingTrend for trend kinds
 
 
 class AlertEngine:
@@ -411,7 +422,7 @@ class AlertEngine:
                         trend = st.trends[m] = RollingTrend(rule.window)
                     trend.push(v)
 
-    def _evaluate(self, rule: Rule, record: dict):
+    def _evaluate(self, rule: Rule, record: dict[str, Any]) -> _Verdict | None:
         """(bad, value, metric, critical, threshold crossed) or None when the rule's metric is absent."""
         if rule.kind == "non_finite":
             seen = False
@@ -451,15 +462,16 @@ class AlertEngine:
             critical = bool(ref is not None and math.isfinite(ref) and v > rule.critical_factor * ref)
         return bad, v, rule.metric, critical, threshold
 
-    def _evaluate_trends(self, rule: Rule, record: dict):
+    def _evaluate_trends(self, rule: Rule, record: dict[str, Any]) -> _Verdict | None:
         """Judged on the window that includes this step (fed before evaluation, in update)."""
         st = self._state[rule.name]
         if any(_num(record.get(m)) is None for m in rule.metrics):
             return None
         windows = [st.trends.get(m) for m in rule.metrics]
-        if any(w is None or len(w) < rule.window for w in windows):
+        ready = [w for w in windows if w is not None and len(w) >= rule.window]
+        if len(ready) < len(windows):
             return False, 0.0, rule.metric, False, rule.threshold
-        trends = [w.r() for w in windows]
+        trends = [w.r() for w in ready]
         t = rule.threshold
         if rule.kind == "diverging_trends":
             bad = trends[0] > t and trends[1] < -t
@@ -495,7 +507,9 @@ def rules_from_toml(path: str | Path, base: tuple[Rule, ...] = DEFAULT_RULES) ->
     return rules_from_dict(data, base, source=str(p))
 
 
-def rules_from_dict(data: dict, base: tuple[Rule, ...] = DEFAULT_RULES, source: str = "alerts") -> tuple[Rule, ...]:
+def rules_from_dict(
+    data: dict[str, Any], base: tuple[Rule, ...] = DEFAULT_RULES, source: str = "alerts"
+) -> tuple[Rule, ...]:
     extra = set(data) - {"rules"}
     if extra:
         raise AlertConfigError(f"{source}: unknown top-level key(s) {sorted(extra)}; expected [rules.NAME] tables")
@@ -527,7 +541,7 @@ def rules_from_dict(data: dict, base: tuple[Rule, ...] = DEFAULT_RULES, source: 
     return tuple(rules.values())
 
 
-def _coerce(source: str, name: str, key: str, v):
+def _coerce(source: str, name: str, key: str, v: object) -> Any:
     where = f"{source}: rules.{name}.{key}"
     if key in _FLOAT_KEYS:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 SCHEMA_VERSION = 1
 
@@ -147,8 +148,12 @@ def numeric_fields() -> list[str]:
     return [m.name for m in METRICS.values() if m.kind != "map"]
 
 
-def check_record(record: dict) -> list[str]:
-    """Problems with a record against the catalogue (missing fields, wrong types); [] if none."""
+INT_MAX = (1 << 63) - 1  # int fields must fit an int64 (readers put them in int64 arrays)
+
+
+def check_record(record: dict[str, Any]) -> list[str]:
+    """Problems with a record against the catalogue (missing fields, wrong types, int fields
+    out of range: negative, or over int64 such as a step of 2^64-1); [] if none."""
     problems: list[str] = []
     for m in METRICS.values():
         if m.name not in record:
@@ -158,6 +163,9 @@ def check_record(record: dict) -> list[str]:
         v = record[m.name]
         if m.kind == "int":
             ok = isinstance(v, int) and not isinstance(v, bool)
+            low = 1 if m.name == "step" else 0
+            if ok and not low <= v <= INT_MAX:
+                problems.append(f"field {m.name!r} out of range ({low} .. 2^63-1): {v}")
         elif m.kind == "float":
             ok = isinstance(v, float)
         else:
@@ -175,6 +183,14 @@ def stage_shares(stage_seconds: dict[str, float]) -> dict[str, float]:
     """Each stage's share of the time: its seconds over the sum of the finite stage seconds
     (NaN or missing stages count as 0). All 0.0 when nothing was timed. The one definition
     the profiler's summary, the report, verify m2 and the monitor's profiler panel share."""
-    clean = {s: float(v) for s, v in stage_seconds.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    clean: dict[str, float] = {}
+    for s, v in stage_seconds.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            try:
+                f = float(v)
+            except OverflowError:  # an int too large for a float: not a time
+                continue
+            if math.isfinite(f):
+                clean[s] = f
     total = sum(clean.values())
     return {s: (clean.get(s, 0.0) / total if total > 0 else 0.0) for s in stage_seconds}

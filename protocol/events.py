@@ -5,15 +5,17 @@ the verify checks and the monitor's run picker all read alerts through here."""
 
 from __future__ import annotations
 
+from typing import Any
+
 ALERT_EVENTS = ("alert", "alert_escalated", "alert_cleared")
 
 
-def alert_timeline(events: list[dict], last_step: int | None = None) -> list[dict]:
+def alert_timeline(events: list[dict[str, Any]], last_step: int | None = None) -> list[dict[str, Any]]:
     """One entry per alert episode (fired .. cleared), in firing order, from events.jsonl's
     alert, alert_escalated and alert_cleared events. An episode still open has `open` True
     and, given the run's last step, a duration up to it."""
-    out: list[dict] = []
-    open_: dict[str, dict] = {}
+    out: list[dict[str, Any]] = []
+    open_: dict[str, dict[str, Any]] = {}
     for e in events:
         kind = e.get("event")
         if kind not in ALERT_EVENTS:
@@ -39,29 +41,29 @@ def alert_timeline(events: list[dict], last_step: int | None = None) -> list[dic
             open_[rule] = ep
             out.append(ep)
         elif kind == "alert_escalated":
-            ep = open_[rule]
-            ep["severity"] = e.get("severity", ep["severity"])
-            ep["escalated_step"] = e.get("step")
-            ep["value"] = e.get("value", ep["value"])
+            cur = open_[rule]
+            cur["severity"] = e.get("severity", cur["severity"])
+            cur["escalated_step"] = e.get("step")
+            cur["value"] = e.get("value", cur["value"])
         elif kind == "alert_cleared":
-            ep = open_.pop(rule, None)
-            if ep is None:
+            done = open_.pop(rule, None)
+            if done is None:
                 continue
-            ep["open"] = False
-            ep["cleared_step"] = e.get("step")
-            ep["duration_steps"] = e.get("duration_steps")
+            done["open"] = False
+            done["cleared_step"] = e.get("step")
+            done["duration_steps"] = e.get("duration_steps")
             if (
-                ep["duration_steps"] is None
-                and isinstance(ep["cleared_step"], int)
-                and isinstance(ep["first_step"], int)
+                done["duration_steps"] is None
+                and isinstance(done["cleared_step"], int)
+                and isinstance(done["first_step"], int)
             ):
-                ep["duration_steps"] = ep["cleared_step"] - ep["first_step"]
+                done["duration_steps"] = done["cleared_step"] - done["first_step"]
     for ep in open_.values():
         if isinstance(last_step, int) and isinstance(ep["first_step"], int):
             ep["duration_steps"] = last_step - ep["first_step"] + 1
     return out
 
 
-def open_alerts(events: list[dict]) -> list[dict]:
+def open_alerts(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The episodes fired and not cleared, in firing order."""
     return [ep for ep in alert_timeline(events) if ep["open"]]

@@ -7,7 +7,8 @@ Each record is one frame, in the style of TFRecord (see FORMAT.md):
 The payload is one msgpack map. Readers treat an incomplete last frame as "not yet"
 (they wait at the same offset), resynchronise after a bad length, skip a bad payload
 by its trusted length, count corruption instead of raising it, and start again from
-the beginning when the file shrank (a resume truncated it).
+the beginning when the file shrank (a resume truncated it). The file is opened only as a
+regular file inside the run dir (`protocol.safeio`): a symlink or FIFO is refused.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import msgpack
+
+from .safeio import RunDirError, StrPath, open_run_fd, open_run_file
 
 MAX_PAYLOAD = 1 << 20  # a frame over 1 MiB is corrupt
 HEADER = 12  # length (8) + length crc (4)
@@ -34,23 +38,20 @@ _HDR = struct.Struct("<QI")
 _NONZERO = re.compile(rb"[^\x00]")
 
 
-def masked_crc(data) -> int:
+def masked_crc(data: bytes | bytearray | memoryview) -> int:
     crc = zlib.crc32(data) & 0xFFFFFFFF
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
-_packer_opts = dict(use_bin_type=True, use_single_float=False)
-
-
-def encode_frame(record: dict) -> bytes:
-    payload = msgpack.packb(record, **_packer_opts)
+def encode_frame(record: dict[str, Any]) -> bytes:
+    payload: bytes = msgpack.packb(record, use_bin_type=True, use_single_float=False)
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"record encodes to {len(payload)} bytes, over the 1 MiB frame limit")
     header = _U64.pack(len(payload))
     return b"".join((header, _U32.pack(masked_crc(header)), payload, _U32.pack(masked_crc(payload))))
 
 
-def _decode_payload(payload) -> dict | None:
+def _decode_payload(payload: bytes | memoryview) -> dict[str, Any] | None:
     try:
         rec = msgpack.unpackb(payload, raw=False, strict_map_key=False)
     except Exception:
@@ -65,13 +66,14 @@ class StepLogWriter:
     (the trainer calls it at every checkpoint).
     """
 
-    def __init__(self, path: str | os.PathLike, sync_interval_s: float = 5.0):
+    def __init__(self, path: StrPath, sync_interval_s: float = 5.0, root: StrPath | None = None):
         self.path = Path(path)
+        self.root = root if root is not None else os.path.dirname(os.path.abspath(path))
         self.sync_interval_s = sync_interval_s
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd = open_run_fd(self.root, path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._last_sync = time.monotonic()
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict[str, Any]) -> None:
         frame = encode_frame(record)
         n = os.write(self._fd, frame)
         while n < len(frame):  # a short write is rare (signals, full pipes) but possible
@@ -91,10 +93,10 @@ class StepLogWriter:
                 os.close(self._fd)
                 self._fd = -1
 
-    def __enter__(self):
+    def __enter__(self) -> StepLogWriter:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -115,13 +117,18 @@ class StepLogTailer:
     truncated and rewrote it) is read again from the start (`stats.resets`).
     With `start_offset`, reading starts there and aligns to the next valid frame
     without counting the bytes before it as corruption (used to show a run's tail first).
+    If the file is refused (a symlink, a FIFO, outside the run dir `root`, default the
+    file's directory), `poll` returns [] and `error` holds the one-line reason (None
+    again once it opens); a missing file is just "nothing yet".
     """
 
-    def __init__(self, path: str | os.PathLike, start_offset: int = 0, with_offsets: bool = False):
+    def __init__(self, path: StrPath, start_offset: int = 0, with_offsets: bool = False, root: StrPath | None = None):
         self.path = Path(path)
+        self.root = root if root is not None else os.path.dirname(os.path.abspath(path))
+        self.error: str | None = None
         self.stats = TailStats()
         self.with_offsets = with_offsets
-        self._buf = b""
+        self._buf: bytes | bytearray = b""
         self._buf_start = start_offset  # file offset of _buf[0]
         self._ident: tuple[int, int] | None = None
         self._aligning = start_offset > 0  # skipping to the first frame is not corruption
@@ -133,13 +140,17 @@ class StepLogTailer:
         """File offset of the first byte not yet consumed (the start of any pending frame)."""
         return self._buf_start
 
-    def poll(self, max_records: int | None = None) -> list:
+    def poll(self, max_records: int | None = None) -> list[Any]:
         """New complete records (or `(start, end, record)` tuples with `with_offsets`)."""
-        out: list = []
+        out: list[Any] = []
         try:
-            f = open(self.path, "rb", buffering=0)
+            f = open_run_file(self.root, self.path, "rb", buffering=0)
+        except RunDirError as e:
+            self.error = str(e)
+            return out
         except OSError:
             return out
+        self.error = None
         with f:
             try:
                 st = os.fstat(f.fileno())
@@ -161,7 +172,7 @@ class StepLogTailer:
         self.stats.records += len(out)
         return out
 
-    def _fill(self, f, size: int) -> int:
+    def _fill(self, f: IO[bytes], size: int) -> int:
         """Append up to READ_CHUNK - len(buffer) new bytes; return how many were read.
 
         The pending bytes and the new ones go into one buffer allocated once, so a poll
@@ -177,13 +188,13 @@ class StepLogTailer:
         nb[:k] = old
         f.seek(read_from)
         with memoryview(nb) as view:
-            got = f.readinto(view[k:]) or 0
+            got = f.readinto(view[k:]) or 0  # type: ignore[attr-defined]
         if got < want:  # the file shrank under us; the next poll notices
             del nb[k + got :]
         self._buf = nb
         return got
 
-    def _tail_unchanged(self, f) -> bool:
+    def _tail_unchanged(self, f: IO[bytes]) -> bool:
         k = len(self._seen_tail)
         if not k:
             return True
@@ -198,7 +209,7 @@ class StepLogTailer:
         self._seen_tail = b""
         self.stats.resets += 1
 
-    def _parse(self, out: list, max_records: int | None) -> None:
+    def _parse(self, out: list[Any], max_records: int | None) -> None:
         # The hot loop of every reader: locals bound once, crc masking inlined, the payload
         # crc-checked and decoded straight from a memoryview (no copies).
         buf = self._buf
@@ -252,7 +263,7 @@ class StepLogTailer:
             self._buf = buf[pos:]
             self._buf_start += pos
 
-    def _resync(self, buf, mv: memoryview, pos: int) -> int:
+    def _resync(self, buf: bytes | bytearray, mv: memoryview, pos: int) -> int:
         """Scan forward from a bad header to the next valid header.
 
         A valid length is 1..2^20, so bytes 3..7 of the u64 are zero and byte 2 is at
@@ -300,49 +311,56 @@ class StepLogTailer:
         return new_pos
 
 
-def read_steplog(path: str | os.PathLike) -> tuple[list[dict], TailStats]:
-    """Every complete record of a step log, and what was lost to corruption."""
-    t = StepLogTailer(path)
-    records: list[dict] = []
+def read_steplog(path: StrPath, root: StrPath | None = None) -> tuple[list[dict[str, Any]], TailStats]:
+    """Every complete record of a step log, and what was lost to corruption. ([], stats) if
+    the file is missing; `RunDirError` (one line) if it is refused (a symlink, a FIFO...)."""
+    t = StepLogTailer(path, root=root)
+    records: list[dict[str, Any]] = []
     while True:
         batch = t.poll()
         if not batch:
             break
         records.extend(batch)
+    if t.error is not None:
+        raise RunDirError(t.error)
     return records, t.stats
 
 
-def iter_frames(path: str | os.PathLike) -> Iterator[tuple[int, int, dict]]:
-    """`(start_offset, end_offset, record)` for every complete record, in file order."""
-    t = StepLogTailer(path, with_offsets=True)
+def iter_frames(path: StrPath, root: StrPath | None = None) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """`(start_offset, end_offset, record)` for every complete record, in file order.
+    Raises `RunDirError` if the file is refused (see `read_steplog`)."""
+    t = StepLogTailer(path, with_offsets=True, root=root)
     while True:
         batch = t.poll()
+        if t.error is not None:
+            raise RunDirError(t.error)
         if not batch:
             return
         yield from batch
 
 
-def truncate_after_step(path: str | os.PathLike, step: int) -> list[dict]:
+def truncate_after_step(path: StrPath, step: int, root: StrPath | None = None) -> list[dict[str, Any]]:
     """Cut the log after the last record with `record["step"] <= step`; return what was cut.
 
     Used by resume: the records of steps after the checkpoint are computed again, so
     the old ones are handed back to be kept aside and compared, and the log is truncated
     in place (tailers see it shrink and read it again from the start).
     """
-    p = Path(path)
-    if not p.exists():
+    root = root if root is not None else os.path.dirname(os.path.abspath(path))
+    try:
+        f = open_run_file(root, path, "r+b", buffering=0)  # refused before anything is read
+    except FileNotFoundError:
         return []
-    keep_end = 0
-    removed: list[dict] = []
-    for _start, end, rec in iter_frames(p):
-        s = rec.get("step")
-        if isinstance(s, int) and s <= step and not removed:
-            keep_end = end
-        else:
-            removed.append(rec)
-    if keep_end < p.stat().st_size:
-        with open(p, "r+b") as f:
+    with f:
+        keep_end = 0
+        removed: list[dict[str, Any]] = []
+        for _start, end, rec in iter_frames(path, root=root):
+            s = rec.get("step")
+            if isinstance(s, int) and not isinstance(s, bool) and s <= step and not removed:
+                keep_end = end
+            else:
+                removed.append(rec)
+        if keep_end < os.fstat(f.fileno()).st_size:
             f.truncate(keep_end)
-            f.flush()
             os.fsync(f.fileno())
     return removed

@@ -63,7 +63,7 @@ def test_bad_lines_are_skipped_and_counted(tmp_path):
     assert [r["step"] for r in read_jsonl(p)] == [1, 2]
     t = JsonlTailer(p)
     assert [r["step"] for r in t.poll()] == [1, 2]
-    assert t.bad_lines == 2
+    assert t.bad_lines == 3 and t.long_lines == 0  # not JSON, not UTF-8, not an object (blank: not counted)
 
 
 def test_shrunk_jsonl_is_read_again(tmp_path, records):

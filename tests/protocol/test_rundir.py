@@ -199,14 +199,17 @@ def test_lock_on_a_missing_run_dir_is_a_run_dir_error(tmp_path):
         RunLock(RunPaths(tmp_path / "gone")).acquire()
 
 
-def test_effective_status_by_pid_without_lock_file(tmp_path):
+def test_effective_status_without_a_lock_is_crashed_whatever_the_pid(tmp_path):
     paths = _run(tmp_path, "r1")
     m = read_manifest(paths)
-    assert effective_status(m) == "running"  # our own pid is alive
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    assert effective_status(dict(m, pid=dead.pid)) == "crashed"
-    assert effective_status(dict(m, status="finished", pid=dead.pid)) == "finished"
+    assert m["pid"] == os.getpid()  # a live pid (ours), but nobody holds the lock
+    assert effective_status(m, paths) == "crashed"
+    assert effective_status(dict(m, status="finished"), paths) == "finished"
+    assert effective_status(dict(m, status=5), paths) == "unknown"
+    with pytest.raises(TypeError):
+        effective_status(m)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        effective_status(m, None)  # type: ignore[arg-type]
 
 
 def test_resolve_run(tmp_path):
