@@ -23,6 +23,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q tests
 
 bench: install
