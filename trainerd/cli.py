@@ -310,41 +310,46 @@ def _module(name: str, what: str):
 @click.argument("run", required=False)
 @click.option("--json", "as_json", is_flag=True)
 def verify(which, run, as_json):
-    """Run the M1 (determinism), M2 (profiler) or M3 (stability) checks; exit 0 only if they pass."""
+    """Run the M1 (determinism), M2 (profiler) or M3 (stability) checks.
+
+    Exit 0 passed, 1 a check failed, 2 could not run (the reason is the last line on
+    stderr), 130 cancelled (SIGTERM/SIGINT: every trainer it started is killed, its temp
+    dirs removed). `all` runs m1, m2, m3 in turn (stops at a cancel) and exits with the
+    worst: 130, else 1, else 2, else 0. See trainerd/verify/harness.py."""
     if which != "all":
         return _module(f"verify_{which}", f"verify {which}").run(run, as_json)
-    code = 0
+    codes: list[int] = []
     results = []
     for n in ("m1", "m2", "m3"):
         mod = _module(f"verify_{n}", f"verify {n}")
         if not as_json:
-            code = code or int(mod.run(run, False) or 0)
-            continue
-        # --json promises ONE object on stdout: collect each check's object into it
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            rc = int(mod.run(run, True) or 0)
-        code = code or rc
-        try:
-            results.append(json.loads(buf.getvalue().strip().splitlines()[-1]))
-        except (ValueError, IndexError):
-            results.append(
-                {
-                    "check": n,
-                    "passed": False,
-                    "checks": [{"name": "output", "passed": False, "detail": "no JSON result"}],
-                }
-            )
+            codes.append(int(mod.run(run, False) or 0))
+        else:  # --json promises ONE object on stdout: collect each check's object into it
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                codes.append(int(mod.run(run, True) or 0))
+            try:
+                results.append(json.loads(buf.getvalue().strip().splitlines()[-1]))
+            except (ValueError, IndexError):
+                results.append(
+                    {"check": n, "status": "could_not_run", "passed": False, "checks": [], "reason": "no JSON result"}
+                )
+        if codes[-1] == 130:
+            break
+    code = next((c for c in (130, 1, 2) if c in codes), 0)
     if as_json:
+        status = {0: "passed", 1: "failed", 2: "could_not_run", 130: "cancelled"}[code]
         click.echo(
             json.dumps(
                 {
                     "check": "all",
-                    "passed": code == 0 and all(r.get("passed") for r in results),
+                    "status": status,
+                    "passed": code == 0,
                     "checks": [
-                        {"name": r.get("check"), "passed": bool(r.get("passed")), "detail": _summary(r)}
-                        for r in results
+                        {"name": r.get("check"), "passed": _item_passed(r), "detail": _summary(r)} for r in results
                     ],
+                    "reason": None if code == 0 else "; ".join(f"{r.get('check')}: {_summary(r)}" for r in results),
+                    "run": run,
                     "results": results,
                 }
             )
@@ -352,9 +357,28 @@ def verify(which, run, as_json):
     return code
 
 
+def _item_passed(result: dict) -> bool | None:
+    """A check's line in `verify all`: passed, failed, or None (could not run / cancelled)."""
+    status = result.get("status")
+    if status in ("could_not_run", "cancelled"):
+        return None
+    return bool(result.get("passed"))
+
+
 def _summary(result: dict) -> str:
-    failed = [c.get("name") for c in result.get("checks", []) if not c.get("passed")]
-    return "all checks passed" if not failed else "failed: " + ", ".join(map(str, failed))
+    """One line for one check's JSON result."""
+    status = result.get("status")
+    if status in ("could_not_run", "cancelled"):
+        return f"{status.replace('_', ' ')}: {result.get('reason')}"
+    checks = result.get("checks", [])
+    failed = [c.get("name") for c in checks if c.get("passed") is False]
+    unfinished = [c.get("name") for c in checks if c.get("passed") is None]
+    if not failed and not unfinished and result.get("passed"):
+        return "all checks passed"
+    parts = (["failed: " + ", ".join(map(str, failed))] if failed else []) + (
+        ["could not finish: " + ", ".join(map(str, unfinished))] if unfinished else []
+    )
+    return "; ".join(parts) or "failed"
 
 
 @cli.command()

@@ -26,6 +26,7 @@ from pathlib import Path
 from protocol.jsonl import read_jsonl
 from protocol.rundir import RunPaths, read_events, read_manifest, write_manifest
 from protocol.steplog import StepLogTailer, read_steplog
+from trainerd.verify import harness
 from trainerd.verify import m1 as verify_m1
 
 SEED = verify_m1.SEED
@@ -34,7 +35,7 @@ EVERY = verify_m1.VERIFY_CHECKPOINT_EVERY
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 150
 
-_MAIN = verify_m1.CLI_MAIN
+_MAIN = harness.CLI_MAIN
 
 # -- bootstraps: test-only monkeypatches applied in the child before the CLI starts ---------------
 
@@ -159,7 +160,7 @@ def runs_root() -> Path:
 def config_path() -> Path:
     p = runs_root() / "verify_m1.toml"
     if not p.exists():
-        verify_m1.write_config_toml(p, verify_m1.VERIFY_CONFIG)
+        harness.write_config_toml(p, verify_m1.VERIFY_CONFIG)
     return p
 
 
@@ -208,8 +209,7 @@ def _drop_unused_runs() -> None:
         children = list(_CHILDREN)
     for p in children:
         p.kill()
-    verify_m1._CANCELLED.set()
-    verify_m1.kill_all_children()
+    harness.kill_all()  # also refuses any new harness trainer
 
 
 threading._register_atexit(_drop_unused_runs)  # runs before the pool's workers are joined
@@ -237,7 +237,7 @@ def reference_run() -> RunPaths:
 
 
 def _complete_checkpoints(paths: RunPaths) -> list[int]:
-    return verify_m1._checkpoint_steps(paths)
+    return verify_m1.checkpoint_steps(paths)
 
 
 def _kill_then_resume(
@@ -311,16 +311,14 @@ def resume_until_resume_check(
     import time
 
     log = paths.root.parent / f"{paths.run_id}.resume.out"
-    p = verify_m1.TrainerProcess(
-        ["resume", str(paths.root), "--foreground", *extra_args], log, env or child_env()
-    ).start()
+    p = harness.Trainer(["resume", str(paths.root), "--foreground", *extra_args], log, env or child_env()).start()
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             found = resume_checks(paths)
             if found:
                 return found[-1]
-            if p.proc.poll() is not None:
+            if p.poll() is not None:
                 found = resume_checks(paths)
                 assert found, f"resume exited {p.proc.returncode} without a resume_check: {p.tail(5)}"
                 return found[-1]
@@ -328,7 +326,6 @@ def resume_until_resume_check(
         raise AssertionError(f"no resume_check event within {timeout} s: {p.tail(5)}")
     finally:
         p.kill()
-        p._log.close()
 
 
 def queue_all() -> None:

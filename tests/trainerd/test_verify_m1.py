@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from m1_fixtures import REPO, STEPS, child_env, copy_run, records, reference_run  # noqa: E402
 
 from protocol.steplog import StepLogWriter  # noqa: E402
+from trainerd.verify import harness  # noqa: E402
 from trainerd.verify import m1 as verify_m1  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -57,8 +58,8 @@ def test_make_verify_m1_passes():
     took = time.monotonic() - t0
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("same_seed_bitwise", "other_seed_differs", "kill_resume_bitwise"):
-        assert f"ok   {name}" in r.stderr, r.stderr[-3000:]
-    assert "PASSED" in r.stderr
+        assert f"ok   {name}" in r.stdout, r.stdout + r.stderr[-3000:]  # results on stdout (no --json)
+    assert "verify m1: PASSED" in r.stdout
     # the contract: at most 3 minutes on a 2-core machine (with margin for a busy CI box)
     assert took < 240, f"verify m1 took {took:.0f} s"
 
@@ -67,7 +68,7 @@ def test_verify_m1_fails_and_says_where_when_determinism_is_broken(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(NOISE_SITECUSTOMIZE)
     env = child_env(PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     r = subprocess.run(
-        [sys.executable, "-c", verify_m1.CLI_MAIN, "verify", "m1", "--json"],
+        [sys.executable, "-c", harness.CLI_MAIN, "verify", "m1", "--json"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -78,7 +79,7 @@ def test_verify_m1_fails_and_says_where_when_determinism_is_broken(tmp_path):
     out = r.stdout.strip().splitlines()
     assert len(out) == 1, r.stdout  # ONE JSON object, nothing else on stdout
     result = json.loads(out[0])
-    assert result["check"] == "m1" and result["passed"] is False
+    assert result["check"] == "m1" and result["passed"] is False and result["status"] == "failed"
     assert isinstance(result["duration_s"], float)
     checks = {c["name"]: c for c in result["checks"]}
     assert set(checks) == {"same_seed_bitwise", "other_seed_differs", "kill_resume_bitwise"}
@@ -113,10 +114,10 @@ def test_verify_with_run_reruns_it_and_finds_a_one_bit_change(tmp_path):
     paths = copy_run(reference_run(), "tampered")
     step = _tamper_last_record(paths, "kl")
     assert step == STEPS
-    checks = verify_m1.Checks(time.monotonic())
+    checks = harness.CheckList("m1")
     work = tmp_path / "work"
     work.mkdir()
-    verify_m1.check_given_run(checks, str(paths.root), work, time.monotonic(), budget_s=120)
+    verify_m1.check_given_run(checks, str(paths.root), work, budget_s=120)
     by_name = {c["name"]: c for c in checks.items}
     rerun = by_name["tampered: rerun_bitwise"]
     assert rerun["passed"] is False

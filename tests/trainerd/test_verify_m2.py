@@ -60,7 +60,7 @@ def test_good_run_passes(run_dir, capsys):
 def test_human_output_lists_each_check(run_dir, capsys):
     assert verify_m2.run(str(run_dir), as_json=False) == 0
     out = capsys.readouterr().out
-    assert out.count("PASS ") == 6 and "m2 PASSED" in out
+    assert out.count("ok   ") == 6 and "verify m2: PASSED" in out
 
 
 def test_trace_missing_a_stage_fails(run_dir, capsys):
@@ -196,7 +196,8 @@ def test_bad_run_path_exits_2_with_json(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 2
     report = json.loads(captured.out)
-    assert report["passed"] is False and "no such run" in report["checks"][0]["problems"][0]
+    assert report["passed"] is False and report["status"] == "could_not_run"
+    assert "no such run" in report["reason"] and report["checks"] == []
     assert captured.err.strip().splitlines()[-1].startswith("trainerd verify m2: no such run")
 
 
@@ -216,7 +217,7 @@ def test_cli_dispatch_json_and_profile(good_run_template):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["passed"] is True
-    assert "PASS stage_sums" in proc.stderr  # progress goes to stderr in --json mode
+    assert "ok   stage_sums" in proc.stderr  # progress goes to stderr in --json mode
     proc = subprocess.run(
         [sys.executable, "-m", "trainerd", "profile", str(good_run_template.root)],
         capture_output=True,

@@ -29,7 +29,7 @@ def _checks(out: str) -> dict:
     lines = out.strip().splitlines()
     assert len(lines) == 1, "--json prints exactly one JSON object on stdout"
     d = json.loads(lines[0])
-    assert d["check"] == "m3" and set(d) == {"check", "passed", "checks", "run", "duration_s"}
+    assert d["check"] == "m3" and set(d) == {"check", "status", "passed", "checks", "reason", "run", "duration_s"}
     for c in d["checks"]:
         assert set(c) == {"name", "passed", "detail"}
     return d
@@ -122,7 +122,7 @@ def test_gap_in_the_step_log_fails(tmp_path, capsys):
     recs = [synthetic_record(s) for s in (1, 2, 3, 5, 6)]
     run = make_synthetic_run(tmp_path, "r", recs)
     rc, out, _ = _verify(capsys, run)
-    assert "gaps between steps 1 and 6" in _failed(_checks(out))["step log"]
+    assert "gap: expected step 4, found step 5" in _failed(_checks(out))["step log"]
 
 
 def test_tensorboard_losing_a_nan_fails(tmp_path, capsys):
@@ -153,7 +153,7 @@ def test_alert_event_without_explanation_fails(tmp_path, capsys):
 def test_bad_run_exit_2_with_one_json_object(tmp_path, capsys):
     rc, out, err = _verify(capsys, tmp_path / "nope")
     d = _checks(out)
-    assert rc == 2 and d["passed"] is False and "no such run" in d["checks"][0]["detail"]
+    assert rc == 2 and d["passed"] is False and d["status"] == "could_not_run" and "no such run" in d["reason"]
     rc, out, err = _verify(capsys, tmp_path / "nope", as_json=False)
     assert rc == 2 and out == "" and err.strip().count("\n") == 0 and err.startswith("trainerd verify m3: ")
 
@@ -165,11 +165,12 @@ def test_a_running_run_may_lag_in_tensorboard_and_the_mirror(tmp_path, capsys):
 
     from m3_fixtures import write_tensorboard
 
-    from protocol.rundir import RunPaths, update_manifest
+    from protocol.rundir import RunLock, RunPaths, update_manifest
 
     recs = [synthetic_record(s) for s in range(1, 11)]
     run = make_synthetic_run(tmp_path, "r", recs, status="running")
-    update_manifest(RunPaths(run), pid=os.getpid())  # alive: this process
+    update_manifest(RunPaths(run), pid=os.getpid())  # alive: this process ...
+    lock = RunLock(RunPaths(run)).acquire()  # ... holding the writer's lock
     write_tensorboard(run / "tb", recs[:6])
     lines = (run / "steps.jsonl").read_text().splitlines(keepends=True)
     (run / "steps.jsonl").write_text("".join(lines[:-1]))
@@ -178,6 +179,7 @@ def test_a_running_run_may_lag_in_tensorboard_and_the_mirror(tmp_path, capsys):
     assert rc == 0, d
     tb = next(c for c in d["checks"] if c["name"] == "tensorboard")
     assert "4 newest step(s) not flushed yet" in tb["detail"]
+    lock.release()
     update_manifest(RunPaths(run), status="finished")
     rc, out, _ = _verify(capsys, run)
     failed = _failed(_checks(out))

@@ -1,28 +1,28 @@
 """`trainerd verify m3 [RUN] [--json]`: the M3 stability check.
 
 With RUN: the run's records and events against the contract (SPEC sections 5 and 8):
+- the step log: steps 1.. without gap or duplicate (harness.check_step_log);
 - every catalogue field present with the right type in every record (`check_record`);
 - steps.jsonl mirrors steps.msgpack exactly, NaN and +-Inf included;
 - TensorBoard keeps the non-finite values too (when the run has tb/ event files);
 - every alert event in events.jsonl carries rule, metric, value, threshold, first_step
   and a one-line explanation.
+A run that is still being written is checked on a consistent snapshot: the steps that
+both steps.msgpack and steps.jsonl hold (the newer ones are left for the next look), and
+TensorBoard, flushed every few steps, only up to its last flushed step.
 
 With no RUN: makes a clean smoke run (no critical alert may fire) and short injected
-runs, and checks that each injection fires its alert within a few steps of its step
-(see `INJECTION_EXPECTATIONS`), then runs the checks above on each of them.
-
-Exit 0 only if every check passed. Progress goes to stderr; with `--json`, stdout
-gets exactly one JSON object:
-{"check": "m3", "passed": bool, "checks": [{"name", "passed", "detail"}], "run": ..., "duration_s": ...}
+runs (harness trainers, two at a time, in a harness temp dir), and checks that each
+injection fires its alert within a few steps of its step (see `LIVE_RUNS`), then runs the
+checks above on each of them. Result lines, JSON shape, exit codes, cancel: see
+trainerd/verify/harness.py.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
-import struct
 import sys
 import time
 from pathlib import Path
@@ -32,7 +32,19 @@ from protocol.events import ALERT_EVENTS
 from protocol.jsonl import read_jsonl
 from protocol.rundir import RunDirError, RunPaths, effective_status, read_events, read_manifest, resolve_run
 from protocol.steplog import read_steplog
-from trainerd.verify.harness import CheckList
+from trainerd.verify.harness import (
+    CheckList,
+    CouldNotFinish,
+    CouldNotRun,
+    Harness,
+    Trainer,
+    check_step_log,
+    run_check,
+    run_parallel,
+    same_value,
+)
+
+__all__ = ["same_value", "Checks", "check_run", "load_tensorboard", "LIVE_RUNS", "run"]
 
 ALERT_FIELDS = ("rule", "metric", "value", "threshold", "first_step", "explanation")
 
@@ -40,36 +52,8 @@ ALERT_FIELDS = ("rule", "metric", "value", "threshold", "first_step", "explanati
 class Checks(CheckList):
     """Prints each result as it lands (stdout, or stderr under --json)."""
 
-    def __init__(self, as_json: bool):
-        super().__init__(lambda line: print("  " + line, file=sys.stderr if as_json else sys.stdout, flush=True))
-        self.as_json = as_json
-
-    def progress(self, msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-
-# -- value comparison -------------------------------------------------------------------
-
-
-def _bits(v: float) -> bytes:
-    return struct.pack("<d", v)
-
-
-def same_value(a, b) -> bool:
-    """Equal as the contract wants: same type, floats bit-identical except that any NaN equals any NaN."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if isinstance(a, float) and isinstance(b, float):
-        if a != a or b != b:
-            return a != a and b != b
-        return _bits(a) == _bits(b)
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
-    return type(a) is type(b) and a == b
+    def __init__(self, as_json: bool = False):
+        super().__init__("m3", lambda line: print(line, file=sys.stderr if as_json else sys.stdout, flush=True))
 
 
 def _non_finite_fields(rec: dict):
@@ -89,13 +73,17 @@ def _fmt(v) -> str:
     return repr(v)
 
 
+def _last_step(records: list[dict]) -> int:
+    return max((r["step"] for r in records if isinstance(r.get("step"), int)), default=0)
+
+
 # -- checks on one run dir --------------------------------------------------------------
 
 
-def check_run(paths: RunPaths, checks: Checks, prefix: str = "") -> list[dict] | None:
-    """Schema, mirror, TensorBoard and alert-event checks of one run; returns its records."""
+def check_run(paths: RunPaths, checks: CheckList, prefix: str = "") -> list[dict] | None:
+    """Step-log, schema, mirror, TensorBoard and alert-event checks of one run; returns its records."""
     p = prefix
-    try:
+    try:  # read first: a run seen finished has complete files; one seen running is snapshotted
         running = effective_status(read_manifest(paths), paths) == "running"
     except RunDirError:
         running = False
@@ -103,34 +91,25 @@ def check_run(paths: RunPaths, checks: Checks, prefix: str = "") -> list[dict] |
         checks.add(f"{p}step log", False, f"{paths.steps} does not exist")
         return None
     records, stats = read_steplog(paths.steps)
-    steps = [r.get("step") for r in records]
-    problems = []
-    if not records:
-        problems.append("no records")
-    if stats.corrupt_frames:
-        problems.append(f"{stats.corrupt_frames} corrupt frame(s)")
-    ints = [s for s in steps if isinstance(s, int)]
-    if len(ints) == len(steps) and ints:
-        dups = len(ints) - len(set(ints))
-        if dups:
-            problems.append(f"{dups} duplicate step(s)")
-        if ints != sorted(ints):
-            problems.append("steps out of order")
-        elif ints[-1] - ints[0] + 1 != len(set(ints)):
-            problems.append(f"gaps between steps {ints[0]} and {ints[-1]}")
-    checks.add(
-        f"{p}step log",
-        not problems,
-        "; ".join(problems) if problems else f"{len(records)} framed records, steps {ints[0]}..{ints[-1]}",
-    )
-    if not records:
-        return records
+    mirror = read_jsonl(paths.steps_jsonl) if paths.steps_jsonl.exists() else None
+    newer = 0
+    if running and mirror is not None:
+        # The consistent snapshot: the steps both logs hold (each is appended record by record).
+        upto = min(_last_step(records), _last_step(mirror))
+        all_records = records
+        records = [r for r in records if not isinstance(r.get("step"), int) or r["step"] <= upto]
+        mirror = [r for r in mirror if not isinstance(r.get("step"), int) or r["step"] <= upto]
+        newer = len(all_records) - len(records)
+    else:
+        all_records = records
+    if not check_step_log(checks, f"{p}step log", records, stats.corrupt_frames):
+        if not records:
+            return records
+    if newer:
+        checks.items[-1]["detail"] += f" (a running run: {newer} newer step(s) left for the next look)"
 
     # 1. schema: every catalogue field with the right type in every record
-    bad = []
-    for r in records:
-        for prob in catalogue.check_record(r):
-            bad.append(f"step {r.get('step')}: {prob}")
+    bad = [f"step {r.get('step')}: {prob}" for r in records for prob in catalogue.check_record(r)]
     nfields = len(catalogue.required_fields())
     checks.add(
         f"{p}schema",
@@ -142,23 +121,18 @@ def check_run(paths: RunPaths, checks: Checks, prefix: str = "") -> list[dict] |
 
     # 2. JSONL mirror identical to the framed log, NaN / Inf included
     nonfinite = sum(1 for r in records for _ in _non_finite_fields(r))
-    if not paths.steps_jsonl.exists():
+    if mirror is None:
         checks.add(f"{p}jsonl mirror", False, f"{paths.steps_jsonl} does not exist")
     else:
-        mirror = read_jsonl(paths.steps_jsonl)
         diffs = []
-        if running and 0 <= len(records) - len(mirror) <= 1:
-            mirror_records = records[: len(mirror)]  # the newest line may not be written yet
-        else:
-            mirror_records = records
-        if len(mirror) != len(mirror_records):
+        if len(mirror) != len(records):
             diffs.append(f"{len(mirror)} JSONL records vs {len(records)} framed")
-        for a, b in zip(mirror_records, mirror):
+        for a, b in zip(records, mirror):
             if a.keys() != b.keys():
                 diffs.append(f"step {a.get('step')}: keys differ ({sorted(set(a) ^ set(b))})")
                 continue
             for k in a:
-                if not same_value(a[k], b[k]):
+                if not same_value(a[k], b[k], any_nan=True):  # JSON text keeps no NaN payload
                     diffs.append(f"step {a.get('step')}: {k} {_fmt(a[k])} vs {_fmt(b[k])}")
             if len(diffs) > 20:
                 break
@@ -174,7 +148,7 @@ def check_run(paths: RunPaths, checks: Checks, prefix: str = "") -> list[dict] |
         )
 
     # 3. TensorBoard keeps non-finite values (float32 scalars: compare NaN/Inf exactly, finite approx.)
-    _check_tensorboard(paths, records, checks, p, running)
+    _check_tensorboard(paths, records, checks, p, running, all_records)
 
     # 4. alert events carry what SPEC section 8 asks
     events = read_events(paths) if paths.events.exists() else []
@@ -249,7 +223,14 @@ def _tb_tag(field: str, tags) -> str | None:
     return None
 
 
-def _check_tensorboard(paths: RunPaths, records: list[dict], checks: Checks, p: str, running: bool = False) -> None:
+def _check_tensorboard(
+    paths: RunPaths,
+    records: list[dict],
+    checks: CheckList,
+    p: str,
+    running: bool = False,
+    all_records: list[dict] | None = None,
+) -> None:
     try:
         scalars = load_tensorboard(paths.tb)
     except ImportError:
@@ -266,7 +247,7 @@ def _check_tensorboard(paths: RunPaths, records: list[dict], checks: Checks, p: 
     pending = 0
     if running:  # TensorBoard is flushed every few steps: the newest steps may not be there yet
         last_tb = max((max(v) for v in scalars.values() if v), default=0)
-        pending = sum(1 for r in records if isinstance(r.get("step"), int) and r["step"] > last_tb)
+        pending = sum(1 for r in all_records or records if isinstance(r.get("step"), int) and r["step"] > last_tb)
         records = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= last_tb]
     for r in records:
         step = r.get("step")
@@ -287,14 +268,12 @@ def _check_tensorboard(paths: RunPaths, records: list[dict], checks: Checks, p: 
                 x = float(x)
                 if not math.isfinite(x):
                     nonfin += 1
-                    if not same_value(x, got) and not (x != x and got != got):
+                    if not same_value(x, got, any_nan=True):  # float32: NaN payloads do not survive
                         problems.append(f"step {step} {name}: {_fmt(x)} in the log, {_fmt(got)} in TensorBoard")
                 elif not math.isfinite(got):
                     problems.append(f"step {step} {name}: {_fmt(x)} in the log, {_fmt(got)} in TensorBoard")
-                elif abs(got - x) > 1e-6 * max(1.0, abs(x)) and name not in ("time",):
-                    # float32 rounding is fine; anything more is not
-                    if abs(got - x) > 1e-3 * max(1.0, abs(x)):
-                        problems.append(f"step {step} {name}: {x!r} in the log, {got!r} in TensorBoard")
+                elif name != "time" and abs(got - x) > 1e-3 * max(1.0, abs(x)):
+                    problems.append(f"step {step} {name}: {x!r} in the log, {got!r} in TensorBoard")
     numeric = [m for m in catalogue.numeric_fields() if m not in ("step", "time")]
     lost = sorted(m for m in missing_tags if m in numeric)
     if lost:
@@ -327,8 +306,7 @@ LIVE_RUNS: tuple[tuple[str | None, int], ...] = (
     ("nan@8", 0),
 )
 RUN_TIMEOUT_S = 150.0  # one trainer process (a run here takes ~5-15 s on an idle 2-core box)
-TOTAL_BUDGET_S = 240.0  # all the live runs; a run still going at the deadline is killed and fails
-PARALLEL = 2  # two trainer processes, one thread each (2 cores)
+TOTAL_BUDGET_S = 240.0  # all the live runs; a run still going at the deadline could not finish
 
 
 def _expected(kind: str) -> tuple[str, ...]:
@@ -337,70 +315,26 @@ def _expected(kind: str) -> tuple[str, ...]:
     return EXPECTED_ALERTS[kind]
 
 
-def _start_run(
-    runs_dir: Path, run_id: str, spec: str | None, steps: int, seed: int, timeout: float = RUN_TIMEOUT_S
-) -> tuple[int, str, float]:
-    """One `trainerd start --smoke --foreground` in its own process; (exit code, last log line, seconds)."""
-    import subprocess
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "trainerd",
-        "start",
-        "--smoke",
-        "--foreground",
-        "--runs-dir",
-        str(runs_dir),
-        "--run-id",
-        run_id,
-        "--steps",
-        str(steps),
-        "--seed",
-        str(seed),
-    ]
-    if spec:
-        cmd += ["--inject", spec]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env.pop("SEED", None)
-    log = runs_dir / f"{run_id}.log"
-    t0 = time.monotonic()
-    with open(log, "w") as f:
-        try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=max(1.0, timeout)).returncode
-        except subprocess.TimeoutExpired:
-            f.write(f"verify m3: killed after {timeout:.0f}s (time budget)\n")
-            rc = -9
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip() and "USDT" not in ln]
-    return rc, (lines[-1] if lines else ""), time.monotonic() - t0
-
-
-def make_live_runs(
-    runs_dir: Path, checks: Checks | None = None, seed: int = LIVE_SEED, runs=LIVE_RUNS, steps: int = LIVE_STEPS
-) -> dict[str | None, tuple[Path, int, str, float]]:
-    """Make every run of `runs` in runs_dir, PARALLEL at a time; spec -> (run dir, rc, last log line, s)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    out: dict = {}
-    deadline = time.monotonic() + TOTAL_BUDGET_S
-
-    def one(item):
-        spec, _ = item
-        run_id = run_id_for(spec)
-        res = _start_run(runs_dir, run_id, spec, steps, seed, min(RUN_TIMEOUT_S, deadline - time.monotonic()))
-        if checks is not None:
-            checks.progress(f"  run {spec or 'clean'} ({steps} steps) done in {res[2]:.1f}s, exit {res[0]}")
-        return spec, (runs_dir / run_id, *res)
-
-    with ThreadPoolExecutor(PARALLEL) as pool:
-        for spec, res in pool.map(one, runs):
-            out[spec] = res
-    return out
-
-
 def run_id_for(spec: str | None) -> str:
     return (spec or "clean").replace("@", "_at_")
+
+
+def _live_run(runs_dir: Path, spec: str | None, deadline: float, h: Harness | None) -> tuple[int, str, float]:
+    """One `trainerd start --smoke --foreground` (a harness trainer); (exit code, last log line, seconds).
+    CouldNotFinish if it runs past its timeout or the budget's deadline."""
+    run_id = run_id_for(spec)
+    args = ["start", "--smoke", "--foreground", "--runs-dir", str(runs_dir), "--run-id", run_id]
+    args += ["--steps", str(LIVE_STEPS), "--seed", str(LIVE_SEED)] + (["--inject", spec] if spec else [])
+    t0 = time.monotonic()
+    t = Trainer(args, runs_dir / f"{run_id}.log").start()
+    try:
+        rc = t.wait(min(RUN_TIMEOUT_S, deadline - time.monotonic()))
+    except CouldNotFinish as e:
+        raise CouldNotFinish(f"run {spec or 'clean'} {e} (time budget)") from None
+    secs = time.monotonic() - t0
+    if h is not None:
+        h.progress(f"run {spec or 'clean'} ({LIVE_STEPS} steps) done in {secs:.1f}s, exit {rc}")
+    return rc, t.tail(1), secs
 
 
 def _alert_events(paths: RunPaths) -> list[dict]:
@@ -522,88 +456,54 @@ def _non_finite_tensors(state: dict) -> list[str]:
     ]
 
 
-def run_live(checks: Checks, runs_dir: str | os.PathLike | None = None) -> str | None:
-    """Make the clean and injected runs and check them. Runs go to a temp dir (removed after)
-    unless `runs_dir` is given."""
-    import shutil
-    import tempfile
+def run_live(h: Harness, runs_dir: str | os.PathLike | None = None) -> None:
+    """Make the clean and injected runs and check them: in a harness temp dir (removed at the
+    end), or in `runs_dir` (kept) when given."""
+    root = Path(runs_dir) if runs_dir is not None else h.tempdir()
+    root.mkdir(parents=True, exist_ok=True)
+    h.progress(f"{len(LIVE_RUNS)} runs of {LIVE_STEPS} smoke steps in {root}, two at a time")
+    deadline = time.monotonic() + TOTAL_BUDGET_S
+    made = run_parallel([lambda spec=spec: _live_run(root, spec, deadline, h) for spec, _ in LIVE_RUNS])
+    outcomes = []
+    for (spec, tol), (res, err) in zip(LIVE_RUNS, made):
+        name = spec or "clean"
+        if err is not None:
+            if isinstance(err, CouldNotRun):
+                raise err
+            h.checks.could_not_finish(f"{name}: run", str(err))
+            continue
+        rc, last, _ = res
+        paths = RunPaths(root / run_id_for(spec))
+        if not paths.manifest.exists():
+            h.checks.could_not_finish(f"{name}: run", f"the run did not start (exit {rc}): {last}")
+            continue
+        if spec is None:
+            check_clean(paths, rc, h.checks, last)
+        else:
+            outcomes.append(check_injected(paths, spec, rc, tol, h.checks, last))
+        check_run(paths, h.checks, prefix=f"{name}: ")
+    if outcomes:
+        h.progress(f"{'injection':<16} {'STEP':>4} {'fired':>6}  alert")
+        for o in outcomes:
+            h.progress(f"{o['kind']:<16} {o['injected_step']:>4} {str(o['fired_step']):>6}  {o['message']}")
+    if runs_dir is not None:
+        h.run = str(root)
 
-    keep = runs_dir is not None
-    root = Path(runs_dir) if keep else Path(tempfile.mkdtemp(prefix="verify-m3-"))
+
+def _verify(h: Harness, run: str | None, runs_dir) -> None:
+    if run is None:
+        return run_live(h, runs_dir)
     try:
-        checks.progress(f"verify m3: {len(LIVE_RUNS)} runs of {LIVE_STEPS} smoke steps in {root}, {PARALLEL} at a time")
-        made = make_live_runs(root, checks)
-        outcomes = []
-        for spec, tol in LIVE_RUNS:
-            run_dir, rc, last, secs = made[spec]
-            paths = RunPaths(run_dir)
-            name = spec or "clean"
-            if not paths.manifest.exists():
-                checks.add(f"{name}: run", False, f"the run did not start (exit {rc}): {last}")
-                continue
-            if spec is None:
-                check_clean(paths, rc, checks, last)
-            else:
-                outcomes.append(check_injected(paths, spec, rc, tol, checks, last))
-            check_run(paths, checks, prefix=f"{name}: ")
-        if outcomes:
-            checks.progress(f"  {'injection':<16} {'STEP':>4} {'fired':>6}  alert")
-            for o in outcomes:
-                checks.progress(f"  {o['kind']:<16} {o['injected_step']:>4} {str(o['fired_step']):>6}  {o['message']}")
-        return str(root) if keep else None
-    finally:
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)
-
-
-# -- entry point --------------------------------------------------------------------------
+        paths = resolve_run(run)
+        read_manifest(paths)
+    except RunDirError as e:
+        raise CouldNotRun(str(e)) from None
+    h.run = str(paths.root)
+    h.progress(f"checking {paths.root}")
+    check_run(paths, h.checks)
 
 
 def run(run: str | None, as_json: bool = False, runs_dir: str | os.PathLike | None = None) -> int:
-    """Exit code 0 only if every check passed (2: RUN is not a readable run). Without RUN, the
-    live runs are made in a temp dir, or in `runs_dir` (kept) when given."""
-    t0 = time.monotonic()
-    checks = Checks(as_json)
-    run_path = None
-    try:
-        if run is not None:
-            try:
-                paths = resolve_run(run)
-                read_manifest(paths)
-            except RunDirError as e:
-                print(f"trainerd verify m3: {e}", file=sys.stderr)
-                if as_json:
-                    checks.add("run dir", False, str(e))
-                    _emit_json(checks, str(run), t0)
-                return 2
-            run_path = str(paths.root)
-            checks.progress(f"verify m3: checking {paths.root}")
-            check_run(paths, checks)
-        else:
-            run_path = run_live(checks, runs_dir)
-    except KeyboardInterrupt:
-        checks.add("interrupted", False, "stopped by the user")
-    except Exception as e:  # a bug must still give one JSON object to the monitor
-        checks.add("internal error", False, f"{type(e).__name__}: {e}")
-    passed = checks.passed
-    if as_json:
-        _emit_json(checks, run_path, t0)
-    else:
-        n_fail = sum(not c["passed"] for c in checks.items)
-        print(
-            f"verify m3: {'PASSED' if passed else f'FAILED ({n_fail} of {len(checks.items)} checks)'}"
-            f" in {time.monotonic() - t0:.1f}s"
-        )
-    return 0 if passed else 1
-
-
-def _emit_json(checks: Checks, run_path, t0: float) -> None:
-    out = {
-        "check": "m3",
-        "passed": checks.passed,
-        "checks": checks.items,
-        "run": run_path,
-        "duration_s": round(time.monotonic() - t0, 3),
-    }
-    sys.stdout.write(json.dumps(out, allow_nan=False) + "\n")
-    sys.stdout.flush()
+    """Entry point of `trainerd verify m3 [RUN] [--json]`. Without RUN, the live runs are made
+    in a harness temp dir, or in `runs_dir` (kept) when given."""
+    return run_check("m3", as_json, lambda h: _verify(h, run, runs_dir), run)
