@@ -250,3 +250,12 @@ def test_verify_all_exit_code_is_the_worst_and_the_json_says_why(tmp_path):
     result = json.loads(r.stdout)
     assert result["status"] == "could_not_run" and [c["name"] for c in result["checks"]] == ["m1", "m2", "m3"]
     assert all(c["passed"] is None and "no such run" in c["detail"] for c in result["checks"])
+
+
+def test_m1_rerun_of_a_run_of_any_length_is_bounded():
+    from trainerd.verify import m1
+
+    long_run = [{"step": s, "step_time_s": 0.5} for s in range(1, 100_001)]
+    assert m1.rerun_steps(long_run, budget_s=120) == m1.RERUN_MAX_STEPS
+    slow = [{"step": s, "step_time_s": 30.0} for s in range(1, 10)]
+    assert m1.rerun_steps(slow, budget_s=120) == 3  # warm-up 15 s + 3 x 30 s fit in 120 s, a 4th does not

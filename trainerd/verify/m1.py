@@ -328,7 +328,10 @@ def _verify(h: Harness, run: str | None) -> None:
         ckpts = checkpoint_steps(paths)  # the complete ones when it died
         h.progress(f"run_d killed after step {killed_at} (complete checkpoints {ckpts}); `trainerd resume`")
         t = Trainer(["resume", str(paths.root), "--foreground"], runs_dir / "run_d.resume.out").start()
-        rc = t.wait(RUN_TIMEOUT_S)  # CouldNotFinish on a timeout
+        try:
+            rc = t.wait(RUN_TIMEOUT_S)
+        except CouldNotFinish as e:
+            raise CouldNotFinish(f"resume of run_d {e}") from None
         out = t.tail()
         h.progress(f"run_d resumed and exited {rc}")
         return paths, killed_at, ckpts, rc, out
