@@ -43,6 +43,7 @@ from protocol.rundir import (
 from trainerd.config import TrainConfig, load_config
 from trainerd.errors import ConfigError, TrainerdError
 from trainerd.run.daemon import DaemonError, install_stop_signals, one_line, request_stop, spawn_detached, wait_for_end
+from trainerd.run.safety import check_writer_files
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -143,11 +144,13 @@ def resume(run, foreground, force, steps):
     paths = _run_paths(run)
     if is_locked(paths):
         RunLock(paths).acquire()  # raises RunLockedError with the holder's pid
-    from trainerd.run.checkpoint import latest_checkpoint, load_checkpoint
-
+    check_writer_files(paths)  # a link planted in the run dir is refused before anything is written
     read_manifest(paths)
-    _, ckpt = latest_checkpoint(paths)
-    load_checkpoint(ckpt)  # a corrupt checkpoint is reported here, before detaching
+    from trainerd.run.checkpoint import list_checkpoints, load_checkpoint
+
+    checkpoints = list_checkpoints(paths)
+    if checkpoints:  # none: killed during setup, the resume starts again from step 0
+        load_checkpoint(checkpoints[-1][1])  # a corrupt checkpoint is reported here, before detaching
 
     def body(ready) -> int:
         should_stop = install_stop_signals()
@@ -198,7 +201,7 @@ def _tail_records(paths: RunPaths, n: int = 20, max_bytes: int = 256 << 10) -> l
 
 def run_status(paths: RunPaths) -> dict:
     m = read_manifest(paths)
-    status = effective_status(m)
+    status = effective_status(m, paths)
     recs = _tail_records(paths)
     step = recs[-1]["step"] if recs else int(m.get("last_step") or 0)
     total = (m.get("config") or {}).get("steps")
@@ -407,6 +410,16 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+TRAIN_EXTRA = {"torch", "numpy", "tensorboard"}  # what `pip install 'rlhf-kit[train]'` brings
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line naming the file: 'No space left on device: runs/x/steps.msgpack'."""
+    what = e.strerror or type(e).__name__
+    where = e.filename if e.filename is not None else "(file unknown)"
+    return f"{what}: {where}" + (f" -> {e.filename2}" if e.filename2 else "")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     cmd = next((a for a in args if not a.startswith("-")), "")
@@ -424,12 +437,26 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         rc = 130
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] in TRAIN_EXTRA:
+            print(
+                f"{prefix}: the trainer needs PyTorch ({e.name} is not installed): pip install 'rlhf-kit[train]'",
+                file=sys.stderr,
+            )
+            rc = 2
+        else:
+            print(f"{prefix}: internal error: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
+            rc = 1
     except Exception as e:  # noqa: BLE001
         if isinstance(e, _USER_ERRORS):
             print(f"{prefix}: {one_line(e)}", file=sys.stderr)
+            rc = 2
+        elif isinstance(e, OSError):  # disk full, permission denied ...: say which file
+            print(f"{prefix}: {describe_os_error(e)}", file=sys.stderr)
+            rc = 2
         else:
             print(f"{prefix}: internal error: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
-        rc = 1
+            rc = 1
     sys.stdout.flush()
     sys.exit(int(rc or 0) if isinstance(rc, int) else 0)
 

@@ -7,104 +7,99 @@ line) is written to run.json, and `resume` rebuilds the exact config from there.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
-from dataclasses import dataclass, fields
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import NoneType, UnionType
 
-from trainerd.errors import ConfigError  # noqa: F401  (raised by every validation below)
+from trainerd.errors import ConfigError
+
+
+def knob(default, lo=None, hi=None, *, above=None, choices=None):
+    """A config field with its valid range: lo <= value <= hi, value > above, value in choices."""
+    return field(default=default, metadata={"lo": lo, "hi": hi, "above": above, "choices": choices})
+
+
+MAX_STEPS = 10**9
+MAX_INT = 2**31 - 1  # sizes and counts: anything larger is a typo, not a plan
 
 
 @dataclass
 class TrainConfig:
     # -- run ------------------------------------------------------------------------
-    seed: int = 0
-    steps: int = 500  # PPO steps
+    seed: int = knob(0, 0, 2**63 - 1)  # numpy's generators take no negative seed; torch none >= 2^64
+    steps: int = knob(500, 1, MAX_STEPS)  # PPO steps
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 1  # intra-op threads; part of the determinism settings
-    checkpoint_every: int = 50  # steps between checkpoints (also one at step 0 and at the end)
-    tb_flush_every: int = 25  # TensorBoard event file flushed every N steps (and at the end)
-    profile_steps: str | None = None  # "A:B": torch.profiler window (M2 hook)
-    inject: str | None = None  # "KIND[@STEP]": fault injection (M3 hook)
+    threads: int = knob(1, 1, 1024)  # intra-op threads; part of the determinism settings
+    checkpoint_every: int = knob(50, 1, MAX_STEPS)  # steps between checkpoints (also one at step 0 and at the end)
+    # checkpoints kept: the newest `keep_checkpoints`, plus every `keep_every`-th step (0: none)
+    keep_checkpoints: int = knob(3, 1, MAX_INT)
+    keep_every: int = knob(0, 0, MAX_STEPS)
+    tb_flush_every: int = knob(25, 1, MAX_STEPS)  # TensorBoard event file flushed every N steps (and at the end)
+    profile_steps: str | None = None  # "A:B": torch.profiler window (M2)
+    inject: str | None = None  # "KIND[@STEP]": fault injection (M3)
     alerts_file: str | None = None  # TOML overrides of the alert rules
     continue_on_nonfinite: bool = False  # a critical non_finite alert stops the run unless true
 
-    # -- task (see task.py) ------------------------------------------------------------
-    n_letters: int = 12  # alphabet size of prompts and responses
-    prompt_letters: int = 4  # letters per prompt
-    max_response_len: int = 10  # generated tokens at most (the last may be EOS)
-    n_prompts: int = 4096  # prompt dataset size (one epoch of the data cursor)
+    # -- task (see rl/task.py) --------------------------------------------------------------
+    n_letters: int = knob(12, 2, 26)  # alphabet size of prompts and responses (a..z)
+    prompt_letters: int = knob(4, 1, 1024)  # letters per prompt
+    max_response_len: int = knob(10, 1, 4096)  # generated tokens at most (the last may be EOS)
+    n_prompts: int = knob(4096, 1, 10**8)  # prompt dataset size (one epoch of the data cursor)
 
     # -- policy model -------------------------------------------------------------------
-    n_layer: int = 2
-    n_head: int = 4
-    d_model: int = 64
-    dropout: float = 0.0  # dropout in PPO makes old/new log-probs disagree; keep 0 unless studying it
-    value_hidden: int = 64  # width of the value head's MLP
+    n_layer: int = knob(2, 1, 256)
+    n_head: int = knob(4, 1, 256)
+    d_model: int = knob(64, 1, 65536)
+    dropout: float = knob(0.0, 0.0, 0.99)  # dropout in PPO makes old/new log-probs disagree; keep 0
+    value_hidden: int = knob(64, 1, 65536)  # width of the value head's MLP
 
     # -- supervised warm start ------------------------------------------------------------
-    sft_steps: int = 150
-    sft_batch_size: int = 64
-    sft_lr: float = 3e-3
+    sft_steps: int = knob(150, 0, MAX_STEPS)
+    sft_batch_size: int = knob(64, 1, MAX_INT)
+    sft_lr: float = knob(3e-3, above=0.0)
 
     # -- reward model -------------------------------------------------------------------
-    rm_n_layer: int = 1
-    rm_d_model: int = 32
-    rm_steps: int = 250
-    rm_batch_size: int = 64
-    rm_lr: float = 5e-3
+    rm_n_layer: int = knob(1, 1, 256)
+    rm_d_model: int = knob(32, 1, 65536)
+    rm_steps: int = knob(250, 0, MAX_STEPS)
+    rm_batch_size: int = knob(64, 1, MAX_INT)
+    rm_lr: float = knob(5e-3, above=0.0)
 
     # -- PPO ------------------------------------------------------------------------------
-    batch_size: int = 64  # responses per step
-    minibatch_size: int = 32
-    ppo_epochs: int = 4
-    learning_rate: float = 1e-3
-    lr_warmup_steps: int = 5
-    lr_schedule: str = "cosine"  # cosine | constant (after warm-up)
-    lr_min_ratio: float = 0.1  # cosine floor as a fraction of learning_rate
-    weight_decay: float = 0.0
-    adam_eps: float = 1e-5
-    value_lr: float = 3e-3
-    max_grad_norm: float = 1.0
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    gamma: float = 1.0
-    gae_lambda: float = 0.95
+    batch_size: int = knob(64, 1, MAX_INT)  # responses per step
+    minibatch_size: int = knob(32, 1, MAX_INT)
+    ppo_epochs: int = knob(4, 1, 10000)
+    learning_rate: float = knob(1e-3, above=0.0)
+    lr_warmup_steps: int = knob(5, 0, MAX_STEPS)
+    lr_schedule: str = knob("cosine", choices=("cosine", "constant"))  # after warm-up
+    lr_min_ratio: float = knob(0.1, 0.0, 1.0)  # cosine floor as a fraction of learning_rate
+    weight_decay: float = knob(0.0, 0.0)
+    adam_eps: float = knob(1e-5, above=0.0)
+    value_lr: float = knob(3e-3, above=0.0)
+    max_grad_norm: float = knob(1.0, above=0.0)
+    clip_range: float = knob(0.2, above=0.0)
+    clip_range_value: float = knob(0.2, above=0.0)
+    gamma: float = knob(1.0, 0.0, 1.0)
+    gae_lambda: float = knob(0.95, 0.0, 1.0)
     whiten_advantages: bool = True
-    temperature: float = 1.0  # used for sampling AND scoring, so the two distributions agree
-    kl_coef: float = 0.2  # initial beta
-    kl_target: float = 0.1  # nats/token the adaptive controller steers toward
-    kl_horizon: int = 1000  # Ziegler's horizon, in responses
+    temperature: float = knob(1.0, above=0.0)  # used for sampling AND scoring, so the two distributions agree
+    kl_coef: float = knob(0.2, 0.0)  # initial beta
+    kl_target: float = knob(0.1, above=0.0)  # nats/token the adaptive controller steers toward
+    kl_horizon: int = knob(1000, 1, MAX_INT)  # Ziegler's horizon, in responses
     adaptive_kl: bool = True
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def validate(self) -> TrainConfig:
-        pos_int = [
-            "steps",
-            "threads",
-            "checkpoint_every",
-            "tb_flush_every",
-            "n_letters",
-            "prompt_letters",
-            "max_response_len",
-            "n_prompts",
-            "n_layer",
-            "n_head",
-            "d_model",
-            "value_hidden",
-            "sft_batch_size",
-            "rm_n_layer",
-            "rm_d_model",
-            "rm_batch_size",
-            "batch_size",
-            "minibatch_size",
-            "ppo_epochs",
-            "kl_horizon",
-        ]
-        for k in pos_int:
-            if getattr(self, k) < 1:
-                raise ConfigError(f"config {k} must be at least 1, got {getattr(self, k)}")
+        """Every field's type and range, then the relations between fields, then whether the
+        run fits in memory: all before anything is created on disk."""
+        for name, f in _FIELDS.items():
+            _check_range(name, getattr(self, name), f.metadata)
         if self.d_model % self.n_head:
             raise ConfigError(f"config d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
         if self.batch_size % self.minibatch_size:
@@ -115,15 +110,81 @@ class TrainConfig:
             raise ConfigError("config prompt_letters must not exceed n_letters")
         if self.n_prompts < self.batch_size:
             raise ConfigError("config n_prompts must be at least batch_size")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ConfigError(f"config lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
-        if self.kl_target <= 0 or self.temperature <= 0:
-            raise ConfigError("config kl_target and temperature must be positive")
         if self.profile_steps is not None:
             parse_profile_steps(self.profile_steps)
-        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"config device must be auto, cpu or cuda[:N], got {self.device!r}")
+        _check_device(self.device)
+        need = estimated_peak_bytes(self)
+        have = available_memory_bytes()
+        if have is not None and need > have:
+            raise ConfigError(
+                f"config needs about {_gib(need)} of memory (batch_size={self.batch_size}, "
+                f"max_response_len={self.max_response_len}, d_model={self.d_model}); "
+                f"this machine has {_gib(have)} available"
+            )
         return self
+
+
+def _check_range(name: str, value, meta) -> None:
+    lo, hi, above, choices = meta.get("lo"), meta.get("hi"), meta.get("above"), meta.get("choices")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config {name} must be a finite number, got {value}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"config {name} must be one of {', '.join(choices)}, got {value!r}")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        rng = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise ConfigError(f"config {name} must be {rng}, got {value}")
+    if above is not None and not value > above:
+        raise ConfigError(f"config {name} must be greater than {above}, got {value}")
+
+
+def _check_device(device: str) -> None:
+    """A CUDA device that this machine does not have is refused now, not after the run dir
+    exists (torch is imported only when a CUDA device is asked for)."""
+    if not device.startswith("cuda"):
+        return
+    try:
+        import torch
+    except ModuleNotFoundError:
+        return  # the trainer itself will say what to install
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if index >= n:
+        have = f"{n} CUDA device{'s' if n != 1 else ''}" if n else "no CUDA device"
+        raise ConfigError(f"config device {device!r}: this machine has {have}")
+
+
+def estimated_peak_bytes(cfg: TrainConfig) -> int:
+    """A rough upper estimate of the trainer's memory (fp32): the four models' weights with
+    gradients and AdamW state, plus the largest step's activations (the policy's forward and
+    backward over the whole batch: logits, attention maps and the residual stream per layer).
+    Its job is to refuse a typo like batch_size=1000000000 up front, not to plan a budget."""
+    vocab = 4 + cfg.n_letters
+    seq = cfg.prompt_letters + 2 + cfg.max_response_len
+    d, L = cfg.d_model, cfg.n_layer
+    params = vocab * d * 2 + seq * d + L * 12 * d * d + d * cfg.value_hidden
+    rm_params = vocab * cfg.rm_d_model + seq * cfg.rm_d_model + cfg.rm_n_layer * 12 * cfg.rm_d_model**2
+    weights = 4 * (params * 5 + rm_params * 4)  # policy: weights, grads, Adam m and v, the reference copy
+    per_seq = seq * (vocab * 3 + L * (d * 16 + cfg.n_head * seq))  # logits (+softmax, log-probs), blocks
+    batch = max(cfg.batch_size, cfg.sft_batch_size, cfg.rm_batch_size * 2)
+    return int(weights + 4 * 2 * batch * per_seq)
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def parse_profile_steps(spec: str) -> tuple[int, int]:
@@ -158,32 +219,37 @@ PRESETS: dict[str, dict] = {"default": {}, "smoke": SMOKE}
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
-def _check_type(key: str, value, default):
-    """Coerce a TOML/CLI value to the type of the field's default, or raise ConfigError."""
-    ftype = _FIELDS[key].type
-    if value == "" and "None" in str(ftype):  # TOML has no null: an empty string switches it off
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _check_type(key: str, value):
+    """Coerce a TOML/CLI value to the field's declared type, or raise ConfigError."""
+    ftype = _TYPES[key]
+    optional = isinstance(ftype, UnionType) and NoneType in typing.get_args(ftype)
+    base = next(t for t in typing.get_args(ftype) if t is not NoneType) if optional else ftype
+    if value == "" and optional:  # TOML has no null: an empty string switches it off
         value = None
     if value is None:
-        if "None" in str(ftype):
+        if optional:
             return None
         raise ConfigError(f"config {key} cannot be empty")
-    if "bool" in str(ftype):
+    if base is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"config {key} must be true or false, got {value!r}")
         return value
-    if "int" in str(ftype):
+    if base is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config {key} must be an integer, got {value!r}")
         return value
-    if "float" in str(ftype):
+    if base is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config {key} must be a number, got {value!r}")
         return float(value)
-    if "str" in str(ftype):
+    if base is str:
         if not isinstance(value, str):
             raise ConfigError(f"config {key} must be a string, got {value!r}")
         return value
-    return value
+    raise TypeError(f"config field {key} has a type the loader does not know: {ftype}")
 
 
 def from_dict(data: dict, base: TrainConfig | None = None, source: str = "config") -> TrainConfig:
@@ -194,7 +260,7 @@ def from_dict(data: dict, base: TrainConfig | None = None, source: str = "config
             close = [n for n in _FIELDS if n.startswith(k[:3])][:3]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"{source}: unknown config key {k!r}{hint}")
-        setattr(cfg, k, _check_type(k, v, getattr(cfg, k)))
+        setattr(cfg, k, _check_type(k, v))
     return cfg
 
 

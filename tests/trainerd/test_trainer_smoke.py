@@ -93,14 +93,18 @@ def test_manifest_and_events(trainer_smoke_run):
     assert det["torch_version"] == torch.__version__
     kinds = [e["event"] for e in read_events(paths)]
     assert kinds[0] == "started" and kinds[-1] == "finished"
-    assert kinds.count("checkpoint") == len(list_checkpoints(paths))
+    # every checkpoint written has its event; retention (the newest 3 by default) pruned the oldest
+    ckpt_events = [e for e in read_events(paths) if e["event"] == "checkpoint"]
+    assert [e["step"] for e in ckpt_events] == [0, 20, 40, 60]
+    pruned = [s for e in ckpt_events for s in e.get("pruned", [])]
+    assert pruned == [0] and len(list_checkpoints(paths)) == 3
     assert not paths.pid_file.exists()
 
 
 def test_checkpoint_complete_and_weights_only(trainer_smoke_run):
     paths = trainer_smoke_run.paths
     steps = [s for s, _ in list_checkpoints(paths)]
-    assert steps == [0, 20, 40, 60]
+    assert steps == [20, 40, 60]  # step 0 pruned: the default retention keeps the newest 3
     step, d = latest_checkpoint(paths)
     raw = torch.load(d / "state.pt", weights_only=True)  # plain values only
     state = load_checkpoint(d)

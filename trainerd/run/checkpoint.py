@@ -36,26 +36,43 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def checkpoints_dir(paths: RunPaths) -> Path:
+    """The run's checkpoints/ as a real directory inside it (created if missing); a link or
+    anything else in its place is refused, so a checkpoint is never written elsewhere."""
+    d = paths.checkpoints
+    if d.is_symlink() or (d.exists() and not d.is_dir()):
+        raise CheckpointError(f"{d} is not a directory of the run (a link or a file); refusing to write through it")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 def save_checkpoint(paths: RunPaths, step: int, state: dict) -> Path:
-    """Write `state` as the checkpoint of `step` atomically; returns its directory."""
-    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    """Write `state` as the checkpoint of `step` atomically; returns its directory. A failed
+    write (a full disk) leaves no temp dir behind and raises OSError naming the file."""
+    checkpoints_dir(paths)
     final = paths.checkpoint_dir(step)
     tmp = paths.checkpoints / f".tmp-step_{step:06d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
     buf = io.BytesIO()
     torch.save({"format": FORMAT_VERSION, "step": step, **state}, buf)
     data = buf.getvalue()
-    with open(tmp / STATE_FILE, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    with open(tmp / SUMS_FILE, "w") as f:
-        f.write(f"{hashlib.sha256(data).hexdigest()}  {STATE_FILE}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    target = tmp / STATE_FILE
+    try:
+        tmp.mkdir()
+        with open(target, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        target = tmp / SUMS_FILE
+        with open(target, "w") as f:
+            f.write(f"{hashlib.sha256(data).hexdigest()}  {STATE_FILE}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, e.strerror, str(target)) from e
     if final.exists():  # the same step checkpointed again (after a resume): replace it
         old = paths.checkpoints / f".old-step_{step:06d}-{os.getpid()}"
         os.rename(final, old)
@@ -94,6 +111,22 @@ def remove_partial_checkpoints(paths: RunPaths) -> list[str]:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d.name)
     return removed
+
+
+def prune_checkpoints(paths: RunPaths, keep_last: int, keep_every: int = 0) -> list[int]:
+    """Retention: keep the newest `keep_last` complete checkpoints, and every one whose step
+    is a multiple of `keep_every` (0: none of those); delete the rest. Returns the pruned steps.
+    The newest checkpoint is always kept (resume needs it)."""
+    cps = list_checkpoints(paths)
+    keep = {s for s, _ in cps[-max(1, keep_last) :]}
+    if keep_every > 0:
+        keep |= {s for s, _ in cps if s % keep_every == 0}
+    pruned = []
+    for s, d in cps:
+        if s not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+            pruned.append(s)
+    return pruned
 
 
 def latest_checkpoint(paths: RunPaths) -> tuple[int, Path]:

@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from protocol.rundir import RunPaths, effective_status, pid_alive, read_manifest
+from protocol.rundir import RunPaths, effective_status, lock_holder, pid_alive, read_manifest
 
 READY = b"ok\n"
 
@@ -91,7 +91,7 @@ def _run_grandchild(log_path: Path, body, w: int, pid_w: int) -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
@@ -121,12 +121,13 @@ def _run_grandchild(log_path: Path, body, w: int, pid_w: int) -> None:
 
 
 def request_stop(paths: RunPaths, timeout: float = 300.0, poll_s: float = 0.2) -> str:
-    """SIGTERM the run's trainer and wait until it has checkpointed and exited; the final status."""
-    m = read_manifest(paths)
-    status = effective_status(m)
-    if status != "running":
+    """SIGTERM the process that holds the run's writer lock (never a pid from run.json, which
+    may since belong to someone else) and wait until it has checkpointed and exited; the
+    final status."""
+    pid = lock_holder(paths)
+    if pid is None:
+        status = effective_status(read_manifest(paths), paths)
         raise DaemonError(f"run {paths.root} is not running (status {status})")
-    pid = m.get("pid")
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -135,30 +136,32 @@ def request_stop(paths: RunPaths, timeout: float = 300.0, poll_s: float = 0.2) -
         raise DaemonError(f"run {paths.root}: not allowed to signal trainer pid {pid}") from None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        m = read_manifest(paths)
-        status = effective_status(m)
-        if status != "running" and not pid_alive(pid):
-            return status
+        if lock_holder(paths) is None:  # the lock is dropped when the trainer exits
+            _wait_gone(pid)
+            return effective_status(read_manifest(paths), paths)
         time.sleep(poll_s)
     raise DaemonError(f"run {paths.root}: trainer pid {pid} did not stop within {timeout:.0f} s")
 
 
 def wait_for_end(paths: RunPaths, timeout: float | None = None, poll_s: float = 0.5) -> str:
-    """Block until the run is no longer running; its final (effective) status."""
+    """Block until the run is no longer running (its writer lock is free); its final status."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        m = read_manifest(paths)
-        status = effective_status(m)
+        pid = lock_holder(paths)
+        status = effective_status(read_manifest(paths), paths)
         if status != "running":
-            pid = m.get("pid")
-            # the manifest is final before the process exits; let it finish closing files
-            end = time.monotonic() + 5.0
-            while pid_alive(pid) and pid != os.getpid() and time.monotonic() < end:
-                time.sleep(0.05)
-            return status
+            if pid is not None:  # the manifest is final before the process exits: let it close files
+                _wait_gone(pid)
+            return effective_status(read_manifest(paths), paths)
         if deadline is not None and time.monotonic() > deadline:
             raise DaemonError(f"run {paths.root} still running after {timeout:.0f} s")
         time.sleep(poll_s)
+
+
+def _wait_gone(pid: int, limit_s: float = 5.0) -> None:
+    end = time.monotonic() + limit_s
+    while pid_alive(pid) and pid != os.getpid() and time.monotonic() < end:
+        time.sleep(0.05)
 
 
 def install_stop_signals() -> Callable[[], bool]:

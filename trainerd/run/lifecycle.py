@@ -23,6 +23,7 @@ import torch
 from protocol import jsonl as jsonl_mod
 from protocol import steplog as steplog_mod
 from protocol.alerts import DEFAULT_RULES, rules_from_toml
+from protocol.events import ALERT_EVENTS
 from protocol.rundir import (
     RunLock,
     RunPaths,
@@ -32,15 +33,17 @@ from protocol.rundir import (
     update_manifest,
     write_manifest,
 )
+from protocol.safeio import open_run_file
 from trainerd import __version__
 from trainerd import config as config_mod
 from trainerd.config import TrainConfig
-from trainerd.errors import ResumeError, TrainerdError
+from trainerd.errors import ResumeError
 from trainerd.rl.reward import train_reward_model
-from trainerd.run.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints
+from trainerd.run.checkpoint import list_checkpoints, load_checkpoint, remove_partial_checkpoints
 from trainerd.run.determinism import apply_determinism, settings_mismatch
-from trainerd.run.outputs import RunWriter
+from trainerd.run.outputs import RunWriter, truncate_tensorboard_after_step
 from trainerd.run.resume_check import ResumeChecker
+from trainerd.run.safety import check_writer_files
 from trainerd.run.trainer import Trainer, build_components, warm_start
 from trainerd.tools.inject import Injection
 
@@ -63,6 +66,11 @@ def _release_run(paths: RunPaths, lock: RunLock) -> None:
     except OSError:
         pass
     lock.release()
+
+
+def _write_pid_file(paths: RunPaths) -> None:
+    with open_run_file(paths.root, paths.pid_file, "w") as f:  # never through a planted link
+        f.write(f"{os.getpid()}\n")
 
 
 def _records_after(paths: RunPaths, step: int) -> list[dict]:
@@ -110,21 +118,48 @@ def _never() -> bool:
 
 
 def _run_guarded(paths: RunPaths, body: Callable[[], str], log) -> str:
-    """Run the training body; an unexpected exception marks the run crashed (with the error)."""
+    """Run the training body; any exception marks the run crashed with the error (a full disk
+    names its file), where the disk still allows writing, then goes on up to the CLI."""
     try:
         return body()
     except BaseException as e:
-        if isinstance(e, TrainerdError):
-            raise
-        msg = f"{type(e).__name__}: {e}".splitlines()[0]
-        try:
-            with open(paths.log, "a") as f:
-                f.write(traceback.format_exc())
-            update_manifest(paths, status="crashed", ended_at=time.time())
-            append_event(paths, "crashed", error=msg)
-        except Exception:
-            pass
+        if isinstance(e, OSError) and e.filename is not None:
+            msg = f"{e.strerror or type(e).__name__}: {e.filename}"
+        else:
+            msg = f"{type(e).__name__}: {e}".splitlines()[0]
+        for write in (
+            lambda: paths.log.open("a").write(traceback.format_exc()),
+            lambda: update_manifest(paths, status="crashed", ended_at=time.time()),
+            lambda: append_event(paths, "crashed", error=msg),
+        ):
+            try:  # each on its own: a full disk may refuse one and take another
+                write()
+            except Exception:
+                pass
         raise
+
+
+def _fresh_start(paths: RunPaths, cfg: TrainConfig, rng, device, injection: Injection, rules, log, should_stop) -> str:
+    """Warm start, reward model, checkpoint 0, then PPO steps 1..cfg.steps."""
+    t0 = time.perf_counter()
+    c = build_components(cfg, rng, device)
+    sft = warm_start(c, cfg, device, log)
+    c.ref.load_state_dict(c.policy.lm.state_dict())  # the reference = the warm-started policy
+    rm_info = train_reward_model(c.rm, c.task, cfg.rm_steps, cfg.rm_batch_size, cfg.rm_lr, device, log)
+    c.scorer = injection.reward_model(c.rm, c.task) or c.rm
+    setup = {**sft, **rm_info, "setup_s": time.perf_counter() - t0}
+    update_manifest(paths, setup=setup)
+    log(
+        f"warm start and reward model done in {setup['setup_s']:.1f}s "
+        f"(RM held-out accuracy {rm_info['rm_heldout_accuracy']:.3f})"
+    )
+    writer = RunWriter(paths, rules, cfg.tb_flush_every)
+    trainer = Trainer(paths, cfg, rng, device, c, writer, injection, log, should_stop)
+    trainer.checkpoint(0)  # resumable from the very first step
+    if should_stop():
+        trainer._end("stopped", 0)
+        return "stopped"
+    return trainer.loop(1)
 
 
 def train(
@@ -144,38 +179,18 @@ def train(
     rules = load_rules(cfg)
     lock = lock or RunLock(paths).acquire()
     try:
+        check_writer_files(paths)
         rng, det = apply_determinism(cfg.seed, cfg.threads, cfg.device)
-        device = rng.device
         manifest = new_manifest(paths, cfg.to_dict(), cfg.seed, det, _versions())
         manifest["injection"] = injection.to_dict()
         write_manifest(paths, manifest)
-        paths.pid_file.write_text(f"{os.getpid()}\n")
-        append_event(paths, "started", pid=os.getpid(), seed=cfg.seed, steps=cfg.steps, device=str(device))
+        _write_pid_file(paths)
+        append_event(paths, "started", pid=os.getpid(), seed=cfg.seed, steps=cfg.steps, device=str(rng.device))
         if on_ready:
             on_ready()
-
-        def body() -> str:
-            t0 = time.perf_counter()
-            c = build_components(cfg, rng, device)
-            sft = warm_start(c, cfg, device, log)
-            c.ref.load_state_dict(c.policy.lm.state_dict())  # the reference = the warm-started policy
-            rm_info = train_reward_model(c.rm, c.task, cfg.rm_steps, cfg.rm_batch_size, cfg.rm_lr, device, log)
-            c.scorer = injection.reward_model(c.rm, c.task) or c.rm
-            setup = {**sft, **rm_info, "setup_s": time.perf_counter() - t0}
-            update_manifest(paths, setup=setup)
-            log(
-                f"warm start and reward model done in {setup['setup_s']:.1f}s "
-                f"(RM held-out accuracy {rm_info['rm_heldout_accuracy']:.3f})"
-            )
-            writer = RunWriter(paths, rules, cfg.tb_flush_every)
-            trainer = Trainer(paths, cfg, rng, device, c, writer, injection, log, should_stop)
-            trainer.checkpoint(0)  # resumable from the very first step
-            if should_stop():
-                trainer._end("stopped", 0)
-                return "stopped"
-            return trainer.loop(1)
-
-        return _run_guarded(paths, body, log)
+        return _run_guarded(
+            paths, lambda: _fresh_start(paths, cfg, rng, rng.device, injection, rules, log, should_stop), log
+        )
     finally:
         _release_run(paths, lock)
 
@@ -194,11 +209,15 @@ def resume(
 
     Steps after k are cut from steps.msgpack and steps.jsonl and kept in
     `resume_from_<k>_old_steps.jsonl` (see `old_records_path`, also named in the `resumed`
-    event), then recomputed by the same loop as a fresh run. Refuses (ResumeError) a finished
-    run, or determinism settings that differ from the run's unless `force`.
+    event), their alert events are cut from events.jsonl and their TensorBoard points from
+    tb/, then the steps are recomputed by the same loop as a fresh run (so nothing is logged
+    twice). A run killed before its first checkpoint starts again from step 0 (warm start
+    included) and ends bitwise equal to an uninterrupted run. Refuses (ResumeError) a
+    finished run, or determinism settings that differ from the run's unless `force`.
     """
     lock = lock or RunLock(paths).acquire()
     try:
+        check_writer_files(paths)
         manifest = read_manifest(paths)
         overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
         bad = set(overrides) - RESUME_OVERRIDABLE
@@ -207,15 +226,16 @@ def resume(
         cfg = config_mod.from_dict({**manifest.get("config", {}), **overrides}, source=f"{paths.manifest}")
         cfg.validate()
         remove_partial_checkpoints(paths)  # we hold the lock: no write is in progress
-        k, ckpt_dir = latest_checkpoint(paths)
+        checkpoints = list_checkpoints(paths)
+        k, ckpt_dir = checkpoints[-1] if checkpoints else (0, None)
         if manifest.get("status") == "finished" and k >= cfg.steps:
             raise ResumeError(f"run {paths.root} already finished ({cfg.steps} steps); nothing to resume")
-        state = load_checkpoint(ckpt_dir)
+        state = load_checkpoint(ckpt_dir) if ckpt_dir is not None else None
         injection = Injection.parse(cfg.inject)
         cfg = injection.apply_config(cfg) or cfg
         rules = load_rules(cfg)
         rng, det = apply_determinism(cfg.seed, cfg.threads, cfg.device)
-        mismatch = settings_mismatch(manifest.get("determinism", {}), det)
+        mismatch = settings_mismatch(manifest.get("determinism") or {}, det) if manifest.get("determinism") else []
         if mismatch and not force:
             raise ResumeError(
                 f"determinism settings differ from the run's ({'; '.join(mismatch)}); "
@@ -235,6 +255,8 @@ def resume(
                 w.sync()
         steplog_mod.truncate_after_step(paths.steps, k)
         jsonl_mod.truncate_after_step(paths.steps_jsonl, k)
+        cut_alert_events = _cut_alert_events_after(paths, k)
+        cut_tb_points = truncate_tensorboard_after_step(paths.tb, k)
         kept, _ = steplog_mod.read_steplog(paths.steps)
         old_steps = [r.get("step") for r in old if isinstance(r.get("step"), int)]
         resume_info = {
@@ -245,6 +267,7 @@ def resume(
             "removed_steps": len(old),
             "last_logged_step": max(old_steps) if old_steps else k,
             "forced": bool(mismatch and force),
+            "restarted": state is None,
         }
         manifest.update(
             status="running",
@@ -253,30 +276,38 @@ def resume(
             last_step=k,
             injection=injection.to_dict(),
             config=cfg.to_dict(),
+            determinism=manifest.get("determinism") or det,
             resumes=manifest.get("resumes", []) + [resume_info],
         )
         if mismatch:
             manifest["determinism_resumed"] = det
         write_manifest(paths, manifest)
-        paths.pid_file.write_text(f"{os.getpid()}\n")
+        _write_pid_file(paths)
         append_event(
             paths,
             "resumed",
             step=k,
-            checkpoint=str(ckpt_dir.relative_to(paths.root)),
+            checkpoint=str(ckpt_dir.relative_to(paths.root)) if ckpt_dir is not None else None,
             old_records=resume_info["old_records"],
             removed_steps=len(old),
+            removed_alert_events=cut_alert_events,
+            removed_tensorboard_points=cut_tb_points,
             last_logged_step=resume_info["last_logged_step"],
             pid=os.getpid(),
         )
-        log(
-            f"resuming {paths.root} from checkpoint step {k}; {len(old)} later records kept in "
-            f"{resume_info['old_records']}"
-        )
+        if state is None:
+            log(f"{paths.root} has no complete checkpoint (killed during setup): starting again from step 0")
+        else:
+            log(
+                f"resuming {paths.root} from checkpoint step {k}; {len(old)} later records kept in "
+                f"{resume_info['old_records']}"
+            )
         if on_ready:
             on_ready()
 
         def body() -> str:
+            if state is None:
+                return _fresh_start(paths, cfg, rng, device, injection, rules, log, should_stop)
             c = build_components(cfg, rng, device)
             writer = RunWriter(paths, rules, cfg.tb_flush_every)
             writer.prime_alerts(kept)
@@ -293,3 +324,35 @@ def resume(
         return _run_guarded(paths, body, log)
     finally:
         _release_run(paths, lock)
+
+
+def _cut_alert_events_after(paths: RunPaths, step: int) -> int:
+    """Drop from events.jsonl the alert events of steps after `step` (they are fired again as
+    the steps are recomputed); every other event stays, byte for byte. The file is replaced
+    atomically. Returns how many were dropped."""
+    if not paths.events.exists():
+        return 0
+    kept, dropped = [], 0
+    with open(paths.events, "rb") as f:
+        for line in f:
+            try:
+                ev = jsonl_mod.loads(line.decode("utf-8")) if line.endswith(b"\n") else None
+            except ValueError:  # UnicodeDecodeError included
+                ev = None
+            if isinstance(ev, dict) and ev.get("event") in ALERT_EVENTS and _step_after(ev.get("step"), step):
+                dropped += 1
+                continue
+            kept.append(line)
+    if dropped:
+        tmp = paths.events.with_name(f".{paths.events.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as out:
+            out.writelines(kept)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, paths.events)
+    return dropped
+
+
+def _step_after(value, step: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > step

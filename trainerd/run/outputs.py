@@ -13,6 +13,10 @@ The event file is flushed every `tb_flush_every` steps and at sync/close, not ev
 
 from __future__ import annotations
 
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+
 from protocol import alerts as alerts_mod
 from protocol.catalogue import METRICS
 from protocol.jsonl import JsonlWriter
@@ -69,27 +73,31 @@ class RunWriter:
             self.alerts.update(rec)
 
     def write(self, record: dict) -> list:
-        """Log one step record everywhere; returns the alert events [(event, Alert)] it caused."""
-        self.steplog.write(record)
-        self.jsonl.write(record)
+        """Log one step record everywhere; returns the alert events [(event, Alert)] it caused.
+        A failed write (a full disk) raises OSError naming the file."""
+        with _naming(self.paths.steps):
+            self.steplog.write(record)
+        with _naming(self.paths.steps_jsonl):
+            self.jsonl.write(record)
         if self.tb is not None:
-            self.tb.add_record(record)
-            self._since_flush += 1
-            if self._since_flush >= self.tb_flush_every:
-                self.tb.flush()
-                self._since_flush = 0
+            with _naming(self.paths.tb):
+                self.tb.add_record(record)
+                self._since_flush += 1
+                if self._since_flush >= self.tb_flush_every:
+                    self.tb.flush()
+                    self._since_flush = 0
         fired = self.alerts.update(record)
-        for event, alert in fired:
-            append_event(self.paths, event, **alert.to_event(event))
+        with _naming(self.paths.events):
+            for event, alert in fired:
+                append_event(self.paths, event, **alert.to_event(event))
         return fired
-
-    def open_alerts(self) -> list:
-        return list(self.alerts.open.values())
 
     def sync(self) -> None:
         """Make everything written so far durable (called at every checkpoint)."""
-        self.steplog.sync()
-        self.jsonl.sync()
+        with _naming(self.paths.steps):
+            self.steplog.sync()
+        with _naming(self.paths.steps_jsonl):
+            self.jsonl.sync()
         if self.tb is not None:
             self.tb.flush()
             self._since_flush = 0
@@ -101,6 +109,49 @@ class RunWriter:
         finally:
             if self.tb is not None:
                 self.tb.close()
+
+
+@contextmanager
+def _naming(path):
+    """An OSError from a write without a file name (os.write on a full disk) gets `path`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+
+
+def truncate_tensorboard_after_step(tb_dir: Path, step: int) -> int:
+    """Cut every TensorBoard event file in `tb_dir` at its first event of a step after `step`
+    (a resume recomputes those steps; their old points must not be drawn twice). The files are
+    TFRecord framed (u64 length, u32 crc, payload, u32 crc), one Event per record, in step
+    order as `TensorBoardScalars` writes them. Returns the number of events removed."""
+    from tensorboard.compat.proto import event_pb2
+
+    removed = 0
+    if not tb_dir.is_dir() or tb_dir.is_symlink():
+        return 0
+    for f in sorted(tb_dir.iterdir()):
+        if not f.name.startswith("events.out.tfevents.") or f.is_symlink() or not f.is_file():
+            continue
+        data = f.read_bytes()
+        off, cut = 0, None
+        while off + 12 <= len(data):
+            (n,) = struct.unpack_from("<Q", data, off)
+            end = off + 12 + n + 4
+            if end > len(data):
+                break
+            ev = event_pb2.Event.FromString(data[off + 12 : off + 12 + n])
+            if cut is None and ev.step > step and ev.HasField("summary"):
+                cut = off
+            if cut is not None:
+                removed += 1
+            off = end
+        if cut is not None:
+            with open(f, "r+b") as fh:
+                fh.truncate(cut)
+    return removed
 
 
 def is_nonfinite_alert(event: str, alert) -> bool:

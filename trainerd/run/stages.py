@@ -1,6 +1,7 @@
 """Always-on wall-clock stage timers (SPEC section 6).
 
     timer = StageTimer(device)
+    timer.start_clock()          # the first step boundary (the loop's start)
     timer.begin_step()
     with timer.stage("rollout"):
         ...
@@ -11,6 +12,11 @@ minibatch); its times add up. Each stage is also a `torch.profiler.record_functi
 an on-demand profiler window shows the same names. On GPU the device is synchronised at
 stage boundaries so kernel time lands in the stage that launched it. Overhead per stage
 entry is two perf_counter calls and one record_function (a few microseconds).
+
+A step's time runs from one step boundary to the next (`end_step` marks one), not from
+`begin_step`: whatever the loop does between two steps (writing the logs, the healthy-state
+copy, a checkpoint, the profiler's export) is wall time the run spent, so it lands in the
+next step's `other` and `tokens_per_second` is what the run really achieves.
 """
 
 from __future__ import annotations
@@ -30,14 +36,19 @@ class StageTimer:
     def __init__(self, device: torch.device | None = None):
         self._sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else None
         self._totals = dict.fromkeys(MEASURED, 0.0)
-        self._step_start = 0.0
+        self._boundary: float | None = None
         self.step_time_s = 0.0
 
-    def begin_step(self) -> None:
+    def start_clock(self) -> None:
+        """Mark the first step boundary (the loop's start)."""
         if self._sync:
             self._sync()
+        self._boundary = time.perf_counter()
+
+    def begin_step(self) -> None:
         self._totals = dict.fromkeys(MEASURED, 0.0)
-        self._step_start = time.perf_counter()
+        if self._boundary is None:
+            self.start_clock()
 
     @contextmanager
     def stage(self, name: str):
@@ -56,7 +67,9 @@ class StageTimer:
         """Stop the step clock; `other` is whatever the named stages did not cover."""
         if self._sync:
             self._sync()
-        self.step_time_s = time.perf_counter() - self._step_start
+        now = time.perf_counter()
+        self.step_time_s = now - (self._boundary if self._boundary is not None else now)
+        self._boundary = now
         out = {name: float(self._totals[name]) for name in MEASURED}
         out["other"] = max(0.0, self.step_time_s - sum(out.values()))
         return out

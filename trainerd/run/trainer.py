@@ -23,6 +23,7 @@ import copy
 import math
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from trainerd.rl.ppo import (
 )
 from trainerd.rl.reward import RewardModel
 from trainerd.rl.task import Task, response_mask
-from trainerd.run.checkpoint import save_checkpoint
+from trainerd.run.checkpoint import prune_checkpoints, save_checkpoint
 from trainerd.run.determinism import RNG, capture_rng_state, restore_rng_state
 from trainerd.run.outputs import RunWriter, is_nonfinite_alert
 from trainerd.run.stages import StageTimer
@@ -99,12 +100,19 @@ def lr_lambda_for(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def rss_bytes() -> int:
+def rss_bytes() -> int | None:
+    """Current resident memory of this process (Linux /proc); None where it cannot be read."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        return None
+
+
+def peak_rss_bytes() -> int:
+    """The process's resident-memory high-water mark since it started, setup included."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
 
 
 # -- the trainer ---------------------------------------------------------------------------------
@@ -187,7 +195,8 @@ class Trainer:
         self.paths, self.cfg, self.rng, self.device, self.c = paths, cfg, rng, device, c
         self.writer, self.injection, self.log, self.should_stop = writer, injection, log, should_stop
         self.timer = StageTimer(device)
-        self.profiler = None
+        self.profiler: ProfilerWindow | None = None
+        self._profile_reported = False
         self.resume_checker = None
         self.last_checkpoint_step: int | None = None
         self._last_manifest_write = 0.0
@@ -223,15 +232,34 @@ class Trainer:
         restore_rng_state(self.rng, s["rng"])  # last: building modules above drew from the RNGs
 
     def checkpoint(self, step: int, mutable: dict | None = None) -> None:
-        """Taken at a step boundary, after all of that step's random draws."""
+        """Taken at a step boundary, after all of that step's random draws. Its wall time is
+        in the checkpoint event (and in the next step's `other`); old checkpoints are pruned
+        by the retention policy (keep_checkpoints newest, plus every keep_every-th step)."""
+        t0 = time.perf_counter()
         self.writer.sync()
         state = {**self.constant_state(), **(mutable if mutable is not None else self.mutable_state())}
         d = save_checkpoint(self.paths, step, state)
+        pruned = prune_checkpoints(self.paths, self.cfg.keep_checkpoints, self.cfg.keep_every)
         rel = str(d.relative_to(self.paths.root))
         self.last_checkpoint_step = step
-        append_event(self.paths, "checkpoint", step=step, path=rel)
+        fields = {"step": step, "path": rel, "seconds": round(time.perf_counter() - t0, 6)}
+        if pruned:
+            fields["pruned"] = pruned
+        append_event(self.paths, "checkpoint", **fields)
         update_manifest(self.paths, last_checkpoint=rel, last_step=step)
         self._last_manifest_write = time.monotonic()
+
+    def _report_profile(self, step: int) -> None:
+        """Once the profiler window has written its artifacts: one `profile` event with the
+        seconds it took (stop, export, derive), which the next step's `other` also holds."""
+        prof = self.profiler
+        if prof is None or not prof.finished or self._profile_reported:
+            return
+        self._profile_reported = True
+        fields = {k: round(v, 6) for k, v in prof.timings.items()}
+        if prof.error:
+            fields["error"] = prof.error
+        append_event(self.paths, "profile", step=step, window=f"{prof.start}:{prof.end}", **fields)
 
     # -- one PPO step ------------------------------------------------------------------------
     def ppo_step(self, step: int) -> dict:
@@ -353,9 +381,12 @@ class Trainer:
                 "tokens_per_second": tokens / step_time if step_time > 0 else 0.0,
                 "step_time_s": step_time,
                 "stage_s": stage_s,
-                "rss_bytes": rss_bytes(),
             }
         )
+        rss = rss_bytes()
+        if rss is not None:
+            rec["rss_bytes"] = rss
+        rec["peak_rss_bytes"] = max(peak_rss_bytes(), rss or 0)  # read after rss: never below it
         if dev.type == "cuda":
             rec["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(dev))
         return rec
@@ -366,10 +397,11 @@ class Trainer:
         cfg = self.cfg
         if cfg.profile_steps:
             a, b = config_mod.parse_profile_steps(cfg.profile_steps)
-            self.profiler = ProfilerWindow(self.paths.profile, a, b, device=self.device.type)
+            self.profiler = ProfilerWindow(self.paths.profile, a, b, device=self.device.type, log=self.log)
         snapshot_each_step = not cfg.continue_on_nonfinite
         status = "finished"
         step = first_step - 1
+        self.timer.start_clock()  # step 1's time starts here: setup and checkpoint 0 are not a step
         try:
             for step in range(first_step, cfg.steps + 1):
                 # The state at the start of the step = the last healthy state if this step
@@ -381,6 +413,7 @@ class Trainer:
                 rec = self.ppo_step(step)
                 if self.profiler is not None:
                     self.profiler.step_end(step, rec)
+                    self._report_profile(step)
                 fired = self.writer.write(rec)
                 if self.resume_checker is not None:
                     self.resume_checker.observe(rec)

@@ -34,6 +34,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -223,7 +224,8 @@ class ProfilerWindow:
                     f"{self.profile_dir} (stop {t1 - t0:.2f}s, export {t2 - t1:.2f}s, "
                     f"csv {t3 - t2:.2f}s)"
                 )
-        except Exception as e:  # profiling must never take a training run down
+        except Exception as e:  # profiling must never take a training run down (a full disk included)
+            shutil.rmtree(self.profile_dir / f".export-{os.getpid()}", ignore_errors=True)
             self._report_error(e)
 
     def _report_error(self, e: Exception) -> None:
@@ -562,7 +564,8 @@ def profile_report(run, out=None, err=None, width: int = 80) -> int:
         print(line[:width], file=out)
 
     steps = [r.get("step") for r in timed]
-    emit(f"profile of {paths.root} ({effective_status(manifest)}, steps {steps[0]}..{steps[-1]}, {len(timed)} timed)")
+    status = effective_status(manifest, paths)
+    emit(f"profile of {paths.root} ({status}, steps {steps[0]}..{steps[-1]}, {len(timed)} timed)")
     if stats.corrupt_frames:
         emit(f"note: {stats.corrupt_frames} corrupt frame(s) in steps.msgpack were skipped")
     emit()
