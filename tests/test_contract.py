@@ -157,3 +157,53 @@ def test_dynamic_tui_never_loads_torch_or_trainerd():
     loaded = sorted(TUI_FORBIDDEN & set(res["new"]))
     assert loaded == [], f"importing tui loaded {loaded}"
     assert res["failed"] == {}, f"tui modules failed to import: {res['failed']}"
+
+
+# -- inside trainerd: the subpackages are layers ------------------------------------------------------
+# rl/ is the algorithm (task, models, PPO math): it knows nothing of runs, files or checks.
+# tools/ (profiler, report, fault injection) may use rl/; run/ (the loop, lifecycle, checkpoints,
+# daemon, outputs) may use rl/ and tools/; verify/ may use all three; cli.py sits on top.
+# config.py and errors.py are shared by every layer.
+TRAINERD_LAYERS = {
+    "trainerd.rl": set(),
+    "trainerd.tools": {"trainerd.rl"},
+    "trainerd.run": {"trainerd.rl", "trainerd.tools"},
+    "trainerd.verify": {"trainerd.rl", "trainerd.tools", "trainerd.run"},
+}
+TRAINERD_SHARED = {"trainerd", "trainerd.config", "trainerd.errors"}
+
+
+def _trainerd_layer(name: str) -> str | None:
+    return next((layer for layer in TRAINERD_LAYERS if name == layer or name.startswith(layer + ".")), None)
+
+
+def _trainerd_violations(module: str, names) -> list:
+    own = _trainerd_layer(module)
+    if own is None:
+        return []
+    allowed = TRAINERD_LAYERS[own] | {own}
+    out = []
+    for ln, n in names:
+        if not n.startswith("trainerd") or n in TRAINERD_SHARED:
+            continue
+        target = _trainerd_layer(n)
+        if target is None or target not in allowed:  # trainerd.cli, or a layer above
+            out.append((ln, n))
+    return out
+
+
+def test_static_trainerd_subpackages_import_only_the_layers_below():
+    bad = {}
+    for f in _files("trainerd"):
+        mod = _module_name(f)
+        if v := _trainerd_violations(mod, imported_names(f)):
+            bad[str(f.relative_to(ROOT))] = v
+    assert bad == {}, f"a trainerd subpackage reaches across its boundary: {bad}"
+
+
+def test_trainerd_layer_checker_catches_a_reach_upwards():
+    assert _trainerd_violations("trainerd.rl.model", [(1, "trainerd.run.trainer")]) == [(1, "trainerd.run.trainer")]
+    assert _trainerd_violations("trainerd.run.trainer", [(1, "trainerd.verify.m1")]) == [(1, "trainerd.verify.m1")]
+    assert _trainerd_violations("trainerd.tools.report", [(1, "trainerd.cli")]) == [(1, "trainerd.cli")]
+    assert _trainerd_violations("trainerd.verify.m1", [(1, "trainerd.run.resume_check")]) == []
+    assert _trainerd_violations("trainerd.rl.model", [(1, "trainerd.config")]) == []
