@@ -188,9 +188,13 @@ def _gib(n: int) -> str:
 
 
 def parse_profile_steps(spec: str) -> tuple[int, int]:
-    """'A:B' -> (A, B), both inclusive PPO steps."""
+    """'A:B' -> (A, B), both inclusive PPO steps; a single 'N' is N:N. The one parser of a
+    step window (the --profile-steps option, the config key, the profiler)."""
+    text = str(spec).strip()
+    a_text, sep, b_text = text.partition(":")
     try:
-        a, b = (int(x) for x in str(spec).split(":"))
+        a = int(a_text)
+        b = int(b_text) if sep else a
     except ValueError:
         raise ConfigError(f"profile steps must look like A:B (e.g. 3:5), got {spec!r}") from None
     if a < 1 or b < a:

@@ -20,8 +20,9 @@ torch = pytest.importorskip("torch")
 from protocol import rundir  # noqa: E402
 from protocol.catalogue import STAGES  # noqa: E402
 from protocol.steplog import StepLogWriter  # noqa: E402
+from trainerd.config import ConfigError, parse_profile_steps  # noqa: E402
 from trainerd.tools import profiler  # noqa: E402
-from trainerd.tools.profiler import ProfilerWindow, analyze_trace, load_trace, parse_window  # noqa: E402
+from trainerd.tools.profiler import ProfilerWindow, analyze_trace, load_trace  # noqa: E402
 
 TRACED_STAGES = [s for s in STAGES if s != "other"]  # `other` is the untraced remainder
 
@@ -153,11 +154,11 @@ def _csv(path: Path) -> list[dict]:
 
 
 def test_parse_window():
-    assert parse_window("3:7") == (3, 7)
-    assert parse_window("4") == (4, 4)
-    for bad in ("a:b", "5:2", "0:3", ":"):
-        with pytest.raises(ValueError):
-            parse_window(bad)
+    assert parse_profile_steps("3:7") == (3, 7)
+    assert parse_profile_steps("4") == (4, 4)
+    for bad in ("a:b", "5:2", "0:3", ":", "1:2:3"):
+        with pytest.raises(ConfigError):
+            parse_profile_steps(bad)
 
 
 def test_window_exports_valid_artifacts(profiled_run):

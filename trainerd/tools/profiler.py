@@ -80,20 +80,6 @@ class ProfileError(Exception):
     """An artifact is missing or cannot be parsed; the message is one line."""
 
 
-def parse_window(spec: str) -> tuple[int, int]:
-    """`"A:B"` -> `(A, B)`, steps A..B inclusive, 1 <= A <= B. A single `"N"` is `N:N`."""
-    text = str(spec).strip()
-    a, sep, b = text.partition(":")
-    try:
-        start = int(a)
-        end = int(b) if sep else start
-    except ValueError:
-        raise ValueError(f"--profile-steps must be A:B (two step numbers), got {spec!r}") from None
-    if start < 1 or end < start:
-        raise ValueError(f"--profile-steps {spec!r}: need 1 <= A <= B")
-    return start, end
-
-
 # --------------------------------------------------------------------------- the window
 
 
