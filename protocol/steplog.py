@@ -51,14 +51,6 @@ def encode_frame(record: dict[str, Any]) -> bytes:
     return b"".join((header, _U32.pack(masked_crc(header)), payload, _U32.pack(masked_crc(payload))))
 
 
-def _decode_payload(payload: bytes | memoryview) -> dict[str, Any] | None:
-    try:
-        rec = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    except Exception:
-        return None
-    return rec if isinstance(rec, dict) else None
-
-
 class StepLogWriter:
     """Appends records, one `write` per frame, flushed to the OS at once (survives SIGKILL).
 
