@@ -55,6 +55,8 @@ RESUME_OVERRIDABLE = {
     "alerts_file",
     "continue_on_nonfinite",
     "checkpoint_every",
+    "keep_checkpoints",
+    "keep_every",
     "tb_flush_every",
 }
 
