@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 from protocol.alerts import Alert, AlertEngine
 from protocol.jsonl import JsonlTailer
-from protocol.rundir import RunDirError, RunPaths, effective_status, read_manifest
+from protocol.rundir import RunDirError, RunPaths, effective_status, read_manifest_checked
 from protocol.steplog import StepLogTailer
+from protocol.text import safe_text
 
 from .store import RunStore, is_placeable
 
@@ -78,6 +79,7 @@ class RunFeed:
         self._resets = 0
         self._manifest_mtime = None
         self._manifest: dict = {}
+        self._manifest_read = False  # the last read of run.json worked
         self._status = None
         self._problem = ""
         self._manifest_problem = ""
@@ -153,7 +155,11 @@ class RunFeed:
     def _read_manifest(self, b: Batch) -> None:
         try:
             st = os.stat(self.paths.manifest)
-        except OSError:
+        except FileNotFoundError:
+            return
+        except OSError as e:  # the run dir became unreadable (mode 000, a dead mount)
+            self._manifest_mtime, self._manifest_read = None, False
+            self._manifest_problem = f"cannot read {safe_text(self.paths.manifest)}: {e.strerror or e}"
             return
         if not stat.S_ISREG(st.st_mode):
             return  # reported by _not_regular; opening a FIFO would block
@@ -161,13 +167,14 @@ class RunFeed:
         if mtime != self._manifest_mtime:
             self._manifest_mtime = mtime  # an unreadable run.json is read again when it changes
             try:
-                self._manifest = read_manifest(self.paths)
+                self._manifest, notes = read_manifest_checked(self.paths)
             except RunDirError as e:
-                self._manifest_problem = str(e)
-            else:
-                self._manifest_problem = ""
+                self._manifest_problem, self._manifest_read = str(e), False
+            else:  # fields of the wrong type were dropped: say which
+                more = f" (+{len(notes) - 1} more)" if len(notes) > 1 else ""
+                self._manifest_problem, self._manifest_read = (notes[0] + more if notes else ""), True
                 b.manifest = self._manifest
-        if self._manifest_problem:
+        if not self._manifest_read:
             return
         # effective_status notices a dead writer, so it is asked again even when run.json is unchanged
         status = effective_status(self._manifest, self.paths)

@@ -206,3 +206,66 @@ def test_exits_when_its_terminal_goes_away(tmp_path, need_tmux):
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists(), "rlhf-tui kept running after its terminal went away"
+
+
+def _as_unprivileged() -> list[str] | None:
+    """A command prefix under which file permissions apply: none needed for a normal user;
+    root without the capabilities that let it read anything (setpriv); None if neither."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search"] if setpriv else None
+
+
+def test_unreadable_run_dir_is_one_line_and_exit_2(tmp_path):
+    prefix = _as_unprivileged()
+    if prefix is None:
+        pytest.skip("running as root without setpriv: permissions cannot be tested")
+    runs = tmp_path / "runs"
+    subprocess.run(
+        GEN_RUN + ["--steps", "5", "--runs-dir", str(runs), "--run-id", "locked"],
+        cwd=ROOT,
+        env=_env(),
+        check=True,
+        capture_output=True,
+    )
+    (runs / "locked").chmod(0)
+    try:
+        for target in (runs / "locked", runs):  # the run itself, and a runs dir whose latest it is
+            out = subprocess.run(
+                prefix + _tui_command() + [str(target)], capture_output=True, text=True, env=_env(), timeout=30
+            )
+            assert out.returncode == 2, out.stderr
+            assert out.stderr.strip().count("\n") == 0 and "Permission denied" in out.stderr, out.stderr
+            assert "Traceback" not in out.stderr
+    finally:
+        (runs / "locked").chmod(0o755)
+
+
+@pytest.mark.timeout(90)
+def test_quit_is_immediate_while_the_history_loads(tmp_path, need_tmux):
+    """q while the older records load in the background: the loader is a thread the app does
+    not wait for, and it stops between chunks."""
+    runs = tmp_path / "runs"
+    subprocess.run(
+        GEN_RUN + ["--steps", "60000", "--runs-dir", str(runs), "--no-jsonl"],
+        cwd=ROOT,
+        env=_env(),
+        check=True,
+        capture_output=True,
+    )
+    session = f"quit-{uuid.uuid4().hex[:8]}"
+    pane = _start_tui(session, runs)
+    try:
+        pane.wait_for(r"loading history", timeout=30)
+        t = time.monotonic()
+        pane.send("q")
+        while "TUI-EXITED" not in pane.capture():
+            assert time.monotonic() - t < 5, "the monitor did not quit while its history loaded"
+            time.sleep(0.02)
+        took = time.monotonic() - t
+        print(f"quit while the history loaded: {took * 1000:.0f} ms")
+        assert "TUI-EXITED rc=0" in pane.capture()
+        assert took < 1.0, f"quitting took {took:.2f} s"
+    finally:
+        subprocess.run([TMUX, "kill-session", "-t", session], capture_output=True)
