@@ -76,6 +76,14 @@ class RunPaths:
         return self.root / "events.jsonl"
 
     @property
+    def samples(self) -> Path:
+        return self.root / "samples.jsonl"
+
+    @property
+    def alert_rules(self) -> Path:
+        return self.root / "alerts.json"
+
+    @property
     def tb(self) -> Path:
         return self.root / "tb"
 

@@ -38,6 +38,7 @@ class TrainConfig:
     # checkpoints kept: the newest `keep_checkpoints`, plus every `keep_every`-th step (0: none)
     keep_checkpoints: int = knob(3, 1, MAX_INT)
     keep_every: int = knob(0, 0, MAX_STEPS)
+    samples_every: int = knob(10, 0, MAX_STEPS)  # samples.jsonl every N steps (0: only when an alert fires)
     tb_flush_every: int = knob(25, 1, MAX_STEPS)  # TensorBoard event file flushed every N steps (and at the end)
     profile_steps: str | None = None  # "A:B": torch.profiler window (M2)
     inject: str | None = None  # "KIND[@STEP]": fault injection (M3)

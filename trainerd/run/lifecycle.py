@@ -57,6 +57,7 @@ RESUME_OVERRIDABLE = {
     "checkpoint_every",
     "keep_checkpoints",
     "keep_every",
+    "samples_every",
     "tb_flush_every",
 }
 
@@ -257,6 +258,8 @@ def resume(
                 w.sync()
         steplog_mod.truncate_after_step(paths.steps, k)
         jsonl_mod.truncate_after_step(paths.steps_jsonl, k)
+        if paths.samples.exists():
+            jsonl_mod.truncate_after_step(paths.samples, k)  # recomputed steps write theirs again
         cut_alert_events = _cut_alert_events_after(paths, k)
         cut_tb_points = truncate_tensorboard_after_step(paths.tb, k)
         kept, _ = steplog_mod.read_steplog(paths.steps)

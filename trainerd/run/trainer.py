@@ -51,6 +51,7 @@ from trainerd.rl.task import Task, response_mask
 from trainerd.run.checkpoint import prune_checkpoints, save_checkpoint
 from trainerd.run.determinism import RNG, capture_rng_state, restore_rng_state
 from trainerd.run.outputs import RunWriter, is_nonfinite_alert
+from trainerd.run.samples import Rollout, SampleWriter
 from trainerd.run.stages import StageTimer
 from trainerd.tools.inject import Injection
 from trainerd.tools.profiler import ProfilerWindow
@@ -195,6 +196,8 @@ class Trainer:
         self.paths, self.cfg, self.rng, self.device, self.c = paths, cfg, rng, device, c
         self.writer, self.injection, self.log, self.should_stop = writer, injection, log, should_stop
         self.timer = StageTimer(device)
+        self.samples = SampleWriter(paths, c.task.tok, cfg.seed, cfg.samples_every)
+        self.last_rollout: Rollout | None = None
         self.profiler: ProfilerWindow | None = None
         self._profile_reported = False
         self.resume_checker = None
@@ -237,6 +240,7 @@ class Trainer:
         by the retention policy (keep_checkpoints newest, plus every keep_every-th step)."""
         t0 = time.perf_counter()
         self.writer.sync()
+        self.samples.sync()
         state = {**self.constant_state(), **(mutable if mutable is not None else self.mutable_state())}
         d = save_checkpoint(self.paths, step, state)
         pruned = prune_checkpoints(self.paths, self.cfg.keep_checkpoints, self.cfg.keep_every)
@@ -347,6 +351,7 @@ class Trainer:
             explained_var = explained_variance(old_values, returns, mask)
             reward_var = scores.var(unbiased=False)
             tokens = int(mask.sum().item())
+            self.last_rollout = Rollout(prompts, responses, scores, gold, kl_tok.sum(1), mask.sum(1))
             rec = {
                 "step": step,
                 "kl": kl,
@@ -415,6 +420,7 @@ class Trainer:
                     self.profiler.step_end(step, rec)
                     self._report_profile(step)
                 fired = self.writer.write(rec)
+                self.samples.observe(step, self.last_rollout, fired)
                 if self.resume_checker is not None:
                     self.resume_checker.observe(rec)
                 if step % 10 == 0 or step == first_step:
@@ -459,6 +465,7 @@ class Trainer:
         if self.resume_checker is not None:
             self.resume_checker.finish()
         self.writer.close()
+        self.samples.close()
         update_manifest(self.paths, status=status, ended_at=time.time(), last_step=step)
         fields = {"step": step, "status": status}
         if reason:
