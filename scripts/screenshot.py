@@ -15,8 +15,11 @@ from tui.app import MonitorApp
 async def main(run: str, out: Path) -> None:
     app = MonitorApp(run, live=False)
     async with app.run_test(size=(160, 50)) as pilot:
-        for _ in range(40):  # let the history load and the charts draw
+        for _ in range(200):  # until the history is loaded, its alerts evaluated and drawn (10 s at most)
+            if app.settled and app.model.history_done:
+                break
             await pilot.pause(0.05)
+        await pilot.pause(0.2)
         app.save_screenshot(filename=out.name, path=str(out.parent))
     print(out)
 

@@ -206,7 +206,7 @@ class MonitorApp(App):
         if everything or "events" in parts:
             self.w_events.show(m.events, self.w_events.content_size.height or 10, m.started_at)
         if everything or self.chart_step is None and len(m.store):
-            self.charts.now()
+            self.charts.soon()
         elif parts & {"data", "alerts"}:
             self.charts.request()
         self.values.request()
@@ -277,7 +277,7 @@ class MonitorApp(App):
     def _view_changed(self) -> None:
         v = self.view
         v.smooth, v.time_axis, v.zoom, v.around_step = self.smooth, self.time_axis, self.zoom, self.around_step
-        self.charts.now()
+        self.charts.soon()
 
     watch_smooth = watch_time_axis = watch_zoom = watch_around_step = _view_changed
 

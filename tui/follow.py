@@ -128,7 +128,7 @@ def resolve_target(app, target: Path) -> None:
     try:
         paths = RunPaths(resolve_run(target).root.resolve())  # `latest` -> the run's real name
         msg = TargetResolved(paths, runs_dir_of(target))
-    except (RunDirError, OSError, ValueError) as e:
+    except Exception as e:  # RunDirError, PermissionError, ...: the app exits with this one line
         msg = TargetResolved(None, None, one_line(e))
     post(app, msg)
 

@@ -36,14 +36,17 @@ class Throttle:
         if delay > 0.001:
             self._timer = self.node.set_timer(delay, self._fire)
         else:
-            self._generation += 1
-            self._queued = self._generation
-            self.node.call_later(self._fire_queued, self._generation)
+            self.soon()
 
-    def now(self) -> None:
-        """Draw at once (a key changed the view), dropping a waiting request."""
+    def soon(self) -> None:
+        """Draw on the next turn of the loop whatever the rate (a key changed the view, a run's
+        first records): what else arrives before that turn is in the same draw."""
+        if self._queued:
+            return
         self.cancel()
-        self._fire()
+        self._generation += 1
+        self._queued = self._generation
+        self.node.call_later(self._fire_queued, self._generation)
 
     def cancel(self) -> None:
         if self._timer is not None:
