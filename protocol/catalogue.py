@@ -147,6 +147,16 @@ METRICS: dict[str, Metric] = {
             required=False,
         ),
         _M(
+            "stage_peak_bytes",
+            "bytes",
+            "memory",
+            "map",
+            False,
+            "none",
+            "peak memory per stage this step (CPU: RSS high-water mark; GPU: max CUDA memory allocated)",
+            required=False,
+        ),
+        _M(
             "cuda_max_allocated_bytes",
             "bytes",
             "memory",

@@ -45,6 +45,23 @@ class TrainConfig:
     alerts_file: str | None = None  # TOML overrides of the alert rules
     continue_on_nonfinite: bool = False  # a critical non_finite alert stops the run unless true
 
+    # -- model backend: the synthetic task (default) or a local Hugging Face causal LM ---------
+    model: str = knob("synthetic", choices=("synthetic", "hf"))
+    # hf: local save_pretrained folders (never the hub); relative paths are resolved against the
+    # TOML file's folder when loaded from one, else the working directory, and stored absolute
+    policy_path: str | None = None  # AutoModelForCausalLM + its tokenizer
+    ref_path: str | None = None  # frozen reference (default: a frozen copy of the policy)
+    reward_model_path: str | None = None  # AutoModelForSequenceClassification (num_labels=1)
+    reward_fn: str | None = None  # "package.module:function" or "file.py:function": (prompts, responses) -> scores
+    gold_fn: str | None = None  # the same, the true score (gold_reward_mean, reward-hacking alert)
+    prompts_path: str | None = None  # JSONL, Parquet or a datasets.save_to_disk folder
+    prompt_column: str = "prompt"
+    max_prompt_len: int = knob(256, 1, 1 << 20)  # prompt tokens kept (the last ones)
+    top_p: float = knob(1.0, 0.0, 1.0, above=0.0)  # nucleus sampling (hf)
+    dtype: str = knob("fp32", choices=("fp32", "bf16", "fp16"))  # hf: autocast dtype; fp16 uses a GradScaler (CUDA)
+    gradient_checkpointing: bool = False  # hf: recompute activations in the backward pass
+    micro_batch_size: int = knob(0, 0, MAX_INT)  # gradient accumulation within a minibatch (0: none)
+
     # -- task (see rl/task.py) --------------------------------------------------------------
     n_letters: int = knob(12, 2, 26)  # alphabet size of prompts and responses (a..z)
     prompt_letters: int = knob(4, 1, 1024)  # letters per prompt
@@ -107,15 +124,27 @@ class TrainConfig:
             raise ConfigError(
                 f"config batch_size ({self.batch_size}) must be a multiple of minibatch_size ({self.minibatch_size})"
             )
-        if self.prompt_letters > self.n_letters:
-            raise ConfigError("config prompt_letters must not exceed n_letters")
-        if self.n_prompts < self.batch_size:
-            raise ConfigError("config n_prompts must be at least batch_size")
+        if self.micro_batch_size and self.minibatch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"config minibatch_size ({self.minibatch_size}) must be a multiple of "
+                f"micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.model == "synthetic":
+            if self.prompt_letters > self.n_letters:
+                raise ConfigError("config prompt_letters must not exceed n_letters")
+            if self.n_prompts < self.batch_size:
+                raise ConfigError("config n_prompts must be at least batch_size")
+            if self.dtype != "fp32":
+                raise ConfigError('config dtype must be fp32 with model = "synthetic"')
         if self.profile_steps is not None:
             parse_profile_steps(self.profile_steps)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"config device must be auto, cpu or cuda[:N], got {self.device!r}")
         _check_device(self.device)
+        if self.model == "hf":
+            from trainerd.rl import hf  # imports torch, not transformers
+
+            hf.validate(self)
         need = estimated_peak_bytes(self)
         have = available_memory_bytes()
         if have is not None and need > have:
@@ -160,7 +189,13 @@ def estimated_peak_bytes(cfg: TrainConfig) -> int:
     """A rough upper estimate of the trainer's memory (fp32): the four models' weights with
     gradients and AdamW state, plus the largest step's activations (the policy's forward and
     backward over the whole batch: logits, attention maps and the residual stream per layer).
-    Its job is to refuse a typo like batch_size=1000000000 up front, not to plan a budget."""
+    Its job is to refuse a typo like batch_size=1000000000 up front, not to plan a budget.
+    hf: the weights on disk as fp32, times five (weights, grads, AdamW m and v, the reference),
+    plus the reward model; activations are not estimated."""
+    if cfg.model == "hf":
+        from trainerd.rl.hf import weights_bytes
+
+        return 5 * weights_bytes(cfg.policy_path) * 4 // 2 + weights_bytes(cfg.reward_model_path)
     vocab = 4 + cfg.n_letters
     seq = cfg.prompt_letters + 2 + cfg.max_response_len
     d, L = cfg.d_model, cfg.n_layer
@@ -269,6 +304,25 @@ def from_dict(data: dict, base: TrainConfig | None = None, source: str = "config
     return cfg
 
 
+PATH_KEYS = ("policy_path", "ref_path", "reward_model_path", "prompts_path")
+FN_KEYS = ("reward_fn", "gold_fn")
+
+
+def resolve_paths(data: dict, base: Path) -> dict:
+    """Relative paths of a config (and file.py of a 'file.py:function') made absolute against
+    `base` (the TOML file's folder), so run.json and a resume name the same files."""
+    out = dict(data)
+    for k in PATH_KEYS:
+        if isinstance(out.get(k), str) and out[k]:
+            out[k] = str((base / Path(out[k]).expanduser()).resolve())
+    for k in FN_KEYS:
+        v = out.get(k)
+        if isinstance(v, str) and ".py:" in v:
+            file, _, fn = v.rpartition(":")
+            out[k] = f"{(base / Path(file).expanduser()).resolve()}:{fn}"
+    return out
+
+
 def load_toml(path: str | Path) -> dict:
     p = Path(path)
     try:
@@ -292,7 +346,7 @@ def load_config(path: str | Path | None = None, preset: str = "default", **overr
     """Preset, then the TOML file, then command-line overrides (None means 'not given')."""
     data: dict = {}
     if path is not None:
-        data = load_toml(path)
+        data = resolve_paths(load_toml(path), Path(path).resolve().parent)
         preset = data.pop("preset", preset)
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")

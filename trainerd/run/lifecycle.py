@@ -146,16 +146,22 @@ def _fresh_start(paths: RunPaths, cfg: TrainConfig, rng, device, injection: Inje
     """Warm start, reward model, checkpoint 0, then PPO steps 1..cfg.steps."""
     t0 = time.perf_counter()
     c = build_components(cfg, rng, device)
-    sft = warm_start(c, cfg, device, log)
-    c.ref.load_state_dict(c.policy.lm.state_dict())  # the reference = the warm-started policy
-    rm_info = train_reward_model(c.rm, c.task, cfg.rm_steps, cfg.rm_batch_size, cfg.rm_lr, device, log)
-    c.scorer = injection.reward_model(c.rm, c.task) or c.rm
-    setup = {**sft, **rm_info, "setup_s": time.perf_counter() - t0}
-    update_manifest(paths, setup=setup)
-    log(
-        f"warm start and reward model done in {setup['setup_s']:.1f}s "
-        f"(RM held-out accuracy {rm_info['rm_heldout_accuracy']:.3f})"
-    )
+    if cfg.model == "hf":  # pretrained models from disk: no warm start, no reward model to train
+        n_params = sum(p.numel() for p in c.backend.policy_params())
+        setup = {"setup_s": time.perf_counter() - t0, "policy_params": n_params}
+        update_manifest(paths, setup=setup)
+        log(f"loaded {cfg.policy_path} ({n_params:,} parameters) in {setup['setup_s']:.1f}s")
+    else:
+        sft = warm_start(c, cfg, device, log)
+        c.ref.load_state_dict(c.policy.lm.state_dict())  # the reference = the warm-started policy
+        rm_info = train_reward_model(c.rm, c.task, cfg.rm_steps, cfg.rm_batch_size, cfg.rm_lr, device, log)
+        c.scorer = injection.reward_model(c.rm, c.task) or c.rm
+        setup = {**sft, **rm_info, "setup_s": time.perf_counter() - t0}
+        update_manifest(paths, setup=setup)
+        log(
+            f"warm start and reward model done in {setup['setup_s']:.1f}s "
+            f"(RM held-out accuracy {rm_info['rm_heldout_accuracy']:.3f})"
+        )
     writer = RunWriter(paths, rules, cfg.tb_flush_every)
     trainer = Trainer(paths, cfg, rng, device, c, writer, injection, log, should_stop)
     trainer.checkpoint(0)  # resumable from the very first step
@@ -318,7 +324,8 @@ def resume(
             writer.prime_alerts(kept)
             trainer = Trainer(paths, cfg, rng, device, c, writer, injection, log, should_stop)
             trainer.load_state(state)
-            c.scorer = injection.reward_model(c.rm, c.task) or c.rm
+            if cfg.model != "hf":
+                c.scorer = injection.reward_model(c.rm, c.task) or c.rm
             trainer.last_checkpoint_step = k
             trainer.resume_checker = ResumeChecker(paths, old, k)
             if k >= cfg.steps:

@@ -8,20 +8,23 @@ drawn at random. One JSON object per line (the format is in protocol/FORMAT.md):
      "prompt": "dkag", "response": "aaaab", "reward": 1.31, "gold": -0.4, "kl": 0.52, "length": 6}
 
 `kl` is the response's summed per-token KL to the reference (k1, nats), `length` its tokens
-including EOS. The random pick never draws from a training generator: it is keyed by (seed,
-step) alone, so the step log is bitwise the same with samples on or off.
+including EOS; `gold` is null where the true score is unknown (a Hugging Face model without a
+gold_fn). Text is decoded by the model backend (`decode`: the synthetic task's letters, or the
+Hugging Face tokenizer without special tokens). The random pick never draws from a training
+generator: it is keyed by (seed, step) alone, so the step log is bitwise the same with samples
+on or off.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from protocol.jsonl import JsonlWriter
 from protocol.rundir import RunPaths
-from trainerd.rl.task import FIRST_LETTER, Tokenizer
 
 ALERT_EVENTS_THAT_SAMPLE = ("alert", "alert_escalated")
 
@@ -30,22 +33,26 @@ ALERT_EVENTS_THAT_SAMPLE = ("alert", "alert_escalated")
 class Rollout:
     """One step's batch, as much of it as a sample needs (CPU tensors, no grad)."""
 
-    prompts: torch.Tensor  # (B, P) token ids: BOS letters SEP
+    prompts: torch.Tensor  # (B, P) token ids (synthetic: BOS letters SEP; hf: left-padded)
     responses: torch.Tensor  # (B, R) token ids, PAD after EOS
-    scores: torch.Tensor  # (B,) reward-model score
-    gold: torch.Tensor  # (B,) the task's true score
+    scores: torch.Tensor  # (B,) reward score
+    gold: torch.Tensor | None  # (B,) the true score, None where unknown
     kl: torch.Tensor  # (B,) summed per-token k1 KL to the reference
     length: torch.Tensor  # (B,) response tokens including EOS
+    prompt_mask: torch.Tensor | None = None  # (B, P) 1 on real prompt tokens (None: all)
+    mask: torch.Tensor | None = None  # (B, R) 1 on response tokens up to EOS (None: all)
 
 
-def _text(tok: Tokenizer, ids: torch.Tensor) -> str:
-    return tok.decode(i for i in ids.tolist() if i >= FIRST_LETTER)  # letters only: no BOS, SEP, EOS, PAD
+def _ids(ids: torch.Tensor, mask: torch.Tensor | None) -> list[int]:
+    if mask is None:
+        return ids.tolist()
+    return [i for i, m in zip(ids.tolist(), mask.tolist()) if m]
 
 
 class SampleWriter:
-    def __init__(self, paths: RunPaths, tok: Tokenizer, seed: int, every: int):
+    def __init__(self, paths: RunPaths, decode: Callable[[list[int]], str], seed: int, every: int):
         self.writer = JsonlWriter(paths.samples)
-        self.tok = tok
+        self.decode = decode  # token ids -> text (the model backend's)
         self.seed = seed
         self.every = every  # 0: only at alerts
 
@@ -61,6 +68,7 @@ class SampleWriter:
             "worst": int(torch.argmin(scores).item()),
             "random": random.Random(f"samples:{self.seed}:{step}").randrange(len(scores)),
         }
+        r = rollout
         for pick, i in picks.items():
             self.writer.write(
                 {
@@ -69,10 +77,10 @@ class SampleWriter:
                     "alerts": rules,
                     "pick": pick,
                     "index": i,
-                    "prompt": _text(self.tok, rollout.prompts[i]),
-                    "response": _text(self.tok, rollout.responses[i]),
+                    "prompt": self.decode(_ids(r.prompts[i], None if r.prompt_mask is None else r.prompt_mask[i])),
+                    "response": self.decode(_ids(r.responses[i], None if r.mask is None else r.mask[i])),
                     "reward": float(rollout.scores[i]),
-                    "gold": float(rollout.gold[i]),
+                    "gold": float(rollout.gold[i]) if rollout.gold is not None else None,
                     "kl": float(rollout.kl[i]),
                     "length": int(rollout.length[i]),
                 }

@@ -4,7 +4,9 @@ the loop of steps, writing each step's record through `RunWriter`.
 `run/lifecycle.py` builds a `Trainer` for a fresh run or a resume; both end in the same
 `Trainer.loop`, so step k+1 is computed by the same code whether or not the process was
 restarted at step k, and a checkpoint holds everything that code reads. The PPO math itself
-(GAE, whitening, the clipped losses, the KL controller) is in `rl/ppo.py`.
+(GAE, whitening, the clipped losses, the KL controller) is in `rl/ppo.py`; everything that
+depends on the model (sampling, log-probs, values, reward, decoding) is behind a backend
+(`rl/backend.py`: the synthetic task's `SyntheticBackend`, or `rl/hf.py`'s `HFBackend`).
 
 One PPO step, in the order of the profiler stages (CleanRL spirit: every detail named once):
   rollout        sample B responses from the policy with a KV cache ('sampling' generator)
@@ -13,6 +15,7 @@ One PPO step, in the order of the profiler stages (CleanRL spirit: every detail 
   values         one forward pass of the policy: old log-probs, entropy and value estimates
   advantages     per-token k1 KL penalty, RM score added at the last response token, GAE
   policy_update  clipped surrogate loss, grad clip (norm recorded before clipping), AdamW
+                 (micro_batch_size: gradients accumulated over micro-batches of a minibatch)
   value_update   clipped value loss on the value head (detached trunk features), AdamW
   other          everything else (data cursor, KL controller and LR schedule updates, stats)
 """
@@ -23,10 +26,13 @@ import copy
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +40,8 @@ import torch.nn.functional as F
 from protocol.rundir import RunPaths, append_event, update_manifest
 from trainerd import config as config_mod
 from trainerd.config import TrainConfig
-from trainerd.rl.model import GPTConfig, Policy, generate, response_slice, token_logprobs
+from trainerd.rl.backend import SyntheticBackend
+from trainerd.rl.model import GPTConfig, Policy, response_slice
 from trainerd.rl.ppo import (
     AdaptiveKLController,
     explained_variance,
@@ -48,7 +55,7 @@ from trainerd.rl.ppo import (
 )
 from trainerd.rl.reward import RewardModel
 from trainerd.rl.task import Task, response_mask
-from trainerd.run.checkpoint import prune_checkpoints, save_checkpoint
+from trainerd.run.checkpoint import list_checkpoints, prune_checkpoints, save_checkpoint
 from trainerd.run.determinism import RNG, capture_rng_state, restore_rng_state
 from trainerd.run.outputs import RunWriter, is_nonfinite_alert
 from trainerd.run.samples import Rollout, SampleWriter
@@ -116,28 +123,111 @@ def peak_rss_bytes() -> int:
     return int(peak) * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
 
 
+def vm_hwm_bytes() -> int | None:
+    """VmHWM of /proc/self/status: the RSS high-water mark since the last reset (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (`echo 5 > /proc/self/clear_refs`); False if not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class StageMemory:
+    """Peak memory of each stage of a step: on CPU the RSS high-water mark (VmHWM, reset when
+    the stage is entered), on GPU `torch.cuda.max_memory_allocated` (its peak reset when the
+    stage is entered). A stage entered several times keeps its largest peak. Resetting VmHWM
+    also lowers what getrusage reports, so the process's peak is folded into `process_peak`
+    before each reset (peak_rss_bytes stays "since the process started")."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.process_peak = vm_hwm_bytes() or 0
+        self.enabled = self.cuda or (self.process_peak > 0 and reset_hwm())
+        self.peaks: dict[str, float] = {}
+
+    def begin_step(self) -> None:
+        self.peaks = {}
+
+    @contextmanager
+    def track(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.process_peak = max(self.process_peak, vm_hwm_bytes() or 0)
+            reset_hwm()
+        try:
+            yield
+        finally:
+            peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else (vm_hwm_bytes() or 0)
+            self.peaks[name] = max(self.peaks.get(name, 0.0), float(peak))
+
+    def step_peaks(self) -> dict[str, float] | None:
+        return dict(self.peaks) if self.enabled else None
+
+
 # -- the trainer ---------------------------------------------------------------------------------
 
 
 @dataclass
 class Components:
-    task: Task
-    policy: Policy
-    ref: torch.nn.Module  # frozen GPT: the warm-started policy's language model
-    rm: RewardModel
+    backend: SyntheticBackend  # or rl.hf.HFBackend: the models and everything model-specific
     policy_opt: torch.optim.Optimizer
     value_opt: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     kl_ctl: AdaptiveKLController
     cursor: PromptCursor
+    scaler: torch.amp.GradScaler  # fp16 loss scaling (hf on CUDA); a no-op when disabled
+
+    # the backend's parts under their old names (fault injection, scripts, tests use them)
+    @property
+    def policy(self):
+        return self.backend.policy
+
+    @property
+    def ref(self):
+        return self.backend.ref
+
+    @property
+    def rm(self):
+        return self.backend.rm
+
+    @property
+    def task(self):
+        return getattr(self.backend, "task", None)
+
     # What PPO scores with: the reward model, or a fault-injection wrapper around it (M3).
     # Checkpoints always hold `rm` itself.
-    scorer: torch.nn.Module | None = None
+    @property
+    def scorer(self):
+        return self.backend.scorer
+
+    @scorer.setter
+    def scorer(self, value) -> None:
+        self.backend.scorer = value
 
 
-def build_components(cfg: TrainConfig, rng: RNG, device: torch.device) -> Components:
-    """Models, optimizers, schedule, KL controller and data cursor, freshly initialised
-    (a resume then loads the checkpoint's state over all of them)."""
+def build_backend(cfg: TrainConfig, rng: RNG, device: torch.device):
+    if cfg.model == "hf":
+        from trainerd.rl.hf import HFBackend  # transformers is imported only here
+
+        return HFBackend(cfg, rng, device)
     task = Task(cfg.n_letters, cfg.prompt_letters, cfg.max_response_len, rng.numpy)
     gcfg = GPTConfig(task.tok.vocab_size, task.seq_len, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.dropout)
     policy = Policy(gcfg, cfg.value_hidden, rng["init"]).to(device)
@@ -145,15 +235,23 @@ def build_components(cfg: TrainConfig, rng: RNG, device: torch.device) -> Compon
         task.tok.vocab_size, task.seq_len, cfg.rm_n_layer, max(1, cfg.rm_d_model // 16), cfg.rm_d_model, 0.0
     )
     rm = RewardModel(rm_cfg, rng["init"]).to(device)
-    ref = copy.deepcopy(policy.lm).requires_grad_(False).eval()
+    ref = copy.deepcopy(policy.lm).requires_grad_(False).eval()  # frozen GPT: the warm-started LM
+    return SyntheticBackend(task, policy, ref, rm, cfg, device)
+
+
+def build_components(cfg: TrainConfig, rng: RNG, device: torch.device) -> Components:
+    """Models, optimizers, schedule, KL controller and data cursor, freshly initialised
+    (a resume then loads the checkpoint's state over all of them)."""
+    be = build_backend(cfg, rng, device)
     policy_opt = torch.optim.AdamW(
-        policy.lm.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+        be.policy_params(), lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
     )
-    value_opt = torch.optim.AdamW(policy.value_head.parameters(), lr=cfg.value_lr, eps=cfg.adam_eps, weight_decay=0.0)
+    value_opt = torch.optim.AdamW(be.value_params(), lr=cfg.value_lr, eps=cfg.adam_eps, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(policy_opt, lr_lambda_for(cfg))
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.adaptive_kl)
-    cursor = PromptCursor(task.make_prompts(cfg.n_prompts), rng["data"])
-    return Components(task, policy, ref, rm, policy_opt, value_opt, scheduler, kl_ctl, cursor)
+    cursor = PromptCursor(be.dataset(), rng["data"])
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**12, enabled=cfg.dtype == "fp16")
+    return Components(be, policy_opt, value_opt, scheduler, kl_ctl, cursor, scaler)
 
 
 def warm_start(c: Components, cfg: TrainConfig, device: torch.device, log) -> dict:
@@ -196,7 +294,8 @@ class Trainer:
         self.paths, self.cfg, self.rng, self.device, self.c = paths, cfg, rng, device, c
         self.writer, self.injection, self.log, self.should_stop = writer, injection, log, should_stop
         self.timer = StageTimer(device)
-        self.samples = SampleWriter(paths, c.task.tok, cfg.seed, cfg.samples_every)
+        self.memory = StageMemory(device)
+        self.samples = SampleWriter(paths, c.backend.decode, cfg.seed, cfg.samples_every)
         self.last_rollout: Rollout | None = None
         self.profiler: ProfilerWindow | None = None
         self._profile_reported = False
@@ -206,14 +305,15 @@ class Trainer:
 
     # -- state -----------------------------------------------------------------------------
     def constant_state(self) -> dict:
-        """Parts that PPO never changes: the reference policy and the reward model."""
-        return {"ref": self.c.ref.state_dict(), "reward_model": self.c.rm.state_dict()}
+        """Parts that PPO never changes (synthetic: the reference and the reward model; hf:
+        nothing, they are loaded again from their paths)."""
+        return self.c.backend.constant_state()
 
     def mutable_state(self) -> dict:
         """Parts each PPO step changes (live references: deep-copy to keep a snapshot)."""
         c = self.c
-        return {
-            "policy": c.policy.state_dict(),
+        state = {
+            "policy": c.backend.policy_state(),
             "policy_optimizer": c.policy_opt.state_dict(),
             "value_optimizer": c.value_opt.state_dict(),
             "scheduler": c.scheduler.state_dict(),
@@ -221,12 +321,16 @@ class Trainer:
             "data_cursor": c.cursor.state_dict(),
             "rng": capture_rng_state(self.rng),
         }
+        if c.scaler.is_enabled():
+            state["grad_scaler"] = c.scaler.state_dict()
+        return state
 
     def load_state(self, s: dict) -> None:
         c = self.c
-        c.policy.load_state_dict(s["policy"])
-        c.ref.load_state_dict(s["ref"])
-        c.rm.load_state_dict(s["reward_model"])
+        c.backend.load_policy_state(s["policy"])
+        c.backend.load_constant_state(s)
+        if "grad_scaler" in s:
+            c.scaler.load_state_dict(s["grad_scaler"])
         c.policy_opt.load_state_dict(s["policy_optimizer"])
         c.value_opt.load_state_dict(s["value_optimizer"])
         c.scheduler.load_state_dict(s["scheduler"])
@@ -243,7 +347,14 @@ class Trainer:
         self.samples.sync()
         state = {**self.constant_state(), **(mutable if mutable is not None else self.mutable_state())}
         d = save_checkpoint(self.paths, step, state)
+        if self.c.backend.saves_pretrained:  # the policy as a Hugging Face folder beside it
+            self.save_pretrained(self.paths.checkpoints / f"{d.name}_hf")
         pruned = prune_checkpoints(self.paths, self.cfg.keep_checkpoints, self.cfg.keep_every)
+        if self.c.backend.saves_pretrained:
+            kept = {f"{p.name}_hf" for _, p in list_checkpoints(self.paths)}
+            for old in self.paths.checkpoints.glob("step_*_hf"):
+                if old.name not in kept:
+                    shutil.rmtree(old, ignore_errors=True)
         rel = str(d.relative_to(self.paths.root))
         self.last_checkpoint_step = step
         fields = {"step": step, "path": rel, "seconds": round(time.perf_counter() - t0, 6)}
@@ -252,6 +363,15 @@ class Trainer:
         append_event(self.paths, "checkpoint", **fields)
         update_manifest(self.paths, last_checkpoint=rel, last_step=step)
         self._last_manifest_write = time.monotonic()
+
+    def save_pretrained(self, out: Path) -> None:
+        """`save_pretrained` (safetensors) of the policy, written beside `out` and renamed into place."""
+        tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.c.backend.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
 
     def _report_profile(self, step: int) -> None:
         """Once the profiler window has written its artifacts: one `profile` event with the
@@ -266,38 +386,45 @@ class Trainer:
         append_event(self.paths, "profile", step=step, window=f"{prof.start}:{prof.end}", **fields)
 
     # -- one PPO step ------------------------------------------------------------------------
+    @contextmanager
+    def _stage(self, name: str):
+        """A stage: its wall time (StageTimer) and its peak memory (StageMemory)."""
+        with self.memory.track(name), self.timer.stage(name):
+            yield
+
+    def _micro_batches(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        n = self.cfg.micro_batch_size or len(idx)
+        return [idx[i : i + n] for i in range(0, len(idx), n)]
+
     def ppo_step(self, step: int) -> dict:
-        cfg, c, dev, timer = self.cfg, self.c, self.device, self.timer
-        P, R, B, T = c.task.prompt_len, cfg.max_response_len, cfg.batch_size, cfg.temperature
-        rs = response_slice(P, R)
+        cfg, c, be, dev, timer = self.cfg, self.c, self.c.backend, self.device, self.timer
+        B = cfg.batch_size
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         timer.begin_step()
-        prompts = c.cursor.next_batch(B).to(dev)
+        self.memory.begin_step()
+        prompts, prompt_mask = be.prompt_batch(c.cursor.next_batch(B))
 
-        with timer.stage("rollout"):
-            c.policy.eval()
-            responses = generate(c.policy.lm, prompts, R, self.rng["sampling"], T)
-            mask = response_mask(responses)  # 1 up to and including EOS
-            seq = torch.cat([prompts, responses], 1)
+        with self._stage("rollout"):
+            be.train(False)
+            ep = be.generate(prompts, prompt_mask, self.rng["sampling"])  # KV cache, 'sampling' generator
+            mask = ep.mask  # 1 up to and including EOS
 
-        with timer.stage("ref_logprobs"), torch.no_grad():
-            ref_logits, _ = c.ref(seq)
-            ref_logp, _ = token_logprobs(ref_logits[:, rs], responses, T)
+        with self._stage("ref_logprobs"), torch.no_grad():
+            ref_logp = be.ref_logprobs(ep)
 
-        with timer.stage("reward"), torch.no_grad():
-            scores = (c.scorer or c.rm)(prompts, responses)  # normalised RM score, one per response
-            gold = c.task.gold(prompts, responses)
+        with self._stage("reward"), torch.no_grad():
+            scores = be.score(ep)  # one per response
+            gold = be.gold(ep)  # the true score where it is known, else None
 
-        with timer.stage("values"), torch.no_grad():
+        with self._stage("values"), torch.no_grad():
             # One forward pass of the current policy gives the "old" log-probs PPO's ratio
             # is taken against (recomputed rather than taken from sampling, so scoring and
             # the update see the same numerics), the entropy, and the value estimates.
-            logits, hidden = c.policy(seq)
-            old_logp, entropy_tok = token_logprobs(logits[:, rs], responses, T)
-            old_values = c.policy.values(hidden[:, rs]) * mask
+            old_logp, entropy_tok, hidden = be.forward(ep)
+            old_values = be.values(hidden) * mask
 
-        with timer.stage("advantages"), torch.no_grad():
+        with self._stage("advantages"), torch.no_grad():
             kl_coef = c.kl_ctl.coef
             rewards, kl_tok = kl_penalised_rewards(old_logp, ref_logp, scores, mask, kl_coef)
             advantages = gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
@@ -308,41 +435,67 @@ class Trainer:
 
         lr = float(c.policy_opt.param_groups[0]["lr"])
         stats = {k: [] for k in ("policy_loss", "value_loss", "clip_frac", "approx_kl", "grad_norm")}
-        lm_params = list(c.policy.lm.parameters())
+        policy_params = list(be.policy_params())
         clip, clip_v, mb = cfg.clip_range, cfg.clip_range_value, cfg.minibatch_size
+        scaler = c.scaler
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=self.rng["shuffle"]).to(dev)
             for start in range(0, B, mb):
                 idx = order[start : start + mb]
-                m = mask[idx]
-                with timer.stage("policy_update"):
-                    c.policy.train()
-                    new_logits, new_hidden = c.policy(seq[idx])
-                    new_logp, _ = token_logprobs(new_logits[:, rs], responses[idx], T)
-                    pg_loss, approx_kl, clip_frac = policy_loss(new_logp, old_logp[idx], advantages[idx], m, clip)
-                    pg_loss = self.injection.on_loss(step, pg_loss)
+                micro = self._micro_batches(idx)
+                # each micro-batch's loss is weighted by its share of the minibatch's tokens, so
+                # the accumulated gradient is that of the minibatch's masked mean
+                n_tok = mask[idx].sum()
+                weights = [None] if len(micro) == 1 else [mask[j].sum() / n_tok for j in micro]
+                hiddens, mb_stats = [], []
+                with self._stage("policy_update"):
+                    be.train(True)
                     c.policy_opt.zero_grad(set_to_none=True)
-                    pg_loss.backward()
-                    self.injection.on_grads(step, c.policy)
+                    for j, w in zip(micro, weights):
+                        sub = ep.select(j)
+                        new_logp, _, new_hidden = be.forward(sub)
+                        pg_loss, approx_kl, clip_frac = policy_loss(
+                            new_logp, old_logp[j], advantages[j], sub.mask, clip
+                        )
+                        if w is not None:
+                            pg_loss, approx_kl, clip_frac = pg_loss * w, approx_kl * w, clip_frac * w
+                        pg_loss = self.injection.on_loss(step, pg_loss)
+                        scaler.scale(pg_loss).backward()
+                        hiddens.append(new_hidden.detach())
+                        mb_stats.append((pg_loss.detach(), approx_kl, clip_frac))
+                    self.injection.on_grads(step, be.policy_module)
+                    scaler.unscale_(c.policy_opt)  # no-op unless fp16
                     # global L2 norm over all policy gradients, returned BEFORE clipping
-                    grad_norm = torch.nn.utils.clip_grad_norm_(lm_params, cfg.max_grad_norm)
-                    # a non-finite gradient would poison the weights for good: skip that update
-                    # (as torch.amp.GradScaler does) and let the non_finite alert say so
-                    if torch.isfinite(grad_norm):
+                    grad_norm = torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm)
+                    if scaler.is_enabled():
+                        scaler.step(c.policy_opt)  # skips a non-finite step and lowers the scale
+                        scaler.update()
+                    elif torch.isfinite(grad_norm):
+                        # a non-finite gradient would poison the weights for good: skip that update
+                        # (as torch.amp.GradScaler does) and let the non_finite alert say so
                         c.policy_opt.step()
-                    stats["policy_loss"].append(pg_loss.detach())
-                    stats["grad_norm"].append(grad_norm.detach())
-                    stats["approx_kl"].append(approx_kl)
-                    stats["clip_frac"].append(clip_frac)
-                with timer.stage("value_update"):
-                    new_values = c.policy.values(new_hidden[:, rs])
-                    v_loss = value_loss(new_values, old_values[idx], returns[idx], m, clip_v)
-                    v_loss = self.injection.on_loss(step, v_loss)
+                    parts = list(zip(*mb_stats))
+                    total = (lambda xs: xs[0]) if len(micro) == 1 else (lambda xs: torch.stack(xs).sum())
+                    stats["policy_loss"].append(total(parts[0]))
+                    if not scaler.is_enabled() or torch.isfinite(grad_norm):  # fp16 overflow: the scaler's business
+                        stats["grad_norm"].append(grad_norm.detach())
+                    stats["approx_kl"].append(total(parts[1]))
+                    stats["clip_frac"].append(total(parts[2]))
+                with self._stage("value_update"):
                     c.value_opt.zero_grad(set_to_none=True)
-                    v_loss.backward()
+                    v_losses = []
+                    for j, w, h in zip(micro, weights, hiddens):
+                        new_values = be.values(h)
+                        v_loss = value_loss(new_values, old_values[j], returns[j], mask[j], clip_v)
+                        if w is not None:
+                            v_loss = v_loss * w
+                        v_loss = self.injection.on_loss(step, v_loss)
+                        v_loss.backward()
+                        v_losses.append(v_loss.detach())
+                    v_loss = v_losses[0] if len(v_losses) == 1 else torch.stack(v_losses).sum()
                     if torch.isfinite(v_loss):
                         c.value_opt.step()
-                    stats["value_loss"].append(v_loss.detach())
+                    stats["value_loss"].append(v_loss)
 
         # other: schedule and controller updates, statistics
         c.scheduler.step()
@@ -351,7 +504,9 @@ class Trainer:
             explained_var = explained_variance(old_values, returns, mask)
             reward_var = scores.var(unbiased=False)
             tokens = int(mask.sum().item())
-            self.last_rollout = Rollout(prompts, responses, scores, gold, kl_tok.sum(1), mask.sum(1))
+            self.last_rollout = Rollout(
+                ep.prompts, ep.responses, scores, gold, kl_tok.sum(1), mask.sum(1), ep.prompt_mask, mask
+            )
             rec = {
                 "step": step,
                 "kl": kl,
@@ -362,14 +517,14 @@ class Trainer:
                 "clip_frac": torch.stack(stats["clip_frac"]).mean().item(),
                 "approx_kl": torch.stack(stats["approx_kl"]).mean().item(),
                 "policy_loss": torch.stack(stats["policy_loss"]).mean().item(),
-                "grad_norm": torch.stack(stats["grad_norm"]).mean().item(),  # mean over minibatch updates
+                # mean over minibatch updates (fp16: those the GradScaler skipped are left out)
+                "grad_norm": torch.stack(stats["grad_norm"]).mean().item() if stats["grad_norm"] else 0.0,
                 "learning_rate": lr,
                 "value_loss": torch.stack(stats["value_loss"]).mean().item(),
                 "explained_variance": explained_var,
                 "reward_mean": scores.mean().item(),
                 "reward_std": reward_var.sqrt().item(),
                 "reward_var": reward_var.item(),
-                "gold_reward_mean": gold.mean().item(),
                 "advantage_mean": adv_mean.item(),
                 "advantage_std": adv_var.sqrt().item(),
                 "advantage_var": adv_var.item(),
@@ -377,6 +532,8 @@ class Trainer:
                 "batch_size": B,
                 "tokens": tokens,
             }
+            if gold is not None:  # only where the task knows the true score (synthetic, or a gold_fn)
+                rec["gold_reward_mean"] = gold.mean().item()
         c.kl_ctl.update(kl, B)
         stage_s = timer.end_step()
         step_time = timer.step_time_s
@@ -391,9 +548,17 @@ class Trainer:
         rss = rss_bytes()
         if rss is not None:
             rec["rss_bytes"] = rss
-        rec["peak_rss_bytes"] = max(peak_rss_bytes(), rss or 0)  # read after rss: never below it
+        mem = self.memory
+        if not mem.cuda:
+            mem.process_peak = max(mem.process_peak, vm_hwm_bytes() or 0)
+        # read after rss: never below it; the stage resets of VmHWM are folded into process_peak
+        rec["peak_rss_bytes"] = max(peak_rss_bytes(), mem.process_peak, rss or 0)
+        stage_peaks = mem.step_peaks()
+        if stage_peaks is not None:
+            rec["stage_peak_bytes"] = stage_peaks
         if dev.type == "cuda":
-            rec["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(dev))
+            step_peak = max([int(torch.cuda.max_memory_allocated(dev)), *map(int, (stage_peaks or {}).values())])
+            rec["cuda_max_allocated_bytes"] = step_peak
         return rec
 
     # -- the loop shared by train and resume ------------------------------------------------
@@ -424,9 +589,10 @@ class Trainer:
                 if self.resume_checker is not None:
                     self.resume_checker.observe(rec)
                 if step % 10 == 0 or step == first_step:
+                    gold = f"gold {rec['gold_reward_mean']:+.3f} " if "gold_reward_mean" in rec else ""
                     self.log(
                         f"step {step}/{cfg.steps} reward {rec['reward_mean']:+.3f} "
-                        f"gold {rec['gold_reward_mean']:+.3f} kl {rec['kl']:.4f} "
+                        f"{gold}kl {rec['kl']:.4f} "
                         f"({rec['step_time_s'] * 1000:.0f} ms)"
                     )
                 if snapshot_each_step and any(is_nonfinite_alert(e, a) for e, a in fired):
@@ -466,6 +632,8 @@ class Trainer:
             self.resume_checker.finish()
         self.writer.close()
         self.samples.close()
+        if self.c.backend.saves_pretrained and status in ("finished", "stopped"):
+            self.save_pretrained(self.paths.checkpoints / "final_hf")  # the policy the run ended with
         update_manifest(self.paths, status=status, ended_at=time.time(), last_step=step)
         fields = {"step": step, "status": status}
         if reason:
