@@ -89,7 +89,9 @@ async def test_resume_that_shrinks_the_log_is_followed(runs_dir):
         truncate_after_step(paths.steps, 25)
         for step in range(26, 31):
             w.write(step, reward_mean=7.5)
-        await wait_for(pilot, lambda: app.drawn_step == 30 and len(app.model.store) == 30, what="the shrunk log re-read")
+        await wait_for(
+            pilot, lambda: app.drawn_step == 30 and len(app.model.store) == 30, what="the shrunk log re-read"
+        )
         assert list(app.model.store.steps) == list(range(1, 31))
         assert app.model.store.value("reward_mean") == 7.5
     w.close()
@@ -125,7 +127,9 @@ async def test_run_picker_opens_another_run(runs_dir):
         await pilot.press("r")
         await wait_for(pilot, lambda: isinstance(app.screen, RunPickerScreen))
         await pilot.press("down", "enter")  # newest first: the second row is "first"
-        await wait_for(pilot, lambda: app.model.paths.run_id == "first" and app.drawn_step == 15, what="the other run opened")
+        await wait_for(
+            pilot, lambda: app.model.paths.run_id == "first" and app.drawn_step == 15, what="the other run opened"
+        )
 
 
 async def test_follows_latest_when_a_new_run_starts(runs_dir):
