@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import io
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -40,6 +41,8 @@ from protocol.rundir import (
     switch_latest,
     write_manifest,
 )
+from protocol.safeio import open_run_file
+from protocol.text import safe_text
 from trainerd.config import TrainConfig, load_config
 from trainerd.errors import ConfigError, TrainerdError
 from trainerd.run.daemon import DaemonError, install_stop_signals, one_line, request_stop, spawn_detached, wait_for_end
@@ -128,7 +131,7 @@ def start(smoke, config_file, seed, steps, runs_dir, run_id, profile_steps, inje
         from trainerd.run import lifecycle  # torch is imported here, in the process that trains
 
         status = lifecycle.train(paths, cfg, should_stop=should_stop, lock=lock)
-        print(f"run {paths.run_id}: {status}", file=sys.stderr)
+        print(f"run {safe_text(paths.run_id)}: {safe_text(status)}", file=sys.stderr)
         return _exit_code(status)
 
     return _launch(paths, body, foreground)
@@ -159,7 +162,7 @@ def resume(run, foreground, force, steps):
         status = lifecycle.resume(
             paths, force=force, overrides={"steps": steps}, should_stop=should_stop, on_ready=ready
         )
-        print(f"run {paths.run_id}: {status}", file=sys.stderr)
+        print(f"run {safe_text(paths.run_id)}: {safe_text(status)}", file=sys.stderr)
         return _exit_code(status)
 
     return _launch(paths, body, foreground)
@@ -167,25 +170,29 @@ def resume(run, foreground, force, steps):
 
 def _launch(paths: RunPaths, body, foreground: bool) -> int:
     if foreground:
-        click.echo(str(paths.root))
+        click.echo(safe_text(paths.root))
         sys.stdout.flush()
         return body(lambda: None)
     spawn_detached(paths.log, body)
-    click.echo(str(paths.root))
+    click.echo(safe_text(paths.root))
     return 0
 
 
 # -- status / wait / stop ----------------------------------------------------------------------
 
 
-def _tail_records(paths: RunPaths, n: int = 20, max_bytes: int = 256 << 10) -> list[dict]:
-    """The last few records of steps.jsonl (reads only the file's tail)."""
+def _tail_records(paths: RunPaths, notes: list[str], n: int = 20, max_bytes: int = 256 << 10) -> list[dict]:
+    """The last few records of steps.jsonl (reads only the file's tail). A steps.jsonl that is
+    not a regular file in the run dir (a FIFO, a link) is not read: a note says so."""
     try:
-        with open(paths.steps_jsonl, "rb") as f:
+        with open_run_file(paths.root, "steps.jsonl", "rb") as f:
             size = os.fstat(f.fileno()).st_size
             f.seek(max(0, size - max_bytes))
-            data = f.read()
-    except OSError:
+            data = f.read(max_bytes)
+    except FileNotFoundError:
+        return []
+    except OSError as e:  # RunFileError (refused) included: one line naming the file
+        notes.append(str(e) if isinstance(e, RunDirError) else f"cannot read {paths.steps_jsonl}: {e.strerror}")
         return []
     lines = data.split(b"\n")[1:-1] if size > max_bytes else data.split(b"\n")[:-1]
     out = []
@@ -194,26 +201,66 @@ def _tail_records(paths: RunPaths, n: int = 20, max_bytes: int = 256 << 10) -> l
             rec = jsonl_mod.loads(line.decode())
         except (ValueError, UnicodeDecodeError):
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+        if isinstance(rec, dict) and _is_step(rec.get("step")):
             out.append(rec)
     return out
 
 
+def _is_step(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v: object) -> float | None:
+    """`v` as a finite float, or None (a string, NaN, a bool, a huge int ...)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _json_value(v):
+    """`v` with non-finite floats as the kit's JSONL strings, so `status --json` is strict JSON."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    return v
+
+
 def run_status(paths: RunPaths) -> dict:
+    """What `status` shows, from the run dir. A steps.jsonl or events.jsonl that cannot be
+    read (refused: a FIFO, a link out of the run) leaves its part out, with a note in `notes`;
+    an unreadable run.json raises RunDirError."""
     m = read_manifest(paths)
     status = effective_status(m, paths)
-    recs = _tail_records(paths)
+    notes: list[str] = []
+    recs = _tail_records(paths, notes)
     step = recs[-1]["step"] if recs else int(m.get("last_step") or 0)
-    total = (m.get("config") or {}).get("steps")
+    cfg = m.get("config")
+    total = cfg.get("steps") if isinstance(cfg, dict) else None
     rate = None
     if len(recs) >= 2 and recs[-1]["step"] > recs[0]["step"]:
-        dt = recs[-1].get("time", 0) - recs[0].get("time", 0)
-        if dt > 0:
-            rate = (recs[-1]["step"] - recs[0]["step"]) / dt
-    elif len(recs) == 1 and recs[0].get("step_time_s"):
-        rate = 1.0 / recs[0]["step_time_s"]
-    eta = (total - step) / rate if rate and isinstance(total, int) and status == "running" else None
-    events = read_events(paths)
+        t1, t0 = _finite(recs[-1].get("time", 0)), _finite(recs[0].get("time", 0))
+        dt = t1 - t0 if t1 is not None and t0 is not None else None
+        if dt is not None and dt > 0:
+            rate = _finite((recs[-1]["step"] - recs[0]["step"]) / dt)
+    elif len(recs) == 1:
+        st = _finite(recs[0].get("step_time_s"))
+        if st is not None and st > 0:
+            rate = _finite(1.0 / st)
+    eta = None
+    if rate and _is_step(total) and status == "running":
+        eta = _finite((total - step) / rate)
+    try:
+        events = read_events(paths)
+    except OSError as e:  # RunFileError (refused) included
+        notes.append(str(e) if isinstance(e, RunDirError) else f"cannot read {paths.events}: {e.strerror}")
+        events = []
     resume_check = None
     checks = [e for e in events if e.get("event") == "resume_check"]
     if checks:
@@ -237,11 +284,13 @@ def run_status(paths: RunPaths) -> dict:
             for a in open_alerts(events)
         ],
         "resume_check": resume_check,
+        "notes": notes,
     }
 
 
 def _fmt_secs(s: float | None) -> str:
-    if s is None:
+    s = _finite(s)
+    if s is None or s < 0 or s > 1e9:
         return "-"
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -253,21 +302,25 @@ def _fmt_secs(s: float | None) -> str:
 def status(run, as_json):
     """State, step, steps/s, ETA and open alerts of RUN (default runs/latest)."""
     info = run_status(_run_paths(run))
-    if as_json:
-        click.echo(json.dumps(info, allow_nan=False, default=str))
+    if info["notes"]:  # parts left out (a file refused): one line on stderr, the status still answers
+        print("trainerd status: " + safe_text("; ".join(info["notes"]), 2000), file=sys.stderr)
+    if as_json:  # strict JSON, ASCII only: every control character in run text is a \u escape
+        click.echo(json.dumps(_json_value(info), allow_nan=False, default=str))
         return 0
+    # Everything below comes from the run dir (someone else's, maybe): escaped for the terminal.
+    t = safe_text
     rate = f"{info['steps_per_s']:.2f} steps/s" if info["steps_per_s"] else "- steps/s"
     click.echo(
-        f"{info['run_id']}: {info['status']}  step {info['step']}/{info['steps_total']}  {rate}  "
+        f"{t(info['run_id'])}: {t(info['status'], 200)}  step {info['step']}/{t(info['steps_total'], 40)}  {rate}  "
         f"ETA {_fmt_secs(info['eta_s'])}"
     )
-    click.echo(f"  dir {info['run_dir']}  last checkpoint {info['last_checkpoint'] or '-'}")
+    click.echo(f"  dir {t(info['run_dir'])}  last checkpoint {t(info['last_checkpoint'] or '-', 400)}")
     if info["resume_check"]:
-        click.echo(f"  {info['resume_check']}")
+        click.echo(f"  {t(info['resume_check'], 400)}")
     if not info["open_alerts"]:
         click.echo("  no open alerts")
     for a in info["open_alerts"]:
-        click.echo(f"  {a.get('message') or a.get('rule')}")
+        click.echo(f"  {t(a.get('message') or a.get('rule'), 400)}")
     return 0
 
 
@@ -278,7 +331,7 @@ def wait(run, timeout):
     """Block until RUN ends; exit 0 only if it finished."""
     paths = _run_paths(run)
     final = wait_for_end(paths, timeout)
-    click.echo(f"{paths.run_id}: {final}")
+    click.echo(f"{safe_text(paths.run_id)}: {safe_text(final, 200)}")
     return 0 if final == "finished" else 1
 
 
@@ -289,7 +342,7 @@ def stop(run, timeout):
     """Gracefully stop RUN: end the step, checkpoint, mark it stopped."""
     paths = _run_paths(run)
     final = request_stop(paths, timeout)
-    click.echo(f"{paths.run_id}: {final}")
+    click.echo(f"{safe_text(paths.run_id)}: {safe_text(final, 200)}")
     return 0 if final in ("stopped", "finished") else 1
 
 
@@ -416,46 +469,54 @@ TRAIN_EXTRA = {"torch", "numpy", "tensorboard"}  # what `pip install 'rlhf-kit[t
 def describe_os_error(e: OSError) -> str:
     """One line naming the file: 'No space left on device: runs/x/steps.msgpack'."""
     what = e.strerror or type(e).__name__
-    where = e.filename if e.filename is not None else "(file unknown)"
-    return f"{what}: {where}" + (f" -> {e.filename2}" if e.filename2 else "")
+    where = safe_text(e.filename) if e.filename is not None else "(file unknown)"
+    return f"{what}: {where}" + (f" -> {safe_text(e.filename2)}" if e.filename2 else "")
+
+
+def one_line_text(text: str) -> str:
+    text = text.strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _say(prefix: str, message: str) -> None:
+    """One line on stderr. Messages quote run values (a run dir's name, a status, a path from
+    someone's tarball): whatever they hold, escaped, so the terminal shows it and obeys nothing."""
+    print(f"{prefix}: {safe_text(message, 4000)}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     cmd = next((a for a in args if not a.startswith("-")), "")
-    prefix = f"trainerd {cmd}".strip()
+    prefix = safe_text(f"trainerd {cmd}".strip(), 80)
     try:
         rc = cli.main(args=args, prog_name="trainerd", standalone_mode=False)
     except click.exceptions.Exit as e:
         rc = e.exit_code
     except click.exceptions.Abort:
-        print(f"{prefix}: aborted", file=sys.stderr)
+        _say(prefix, "aborted")
         rc = 130
     except click.ClickException as e:
-        print(f"{prefix}: {e.format_message()}", file=sys.stderr)
+        _say(prefix, one_line_text(e.format_message()))
         rc = e.exit_code or 2
     except KeyboardInterrupt:
-        print(f"{prefix}: interrupted", file=sys.stderr)
+        _say(prefix, "interrupted")
         rc = 130
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] in TRAIN_EXTRA:
-            print(
-                f"{prefix}: the trainer needs PyTorch ({e.name} is not installed): pip install 'rlhf-kit[train]'",
-                file=sys.stderr,
-            )
+            _say(prefix, f"the trainer needs PyTorch ({e.name} is not installed): pip install 'rlhf-kit[train]'")
             rc = 2
         else:
-            print(f"{prefix}: internal error: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
+            _say(prefix, f"internal error: {type(e).__name__}: {one_line(e)}")
             rc = 1
     except Exception as e:  # noqa: BLE001
         if isinstance(e, _USER_ERRORS):
-            print(f"{prefix}: {one_line(e)}", file=sys.stderr)
+            _say(prefix, one_line(e))
             rc = 2
         elif isinstance(e, OSError):  # disk full, permission denied ...: say which file
-            print(f"{prefix}: {describe_os_error(e)}", file=sys.stderr)
+            _say(prefix, describe_os_error(e))
             rc = 2
         else:
-            print(f"{prefix}: internal error: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
+            _say(prefix, f"internal error: {type(e).__name__}: {one_line(e)}")
             rc = 1
     sys.stdout.flush()
     sys.exit(int(rc or 0) if isinstance(rc, int) else 0)

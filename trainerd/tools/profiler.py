@@ -499,10 +499,29 @@ def _write_csv_atomic(path: Path, columns: list[str], rows: list[list]) -> None:
     os.replace(tmp, path)
 
 
-def read_csv(path) -> list[dict]:
-    """Rows of a CSV as dicts; ProfileError if missing, empty or ragged."""
+MAX_CSV_BYTES = 64 << 20  # a summary or op table over 64 MiB is not one of ours
+
+
+def _read_run_artifact(root, p: Path) -> str:
+    """A profile artifact inside the run dir `root`, opened by protocol's rules (a regular file
+    in the run dir, never through a link, never blocking on a FIFO, bounded)."""
+    from protocol.safeio import RunDirError, read_run_file
+
+    try:
+        return read_run_file(root, p, MAX_CSV_BYTES).decode("utf-8")
+    except FileNotFoundError:
+        raise ProfileError(f"{p}: missing") from None
+    except RunDirError as e:
+        raise ProfileError(str(e)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProfileError(f"{p}: unreadable ({e})") from None
+
+
+def read_csv(path, root=None) -> list[dict]:
+    """Rows of a CSV as dicts; ProfileError if missing, empty or ragged. With `root` (the run
+    dir), the file is opened as a regular file inside it only."""
     p = Path(path)
-    text = _read_artifact(p)
+    text = _read_artifact(p) if root is None else _read_run_artifact(root, p)
     try:
         reader = csv.reader(io.StringIO(text))
         lines = [row for row in reader if row]
@@ -531,23 +550,29 @@ def profile_report(run, out=None, err=None, width: int = 80) -> int:
     """
     from protocol.rundir import RunDirError, effective_status, read_manifest, resolve_run
     from protocol.steplog import read_steplog
+    from protocol.text import safe_text
 
     out = out or sys.stdout
     err = err or sys.stderr
+
+    def fail(msg: object) -> int:  # run text in `msg` shows escaped, never acts on the terminal
+        print(f"trainerd profile: {safe_text(msg, 4000)}", file=err)
+        return 2
+
     try:
         paths = resolve_run(run if run is not None else "runs")
         manifest = read_manifest(paths)
-    except RunDirError as e:
-        print(f"trainerd profile: {e}", file=err)
-        return 2
-    records, stats = read_steplog(paths.steps)
+        records, stats = read_steplog(paths.steps, root=paths.root)
+    except RunDirError as e:  # a refused file (a FIFO, a link out of the run) included
+        return fail(e)
+    except OSError as e:
+        return fail(f"{e.strerror or type(e).__name__}: {e.filename}")
     timed = [r for r in records if isinstance(r.get("stage_s"), dict) and r["stage_s"]]
     if not timed:
-        print(f"trainerd profile: {paths.steps} holds no steps with stage timings", file=err)
-        return 2
+        return fail(f"{paths.steps} holds no steps with stage timings")
 
-    def emit(line: str = "") -> None:
-        print(line[:width], file=out)
+    def emit(line: str = "") -> None:  # every line may hold run text (a path, a status, an op name)
+        print(safe_text(line)[:width], file=out)
 
     steps = [r.get("step") for r in timed]
     status = effective_status(manifest, paths)
@@ -588,7 +613,7 @@ def profile_report(run, out=None, err=None, width: int = 80) -> int:
     else:
         emit("(fewer than 3 timed steps: no first/middle/last comparison)")
 
-    _report_profile_dir(paths.profile, emit)
+    _report_profile_dir(paths.root, paths.profile, emit)
     return 0
 
 
@@ -618,11 +643,14 @@ def _ms_per_token(seconds: float, tokens: int) -> str:
     return f"{seconds * 1000 / tokens:.4f}" if tokens > 0 else "-"
 
 
-def _report_profile_dir(profile_dir: Path, emit) -> None:
+def _report_profile_dir(root: Path, profile_dir: Path, emit) -> None:
     emit()
     try:
-        summary = read_csv(profile_dir / SUMMARY_FILE)
-    except ProfileError:
+        summary = read_csv(profile_dir / SUMMARY_FILE, root=root)
+    except ProfileError as e:
+        if not str(e).endswith(": missing"):  # there, but refused or unreadable: say why
+            emit(f"no profiled window: {e}")
+            return
         emit(f"no profiled window ({profile_dir / SUMMARY_FILE} missing); run with --profile-steps A:B to get one")
         return
     n = summary[0].get("profiled_steps", "?") if summary else "?"
@@ -643,7 +671,7 @@ def _report_profile_dir(profile_dir: Path, emit) -> None:
         emit(line)
 
     try:
-        ops = read_csv(profile_dir / OP_STATS_FILE)
+        ops = read_csv(profile_dir / OP_STATS_FILE, root=root)
     except ProfileError as e:
         emit()
         emit(f"no operator table: {e}")

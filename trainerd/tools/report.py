@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 from protocol import catalogue
@@ -25,6 +26,7 @@ from protocol.events import alert_timeline
 from protocol.jsonl import read_jsonl
 from protocol.rundir import RunDirError, RunPaths, effective_status, read_events, read_manifest, resolve_run
 from protocol.steplog import read_steplog
+from protocol.text import safe_text
 
 FORMATS = ("text", "md", "json")
 CORR_METRICS = ("kl", "reward_mean", "gold_reward_mean", "entropy", "response_length_mean")
@@ -39,7 +41,7 @@ _SKIP_STATS = ("step", "time")  # identity fields: the x axis, not metrics
 
 
 class ReportError(Exception):
-    """A run the report cannot read; one line."""
+    """A run the report cannot read; one line (run text in it already escaped)."""
 
 
 # -- loading ---------------------------------------------------------------------------
@@ -54,18 +56,28 @@ def load_run(run: str) -> tuple[RunPaths, dict, list[dict], dict, list[dict]]:
         raise ReportError(str(e)) from None
     info = {"source": None, "corrupt_frames": 0, "skipped_bytes": 0}
     records: list[dict] = []
-    if paths.steps.exists():
-        records, stats = read_steplog(paths.steps)
-        info.update(source=paths.steps.name, corrupt_frames=stats.corrupt_frames, skipped_bytes=stats.skipped_bytes)
-    elif paths.steps_jsonl.exists():
-        records = read_jsonl(paths.steps_jsonl)
-        info["source"] = paths.steps_jsonl.name
-    else:
-        raise ReportError(f"{paths.root} has no step log (neither steps.msgpack nor steps.jsonl)")
-    records = [r for r in records if isinstance(r.get("step"), int) and not isinstance(r.get("step"), bool)]
-    events = read_events(paths) if paths.events.exists() else []
-    info["events_file"] = paths.events.exists()
+    # lexists: a planted link (even a dangling one) is the step log, refused below, never skipped
+    try:
+        if os.path.lexists(paths.steps):
+            records, stats = read_steplog(paths.steps, root=paths.root)
+            info.update(source=paths.steps.name, corrupt_frames=stats.corrupt_frames, skipped_bytes=stats.skipped_bytes)
+        elif os.path.lexists(paths.steps_jsonl):
+            records = read_jsonl(paths.steps_jsonl, root=paths.root)
+            info["source"] = paths.steps_jsonl.name
+        else:
+            raise ReportError(f"{safe_text(paths.root)} has no step log (neither steps.msgpack nor steps.jsonl)")
+        records = [r for r in records if isinstance(r.get("step"), int) and not isinstance(r.get("step"), bool)]
+        has_events = os.path.lexists(paths.events)
+        events = read_events(paths) if has_events else []
+    except OSError as e:  # RunFileError (a FIFO, a link out of the run: refused) or an I/O error
+        raise ReportError(str(e) if isinstance(e, RunDirError) else _os_error(e)) from None
+    info["events_file"] = has_events
     return paths, manifest, records, info, events
+
+
+def _os_error(e: OSError) -> str:
+    where = f": {safe_text(e.filename)}" if e.filename is not None else ""
+    return f"{e.strerror or type(e).__name__}{where}"
 
 
 # -- statistics ------------------------------------------------------------------------
@@ -119,7 +131,7 @@ def metric_names(records: list[dict]) -> list[str]:
     present: set[str] = set()
     for r in records:
         for k, v in r.items():
-            if _num(v) is not None:
+            if isinstance(k, str) and _num(v) is not None:  # a msgpack map may have other keys
                 present.add(k)
     ordered = [m for m in catalogue.numeric_fields() if m in present and m not in _SKIP_STATS]
     extra = sorted(present - set(catalogue.METRICS) - set(_SKIP_STATS))
@@ -212,7 +224,11 @@ def correlations(records: list[dict]) -> dict:
 
 
 def stage_breakdown(records: list[dict]) -> list[dict] | None:
-    maps = [r["stage_s"] for r in records if isinstance(r.get("stage_s"), dict)]
+    maps = [
+        {k: v for k, v in r["stage_s"].items() if isinstance(k, str)}
+        for r in records
+        if isinstance(r.get("stage_s"), dict)
+    ]
     if not maps:
         return None
     names = [s for s in catalogue.STAGES if any(s in m for m in maps)]
@@ -324,7 +340,21 @@ def _wrap(text: str, width: int, indent: str) -> list[str]:
     return textwrap.wrap(text, width=width, initial_indent=indent, subsequent_indent=indent) or [indent]
 
 
+def terminal_safe(v):
+    """`v` (the report's dict) with every string in it, keys included, escaped for a terminal:
+    run ids, statuses, metric and stage names, alert rules and explanations all come from the
+    run dir, and an ESC sequence in them must show, not act."""
+    if isinstance(v, str):
+        return safe_text(v)
+    if isinstance(v, dict):
+        return {terminal_safe(k) if isinstance(k, str) else k: terminal_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [terminal_safe(x) for x in v]
+    return v
+
+
 def render_text(d: dict) -> str:
+    d = terminal_safe(d)
     out: list[str] = []
     title = f"Stability report: {d['run_id']}"
     out += [title, "=" * min(len(title), 79)]
@@ -378,6 +408,7 @@ def render_text(d: dict) -> str:
 
 
 def render_md(d: dict) -> str:
+    d = terminal_safe(d)
     out = [f"# Stability report: {d['run_id']}", ""]
     for k, v in _header(d):
         out.append(f"- **{k}**: {v}")
@@ -443,18 +474,19 @@ def _json_safe(v):
 
 
 def render_json(d: dict) -> str:
-    return json.dumps(_json_safe(d), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+    # ASCII only: every control character (C0, C1, bidi) in run text is a \\u escape
+    return json.dumps(_json_safe(d), indent=2, allow_nan=False) + "\n"
 
 
 def run(run: str, fmt: str = "text") -> int:
     """Print the report of RUN in `fmt`; exit code (2: a run or format the report cannot use)."""
     if fmt not in FORMATS:
-        print(f"trainerd report: unknown format {fmt!r} (choose {', '.join(FORMATS)})", file=sys.stderr)
+        print(f"trainerd report: unknown format {safe_text(repr(fmt))} (choose {', '.join(FORMATS)})", file=sys.stderr)
         return 2
     try:
         d = build(str(run))
     except ReportError as e:
-        print(f"trainerd report: {e}", file=sys.stderr)
+        print(f"trainerd report: {safe_text(e)}", file=sys.stderr)
         return 2
     text = {"text": render_text, "md": render_md, "json": render_json}[fmt](d)
     try:

@@ -50,6 +50,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from protocol.rundir import RunDirError
+from protocol.text import safe_text
 from trainerd.run.resume_check import check_step_sequence, value_bits
 
 PASSED, FAILED, COULD_NOT_RUN, CANCELLED = "passed", "failed", "could_not_run", "cancelled"
@@ -82,7 +84,7 @@ class CheckList:
 
     def __init__(self, check: str = "", say: Callable[[str], None] | None = None):
         self.check = check
-        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.say = say or (lambda line: print(safe_text(line), file=sys.stderr, flush=True))
         self.items: list[dict] = []
 
     def add(self, name: str, passed: bool, detail: str, **extra) -> bool:
@@ -407,11 +409,12 @@ class Harness:
         self.run: str | None = None  # the run checked (for the JSON object)
         self.temp_dirs: list[Path] = []
 
+    # Result lines and progress quote run text (a run dir's name, an event's message): escaped.
     def result_line(self, line: str) -> None:
-        print(line, file=self.out, flush=True)
+        print(safe_text(line), file=self.out, flush=True)
 
     def progress(self, msg: str) -> None:
-        print(f"[verify {self.check} {self.elapsed():6.1f}s] {msg}", file=sys.stderr, flush=True)
+        print(f"[verify {self.check} {self.elapsed():6.1f}s] {safe_text(msg)}", file=sys.stderr, flush=True)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
@@ -463,6 +466,8 @@ def run_check(check: str, as_json: bool, body: Callable[[Harness], None], run: s
             status = h.checks.status
         except CouldNotRun as e:
             status, reason = COULD_NOT_RUN, str(e)
+        except RunDirError as e:  # a run file refused (a FIFO, a link out of the run): the run's fault
+            status, reason = COULD_NOT_RUN, str(e)
         except Cancelled:
             status = CANCELLED
         except Exception as e:  # a bug here must still give one JSON object and exit 2
@@ -499,7 +504,7 @@ def _finish(h: Harness, status: str, reason: str | None) -> int:
         word = "PASSED" if status == PASSED else f"FAILED ({len(h.checks.failed)} of {len(items)} checks)"
         print(f"verify {h.check}: {word} in {duration:.1f} s", file=h.out, flush=True)
     else:  # could not run / cancelled: the reason is the last line on stderr
-        print(f"trainerd verify {h.check}: {reason}", file=sys.stderr, flush=True)
+        print(f"trainerd verify {h.check}: {safe_text(reason, 4000)}", file=sys.stderr, flush=True)
     if h.as_json:
         obj = {
             "check": h.check,

@@ -32,6 +32,7 @@ from protocol.events import ALERT_EVENTS
 from protocol.jsonl import read_jsonl
 from protocol.rundir import RunDirError, RunPaths, effective_status, read_events, read_manifest, resolve_run
 from protocol.steplog import read_steplog
+from protocol.text import safe_text
 from trainerd.verify.harness import (
     CheckList,
     CouldNotFinish,
@@ -53,7 +54,9 @@ class Checks(CheckList):
     """Prints each result as it lands (stdout, or stderr under --json)."""
 
     def __init__(self, as_json: bool = False):
-        super().__init__("m3", lambda line: print(line, file=sys.stderr if as_json else sys.stdout, flush=True))
+        super().__init__(
+            "m3", lambda line: print(safe_text(line), file=sys.stderr if as_json else sys.stdout, flush=True)
+        )
 
 
 def _non_finite_fields(rec: dict):
