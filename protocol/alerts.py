@@ -20,7 +20,9 @@ the defaults below can be overridden, disabled or extended from a TOML file:
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import tomllib
 from bisect import insort
 from collections import deque
@@ -592,3 +594,59 @@ def thresholds_for(metric: str, rules: tuple[Rule, ...] | list[Rule] = DEFAULT_R
         for r in rules
         if r.enabled and r.metric == metric and r.kind in ("above", "below", "abs_above")
     ]
+
+
+# -- the rules a run was started with, saved in its run dir ------------------------------------------
+# The trainer writes them when a run starts; the monitor, `trainerd status` and `trainerd report`
+# evaluate with them, so their verdicts agree with the run's own events.jsonl (the defaults only
+# for runs that have none, e.g. runs from before this file existed or from other frameworks).
+
+
+def rules_to_dict(rules: Iterable[Rule]) -> dict[str, Any]:
+    """Every rule in full (not as overrides of the defaults): `rules_from_dict(d, base=())` reads it back."""
+    out: dict[str, Any] = {}
+    for r in rules:
+        d = {f.name: getattr(r, f.name) for f in fields(Rule) if f.name != "name"}
+        d["metrics"] = list(r.metrics)
+        out[r.name] = {k: v for k, v in d.items() if v is not None}
+    return {"rules": out}
+
+
+def save_run_rules(rules: Iterable[Rule], run_dir: str | Path) -> Path:
+    """Write the resolved rules to `<run_dir>/alerts.json` (atomically, never through a link)."""
+    from .safeio import open_run_file
+
+    root = Path(run_dir)
+    tmp = f".alerts.json.{os.getpid()}.tmp"
+    with open_run_file(root, tmp, "x") as f:
+        json.dump(rules_to_dict(rules), f, indent=1)  # in order: rules are evaluated in this order
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(root / tmp, root / RULES_FILE)
+    return root / RULES_FILE
+
+
+def load_run_rules(run_dir: str | Path) -> tuple[tuple[Rule, ...], str | None]:
+    """(rules, note): the run's saved rules, or the defaults with a one-line note saying why
+    (none saved: note None). Never raises: a damaged file falls back to the defaults."""
+    from .safeio import read_run_file
+
+    root = Path(run_dir)
+    try:
+        raw = read_run_file(root, RULES_FILE, MAX_RULES_BYTES)
+    except FileNotFoundError:
+        return DEFAULT_RULES, None
+    except OSError as e:
+        return DEFAULT_RULES, f"{RULES_FILE}: {e}; evaluating with the default rules"
+    try:
+        data = json.loads(raw.decode("utf-8"))
+        if not isinstance(data, dict):
+            raise AlertConfigError("not a JSON object")
+        return rules_from_dict(data, base=(), source=RULES_FILE), None
+    except (ValueError, AlertConfigError) as e:
+        return DEFAULT_RULES, f"{RULES_FILE} is damaged ({str(e)[:120]}); evaluating with the default rules"
+
+
+RULES_FILE = "alerts.json"
+MAX_RULES_BYTES = 1 << 20
+

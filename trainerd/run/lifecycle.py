@@ -22,7 +22,7 @@ import torch
 
 from protocol import jsonl as jsonl_mod
 from protocol import steplog as steplog_mod
-from protocol.alerts import DEFAULT_RULES, rules_from_toml
+from protocol.alerts import DEFAULT_RULES, load_run_rules, rules_from_toml, save_run_rules
 from protocol.events import ALERT_EVENTS
 from protocol.rundir import (
     RunLock,
@@ -103,8 +103,15 @@ def old_records_path(paths: RunPaths, from_step: int) -> Path:
     return p
 
 
-def load_rules(cfg: TrainConfig):
-    """The alert rules a run evaluates with: its --alerts file, or the defaults."""
+def load_rules(cfg: TrainConfig, paths: RunPaths | None = None, override: bool = True):
+    """The alert rules a run evaluates with: its --alerts file; on a resume without a new file,
+    the rules the run was started with (alerts.json, so a newer kit's defaults don't change a
+    resumed run); else the defaults."""
+    if cfg.alerts_file and override:
+        return rules_from_toml(cfg.alerts_file)
+    if paths is not None:
+        saved, _ = load_run_rules(paths.root)  # a damaged file falls back to the defaults
+        return saved
     return rules_from_toml(cfg.alerts_file) if cfg.alerts_file else DEFAULT_RULES
 
 
@@ -193,6 +200,7 @@ def train(
         manifest = new_manifest(paths, cfg.to_dict(), cfg.seed, det, _versions())
         manifest["injection"] = injection.to_dict()
         write_manifest(paths, manifest)
+        save_run_rules(rules, paths.root)  # the monitor, status and report evaluate with these
         _write_pid_file(paths)
         append_event(paths, "started", pid=os.getpid(), seed=cfg.seed, steps=cfg.steps, device=str(rng.device))
         if on_ready:
@@ -242,7 +250,7 @@ def resume(
         state = load_checkpoint(ckpt_dir) if ckpt_dir is not None else None
         injection = Injection.parse(cfg.inject)
         cfg = injection.apply_config(cfg) or cfg
-        rules = load_rules(cfg)
+        rules = load_rules(cfg, paths, override="alerts_file" in overrides)
         rng, det = apply_determinism(cfg.seed, cfg.threads, cfg.device)
         mismatch = settings_mismatch(manifest.get("determinism") or {}, det) if manifest.get("determinism") else []
         if mismatch and not force:
@@ -293,6 +301,7 @@ def resume(
         if mismatch:
             manifest["determinism_resumed"] = det
         write_manifest(paths, manifest)
+        save_run_rules(rules, paths.root)
         _write_pid_file(paths)
         append_event(
             paths,

@@ -15,7 +15,16 @@ from protocol.rundir import RunDirError, RunPaths
 def check_writer_files(paths: RunPaths) -> None:
     """Raise RunDirError (one line naming the file) if a file the trainer writes is a link,
     a FIFO, a device or a folder, or a folder it writes into is a link or a file."""
-    files = [paths.steps, paths.steps_jsonl, paths.events, paths.manifest, paths.log, paths.pid_file]
+    files = [
+        paths.steps,
+        paths.steps_jsonl,
+        paths.events,
+        paths.samples,
+        paths.alert_rules,
+        paths.manifest,
+        paths.log,
+        paths.pid_file,
+    ]
     folders = [paths.tb, paths.checkpoints, paths.profile]
     for p in files + folders:
         try:
