@@ -383,6 +383,17 @@ def _steps_jsonl_bad_types(ctx: Ctx) -> None:
     write_steps(ctx, recs)
 
 
+def _status_notes(words: str) -> Callable[[Ctx, dict[str, Any]], None]:
+    """`status` still answers from run.json, and says in one stderr line which file it left out."""
+
+    def check(ctx: Ctx, res: dict[str, Any]) -> None:
+        for cmd in ("status", "status_json"):
+            assert res[cmd].rc == 0 and words in res[cmd].stderr, (cmd, res[cmd])
+        assert "finished" in res["status"].stdout, res["status"].stdout
+
+    return check
+
+
 # -- the cases -------------------------------------------------------------------------------------
 
 
@@ -396,11 +407,21 @@ def cases() -> list[Case]:
         Case("run-json-is-a-dir", _run_json_is_dir, **unreadable, note="fails for root too"),
         Case("fifo-run-json", fifo("run.json"), **unreadable),
         Case("fifo-steps-msgpack", fifo("steps.msgpack"), resume=True),
-        Case("fifo-events-jsonl", fifo("events.jsonl"), resume=True),
-        Case("fifo-steps-jsonl", fifo("steps.jsonl"), resume=True),
+        Case("fifo-events-jsonl", fifo("events.jsonl"), resume=True, check=_status_notes("events.jsonl is a FIFO")),
+        Case("fifo-steps-jsonl", fifo("steps.jsonl"), resume=True, check=_status_notes("steps.jsonl is a FIFO")),
         Case("link-steps-msgpack", link_to_victim("steps.msgpack"), **link_refused),
-        Case("link-steps-jsonl", link_to_victim("steps.jsonl"), **link_refused),
-        Case("link-events-jsonl", link_to_victim("events.jsonl"), **link_refused),
+        Case(
+            "link-steps-jsonl",
+            link_to_victim("steps.jsonl"),
+            **link_refused,
+            check=_status_notes("steps.jsonl is a symlink"),
+        ),
+        Case(
+            "link-events-jsonl",
+            link_to_victim("events.jsonl"),
+            **link_refused,
+            check=_status_notes("events.jsonl is a symlink"),
+        ),
         Case("link-run-json", link_to_victim("run.json"), **unreadable),
         Case("link-trainerd-log", link_to_victim("trainerd.log"), **link_refused),
         Case("link-checkpoints-dir", link_dir_outside("checkpoints"), **link_refused),
