@@ -295,6 +295,12 @@ def _nan_everywhere(ctx: Ctx) -> None:
         f.write("rollout,nan,inf,-inf,nan,nan\n")
 
 
+def _fifo_profile(ctx: Ctx) -> None:
+    """FIFOs in place of the profiler's artifacts (profile and verify m2 read them)."""
+    for name in ("chrome_trace.json", "summary.csv", "op_stats.csv"):
+        fifo(f"profile/{name}")(ctx)
+
+
 def _truncated_steps(ctx: Ctx) -> None:
     data = (ctx.base / "steps.msgpack").read_bytes()
     (ctx.run / "steps.msgpack").write_bytes(data[: len(data) // 2 + 7])
@@ -426,6 +432,8 @@ def cases() -> list[Case]:
         Case("link-trainerd-log", link_to_victim("trainerd.log"), **link_refused),
         Case("link-checkpoints-dir", link_dir_outside("checkpoints"), **link_refused),
         Case("link-tb-dir", link_dir_outside("tb"), **link_refused),
+        Case("link-profile-dir", link_dir_outside("profile"), **link_refused),
+        Case("fifo-profile-artifacts", _fifo_profile),
         Case(
             "run-dir-mode-000",
             _mode_000,

@@ -289,10 +289,12 @@ def _read_artifact(p: Path) -> str:
         raise ProfileError(f"{p}: unreadable ({e})") from None
 
 
-def load_trace(path) -> dict:
-    """Read and sanity-check a Chrome trace; raise ProfileError with a one-line reason."""
+def load_trace(path, root=None) -> dict:
+    """Read and sanity-check a Chrome trace; raise ProfileError with a one-line reason. With
+    `root` (the run dir), the file is opened as a regular file inside it only (never through a
+    link, never blocking on a FIFO), and refused over MAX_TRACE_BYTES."""
     p = Path(path)
-    text = _read_artifact(p)
+    text = _read_artifact(p) if root is None else _read_run_artifact(root, p, MAX_TRACE_BYTES)
     try:
         data = json.loads(text, parse_constant=_reject_constant)
     except ValueError as e:
@@ -500,15 +502,16 @@ def _write_csv_atomic(path: Path, columns: list[str], rows: list[list]) -> None:
 
 
 MAX_CSV_BYTES = 64 << 20  # a summary or op table over 64 MiB is not one of ours
+MAX_TRACE_BYTES = 512 << 20  # a Chrome trace read back (verify m2): larger is refused, not loaded
 
 
-def _read_run_artifact(root, p: Path) -> str:
+def _read_run_artifact(root, p: Path, limit: int = MAX_CSV_BYTES) -> str:
     """A profile artifact inside the run dir `root`, opened by protocol's rules (a regular file
     in the run dir, never through a link, never blocking on a FIFO, bounded)."""
     from protocol.safeio import RunDirError, read_run_file
 
     try:
-        return read_run_file(root, p, MAX_CSV_BYTES).decode("utf-8")
+        return read_run_file(root, p, limit).decode("utf-8")
     except FileNotFoundError:
         raise ProfileError(f"{p}: missing") from None
     except RunDirError as e:

@@ -61,10 +61,10 @@ def _add(checks: CheckList, name: str, detail: str, problems: list[str]) -> None
     checks.add(name, not problems, detail, problems=problems)
 
 
-def _read_artifact_csv(path, problems: list[str]) -> list[dict] | None:
-    """The CSV's rows, or None after noting why not."""
+def _read_artifact_csv(path, problems: list[str], root) -> list[dict] | None:
+    """The CSV's rows, or None after noting why not (opened inside the run dir `root` only)."""
     try:
-        return profiler.read_csv(path)
+        return profiler.read_csv(path, root=root)
     except ProfileError as e:
         problems.append(str(e))
         return None
@@ -73,7 +73,7 @@ def _read_artifact_csv(path, problems: list[str]) -> list[dict] | None:
 def check_trace(checks: CheckList, paths: RunPaths) -> dict | None:
     problems: list[str] = []
     try:
-        trace = profiler.load_trace(paths.profile / TRACE_FILE)
+        trace = profiler.load_trace(paths.profile / TRACE_FILE, root=paths.root)
     except ProfileError as e:
         _add(checks, "chrome_trace", "trace missing or unparsable", [str(e)])
         return None
@@ -87,7 +87,7 @@ def check_trace(checks: CheckList, paths: RunPaths) -> dict | None:
 def check_op_stats(checks: CheckList, paths: RunPaths) -> None:
     problems: list[str] = []
     path = paths.profile / OP_STATS_FILE
-    rows = _read_artifact_csv(path, problems)
+    rows = _read_artifact_csv(path, problems, paths.root)
     if rows is None:
         return _add(checks, "op_stats", "op_stats missing or unparsable", problems)
     if not rows:
@@ -113,7 +113,7 @@ def check_op_stats(checks: CheckList, paths: RunPaths) -> None:
 def check_summary(checks: CheckList, paths: RunPaths) -> list[dict] | None:
     problems: list[str] = []
     path = paths.profile / SUMMARY_FILE
-    rows = _read_artifact_csv(path, problems)
+    rows = _read_artifact_csv(path, problems, paths.root)
     if rows is None:
         _add(checks, "summary", "summary missing or unparsable", problems)
         return None
