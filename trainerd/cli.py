@@ -20,13 +20,16 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 
 from protocol import jsonl as jsonl_mod
 from protocol.alerts import AlertConfigError, rules_from_toml
-from protocol.events import open_alerts
+from protocol.events import alert_timeline, open_alerts
+from protocol.health import describe_past, load_acks, run_verdict
 from protocol.rundir import (
     RunDirError,
     RunLock,
@@ -54,6 +57,38 @@ DEFAULT_RUNS_DIR = "runs"
 def _run_paths(run: str | None) -> RunPaths:
     # resolve `latest` to the run it points at, so messages name the run
     return RunPaths(resolve_run(Path(run) if run else Path(DEFAULT_RUNS_DIR)).root.resolve())
+
+
+@dataclass(frozen=True)
+class AdaptedRun(RunPaths):
+    """A run another framework writes (a TensorBoard dir, veRL's file log, a mapped JSONL/CSV)."""
+
+    source: Any = field(default=None, compare=False)
+
+    def read(self) -> tuple[dict, list[dict], list[dict]]:
+        """(manifest, records, alert events replayed with the default rules)."""
+        from trainerd.tools.report import replay_alerts
+
+        recs = self.source.read_all()
+        return self.source.manifest(), recs, replay_alerts(recs)
+
+
+def _status_paths(run: str | None) -> RunPaths:
+    """A kit run, else another framework's run at `run`; else one line naming the formats looked for."""
+    try:
+        return _run_paths(run)
+    except RunDirError:
+        if not run or not os.path.exists(run):
+            raise
+        from adapters.sources import SourceError, detect, not_recognised
+
+        try:
+            src = detect(run)
+        except SourceError as e:
+            raise RunDirError(str(e)) from None
+        if src is None:
+            raise RunDirError(not_recognised(run)) from None
+        return AdaptedRun(Path(run).resolve(), src)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -235,11 +270,17 @@ def _json_value(v):
 def run_status(paths: RunPaths) -> dict:
     """What `status` shows, from the run dir. A steps.jsonl or events.jsonl that cannot be
     read (refused: a FIFO, a link out of the run) leaves its part out, with a note in `notes`;
-    an unreadable run.json raises RunDirError."""
-    m = read_manifest(paths)
-    status = effective_status(m, paths)
+    an unreadable run.json raises RunDirError. Another framework's run (`AdaptedRun`): its
+    records through the alias tables, its alerts replayed with the default rules."""
     notes: list[str] = []
-    recs = _tail_records(paths, notes)
+    if isinstance(paths, AdaptedRun):
+        m, recs, replayed = paths.read()
+        status = str(m["status"])
+    else:
+        m = read_manifest(paths)
+        status = effective_status(m, paths)
+        recs = _tail_records(paths, notes)
+        replayed = None
     step = recs[-1]["step"] if recs else int(m.get("last_step") or 0)
     cfg = m.get("config")
     total = cfg.get("steps") if isinstance(cfg, dict) else None
@@ -257,10 +298,12 @@ def run_status(paths: RunPaths) -> dict:
     if rate and _is_step(total) and status == "running":
         eta = _finite((total - step) / rate)
     try:
-        events = read_events(paths)
+        events = read_events(paths) if replayed is None else replayed
     except OSError as e:  # RunFileError (refused) included
         notes.append(str(e) if isinstance(e, RunDirError) else f"cannot read {paths.events}: {e.strerror}")
         events = []
+    episodes = alert_timeline(events, step)
+    verdict = run_verdict(episodes, status, paths.run_id, load_acks(), paths.root)
     resume_check = None
     checks = [e for e in events if e.get("event") == "resume_check"]
     if checks:
@@ -283,6 +326,12 @@ def run_status(paths: RunPaths) -> dict:
             {k: a.get(k) for k in ("rule", "severity", "metric", "value", "threshold", "first_step", "message")}
             for a in open_alerts(events)
         ],
+        "health": {
+            "level": verdict.level,
+            "headline": verdict.headline,
+            "past": [describe_past(e) for e in verdict.past],
+            "next_step": verdict.next_step,
+        },
         "resume_check": resume_check,
         "notes": notes,
     }
@@ -301,7 +350,7 @@ def _fmt_secs(s: float | None) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def status(run, as_json):
     """State, step, steps/s, ETA and open alerts of RUN (default runs/latest)."""
-    info = run_status(_run_paths(run))
+    info = run_status(_status_paths(run))
     if info["notes"]:  # parts left out (a file refused): one line on stderr, the status still answers
         print("trainerd status: " + safe_text("; ".join(info["notes"]), 2000), file=sys.stderr)
     if as_json:  # strict JSON, ASCII only: every control character in run text is a \u escape
@@ -317,10 +366,15 @@ def status(run, as_json):
     click.echo(f"  dir {t(info['run_dir'])}  last checkpoint {t(info['last_checkpoint'] or '-', 400)}")
     if info["resume_check"]:
         click.echo(f"  {t(info['resume_check'], 400)}")
-    if not info["open_alerts"]:
-        click.echo("  no open alerts")
+    # the verdict remembers: a critical alert that cleared keeps the run from reading healthy
+    health = info["health"]
+    click.echo(f"  health: {health['level'].upper()}: {t(health['headline'], 400)}")
     for a in info["open_alerts"]:
-        click.echo(f"  {t(a.get('message') or a.get('rule'), 400)}")
+        click.echo(f"  open: {t(a.get('message') or a.get('rule'), 400)}")
+    for line in health["past"][:5]:
+        click.echo(f"  was:  {t(line, 400)}")
+    if health["next_step"]:
+        click.echo(f"  next: {t(health['next_step'], 400)}")
     return 0
 
 

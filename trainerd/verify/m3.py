@@ -187,8 +187,15 @@ def check_run(paths: RunPaths, checks: CheckList, prefix: str = "") -> list[dict
 
 
 def load_tensorboard(tb_dir: Path) -> dict[str, dict[int, float]] | None:
-    """tag -> {step: value} of every scalar in a tb/ dir (None if it holds no event files)."""
-    files = sorted(glob.glob(str(tb_dir / "**" / "events.out.tfevents.*"), recursive=True))
+    """tag -> {step: value} of every scalar in a tb/ dir (None if it holds no event files).
+    A tb/ that is a link, and links inside it, are refused: nothing outside the run is read."""
+    if tb_dir.is_symlink():
+        raise RunDirError(f"{tb_dir} is a symbolic link; refusing to read through it")
+    files = sorted(
+        f
+        for f in glob.glob(str(tb_dir / "**" / "events.out.tfevents.*"), recursive=True)
+        if not any(p.is_symlink() for p in [Path(f), *Path(f).parents] if tb_dir in p.parents or p == Path(f))
+    )
     if not files:
         return None
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
