@@ -28,10 +28,13 @@ test: install
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q tests
 
+# alert_quality.py --quick: false alarms on clean runs and detection delay of injected faults,
+# live runs (~6 min; without --quick ~25 min; --fixtures replays the committed logs in seconds).
 bench: install
 	$(BIN)/python scripts/bench_protocol.py
 	@for s in scripts/bench_trainer.py scripts/bench_profiler.py scripts/bench_tui.py; do \
 	  if [ -f $$s ]; then $(BIN)/python $$s || exit 1; fi; done
+	$(BIN)/python scripts/alert_quality.py --quick
 
 train_smoke: install
 	$(BIN)/trainerd start --smoke --foreground --runs-dir $(RUNS)

@@ -3,8 +3,11 @@
 Feed it step records in order with `AlertEngine.update(record)`; it returns the
 alerts that fired, escalated or cleared at that step. A rule can ask for N
 consecutive bad steps before it fires, and clears with hysteresis (the value must
-come back past `clear_threshold` for `clear_consecutive` steps). Rules are data:
-the defaults below can be overridden, disabled or extended from a TOML file:
+come back past `clear_threshold` for `clear_consecutive` steps). A relative (spike) bar
+has an absolute floor (`spike_floor`); past a stricter `hard_threshold` a rule fires at
+once, even during its warm-up and without waiting for `consecutive` steps. Every alert says
+what it compared (`Alert.compared`, in words in `Alert.message()`). Rules are data: the
+defaults below can be overridden, disabled or extended from a TOML file:
 
     [rules.kl_runaway]
     threshold = 0.3
@@ -53,8 +56,16 @@ class Rule:
     consecutive: int = 1  # bad steps in a row before it fires
     clear_threshold: float | None = None  # hysteresis; default: the threshold itself
     clear_consecutive: int = 3  # good steps in a row before it clears
-    warmup_steps: int = 0  # ignore steps before this one
-    spike_factor: float | None = None  # also fire above this many times the rolling median
+    warmup_steps: int = 0  # ignore steps before this one (but see hard_threshold)
+    hard_threshold: float | None = None  # past this stricter bar: fire at once, warm-up or not
+    # a metric that pushes back (a controller's coefficient): the warm-up and the streak of
+    # `consecutive` steps are waited out only while it rises from step to step; when it does not,
+    # the threshold fires at once
+    pushback: str | None = None
+    # also fire above this many times the rolling median (kind "below": under median / factor)...
+    spike_factor: float | None = None
+    spike_floor: float = 0.0  # ...when the value is also past this absolute bar (above it; "below": under it)
+    relative_to: str | None = None  # compare metric / this metric (e.g. an error relative to its target)
     window: int = 50  # rolling median window / trend window
     critical_factor_of: str | None = None  # escalate when metric > critical_factor x this metric
     critical_factor: float = 0.0
@@ -83,7 +94,18 @@ DEFAULT_RULES: tuple[Rule, ...] = (
         "warning",
         "KL to the reference keeps rising: KL penalty too weak, LR too high or an exploitable reward "
         "model; raise kl_coef or the target, lower the LR, read samples",
-        clear_threshold=0.18,
+        # Warm-up: the adaptive controller starts from a guessed kl_coef and legitimately
+        # overshoots its target while it adapts (to ~4.4x in clean runs). After it, 2 steps in a
+        # row: one noisy step over 0.2 is not a runaway. Both are waited out only while kl_coef
+        # rises (the controller raises it every step KL was over target): a penalty that stays put
+        # (zero, fixed, clamped) while KL is over 0.2 fires at once. Past 1.0 (10x the usual
+        # target) it fires at once too.
+        consecutive=2,
+        clear_threshold=0.15,
+        clear_consecutive=5,
+        warmup_steps=100,
+        pushback="kl_coef",
+        hard_threshold=1.0,
         critical_factor_of="kl_target",
         critical_factor=3.0,
         critical_consecutive=5,
@@ -92,12 +114,15 @@ DEFAULT_RULES: tuple[Rule, ...] = (
         "kl_control",
         "kl_target_error",
         "abs_above",
-        0.15,
+        0.2,
         "warning",
-        "the KL controller is not holding KL near its target: the target may be unreachable or the "
-        "controller horizon too long; change the target or the initial kl_coef",
-        clear_threshold=0.12,
-        consecutive=3,
+        "the KL controller is saturated: KL has stayed over 20% off its target (the controller's error "
+        "pinned at its +-0.2 clip) for many steps: the target may be unreachable or the controller horizon "
+        "too long; change the target, the initial kl_coef or kl_horizon",
+        relative_to="kl_target",  # kl / kl_target - 1: the controller's own (unclipped) error
+        consecutive=30,
+        clear_consecutive=5,
+        warmup_steps=100,
     ),
     Rule(
         "entropy_collapse",
@@ -108,6 +133,11 @@ DEFAULT_RULES: tuple[Rule, ...] = (
         "policy entropy collapsed: over-confident updates or too many PPO epochs; add an entropy bonus, "
         "raise the sampling temperature, lower the LR",
         clear_threshold=0.12,
+        # a collapse from a high level can stop short of 0.1 (2.4 -> 0.22 nats/token in one step):
+        # a fall under a fifth of the rolling median, to under 0.5 nats/token, is one too
+        spike_factor=5.0,
+        spike_floor=0.5,
+        window=50,
     ),
     Rule(
         "exploding_gradients",
@@ -117,6 +147,10 @@ DEFAULT_RULES: tuple[Rule, ...] = (
         "critical",
         "gradient norm spiked: instability or a train/inference mismatch; clip harder, lower the LR",
         spike_factor=10.0,
+        # a spike must also exceed the usual clipping norm (max_grad_norm = 1.0): below it the
+        # update is applied as computed and 10x a tiny median (a policy that stopped learning,
+        # grad norms ~1e-4) is still a tiny gradient
+        spike_floor=1.0,
         window=50,
     ),
     Rule(
@@ -158,9 +192,9 @@ DEFAULT_RULES: tuple[Rule, ...] = (
         "diverging_trends",
         0.5,
         "critical",
-        "reward-model score rises while the true (gold) score falls (value: trend r of reward_mean over the "
-        "window): the policy is exploiting the reward model; stop, raise the KL coefficient, improve or "
-        "retrain the reward model, read samples",
+        "reward-model score rises while the true (gold) score falls (value: the weaker of the two trends, "
+        "as a correlation with the step): the policy is exploiting the reward model; stop, raise the KL "
+        "coefficient, improve or retrain the reward model, read samples",
         metrics=("reward_mean", "gold_reward_mean"),
         window=20,
         consecutive=3,
@@ -172,8 +206,9 @@ DEFAULT_RULES: tuple[Rule, ...] = (
         "rising_together",
         0.6,
         "warning",
-        "reward, KL and response length all climb together (value: trend r of reward_mean; no gold score "
-        "to check): a common sign of reward hacking; read samples, raise the KL coefficient",
+        "reward, KL and response length all climb together (value: the weakest of the three trends, as a "
+        "correlation with the step; no gold score to check): a common sign of reward hacking; read samples, "
+        "raise the KL coefficient",
         metrics=("reward_mean", "kl", "response_length_mean"),
         window=30,
         consecutive=5,
@@ -196,15 +231,17 @@ class Alert:
     step: int  # last step the condition held
     explanation: str
     cleared_step: int | None = None
+    # what the rule really compared at `step`, by name (e.g. a spike's median and factor, each
+    # trend of a trend rule); `detail` says it in words. Empty for a plain threshold rule.
+    compared: dict[str, float] = field(default_factory=dict)
+    detail: str = ""
 
     def message(self) -> str:
-        return (
-            f"{self.severity.upper()} {self.rule}: {self.metric}={_fmt(self.value)} "
-            f"(threshold {_fmt(self.threshold)}) since step {self.first_step} - {self.explanation}"
-        )
+        what = self.detail or f"{self.metric}={_fmt(self.value)} (threshold {_fmt(self.threshold)})"
+        return f"{self.severity.upper()} {self.rule}: {what} since step {self.first_step} - {self.explanation}"
 
     def to_event(self, event: str) -> dict[str, Any]:
-        d = {
+        d: dict[str, Any] = {
             "rule": self.rule,
             "metric": self.metric,
             "severity": self.severity,
@@ -215,6 +252,8 @@ class Alert:
             "message": self.message(),
             "explanation": self.explanation,
         }
+        if self.compared:
+            d["compared"] = dict(self.compared)
         if event == "alert_cleared":
             d["duration_steps"] = (self.cleared_step or self.step) - self.first_step
         return d
@@ -288,6 +327,14 @@ class RollingTrend:
             self._syy = math.fsum(v * v for v in vals)
             self._siy = math.fsum(i * v for i, v in enumerate(vals))
 
+    def slope(self) -> float:
+        """Least-squares slope of the window, per position (per step when fed every step)."""
+        n = len(self.values)
+        if n < 2:
+            return 0.0
+        sxx = n * (n * n - 1) / 12.0
+        return (self._siy - (n - 1) / 2.0 * self._sy) / sxx
+
     def r(self) -> float:
         n = len(self.values)
         if n < 3:
@@ -301,8 +348,26 @@ class RollingTrend:
         return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
 
 
-# (bad, value, metric, critical, threshold crossed)
-_Verdict = tuple[bool, float, str, bool, float]
+@dataclass
+class _Verdict:
+    bad: bool
+    value: float
+    metric: str
+    threshold: float  # the bar crossed (or that would be)
+    critical: bool = False
+    compared: dict[str, float] = field(default_factory=dict)
+    detail: str = ""
+    urgent: bool = False  # past the rule's hard threshold: fires without waiting
+
+
+def _past(kind: str, v: float, bar: float) -> bool:
+    if kind == "above":
+        return v > bar
+    if kind == "below":
+        return v < bar
+    if kind == "abs_above":
+        return abs(v) > bar
+    raise ValueError(kind)
 
 
 @dataclass
@@ -314,6 +379,7 @@ class _RuleState:
     history: deque[float] = field(default_factory=deque)  # rolling values (spike median)
     sorted_hist: list[float] = field(default_factory=list)
     trends: dict[str, RollingTrend] = field(default_factory=dict)  # metric -> RollingTrend for trend kinds
+    watched: float | None = None  # the pushback metric at the previous step
 
 
 class AlertEngine:
@@ -331,45 +397,71 @@ class AlertEngine:
         for rule in self.rules:
             if rule.only_without and rule.only_without in record:
                 continue
-            if step < rule.warmup_steps and rule.kind not in ("non_finite",):
+            warming = step < rule.warmup_steps and rule.kind != "non_finite"
+            idle: tuple[float, float] | None = None  # (before, now) of a controller that stopped pushing
+            if rule.pushback:
+                st0 = self._state[rule.name]
+                now, before = _num(record.get(rule.pushback)), st0.watched
+                st0.watched = now
+                if now is not None and before is not None and not now > before:
+                    warming, idle = False, (before, now)
+            if warming and rule.hard_threshold is None:
                 self._feed_history(rule, record)
                 continue
             trend_rule = rule.kind in ("diverging_trends", "rising_together")
             if trend_rule:
                 self._feed_history(rule, record)
-            res = self._evaluate(rule, record)
+            res = self._evaluate(rule, record, warming, idle)
             if res is None:
                 continue  # the metric is absent: nothing to say
-            bad, value, metric, critical, threshold = res
             st = self._state[rule.name]
             alert = self.open.get(rule.name)
-            if bad:
+            if res.bad:
                 st.bad_run += 1
                 st.good_run = 0
                 if st.first_bad_step is None:
                     st.first_bad_step = step
-                st.critical_run = st.critical_run + 1 if critical else 0
-                if alert is None and st.bad_run >= rule.consecutive:
+                st.critical_run = st.critical_run + 1 if res.critical else 0
+                if alert is None and (st.bad_run >= rule.consecutive or res.urgent):
                     alert = Alert(
-                        rule.name, metric, rule.severity, value, threshold, st.first_bad_step, step, rule.explanation
+                        rule.name,
+                        res.metric,
+                        rule.severity,
+                        res.value,
+                        res.threshold,
+                        st.first_bad_step,
+                        step,
+                        rule.explanation,
+                        compared=res.compared,
+                        detail=res.detail,
                     )
                     self.open[rule.name] = alert
                     events.append(("alert", alert))
                 elif alert is not None:
-                    alert.value, alert.step, alert.metric = value, step, metric
-                if (
+                    alert.value, alert.step, alert.metric = res.value, step, res.metric
+                    alert.compared, alert.detail = res.compared, res.detail
+                escalate = (
                     alert is not None
                     and alert.severity != "critical"
                     and rule.critical_factor_of
                     and st.critical_run >= rule.critical_consecutive
-                ):
+                )
+                if alert is not None and rule.critical_factor_of and res.critical and st.critical_run > 0:
+                    if escalate or alert.severity == "critical":
+                        alert.detail = (
+                            f"{res.metric}={_fmt(res.value)} (threshold {_fmt(res.threshold)}; over "
+                            f"{_fmt(rule.critical_factor)}x {rule.critical_factor_of} = "
+                            f"{_fmt(rule.critical_factor * res.compared.get(rule.critical_factor_of, math.nan))} "
+                            f"for {st.critical_run} steps in a row)"
+                        )
+                if alert is not None and escalate:
                     alert.severity = "critical"
                     events.append(("alert_escalated", alert))
             else:
                 st.good_run += 1
                 st.critical_run = 0
                 # hysteresis: a value between clear_threshold and threshold neither fires nor clears
-                recovered = self._recovered(rule, value)
+                recovered = self._recovered(rule, res.value)
                 if alert is None:
                     st.bad_run = 0  # a streak that never reached `consecutive` starts over
                     st.first_bad_step = None
@@ -424,8 +516,12 @@ class AlertEngine:
                         trend = st.trends[m] = RollingTrend(rule.window)
                     trend.push(v)
 
-    def _evaluate(self, rule: Rule, record: dict[str, Any]) -> _Verdict | None:
-        """(bad, value, metric, critical, threshold crossed) or None when the rule's metric is absent."""
+    def _evaluate(
+        self, rule: Rule, record: dict[str, Any], warming: bool = False, idle: tuple[float, float] | None = None
+    ) -> _Verdict | None:
+        """The verdict on this record, or None when the rule's metric is absent. During the
+        rule's warm-up (`warming`) only `hard_threshold` counts; `idle` (the watched metric's
+        previous and current value) means the warm-up was waived: no streak needed."""
         if rule.kind == "non_finite":
             seen = False
             for m in rule.metrics or (rule.metric,):
@@ -434,52 +530,115 @@ class AlertEngine:
                     continue
                 seen = True
                 if not math.isfinite(v):
-                    return True, v, m, True, rule.threshold
-            return (False, 0.0, rule.metric, False, rule.threshold) if seen else None
+                    return _Verdict(True, v, m, rule.threshold, critical=True, detail=f"{m}={_fmt(v)} (not finite)")
+            return _Verdict(False, 0.0, rule.metric, rule.threshold) if seen else None
         if rule.kind in ("diverging_trends", "rising_together"):
             return self._evaluate_trends(rule, record)
         v = _num(record.get(rule.metric))
         if v is None:
             return None
-        if not math.isfinite(v):
-            return False, v, rule.metric, False, rule.threshold  # non-finite: the non_finite rule's job
-        if rule.kind == "above":
-            bad = v > rule.threshold
-        elif rule.kind == "below":
-            bad = v < rule.threshold
-        elif rule.kind == "abs_above":
-            bad = abs(v) > rule.threshold
-        else:
-            raise ValueError(rule.kind)
-        st = self._state[rule.name]
+        raw, ref = v, None
+        if rule.relative_to:
+            ref = _num(record.get(rule.relative_to))
+            if ref is None or not math.isfinite(ref) or ref == 0:
+                return None  # no reference: nothing to compare
+            v = v / ref
         threshold = rule.threshold
+        if not math.isfinite(v):
+            return _Verdict(False, v, rule.metric, threshold)  # non-finite: the non_finite rule's job
+        bad = not warming and _past(rule.kind, v, threshold)
+        urgent = rule.hard_threshold is not None and _past(rule.kind, v, rule.hard_threshold)
+        hard_only = urgent  # past the hard threshold: report that bar (the one that needs no streak)
+        if hard_only and rule.hard_threshold is not None:
+            bad, threshold = True, rule.hard_threshold
+        waived = idle is not None and bad and not hard_only
+        urgent = urgent or waived
+        compared: dict[str, float] = {}
+        detail = ""
+        if rule.relative_to and ref is not None:
+            compared = {rule.metric: raw, rule.relative_to: ref}
+            shown = f"{'+-' if rule.kind == 'abs_above' else ''}{_fmt(threshold)}"
+            detail = (
+                f"{rule.metric} / {rule.relative_to} = {v:+.3g} ({rule.metric}={_fmt(raw)}, "
+                f"{rule.relative_to}={_fmt(compared[rule.relative_to])}; threshold {shown}"
+                f"{f' for {rule.consecutive} steps in a row' if rule.consecutive > 1 else ''})"
+            )
+        elif rule.consecutive > 1:
+            detail = f"{rule.metric}={_fmt(v)} (threshold {_fmt(threshold)}, crossed {rule.consecutive} steps in a row)"
+        if hard_only and rule.hard_threshold is not None:
+            after = f" after step {rule.warmup_steps}" if rule.warmup_steps else ""
+            steps = f" for {rule.consecutive} steps in a row" if rule.consecutive > 1 else ""
+            detail = (
+                f"{rule.metric}={_fmt(v)} (past the hard threshold {_fmt(rule.hard_threshold)}, no streak needed; "
+                f"{_fmt(rule.threshold)}{steps}{after})"
+            )
+        if waived and idle is not None:
+            compared[f"{rule.pushback}_before"], compared[str(rule.pushback)] = idle
+            detail = (
+                f"{rule.metric}={_fmt(v)} (threshold {_fmt(threshold)}, and {rule.pushback} is not rising: "
+                f"{_fmt(idle[0])} -> {_fmt(idle[1])}, nothing pushes back)"
+            )
+        st = self._state[rule.name]
         if not bad and rule.spike_factor is not None and len(st.history) >= min(rule.window, 10):
             med = st.sorted_hist[len(st.sorted_hist) // 2]
-            if med > 0 and v > rule.spike_factor * med:
+            f, floor = rule.spike_factor, rule.spike_floor
+            if rule.kind == "below":  # a sudden drop: under median / factor (and under the floor, if set)
+                bar = med / f if f > 0 else 0.0
+                bar = min(bar, floor) if floor > 0 else bar
+                hit, where = v < bar, f"below the median / {_fmt(f)}" + (f" and below {_fmt(floor)}" if floor else "")
+            else:  # a spike: over factor x median and over the absolute floor
+                bar = max(f * med, floor)
+                hit, where = v > bar, f"above {_fmt(f)}x the median and above {_fmt(floor)}"
+            if med > 0 and hit:
                 bad = True
-                threshold = rule.spike_factor * med  # the alert reports the bar it crossed
+                threshold = bar  # the alert reports the bar it crossed
+                compared = {"median": med, "factor": v / med, "spike_factor": f, "spike_floor": floor}
+                detail = (
+                    f"{rule.metric}={_fmt(v)} is {_fmt(v / med)}x its rolling median {_fmt(med)} of the last "
+                    f"{len(st.history)} steps (fires {where}; absolute threshold {_fmt(rule.threshold)})"
+                )
         critical = False
         if rule.critical_factor_of:
             ref = _num(record.get(rule.critical_factor_of))
             critical = bool(ref is not None and math.isfinite(ref) and v > rule.critical_factor * ref)
-        return bad, v, rule.metric, critical, threshold
+            if ref is not None:
+                compared[rule.critical_factor_of] = ref
+        return _Verdict(bad, v, rule.metric, threshold, critical, compared, detail, urgent)
 
     def _evaluate_trends(self, rule: Rule, record: dict[str, Any]) -> _Verdict | None:
-        """Judged on the window that includes this step (fed before evaluation, in update)."""
+        """Judged on the window that includes this step (fed before evaluation, in update).
+        The value is the weakest of the trends the rule needs (diverging: min(r of the first
+        metric, -r of the second); rising together: min of every r), so value > threshold is
+        exactly the condition; `compared` has each metric's trend r and slope."""
         st = self._state[rule.name]
         if any(_num(record.get(m)) is None for m in rule.metrics):
             return None
         windows = [st.trends.get(m) for m in rule.metrics]
         ready = [w for w in windows if w is not None and len(w) >= rule.window]
         if len(ready) < len(windows):
-            return False, 0.0, rule.metric, False, rule.threshold
+            return _Verdict(False, 0.0, rule.metric, rule.threshold)
         trends = [w.r() for w in ready]
+        slopes = [w.slope() for w in ready]
         t = rule.threshold
         if rule.kind == "diverging_trends":
-            bad = trends[0] > t and trends[1] < -t
+            value = min(trends[0], -trends[1])
         else:
-            bad = all(x > t for x in trends)
-        return bad, trends[0], rule.metric, False, rule.threshold
+            value = min(trends)
+        bad = value > t
+        compared: dict[str, float] = {}
+        parts = []
+        for m, r, b in zip(rule.metrics, trends, slopes):
+            compared[f"{m}_trend_r"] = r
+            compared[f"{m}_slope_per_step"] = b
+            parts.append(f"{m} trend r={r:+.2f} (slope {b:+.3g}/step)")
+        if rule.kind == "diverging_trends":
+            detail = (
+                f"{parts[0]} while {parts[1]} over the last {rule.window} steps "
+                f"(fires when the first r > +{_fmt(t)} and the second r < -{_fmt(t)})"
+            )
+        else:
+            detail = f"{', '.join(parts)} over the last {rule.window} steps (fires when every r > +{_fmt(t)})"
+        return _Verdict(bad, value, rule.metric, t, False, compared, detail)
 
 
 def _index(sorted_list: list, value: float) -> int:
@@ -489,7 +648,7 @@ def _index(sorted_list: list, value: float) -> int:
 
 
 _RULE_FIELDS = {f.name: f for f in fields(Rule)}
-_FLOAT_KEYS = {"threshold", "clear_threshold", "spike_factor", "critical_factor"}
+_FLOAT_KEYS = {"threshold", "clear_threshold", "hard_threshold", "spike_factor", "spike_floor", "critical_factor"}
 _INT_KEYS = {"consecutive", "clear_consecutive", "warmup_steps", "window", "critical_consecutive"}
 
 
@@ -557,7 +716,7 @@ def _coerce(source: str, name: str, key: str, v: object) -> Any:
         if not isinstance(v, bool):
             raise AlertConfigError(f"{where} must be true or false, got {v!r}")
         return v
-    if key == "only_without" and v in ("", None):
+    if key in ("only_without", "relative_to", "critical_factor_of", "pushback") and v in ("", None):
         return None
     if key == "metrics":
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
@@ -574,7 +733,8 @@ def _validate(source: str, r: Rule) -> None:
         raise AlertConfigError(f"{where}.kind must be one of {', '.join(KINDS)}, got {r.kind!r}")
     if r.severity not in SEVERITIES:
         raise AlertConfigError(f"{where}.severity must be one of {', '.join(SEVERITIES)}, got {r.severity!r}")
-    for m in (r.metric, *r.metrics, *(x for x in (r.critical_factor_of, r.only_without) if x)):
+    refs = (r.critical_factor_of, r.only_without, r.relative_to, r.pushback)
+    for m in (r.metric, *r.metrics, *(x for x in refs if x)):
         if m not in METRICS:
             raise AlertConfigError(f"{where}: unknown metric {m!r} (see protocol.catalogue)")
     if "\n" in r.explanation or "\r" in r.explanation:
@@ -588,11 +748,12 @@ def _validate(source: str, r: Rule) -> None:
 
 
 def thresholds_for(metric: str, rules: tuple[Rule, ...] | list[Rule] = DEFAULT_RULES) -> list[tuple[str, str, float]]:
-    """(kind, severity, threshold) of every enabled single-metric rule on `metric` (for colouring charts)."""
+    """(kind, severity, threshold) of every enabled single-metric rule on `metric` (for colouring charts);
+    a rule relative to another metric has no fixed line in `metric`'s units and is left out."""
     return [
         (r.kind, r.severity, r.threshold)
         for r in rules
-        if r.enabled and r.metric == metric and r.kind in ("above", "below", "abs_above")
+        if r.enabled and r.metric == metric and r.kind in ("above", "below", "abs_above") and not r.relative_to
     ]
 
 
@@ -649,4 +810,3 @@ def load_run_rules(run_dir: str | Path) -> tuple[tuple[Rule, ...], str | None]:
 
 RULES_FILE = "alerts.json"
 MAX_RULES_BYTES = 1 << 20
-

@@ -74,35 +74,93 @@ def test_non_finite_fires_at_once_and_clears(metric, value):
     assert {e[2] for e in feed(AlertEngine(), recs)} == {"non_finite"}
 
 
-def test_kl_runaway_fires_hysteresis_and_escalates():
+KL_WARMUP = 100  # kl_runaway and kl_control: the adaptive controller's settling time
+
+
+def kl_rec(step: int, kl: float, coef: float, target: float = 0.1) -> dict:
+    return healthy(step, kl=kl, kl_target=target, kl_target_error=kl - target, kl_coef=coef)
+
+
+def test_kl_runaway_fires_after_two_steps_with_hysteresis_and_escalates():
     eng = AlertEngine()
-    kl = [0.05] * 3 + [0.25] + [0.19] * 10 + [0.17, 0.17, 0.17]
-    ev = only(feed(eng, [healthy(i + 1, kl=v, kl_target=0.1) for i, v in enumerate(kl)]), "kl_runaway")
-    # 0.25 fires a warning; 0.19 is between clear (0.18) and threshold (0.2): stays open
-    assert ev == [(4, "alert", "kl_runaway", "warning"), (17, "alert_cleared", "kl_runaway", "warning")]
+    feed(eng, [kl_rec(s, 0.1, 0.1) for s in range(1, KL_WARMUP)])  # past the warm-up
+    s0 = KL_WARMUP
+    kl = [0.05, 0.25, 0.05] + [0.25, 0.22] + [0.19] * 10 + [0.14] * 5
+    # the controller pushes back (kl_coef rises every step): the rule waits for its streak
+    ev = only(feed(eng, [kl_rec(s0 + i, v, 0.1 * 1.01**i) for i, v in enumerate(kl)]), "kl_runaway")
+    # one step over 0.2 is noise; two in a row fire; 0.19 sits between clear (0.15) and the
+    # threshold (0.2): stays open; five steps at 0.14 clear it
+    assert ev == [(s0 + 4, "alert", "kl_runaway", "warning"), (s0 + 19, "alert_cleared", "kl_runaway", "warning")]
+    a = eng.history[0][1]
+    assert a.first_step == s0 + 3 and a.threshold == 0.2
+    assert "0.2" in a.message() and "2 steps in a row" in a.message()
     # escalation: above 3x kl_target (0.05 -> 0.15) for 5 steps turns it critical, not before
     eng = AlertEngine()
-    ev = feed(eng, [healthy(s, kl=0.25, kl_target=0.05) for s in range(1, 5)])
-    assert only(ev, "kl_runaway") == [(1, "alert", "kl_runaway", "warning")]
-    ev = feed(eng, [healthy(5, kl=0.25, kl_target=0.05)])
-    assert only(ev, "kl_runaway") == [(5, "alert_escalated", "kl_runaway", "critical")]
-    assert eng.open["kl_runaway"].severity == "critical" and eng.most_severe().rule == "kl_runaway"
-    assert feed(eng, [healthy(s, kl=0.25, kl_target=0.05) for s in range(6, 20)]) == only(
-        [], "kl_runaway"
-    )  # escalates once
+    feed(eng, [kl_rec(s, 0.05, 0.1, 0.05) for s in range(1, KL_WARMUP)])
+    ev = feed(eng, [kl_rec(s, 0.25, 0.1 * 1.01**s, 0.05) for s in range(s0, s0 + 4)])
+    assert only(ev, "kl_runaway") == [(s0 + 1, "alert", "kl_runaway", "warning")]
+    ev = feed(eng, [kl_rec(s0 + 4, 0.25, 0.1 * 1.01 ** (s0 + 4), 0.05)])
+    assert only(ev, "kl_runaway") == [(s0 + 4, "alert_escalated", "kl_runaway", "critical")]
+    a = eng.open["kl_runaway"]
+    assert a.severity == "critical" and eng.most_severe().rule == "kl_runaway"
+    assert "over 3x kl_target = 0.15 for 5 steps" in a.message() and a.compared["kl_target"] == 0.05
+    recs = [kl_rec(s, 0.25, 0.1 * 1.01**s, 0.05) for s in range(s0 + 5, s0 + 20)]
+    assert only(feed(eng, recs), "kl_runaway") == []
     # above 0.2 but below 3x target: never critical
     eng = AlertEngine()
-    ev = feed(eng, [healthy(s, kl=0.25, kl_target=0.1) for s in range(1, 30)])
+    ev = feed(eng, [kl_rec(s, 0.25, 0.1 * 1.01**s) for s in range(s0, s0 + 30)])
     assert [e[1] for e in only(ev, "kl_runaway")] == ["alert"]
 
 
-def test_kl_control_needs_three_steps_and_clears_with_hysteresis():
+def test_kl_runaway_warm_up_lets_the_controller_overshoot_but_not_run_away():
+    """Early on the adaptive controller legitimately overshoots (to ~4.4x its target in clean
+    runs) while it raises kl_coef every step: no warning. KL over 0.2 while kl_coef stays put (a
+    zeroed, fixed or clamped penalty: nothing pushes back) fires at once, warm-up or not, and
+    so does KL past the hard threshold (1.0)."""
+    overshoot = [0.0, 0.05, 0.12, 0.2, 0.24, 0.35, 0.44, 0.31, 0.26, 0.23, 0.21, 0.18, 0.12, 0.1]
+    coef = [0.2 * 1.06**i for i in range(len(overshoot))]
+    ev = feed(AlertEngine(), [kl_rec(i + 1, v, c) for i, (v, c) in enumerate(zip(overshoot, coef))])
+    assert only(ev, "kl_runaway") == []
     eng = AlertEngine()
-    err = [0.2, 0.2, 0.0, -0.2, -0.2, -0.2, 0.13, 0.13, 0.13, 0.13, 0.1, 0.1, 0.1]
-    ev = only(feed(eng, [healthy(i + 1, kl_target_error=v) for i, v in enumerate(err)]), "kl_control")
-    assert ev == [(6, "alert", "kl_control", "warning"), (13, "alert_cleared", "kl_control", "warning")]
-    a = eng.history[0][1]
-    assert a.first_step == 4 and a.value == -0.2 and a.threshold == 0.15 and a.metric == "kl_target_error"
+    recs = [kl_rec(s, 0.02, 0.3 * 0.97**s) for s in range(1, 5)] + [kl_rec(5, 0.02, 0.0), kl_rec(6, 0.38, 0.0)]
+    ev = feed(eng, recs)
+    assert only(ev, "kl_runaway") == [(6, "alert", "kl_runaway", "warning")]
+    a = eng.open["kl_runaway"]
+    assert a.first_step == 6 and a.value == 0.38 and a.threshold == 0.2
+    assert a.compared["kl_coef_before"] == 0.0 and a.compared["kl_coef"] == 0.0
+    assert "kl_coef is not rising: 0 -> 0, nothing pushes back" in a.message(), a.message()
+    # a controller that keeps pushing but cannot hold KL: past 1.0 it fires anyway
+    eng = AlertEngine()
+    ev = feed(eng, [kl_rec(s, 0.3 * s, 0.2 * 1.06**s) for s in range(1, 6)])
+    assert only(ev, "kl_runaway") == [(4, "alert", "kl_runaway", "warning")]
+    assert "hard threshold 1" in eng.open["kl_runaway"].message()
+
+
+def test_kl_control_fires_when_the_controller_stays_saturated():
+    """kl / kl_target - 1 beyond the controller's +-0.2 clip for 30 steps in a row (after the
+    warm-up), whatever the target: the error is relative to it."""
+    eng = AlertEngine()
+    feed(eng, [healthy(s, kl=0.3, kl_target=0.1, kl_target_error=0.2) for s in range(1, KL_WARMUP)])
+    assert not eng.open.get("kl_control")  # warm-up: the controller is still settling
+    s0 = KL_WARMUP
+
+    def rec(s, kl, target=0.1):
+        return healthy(s, kl=kl, kl_target=target, kl_target_error=kl - target)
+
+    # 29 pinned steps, one back inside the band, then 30 pinned (low side): fires on the 30th
+    recs = [rec(s0 + i, 0.125) for i in range(29)] + [rec(s0 + 29, 0.11)]
+    recs += [rec(s0 + 30 + i, 0.07) for i in range(30)]
+    recs += [rec(s0 + 60 + i, 0.1) for i in range(5)]
+    ev = only(feed(eng, recs), "kl_control")
+    assert ev == [(s0 + 59, "alert", "kl_control", "warning"), (s0 + 64, "alert_cleared", "kl_control", "warning")]
+    a = next(x for e, x in eng.history if x.rule == "kl_control")
+    assert a.first_step == s0 + 30 and a.value == pytest.approx(-0.3) and a.threshold == 0.2
+    assert a.metric == "kl_target_error" and a.compared["kl_target"] == 0.1
+    assert "kl_target_error / kl_target = -0.3" in a.message()
+    # the same absolute error with a 10x larger target is inside the band: no alert
+    eng = AlertEngine()
+    recs = [rec(s, 1.03, target=1.0) for s in range(1, KL_WARMUP + 60)]
+    assert only(feed(eng, recs), "kl_control") == []
 
 
 def test_entropy_collapse():
@@ -110,6 +168,23 @@ def test_entropy_collapse():
     ent = [1.0, 0.05, 0.11, 0.11, 0.11, 0.11, 0.2, 0.2, 0.2]
     ev = only(feed(eng, [healthy(i + 1, entropy=v) for i, v in enumerate(ent)]), "entropy_collapse")
     assert ev == [(2, "alert", "entropy_collapse", "critical"), (9, "alert_cleared", "entropy_collapse", "critical")]
+
+
+def test_entropy_collapse_from_a_high_level_short_of_the_absolute_bar():
+    """A one-step fall from 2.4 to 0.22 nats/token (a sharpened policy late in a run) stops short
+    of 0.1 but is a collapse: under a fifth of the rolling median and under 0.5."""
+    eng = AlertEngine()
+    recs = [healthy(s, entropy=2.4 + 0.01 * (s % 3)) for s in range(1, 51)]
+    recs += [healthy(51, entropy=0.6)]  # a quarter of the median, but over 0.5: not yet
+    recs += [healthy(52, entropy=0.22)]
+    ev = only(feed(eng, recs), "entropy_collapse")
+    assert ev == [(52, "alert", "entropy_collapse", "critical")]
+    a = eng.open["entropy_collapse"]
+    assert a.threshold == pytest.approx(2.41 / 5) and a.compared["median"] == pytest.approx(2.41)
+    assert "is 0.09" in a.message() and "below the median / 5 and below 0.5" in a.message(), a.message()
+    # a slow, healthy decline never trips the relative bar
+    recs = [healthy(s, entropy=2.4 * 0.995**s) for s in range(1, 400)]
+    assert only(feed(AlertEngine(), recs), "entropy_collapse") == []
 
 
 def test_exploding_gradients_absolute_and_spike_over_rolling_median():
@@ -128,6 +203,25 @@ def test_exploding_gradients_absolute_and_spike_over_rolling_median():
     ]
     a = eng.history[0][1]
     assert a.value == 25.0 and a.threshold == pytest.approx(20.0)  # the bar it crossed: 10x median
+    # the message says what was compared: value, median and the factor
+    assert a.compared == {"median": 2.0, "factor": 12.5, "spike_factor": 10.0, "spike_floor": 1.0}
+    msg = a.message()
+    assert "grad_norm=25 is 12.5x its rolling median 2 " in msg and "10x the median" in msg, msg
+    assert a.to_event("alert")["compared"]["median"] == 2.0
+
+
+def test_a_spike_over_a_tiny_median_needs_the_absolute_floor():
+    """The reported false alarm: after a KL blow-up grad norms sink to ~1e-3; 0.01 is '10x the
+    median' but still a tiny gradient, below the clipping norm. It must not fire; a real spike
+    over the floor still does."""
+    eng = AlertEngine()
+    recs = [healthy(s, grad_norm=0.0003 + 0.0001 * (s % 3)) for s in range(1, 51)]
+    recs += [healthy(s, grad_norm=0.01) for s in range(51, 54)]
+    assert only(feed(eng, recs), "exploding_gradients") == []
+    ev = only(feed(eng, [healthy(54, grad_norm=1.5)]), "exploding_gradients")
+    assert ev == [(54, "alert", "exploding_gradients", "critical")]
+    a = eng.open["exploding_gradients"]
+    assert a.threshold == 1.0 and a.compared["spike_floor"] == 1.0  # the bar crossed: the floor
 
 
 def test_reward_variance_and_policy_moving_too_fast():
@@ -173,6 +267,16 @@ def test_reward_hacking_when_reward_rises_and_gold_falls():
     assert only(ev, "reward_hacking_proxy") == []  # gold is known: the proxy rule stays out
     a = eng.open["reward_hacking"]
     assert a.first_step == 20 and a.value > 0.5
+    # it says what it compared: both trends (correlation with the step, and slope), named as such
+    c = a.compared
+    assert c["reward_mean_trend_r"] > 0.5 and c["gold_reward_mean_trend_r"] < -0.5
+    assert a.value == pytest.approx(min(c["reward_mean_trend_r"], -c["gold_reward_mean_trend_r"]))
+    assert c["reward_mean_slope_per_step"] == pytest.approx(0.05, abs=0.01)
+    assert c["gold_reward_mean_slope_per_step"] == pytest.approx(-0.03, abs=0.01)
+    msg = a.message()
+    r, g = c["reward_mean_trend_r"], c["gold_reward_mean_trend_r"]
+    assert f"reward_mean trend r={r:+.2f} (slope +0.0" in msg and f"gold_reward_mean trend r={g:+.2f}" in msg, msg
+    assert "over the last 20 steps" in msg and "reward_mean=" not in msg
     # gold recovers (both rise): clears after 5 good steps
     recs = [healthy(s, reward_mean=0.05 * s, gold_reward_mean=0.05 * s) for s in range(41, 80)]
     ev = only(feed(eng, recs), "reward_hacking")
@@ -204,8 +308,8 @@ def test_every_default_rule_fires_and_alerts_carry_their_fields():
     fired = {}
     scenarios = {
         "non_finite": [healthy(1, policy_loss=math.nan)],
-        "kl_runaway": [healthy(1, kl=0.5)],
-        "kl_control": [healthy(s, kl_target_error=0.3) for s in range(1, 4)],
+        "kl_runaway": [healthy(1, kl=0.5), healthy(2, kl=0.5)],  # kl_coef stays put: fires at once
+        "kl_control": [healthy(s, kl_target_error=0.3) for s in range(1, 131)],
         "entropy_collapse": [healthy(1, entropy=0.01)],
         "exploding_gradients": [healthy(1, grad_norm=5000.0)],
         "reward_variance": [healthy(s, reward_std=3.0) for s in range(1, 3)],
@@ -228,6 +332,7 @@ def test_every_default_rule_fires_and_alerts_carry_their_fields():
         assert a.metric and isinstance(a.value, float) and isinstance(a.threshold, float)
         assert isinstance(a.first_step, int) and a.first_step >= 1
         assert a.explanation and "\n" not in a.explanation and "\n" not in a.message()
+        assert a.explanation in a.message() and f"since step {a.first_step}" in a.message()
         e = a.to_event("alert")
         for k in ("rule", "metric", "value", "threshold", "first_step", "explanation", "severity", "message"):
             assert k in e, (name, k)
@@ -255,6 +360,13 @@ def test_toml_override_threshold_disable_and_new_rule(tmp_path):
 [rules.kl_runaway]
 threshold = 0.3
 clear_threshold = 0.28
+consecutive = 1
+clear_consecutive = 3
+warmup_steps = 0
+hard_threshold = 0.5
+
+[rules.exploding_gradients]
+spike_floor = 5.0
 
 [rules.entropy_collapse]
 enabled = false
@@ -288,6 +400,8 @@ explanation = "responses got very short: check for EOS exploitation"
     new = eng.open["short_answers"]
     assert new.threshold == 4.0 and new.first_step == 4 and "EOS" in new.explanation
     assert "entropy_collapse" not in [r.name for r in eng.rules]
+    by_name = {r.name: r for r in rules}
+    assert by_name["exploding_gradients"].spike_floor == 5.0 and by_name["kl_runaway"].hard_threshold == 0.5
     # untouched rules keep their defaults
     assert {r.name: r for r in rules}["kl_control"] == {r.name: r for r in DEFAULT_RULES}["kl_control"]
 
@@ -304,6 +418,10 @@ explanation = "responses got very short: check for EOS exploitation"
         ('[rules.kl_runaway]\nkind = "sideways"', "kind must be one of"),
         ('[rules.kl_runaway]\nseverity = "doom"', "severity must be one of"),
         ('[rules.kl_runaway]\ncritical_factor_of = "kl_goal"', "unknown metric 'kl_goal'"),
+        ('[rules.kl_control]\nrelative_to = "kl_goal"', "unknown metric 'kl_goal'"),
+        ('[rules.kl_runaway]\npushback = "kl_coeff"', "unknown metric 'kl_coeff'"),
+        ('[rules.exploding_gradients]\nspike_floor = "high"', "must be a finite number"),
+        ("[rules.kl_runaway]\nhard_threshold = inf", "finite number"),
         ("[rules.kl_runaway]\nthreshold = nan", "finite number"),
         ('[rules.kl_runaway]\nexplanation = """two\nlines"""', "one line"),
         ('[rules.mine]\nmetric = "kl"', "needs kind, threshold, severity"),
