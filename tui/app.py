@@ -8,6 +8,7 @@ keys --> reactive view settings --> charts drawn again at once
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +17,12 @@ from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
+from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import Footer
 
 from protocol.alerts import Alert
+from protocol.health import acknowledge, load_acks
 from protocol.rundir import RunPaths
 from protocol.text import safe_text
 
@@ -33,11 +36,14 @@ from .follow import (
     RecordsRead,
     RunFollower,
     TargetResolved,
+    one_line,
+    post,
     resolve_target,
     spawn,
 )
 from .frames import Throttle
 from .model import RunModel
+from .samples import SamplesScreen
 from .screens import AlertListScreen, HelpScreen, RunPickerScreen, RunRow
 from .store import CHART_METRICS
 from .widgets.charts import ZOOM_STEPS, ChartView, DetailChart, MetricTile
@@ -55,6 +61,8 @@ class MonitorApp(App):
         Binding("q", "quit", "quit"),
         Binding("question_mark", "help", "keys"),
         Binding("a", "alerts", "alerts"),
+        Binding("w", "samples", "samples"),
+        Binding("c", "acknowledge", "acknowledge"),
         Binding("r", "runs", "runs"),
         Binding("left,h", "move(-1)", "", show=False),
         Binding("right,l", "move(1)", "", show=False),
@@ -108,6 +116,7 @@ class MonitorApp(App):
         self.drawn_at = 0.0
         self.chart_step: int | None = None  # last step of a chart frame
         self.first_full_screen_at: float | None = None
+        self._acks_lock = threading.Lock()
 
     # -- layout -----------------------------------------------------------------------
 
@@ -137,7 +146,44 @@ class MonitorApp(App):
     def on_mount(self) -> None:
         self.watch_selected(self.selected)
         spawn(resolve_target, self, self.target, name="open")
+        spawn(self._read_acks, name="acks")
         self.set_interval(1.0, self._tick)
+
+    # -- acknowledgements: per-user state (protocol.health), read and written off the UI thread --
+
+    class AcksRead(Message):
+        def __init__(self, acked: set[str], error: str = ""):
+            super().__init__()
+            self.acked, self.error = acked, error
+
+    def _read_acks(self) -> None:
+        post(self, self.AcksRead(load_acks()))
+
+    def _write_acks(self, keys: list[str]) -> None:
+        with self._acks_lock:
+            try:
+                msg = self.AcksRead(acknowledge(keys))
+            except OSError as e:
+                msg = self.AcksRead(set(keys), f"could not save the acknowledgement: {one_line(e)}")
+        post(self, msg)
+
+    def on_monitor_app_acks_read(self, msg: AcksRead) -> None:
+        self.model.acked |= msg.acked
+        if msg.error:
+            self.notify(safe_text(msg.error, 200), severity="warning", markup=False)
+        self._changed({"alerts"})
+
+    def action_acknowledge(self) -> None:
+        """Acknowledge every alert the verdict holds against the run (open or past): the banner
+        and header stop warning about them; an alert that fires again is a new one."""
+        keys = self.model.header_info(self.clock(), self.stall_after).verdict.unacknowledged
+        if not keys:
+            self.notify("nothing to acknowledge", markup=False)
+            return
+        self.model.acked |= set(keys)
+        spawn(self._write_acks, keys, name="acks-write")
+        self.notify(f"acknowledged {len(keys)} alert{'s' * (len(keys) != 1)}", markup=False)
+        self._changed({"alerts"})
 
     # -- the readers' messages ---------------------------------------------------------
 
@@ -201,8 +247,8 @@ class MonitorApp(App):
         through their frame rates; the first records of a run draw their charts at once."""
         m = self.model
         everything = "all" in parts
-        if everything or "alerts" in parts:
-            self.w_banner.show(m.most_severe(), len(m.open_alerts), m.corrupt, m.notice())
+        if everything or parts & {"alerts", "header"}:
+            self._draw_health()
         if everything or "events" in parts:
             self.w_events.show(m.events, self.w_events.content_size.height or 10, m.started_at)
         if everything or self.chart_step is None and len(m.store):
@@ -211,15 +257,21 @@ class MonitorApp(App):
             self.charts.request()
         self.values.request()
 
+    def _draw_health(self) -> None:
+        """The header and the banner: both from the run's verdict (unchanged text draws nothing)."""
+        h = self.model.header_info(self.clock(), self.stall_after)
+        self.w_header.show(h)
+        self.w_banner.show(h, self.model)
+
     def _tick(self) -> None:
-        """Once a second: ages, elapsed time, stalled status (the header only)."""
+        """Once a second: ages, elapsed time, stalled status (the header and banner only)."""
         if not self.values.pending:
-            self.w_header.show(self.model.header_info(self.clock(), self.stall_after))
+            self._draw_health()
 
     def _draw_values(self) -> None:
         for tile in self.w_tiles:
             tile.refresh_value()
-        self.w_header.show(self.model.header_info(self.clock(), self.stall_after))
+        self._draw_health()
         self.drawn_step = self.model.store.last_step
         self.drawn_at = time.monotonic()
         self._check_first_screen()
@@ -286,7 +338,12 @@ class MonitorApp(App):
 
     def action_alerts(self) -> None:
         m = self.model
-        self.push_screen(AlertListScreen(list(m.alert_history), {a.rule for a in m.open_alerts}), self.jump_to_alert)
+        self.push_screen(AlertListScreen(list(m.alert_history), m.paths, self.live), self.jump_to_alert)
+
+    def action_samples(self) -> None:
+        """What the policy wrote: the run's latest samples (samples.jsonl, read by a thread)."""
+        if self.model.paths is not None:
+            self.push_screen(SamplesScreen(self.model.paths, live=self.live))
 
     def jump_to_alert(self, alert: Alert | None) -> None:
         if alert is not None:

@@ -17,7 +17,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 
-from protocol.alerts import Alert, AlertEngine
+from protocol.alerts import DEFAULT_RULES, Alert, AlertEngine, load_run_rules
 from protocol.jsonl import JsonlTailer
 from protocol.rundir import RunDirError, RunPaths, effective_status, read_manifest_checked
 from protocol.steplog import StepLogTailer
@@ -48,6 +48,8 @@ class Batch:
     pending: list = field(default_factory=list)  # records whose alerts are not evaluated yet
     alerts_only: bool = False  # carries alerts (and open alerts) only
     evaluated_step: int | None = None  # with alerts_only: the last step the alerts have seen
+    rules: tuple | None = None  # the run's alert rules (alerts.json), once, with the first records
+    rules_note: str | None = None  # why the defaults are used instead (a damaged alerts.json)
 
     @property
     def empty(self) -> bool:
@@ -75,6 +77,9 @@ class RunFeed:
         self.tail_start = size - tail_bytes if size > tail_bytes else 0
         self.tailer = StepLogTailer(paths.steps, start_offset=self.tail_start)
         self.events = JsonlTailer(paths.events)
+        # the run's own rules (alerts.json), read when its first records arrive: the trainer
+        # writes the file just after run.json, before any step
+        self.rules: tuple | None = None
         self.engine = AlertEngine()
         self._resets = 0
         self._manifest_mtime = None
@@ -96,9 +101,13 @@ class RunFeed:
                 self.first_offset = self._aligned_start(before, recs)
         else:
             recs = self.tailer.poll(max_records)
+        if recs and self.rules is None:
+            self.rules, b.rules_note = load_run_rules(self.paths.root)
+            b.rules = self.rules
+            self.engine = AlertEngine(self.rules)
         if self.tailer.stats.resets != self._resets:
             self._resets = self.tailer.stats.resets
-            self.engine = AlertEngine()
+            self.engine = AlertEngine(self.rules or DEFAULT_RULES)
             self.tail_start = 0
             self.first_offset = 0
             b.reset = True
@@ -193,7 +202,7 @@ def load_history(paths: RunPaths, end_offset: int, should_stop=lambda: False, es
     once `should_stop()` is true.
     """
     older = RunStore()
-    engine = AlertEngine()
+    engine = AlertEngine(load_run_rules(paths.root)[0])  # the rules the tail is evaluated with
     alerts: list[tuple[str, Alert]] = []
     alert_from = max(0, end_offset - int(HISTORY_ALERT_RECORDS * est_bytes_per_record))
     t = StepLogTailer(paths.steps, with_offsets=True)

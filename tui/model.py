@@ -9,12 +9,16 @@ No Textual and no file IO here: every value that came from a run file is checked
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from protocol.alerts import Alert, most_severe
+from protocol.alerts import DEFAULT_RULES, Alert, Rule, most_severe
+from protocol.events import alert_timeline
+from protocol.health import Verdict, run_verdict
 from protocol.rundir import RunPaths
 from protocol.text import safe_text
 
+from .braille import fmt_value
 from .store import CHART_METRICS, RunStore
 
 # An alert on a metric without its own chart jumps to the chart that tells its story.
@@ -55,11 +59,13 @@ class HeaderInfo:
     age_s: float | None = None
     corrupt: int = 0
     loading: str = ""  # "history 40%" while the background load runs
+    verdict: Verdict = field(default_factory=lambda: run_verdict([], "…", ""))  # the run's health
 
 
 class RunModel:
     def __init__(self):
         self.store = RunStore()
+        self.acked: set[str] = set()  # the user's acknowledged alerts (all runs; protocol.health)
         self.reset(None)
 
     def reset(self, paths: RunPaths | None) -> None:
@@ -79,6 +85,11 @@ class RunModel:
         self.last_arrival: float | None = None  # wall clock of the last batch with records
         self.history_done = False  # the whole log is in the store
         self.alerts_step: int | None = None  # the last step the live alert engine has evaluated
+        # the rules the alerts are evaluated with: the run's alerts.json (defaults until it is read)
+        self.rules: tuple[Rule, ...] = DEFAULT_RULES
+        self.rules_note = ""  # why the defaults are used (a damaged alerts.json)
+        self.alerts_version = 0  # bumped when alert_history changes (episodes are cached on it)
+        self._episodes: tuple[tuple, list[dict[str, Any]]] | None = None
 
     @property
     def run_id(self) -> str:
@@ -89,9 +100,14 @@ class RunModel:
     def apply_batch(self, batch, now: float) -> set[str]:
         """Take in a `feed.Batch`; return what changed: data, alerts, events, header, notice."""
         changed: set[str] = set()
+        if batch.rules is not None:
+            self.rules = tuple(batch.rules)
+            self.rules_note = batch.rules_note or ""
+            changed |= {"alerts", "data"}  # thresholds and colours follow the run's rules
         if batch.reset:
             self.store.clear()
             self.alert_history = []
+            self.alerts_version += 1
             changed |= {"data", "alerts", "reset"}
         if batch.cols and batch.cols["step"]:
             self.store.extend(batch.cols)
@@ -99,6 +115,7 @@ class RunModel:
             changed.add("data")
         if batch.alerts:
             self.alert_history.extend(batch.alerts)
+            self.alerts_version += 1
         if batch.alerts or [a.rule for a in batch.open_alerts] != [a.rule for a in self.open_alerts]:
             changed.add("alerts")
         self.open_alerts = batch.open_alerts
@@ -131,6 +148,7 @@ class RunModel:
         older, alerts, _open_at_end, corrupt = result
         self.store.prepend(older)
         self.alert_history[:0] = alerts
+        self.alerts_version += 1
         self.history_corrupt = corrupt
         self.corrupt += corrupt
         self.loading = ""
@@ -159,6 +177,8 @@ class RunModel:
     def notice(self) -> str:
         """One line on what could not be read, "" when everything could."""
         parts = []
+        if self.rules_note:
+            parts.append(safe_text(self.rules_note, 200))
         if self.problem:
             parts.append(safe_text(self.problem, 200))
         if self.skipped:
@@ -190,7 +210,49 @@ class RunModel:
             age_s=age,
             corrupt=self.corrupt,
             loading=self.loading,
+            verdict=self.verdict(status),
         )
+
+    # -- the run's health: what happened, not only what is open now ----------------------------
+
+    def episodes(self) -> list[dict[str, Any]]:
+        """The alert episodes of the run as the live engine saw them, in the shape of
+        `protocol.events.alert_timeline` (the same replay, fed the engine's events). An episode
+        left open by the history's own engine (it stops where the tail begins) is open only
+        if the live engine still has it open."""
+        live = {(a.rule, a.first_step) for a in self.open_alerts}
+        key = (self.alerts_version, frozenset(live))
+        if self._episodes is None or self._episodes[0] != key:
+            events = [{"event": ev, **a.to_event(ev)} for ev, a in self.alert_history]
+            eps = alert_timeline(events)
+            for ep in eps:
+                if ep["open"] and (ep["rule"], ep["first_step"]) not in live:
+                    ep["open"] = False
+            self._episodes = (key, eps)
+        return self._episodes[1]
+
+    def verdict(self, status: str | None = None) -> Verdict:
+        """`protocol.health.run_verdict` of the run (status as shown: 'stalled' included)."""
+        run_id = self.paths.run_id if self.paths else ""
+        root = self.paths.root if self.paths else None
+        return run_verdict(self.episodes(), status or self.status, run_id, self.acked, root)
+
+    def rule(self, name: object) -> Rule | None:
+        return next((r for r in self.rules if r.name == name), None)
+
+    def now_text(self, ep: dict[str, Any]) -> str:
+        """The current values of the metrics an episode's rule looks at ('reward_mean 1.126,
+        gold_reward_mean -0.377'), "" when the store has none."""
+        rule = self.rule(ep.get("rule"))
+        metrics = list(rule.metrics) if rule is not None and rule.metrics else [ep.get("metric")]
+        parts = []
+        for m in metrics:
+            if isinstance(m, str) and m in self.store.columns and self.store.columns[m].present:
+                parts.append(f"{safe_text(m, 40)} {fmt_value(self.store.value(m))}")
+        return ", ".join(parts)
+
+    def open_alert(self, rule: object) -> Alert | None:
+        return next((a for a in self.open_alerts if a.rule == rule), None)
 
     def selected_chart(self, alert: Alert) -> int | None:
         """The grid index of the chart that shows `alert`, if it has one."""

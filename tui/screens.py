@@ -31,14 +31,20 @@ HELP = """\
   t             x axis: step / wall time
   z             zoom: whole run → last 10k → 1k → 200 steps
   f             follow the live end again (after jumping to an alert)
-  a             alert list (Enter jumps the charts to the alert's step)
+  a             alert list (Enter jumps the charts to the alert's step, w shows its samples)
+  w             samples: what the policy wrote (latest first; from the alert list, that step's)
+  c             acknowledge the alerts the banner holds against the run (open or cleared);
+                until then a run that had a critical alert stays red, even after it cleared
   r             run picker (Enter opens a run)
   1 2 3         run trainerd verify m1 / m2 / m3 on this run;  x cancels
   ?             this help;  q quit
 [b]Reading the screen[/b]
   values are green / yellow / red against the alert thresholds;
   [white on red]N[/] marks a NaN, [red]▲[/] / [red]▼[/] an ±Inf; ▲ under the detail chart marks an alert;
-  the banner shows the most severe open alert (alerts are evaluated here, live).
+  the banner is the run's verdict: the open alert that came first (the likely cause, with
+  its full explanation) and the others as its likely consequences; an alert that cleared
+  stays until you acknowledge it (c); a crashed, stopped or stalled run says what to run next.
+  Alerts are evaluated here, live, with the rules the run was started with (its alerts.json).
 """
 
 
@@ -51,36 +57,74 @@ class HelpScreen(ModalScreen[None]):
 
 
 class AlertListScreen(ModalScreen[Alert | None]):
-    BINDINGS = [Binding("escape,a,q", "dismiss", "close")]
+    """Every alert event of the run, newest first, each with its full explanation; Enter jumps
+    the charts to the alert's step, `w` shows the samples of that step."""
 
-    def __init__(self, alerts: list[tuple[str, Alert]], open_rules: set[str]):
+    BINDINGS = [
+        Binding("escape,a,q", "dismiss", "close"),
+        Binding("w", "samples", "samples of its step"),
+    ]
+
+    def __init__(self, alerts: list[tuple[str, Alert]], paths: RunPaths | None = None, live: bool = True):
         super().__init__()
         self.alerts = alerts
+        self.paths = paths
+        self.live = live
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Static(Text("Alerts (Enter: jump the charts to its step, Esc: close)", "bold"))
+            yield Static(
+                Text("Alerts (Enter: jump the charts to its step, w: samples of its step, Esc: close)", "bold")
+            )
             yield DataTable(id="alert-table", cursor_type="row", zebra_stripes=True)
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        table.add_columns("step", "event", "severity", "rule", "metric", "value", "explanation")
+        for name, width in (("step", 8), ("event", 15), ("severity", 8), ("rule", 20), ("metric", 18), ("value", 9)):
+            table.add_column(name, width=width)
+        table.add_column("explanation", width=max(30, self.app.size.width - 120))
         for i, (ev, a) in enumerate(reversed(self.alerts)):
             sev_style = {"critical": "bold red", "warning": "yellow"}.get(a.severity, "")
-            step = a.cleared_step if ev == "alert_cleared" and a.cleared_step else a.first_step
             table.add_row(  # Text cells: a str cell would be read as markup
-                Text(f"{step:,}"),
+                Text(f"{self.step_of(ev, a):,}"),
                 Text(ev),
                 Text(safe_text(a.severity, 20), sev_style),
                 Text(safe_text(a.rule, 60)),
                 Text(safe_text(a.metric, 60)),
                 Text(fmt_value(a.value)),
-                Text(safe_text(a.explanation, 80)),
+                Text(safe_text(a.explanation, 2000)),  # in full: the row is as tall as it needs
                 key=str(len(self.alerts) - 1 - i),
+                height=None,
             )
         if not self.alerts:
             table.add_row(Text("—"), Text("no alerts so far"), "", "", "", "", "")
         table.focus()
+
+    @staticmethod
+    def step_of(ev: str, a: Alert) -> int:
+        """The step an event happened at: cleared at its clear step, fired at its first step."""
+        return a.cleared_step if ev == "alert_cleared" and a.cleared_step else a.first_step
+
+    def _selected(self) -> tuple[str, Alert] | None:
+        table = self.query_one(DataTable)
+        if not self.alerts or table.row_count == 0:
+            return None
+        key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        return self.alerts[int(key)] if key is not None and key.isdigit() else None
+
+    def action_samples(self) -> None:
+        """The samples of the highlighted alert's step: the step it fired (or escalated, or
+        cleared) at, where the trainer writes samples, or the nearest step that has some."""
+        from .samples import SamplesScreen  # samples imports follow, as this module does
+
+        picked = self._selected()
+        if picked is None or self.paths is None:
+            return
+        ev, a = picked
+        step = a.cleared_step if ev == "alert_cleared" and a.cleared_step else a.step
+        what = {"alert": "fired", "alert_escalated": "escalated", "alert_cleared": "cleared"}.get(ev, ev)
+        why = f"{safe_text(a.rule, 60)} {what} there"
+        self.app.push_screen(SamplesScreen(self.paths, around=step, why=why, live=self.live))
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         key = event.row_key.value

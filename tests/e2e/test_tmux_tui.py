@@ -29,6 +29,9 @@ GEN_RUN = [sys.executable, str(ROOT / "scripts" / "gen_run.py")]
 TMUX = shutil.which("tmux") or "/usr/bin/tmux"
 HAVE_TMUX = Path(TMUX).exists()
 STEP_RE = r"step (\d[\d,]*)/(\d[\d,]*)"
+# a row of the samples view: step, reason, pick, reward, gold, KL, length, prompt, response
+NUM = r"-?\d[\d.e+-]*"
+SAMPLE_RE = rf"\b\d+\s+(periodic|alert)\s+(best|worst|random)\s+{NUM}\s+{NUM}\s+{NUM}\s+\d+\s+\w+"
 
 pytestmark = pytest.mark.e2e
 
@@ -122,10 +125,12 @@ def test_live_trainer_run_in_tmux(tmp_path, need_tmux):
         pane = _start_tui(session, runs)
         pane.wait_for(r"RLHF", timeout=20)
 
-        # the header's step climbs while the trainer writes: sample it until the run ends
+        # the header's step climbs while the trainer writes: sample it until the run ends; once
+        # the run has passed its first sample step (10), `w` opens the samples view of the live run
         seen: list[int] = []
         total = None
         screen = ""
+        sample_line = None
         deadline = time.monotonic() + 75
         while time.monotonic() < deadline:
             screen = pane.capture()
@@ -134,9 +139,19 @@ def test_live_trainer_run_in_tmux(tmp_path, need_tmux):
                 step, total = int(m.group(1).replace(",", "")), int(m.group(2).replace(",", ""))
                 if not seen or step != seen[-1]:
                     seen.append(step)
+                if sample_line is None and step > 10 and step < total - 5:
+                    t = time.monotonic()
+                    pane.send("w")
+                    sample_line = pane.wait_for(SAMPLE_RE, timeout=15).group(0)
+                    print(f"a sample on screen {time.monotonic() - t:.2f} s after w: {sample_line!r}")
+                    assert "latest samples of" in pane.capture()
+                    pane.send("Escape")
+                    time.sleep(0.3)
+                    continue
             if "FINISHED" in screen:
                 break
             time.sleep(0.15)
+        assert sample_line is not None, f"the samples view was never opened on the live run: {seen}"
         print("steps seen on screen:", seen)
         assert "FINISHED" in screen, f"the run never showed FINISHED; trainer rc={writer.poll()}; screen:\n{screen}"
         assert seen == sorted(seen), f"the step went backwards on screen: {seen}"

@@ -14,6 +14,7 @@ from textual.reactive import reactive
 from textual.strip import Strip
 from textual.widget import Widget
 
+from protocol.alerts import DEFAULT_RULES
 from protocol.catalogue import METRICS
 
 from ..braille import ChartSpec, HLine, Line, Runs, draw_runs, ema, finite_range, fmt_value, padded
@@ -98,7 +99,7 @@ def chart_lines(
     if thresholds and yr:
         lo, hi = yr
         span = (hi - lo) or abs(hi) or 1.0
-        for y, sev in threshold_values(key):
+        for y, sev in threshold_values(key, rules if rules is not None else DEFAULT_RULES):
             hl.append(HLine(y, SEVERITY_STYLE.get(sev, "yellow")))
             if lo - span <= y <= hi + span:  # near enough to be worth the squashing
                 lo, hi = min(lo, y), max(hi, y)
@@ -224,7 +225,7 @@ class MetricTile(StripWidget):
         comp = COMPANIONS.get(self.metric)
         comp = comp if comp and store.columns[comp].present else None
         cval = store.value(comp) if comp else None
-        level = level_for(self.metric, value, self.model.open_alerts)
+        level = level_for(self.metric, value, self.model.open_alerts, self.model.rules)
         # fmt_value strings, not floats: a change below the shown precision draws nothing
         return (fmt_value(value), level, fmt_value(cval) if comp else None, width), (value, comp, cval, level)
 
@@ -328,7 +329,7 @@ class DetailChart(StripWidget):
             return [[("waiting for records…", "grey50")]]
         label_w = 10
         cw = w - label_w - 1
-        body, yr, main = chart_lines(store, self.metric, view, cw, h - 2, thresholds=True)
+        body, yr, main = chart_lines(store, self.metric, view, cw, h - 2, thresholds=True, rules=self.model.rules)
         lo, hi = yr if yr else (0.0, 1.0)
         out: list[Runs] = []
         for i, line in enumerate(body):

@@ -7,12 +7,12 @@ import math
 from rich.text import Text
 from textual.widgets import Static
 
-from protocol.alerts import Alert
 from protocol.catalogue import STAGES, stage_shares
+from protocol.health import Verdict, describe_past, worst_severity
 from protocol.text import safe_text
 
 from ..braille import fmt_value
-from ..model import HeaderInfo, finite
+from ..model import HeaderInfo, RunModel, finite
 from ..store import RunStore
 from .charts import _fmt_duration
 
@@ -27,12 +27,23 @@ STATUS_STYLE = {
 SPARK = "▁▂▃▄▅▆▇█"
 
 
+LEVEL_STYLE = {"critical": "bold white on red", "warning": "bold black on yellow"}
+LEVEL_BADGE = {"critical": "⛔ CRITICAL", "warning": "⚠ WARNING"}
+
+
 class RunHeader(Static):
     def show(self, h: HeaderInfo) -> None:
         t = Text(no_wrap=True, overflow="ellipsis")
         t.append(" RLHF ", "bold black on bright_cyan")
         t.append(f" {safe_text(h.run_id)} ", "bold")
-        t.append(f" {safe_text(h.status).upper()} ", STATUS_STYLE.get(h.status, "bold"))
+        level = h.verdict.level
+        style = STATUS_STYLE.get(h.status, "bold")
+        if level != "healthy" and h.status in ("running", "finished"):
+            style = "bold"  # never green (or calm cyan) on a run whose verdict is not healthy
+        t.append(f" {safe_text(h.status).upper()} ", style)
+        if level in LEVEL_BADGE:  # an alert open or one that fired, not yet acknowledged
+            t.append(" ")
+            t.append(f" {LEVEL_BADGE[level]} ", LEVEL_STYLE[level])
         step = "—" if h.step is None else f"{h.step:,}"
         if h.total_steps:
             step += f"/{h.total_steps:,}"
@@ -51,43 +62,99 @@ class RunHeader(Static):
         _update(self, t)
 
 
-class AlertBanner(Static):
-    """The most severe open alert with its explanation; corruption counts and what could not
-    be read (`notice`, one line) show here too."""
+SEVERITY_ICON = {"critical": "⛔", "warning": "⚠"}
+BAD_STATUS = ("crashed", "failed")
 
-    def show(self, alert: Alert | None, n_open: int, corrupt: int, notice: str = "") -> None:
-        self.remove_class("-critical", "-warning", "-ok")
-        t = Text(overflow="ellipsis")
-        if alert is None and not corrupt and not notice:
-            self.add_class("-ok")
-            t.append("✔ no open alerts", "bold")
-            t.append("   a: alert list", "dim")
-        elif alert is None:
-            self.add_class("-warning")
-            if notice:
-                t.append(f"✖ {safe_text(notice)}", "bold")
-            if corrupt:
-                t.append("  " if notice else "")
-                t.append(f"✖ step log: {corrupt} corrupt frame{'s' * (corrupt != 1)} skipped", "bold")
-                t.append(" (bad bytes on disk; the records around them are intact)")
-            t.append("   a: alert list")
+
+class AlertBanner(Static):
+    """The run's verdict (`protocol.health.run_verdict`): what to do about the run's state,
+    the open alert to read first (the root cause: the earliest) with its full explanation and
+    the others named as its likely consequences, or an alert that fired and cleared, until the
+    user acknowledges it. Corruption counts and what could not be read (one line) show here too."""
+
+    def show(self, h: HeaderInfo, model: RunModel) -> None:
+        v = h.verdict
+        corrupt, notice = model.corrupt, model.notice()
+        lines: list[Text] = []
+        if v.next_step:
+            line = Text()
+            line.append(f"✖ {safe_text(h.status).upper()}: ", "bold")
+            line.append(safe_text(v.next_step))
+            lines.append(line)
+        if v.cause is not None:
+            lines.extend(self._open(v, model))
+        elif v.past:
+            lines.extend(self._past(v, model))
+        problems = Text()
+        if notice:
+            problems.append(f"✖ {safe_text(notice)}", "bold")
+        if corrupt:
+            problems.append("  " if notice else "")
+            problems.append(f"✖ step log: {corrupt} corrupt frame{'s' * (corrupt != 1)} skipped", "bold")
+            problems.append(" (bad bytes on disk; the records around them are intact)")
+        if problems.plain:
+            lines.append(problems)
+        if not lines:
+            ok = Text()
+            ok.append(f"✔ {v.headline}", "bold")
+            lines.append(ok)
+        keys = "   a: alert list · w: samples" + (" · c: acknowledge" if v.unacknowledged else "")
+        lines[-1].append(keys, "dim")
+        if v.level == "critical" or h.status in BAD_STATUS:
+            cls = "-critical"
+        elif v.level == "warning" or v.next_step or problems.plain:
+            cls = "-warning"
+        elif v.cause is not None:
+            cls = "-acked"  # open, but acknowledged by the user
         else:
-            self.add_class("-critical" if alert.severity == "critical" else "-warning")
-            head = f"{'⛔' if alert.severity == 'critical' else '⚠'} {alert.severity.upper()} {alert.rule}: "
-            t.append(safe_text(head), "bold")
-            t.append(
-                safe_text(f"{alert.metric}={fmt_value(alert.value)} (threshold {fmt_value(alert.threshold)}) ")
-                + f"since step {alert.first_step:,}"
-            )
-            more = n_open - 1
-            if more > 0:
-                t.append(f"  (+{more} more)")
-            if corrupt:
-                t.append(f"  ✖ {corrupt} corrupt frames")
-            if notice:
-                t.append(f"  ✖ {safe_text(notice)}")
-            t.append(f"\n{safe_text(alert.explanation)}   a: alert list")
+            cls = "-ok"
+        for c in ("-critical", "-warning", "-ok", "-acked"):
+            self.set_class(c == cls, c)
+        t = Text("\n", overflow="ellipsis").join(lines)
         _update(self, t, layout=True)
+
+    @staticmethod
+    def _open(v: Verdict, model: RunModel) -> list[Text]:
+        cause = v.cause
+        assert cause is not None
+        alert = model.open_alert(cause.get("rule"))
+        severity = str(alert.severity if alert is not None else cause.get("severity"))
+        head = Text()
+        head.append(f"{SEVERITY_ICON.get(severity, '⚠')} {safe_text(severity.upper(), 20)} ", "bold")
+        head.append(safe_text(cause.get("rule"), 60), "bold")
+        if alert is not None:  # what the rule compared (a spike's median, both trends of a trend rule...)
+            detail = getattr(alert, "detail", "")
+            what = detail or f"{alert.metric}={fmt_value(alert.value)} (threshold {fmt_value(alert.threshold)})"
+            head.append(": " + safe_text(what))
+        head.append(f" since step {safe_text(cause.get('first_step'), 20)}")
+        if v.consequences:
+            others = ", ".join(safe_text(e.get("rule"), 60) for e in v.consequences)
+            head.append(f"; likely consequences: {others}", "bold")
+        lines = [head, Text(safe_text(cause.get("explanation") or cause.get("message") or ""))]
+        if v.past:
+            lines.append(Text("earlier: " + _past_line(v, model)))
+        return lines
+
+    @staticmethod
+    def _past(v: Verdict, model: RunModel) -> list[Text]:
+        ep = v.past[0]
+        head = Text()
+        head.append(f"{SEVERITY_ICON.get(worst_severity(ep), '⚠')} ", "bold")
+        head.append(_past_line(v, model), "bold")
+        return [head, Text(safe_text(ep.get("explanation") or ep.get("message") or ""))]
+
+
+def _past_line(v: Verdict, model: RunModel) -> str:
+    """'reward_hacking was critical at steps 20-32, value then 0.9359; now reward_mean 1.126,
+    gold_reward_mean -0.3773 (cleared, not acknowledged)'."""
+    ep = v.past[0]
+    now = model.now_text(ep)
+    text = safe_text(describe_past(ep)) + (f"; now {now}" if now else "")
+    if not ep.get("open") and ep.get("cleared_step") is not None:
+        text += " (cleared, not acknowledged)"
+    else:
+        text += " (not acknowledged)"
+    return text + (f" (+{len(v.past) - 1} more)" if len(v.past) > 1 else "")
 
 
 class ProfilerPanel(Static):
