@@ -285,14 +285,6 @@ def _num(v: object) -> float | None:
         return math.inf if v > 0 else -math.inf
 
 
-def _trend(values: list[float]) -> float:
-    """Pearson correlation of values with their index: +1 rising steadily, -1 falling."""
-    t = RollingTrend(max(len(values), 1))
-    for v in values:
-        t.push(v)
-    return t.r()
-
-
 class RollingTrend:
     """Pearson r of the last `window` values against their position, kept in O(1) per value.
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import secrets
 import socket
 import stat
@@ -522,3 +523,22 @@ def read_events(paths: RunPaths, stats: jsonl.LineStats | None = None) -> list[d
     `jsonl.MAX_LINE` bytes are skipped and counted in `stats` if given. Raises `RunDirError`
     if events.jsonl is not a regular file in the run dir."""
     return jsonl.read_jsonl(paths.events, root=paths.root, stats=stats)
+
+
+_CHECKPOINT_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def list_checkpoints(paths: RunPaths) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete checkpoint, oldest first: the writer renames a finished
+    temp dir to `checkpoints/step_NNNNNN`, so only complete ones have that name. A link is not
+    a checkpoint. [] if there are none or the folder cannot be read."""
+    try:
+        entries = list(paths.checkpoints.iterdir())
+    except OSError:
+        return []
+    out = []
+    for d in entries:
+        m = _CHECKPOINT_DIR.match(d.name)
+        if m and not d.is_symlink() and d.is_dir():
+            out.append((int(m.group(1)), d))
+    return sorted(out)

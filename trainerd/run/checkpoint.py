@@ -11,20 +11,16 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import re
 import shutil
 from pathlib import Path
 
 import torch
 
-from protocol.rundir import RunPaths
+from protocol.rundir import RunPaths, list_checkpoints
 
 STATE_FILE = "state.pt"
 SUMS_FILE = "SHA256SUMS"
 FORMAT_VERSION = 1
-_STEP_DIR = re.compile(r"^step_(\d{6,})$")
-
-
 from trainerd.errors import CheckpointError
 
 
@@ -90,16 +86,6 @@ def _entries(paths: RunPaths) -> list[Path]:
         return list(paths.checkpoints.iterdir())
     except OSError:
         return []
-
-
-def list_checkpoints(paths: RunPaths) -> list[tuple[int, Path]]:
-    """(step, dir) of every complete (renamed-into-place) checkpoint, oldest first."""
-    out = []
-    for d in _entries(paths):
-        m = _STEP_DIR.match(d.name)
-        if m and d.is_dir():
-            out.append((int(m.group(1)), d))
-    return sorted(out)
 
 
 def remove_partial_checkpoints(paths: RunPaths) -> list[str]:

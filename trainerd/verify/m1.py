@@ -36,7 +36,7 @@ from pathlib import Path
 
 from protocol import catalogue
 from protocol.jsonl import read_jsonl
-from protocol.rundir import RunDirError, RunPaths, read_events, read_manifest, resolve_run
+from protocol.rundir import RunDirError, RunPaths, list_checkpoints, read_events, read_manifest, resolve_run
 from protocol.steplog import read_steplog
 from trainerd.run.resume_check import check_step_sequence, first_difference
 from trainerd.verify.harness import (
@@ -121,12 +121,8 @@ def run_killed_at(
 
 
 def checkpoint_steps(paths: RunPaths) -> list[int]:
-    """Steps of the complete checkpoints (the trainer renames a finished temp dir to step_NNNNNN)."""
-    try:
-        names = [d.name for d in paths.checkpoints.iterdir() if d.is_dir()]
-    except OSError:
-        return []
-    return sorted(int(n[5:]) for n in names if n.startswith("step_") and n[5:].isdigit())
+    """Steps of the complete checkpoints."""
+    return [step for step, _ in list_checkpoints(paths)]
 
 
 def records_of(paths: RunPaths) -> list[dict]:
