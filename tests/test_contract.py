@@ -159,6 +159,82 @@ def test_dynamic_tui_never_loads_torch_or_trainerd():
     assert res["failed"] == {}, f"tui modules failed to import: {res['failed']}"
 
 
+# -- adapters: other frameworks' runs ---------------------------------------------------------------
+# adapters/ may import the stdlib, msgpack, protocol and itself at module level; tensorboard,
+# transformers, trl, torch and numpy only inside functions (importing it must stay cheap: the
+# monitor imports its readers), except adapters/hf.py, the transformers callback, which is
+# imported only by a training script. It never imports trainerd or tui; protocol never imports it.
+ADAPTERS_LAZY = {"tensorboard", "transformers", "trl", "torch", "numpy"}
+ADAPTERS_TOP_LEVEL_EXCEPTIONS = {"adapters.hf": {"transformers"}}
+
+
+def _top_level_imports(path: Path, mod: str | None = None) -> list[tuple[int, str]]:
+    """Imports executed when the module is imported (not those inside a function)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    inner: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            inner |= {id(n) for n in ast.walk(node) if n is not node}
+    out = imported_names(path, mod)
+    lines_inside = {
+        n.lineno for n in ast.walk(tree) if id(n) in inner and isinstance(n, (ast.Import, ast.ImportFrom, ast.Call))
+    }
+    return [(ln, n) for ln, n in out if ln not in lines_inside]
+
+
+def _adapters_violations(module: str, names, top_level) -> list:
+    bad = [(ln, n) for ln, n in names if n.split(".")[0] in ("trainerd", "tui") or n.startswith("<")]
+    allowed = {"msgpack", "protocol", "adapters"} | ADAPTERS_TOP_LEVEL_EXCEPTIONS.get(module, set())
+    for ln, n in top_level:
+        top = n.split(".")[0]
+        if top not in STDLIB and top not in allowed:
+            bad.append((ln, n))
+    for ln, n in names:  # anything else, even lazily, must be one of the known optional packages
+        top = n.split(".")[0]
+        if top not in STDLIB and top not in allowed and top not in ADAPTERS_LAZY and (ln, n) not in bad:
+            bad.append((ln, n))
+    return bad
+
+
+def test_static_adapters_imports():
+    files = _files("adapters")
+    assert files, "adapters/ has no modules"
+    bad = {}
+    for f in files:
+        mod = _module_name(f)
+        if v := _adapters_violations(mod, imported_names(f), _top_level_imports(f)):
+            bad[str(f.relative_to(ROOT))] = v
+    assert bad == {}, f"adapters/ imports what it may not: {bad}"
+    for pkg in ("protocol",):
+        hits = {str(f.relative_to(ROOT)) for f in _files(pkg) for _, n in imported_names(f) if n.startswith("adapters")}
+        assert hits == set(), f"{pkg} must not import adapters: {hits}"
+
+
+def test_adapters_checker_catches_violations(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import torch\nfrom trainerd import cli\ndef f():\n    import tensorboard\n    import pandas\n")
+    names = imported_names(probe, "adapters.probe")
+    got = {n for _, n in _adapters_violations("adapters.probe", names, _top_level_imports(probe, "adapters.probe"))}
+    assert got == {"torch", "trainerd", "pandas"}
+
+
+def test_dynamic_importing_adapters_loads_no_training_stack():
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, adapters, adapters.sources, adapters.logger, adapters.aliases, tui.adapted; "
+            "print(sorted({'torch', 'transformers', 'trl', 'tensorboard', 'trainerd'} & set(sys.modules)))",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
 # -- inside trainerd: the subpackages are layers ------------------------------------------------------
 # rl/ is the algorithm (task, models, PPO math): it knows nothing of runs, files or checks.
 # tools/ (profiler, report, fault injection) may use rl/; run/ (the loop, lifecycle, checkpoints,

@@ -37,7 +37,9 @@ from protocol.text import safe_text
     help="seconds without a record before a running run shows as stalled",
 )
 def cli(path: str | None, fps: float, chart_fps: float, stall_after: float) -> None:
-    """Watch an RLHF run live. PATH: a run dir or a runs dir (default runs/latest)."""
+    """Watch an RLHF run live. PATH: a run dir or a runs dir (default runs/latest), or another
+    framework's run: a TensorBoard log dir, veRL's file-logger JSONL, a metrics JSONL/CSV with
+    an rlhf-map.toml mapping."""
     target = path or os.path.join("runs", "latest")
     problem = check_target(target)
     if problem:
@@ -64,11 +66,28 @@ def check_target(target: str) -> str:
             if not os.access(p, os.R_OK | os.X_OK):
                 return f"cannot read {safe_text(str(p))}: permission denied"
     except RunDirError as e:
-        return safe_text(str(e))
+        if not os.path.exists(target):
+            return safe_text(str(e))
+        return _check_adapted(target)
     except OSError as e:  # e.g. a run dir with mode 000 (run.json cannot even be looked for)
         return f"cannot read {safe_text(str(e.filename or target))}: {e.strerror or e}"
     except ValueError as e:  # a path with a NUL byte
         return f"bad path {safe_text(repr(target))}: {safe_text(str(e))}"
+    return ""
+
+
+def _check_adapted(target: str) -> str:
+    """A path that is not a kit run: another framework's run (adapters.sources), or one line
+    naming the formats looked for. Detection reads directory listings and first lines only."""
+    from adapters.sources import SourceError, detect, not_recognised
+
+    try:
+        if detect(target) is None:
+            return not_recognised(target)
+    except SourceError as e:
+        return safe_text(str(e))
+    except OSError as e:
+        return f"cannot read {safe_text(str(e.filename or target))}: {e.strerror or e}"
     return ""
 
 

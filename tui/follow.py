@@ -19,6 +19,7 @@ from textual.message import Message
 
 from protocol.rundir import RunDirError, RunPaths, resolve_run
 
+from .adapted import AdaptedFeed, AdaptedPaths, adapted_target
 from .feed import BATCH_RECORDS, TAIL_BYTES, Batch, RunFeed, load_history
 
 
@@ -126,8 +127,19 @@ def runs_dir_of(target: Path) -> Path | None:
 
 def resolve_target(app, target: Path) -> None:
     try:
-        paths = RunPaths(resolve_run(target).root.resolve())  # `latest` -> the run's real name
-        msg = TargetResolved(paths, runs_dir_of(target))
+        try:
+            paths = RunPaths(resolve_run(target).root.resolve())  # `latest` -> the run's real name
+            msg = TargetResolved(paths, runs_dir_of(target))
+        except RunDirError as e:  # not a kit run: another framework's run (adapters), or this line
+            from adapters.sources import SourceError, not_recognised
+
+            try:
+                adapted = adapted_target(target) if Path(target).exists() else None
+            except SourceError as se:  # a mapping file that is there but wrong
+                raise RunDirError(str(se)) from None
+            if adapted is None:
+                raise RunDirError(not_recognised(target) if Path(target).exists() else str(e)) from None
+            msg = TargetResolved(adapted, None)
     except Exception as e:  # RunDirError, PermissionError, ...: the app exits with this one line
         msg = TargetResolved(None, None, one_line(e))
     post(app, msg)
@@ -164,7 +176,10 @@ class RunFollower:
         return post(self.app, RecordsRead(self.token, batch), self.stop)
 
     def _follow(self) -> None:
-        feed = RunFeed(self.paths, tail_bytes=self.tail_bytes)
+        if isinstance(self.paths, AdaptedPaths):
+            feed = AdaptedFeed(self.paths)
+        else:
+            feed = RunFeed(self.paths, tail_bytes=self.tail_bytes)
         history_started = False
 
         def drain() -> bool:
@@ -216,17 +231,21 @@ class RunFollower:
     def _wake_ups(self):
         """Yield when the run dir changed (watchfiles), or every second anyway: a slow poll
         covers file systems that send no notifications (NFS) and the `latest` link."""
+        root, recursive = self.paths.root, False
+        if isinstance(self.paths, AdaptedPaths):  # a file (veRL's JSONL) or a tree (TensorBoard)
+            recursive = root.is_dir()
+            root = root if recursive else root.parent
         try:
             from watchfiles import watch
 
             for _changes in watch(
-                self.paths.root,
+                root,
                 stop_event=self.stop,
                 debounce=20,
                 step=10,
                 rust_timeout=1000,
                 yield_on_timeout=True,
-                recursive=False,
+                recursive=recursive,
                 raise_interrupt=False,
             ):
                 yield

@@ -18,6 +18,7 @@ from protocol.health import Verdict, run_verdict
 from protocol.rundir import RunPaths
 from protocol.text import safe_text
 
+from .adapted import header_suffix
 from .braille import fmt_value
 from .store import CHART_METRICS, RunStore
 
@@ -93,7 +94,8 @@ class RunModel:
 
     @property
     def run_id(self) -> str:
-        return safe_text(self.paths.run_id, 80) if self.paths else "—"
+        """The run's name; for another framework's run also which one and what it lacks."""
+        return safe_text(self.paths.run_id, 80) + header_suffix(self.manifest) if self.paths else "—"
 
     # -- changes ------------------------------------------------------------------------
 

@@ -31,6 +31,12 @@ CHART_METRICS: tuple[str, ...] = (
 )
 COMPANIONS: dict[str, str] = {"kl": "kl_target", "reward_mean": "gold_reward_mean"}
 SCALAR_FIELDS: tuple[str, ...] = CHART_METRICS + tuple(COMPANIONS.values()) + ("step_time_s", "tokens")
+# Keys that are never extra columns. Any other numeric top-level key of a record (a catalogue
+# field not charted above, or another framework's metric with no catalogue entry) is kept as an
+# extra column under its own name, so adapted runs can list and chart everything they log.
+_NOT_EXTRA = frozenset(SCALAR_FIELDS) | {"step", "time", "stage_s", "stage_peak_bytes"}
+_SCALAR_SET = frozenset(SCALAR_FIELDS)
+MAX_EXTRA_COLUMNS = 256  # a run with more numeric keys than this keeps the first ones
 
 # A field absent from a record is stored as a NaN with its own bit pattern, so that a
 # missing gold reward is not drawn as a NaN marker.
@@ -178,6 +184,17 @@ class RunStore:
         self.times = array("d")
         self.columns: dict[str, Column] = {k: Column("d") for k in SCALAR_FIELDS}
         self.stages: dict[str, Column] = {s: Column("f", sums=True) for s in STAGES}
+        self.extra: list[str] = []  # extra column names, in order of first appearance
+
+    def _add_column(self, key: str) -> Column | None:
+        """A new extra column, MISSING for the rows already stored."""
+        if len(self.extra) >= MAX_EXTRA_COLUMNS:
+            return None
+        c = Column("d")
+        c.extend(array("d", [MISSING]) * len(self.steps))
+        self.columns[key] = c
+        self.extra.append(key)
+        return c
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -198,10 +215,25 @@ class RunStore:
             out["stage:" + s] = []
         present = dict.fromkeys(SCALAR_FIELDS, 0)
         skipped = 0
+        extra: dict[str, list] = {}
+        n = 0
         for r in records:
             if not is_placeable(r):
                 skipped += 1  # a record without a step (or one no int64 holds) cannot be placed on a chart
                 continue
+            for k in r.keys() - _NOT_EXTRA:
+                v = number(r[k], None) if isinstance(k, str) else None
+                if v is not None:
+                    col = extra.get(k)
+                    if col is None:
+                        if len(extra) >= MAX_EXTRA_COLUMNS:
+                            continue
+                        col = extra[k] = [MISSING] * n
+                    col.append(v)
+            n += 1
+            for col in extra.values():
+                if len(col) < n:
+                    col.append(MISSING)
             out["step"].append(r["step"])
             out["time"].append(number(r.get("time"), math.nan))
             for k in SCALAR_FIELDS:
@@ -217,6 +249,7 @@ class RunStore:
                 out["stage:" + s].append(number(st.get(s), math.nan))
         out["present"] = present
         out["skipped"] = skipped
+        out["extra"] = extra
         return out
 
     def extend(self, cols: dict) -> None:
@@ -226,11 +259,22 @@ class RunStore:
             return
         if self.steps and steps[0] <= self.steps[-1]:
             self.truncate(bisect_left(self.steps, steps[0]))
+        extra = cols.get("extra") or {}
+        for k in extra:
+            if k not in self.columns:
+                self._add_column(k)
+        n = len(self.steps)
         self.steps.extend(steps)
         self.times.extend(cols["time"])
         for k, c in self.columns.items():
-            c.extend(cols[k])
-            c.present += cols["present"][k]
+            if k in _SCALAR_SET:
+                c.extend(cols[k])
+                c.present += cols["present"][k]
+            elif k in extra:
+                c.extend(extra[k])
+                c.present += sum(1 for v in extra[k] if not is_missing(v))
+            else:
+                c.extend(array("d", [MISSING]) * (len(self.steps) - n))
         for s, c in self.stages.items():
             c.extend(cols["stage:" + s])
 
@@ -241,15 +285,25 @@ class RunStore:
         n = len(self)
         if n and older.steps[-1] >= self.steps[0]:
             older.truncate(bisect_left(older.steps, self.steps[0]))
+        n_old = len(older.steps)
         older.steps.extend(self.steps)
         older.times.extend(self.times)
+        for k in self.extra:
+            if k not in older.columns:
+                older._add_column(k)
+                older.columns[k].truncate(0)
+                older.columns[k].extend(array("d", [MISSING]) * n_old)
         for k, c in older.columns.items():
-            c.extend(self.columns[k].values)
-            c.present += self.columns[k].present
+            mine = self.columns.get(k)
+            if mine is None:
+                c.extend(array("d", [MISSING]) * len(self))
+            else:
+                c.extend(mine.values)
+                c.present += mine.present
         for s, c in older.stages.items():
             c.extend(self.stages[s].values)
         self.steps, self.times = older.steps, older.times
-        self.columns, self.stages = older.columns, older.stages
+        self.columns, self.stages, self.extra = older.columns, older.stages, older.extra
 
     def truncate(self, n: int) -> None:
         del self.steps[n:], self.times[n:]

@@ -53,7 +53,9 @@ def load_run(run: str) -> tuple[RunPaths, dict, list[dict], dict, list[dict]]:
         paths = resolve_run(run)
         manifest = read_manifest(paths)
     except RunDirError as e:
-        raise ReportError(str(e)) from None
+        if not os.path.exists(run):
+            raise ReportError(str(e)) from None
+        return load_adapted(run)  # another framework's run (adapters), or one line naming the formats
     info = {"source": None, "corrupt_frames": 0, "skipped_bytes": 0}
     records: list[dict] = []
     # lexists: a planted link (even a dangling one) is the step log, refused below, never skipped
@@ -73,6 +75,26 @@ def load_run(run: str) -> tuple[RunPaths, dict, list[dict], dict, list[dict]]:
         raise ReportError(str(e) if isinstance(e, RunDirError) else _os_error(e)) from None
     info["events_file"] = has_events
     return paths, manifest, records, info, events
+
+
+def load_adapted(run: str) -> tuple[RunPaths, dict, list[dict], dict, list[dict]]:
+    """A run another framework wrote (TensorBoard dir, veRL file log, mapped JSONL/CSV): its records
+    through the alias tables; no events (the alerts are replayed with the default rules)."""
+    from adapters.sources import SourceError, detect, not_recognised
+
+    try:
+        src = detect(run)
+        if src is None:
+            raise ReportError(not_recognised(run))
+        records = src.read_all()
+    except SourceError as e:
+        raise ReportError(str(e)) from None
+    except OSError as e:
+        raise ReportError(_os_error(e)) from None
+    manifest = src.manifest()
+    info = {"source": src.format, "corrupt_frames": 0, "skipped_bytes": 0, "events_file": False}
+    info["adapter"] = manifest["adapter"]
+    return RunPaths(src.root), manifest, records, info, []
 
 
 def _os_error(e: OSError) -> str:
@@ -316,8 +338,13 @@ def _alert_when(ep: dict) -> str:
 
 
 def _header(d: dict) -> list[tuple[str, str]]:
-    rows = [
-        ("run", d["run"]),
+    rows = [("run", d["run"])]
+    adapter = d["step_log"].get("adapter")
+    if adapter:  # another framework's run: which, and the catalogue fields it does not log
+        missing = adapter.get("missing") or []
+        rows.append(("framework", f"{adapter.get('label')} ({adapter.get('format')})"))
+        rows.append(("lacks", ", ".join(missing) if missing else "nothing"))
+    rows += [
         ("status", str(d["status"])),
         ("steps", f"{d['steps']} ({d['first_step']}..{d['last_step']})" if d["steps"] else "0 (no steps yet)"),
     ]
