@@ -15,11 +15,14 @@ export OMP_NUM_THREADS ?= 1
 install: $(VENV)/.installed
 
 # Re-install only when the packaging or the torch pin changed.
-$(VENV)/.installed: pyproject.toml Makefile
+# constraints.txt pins torch to TORCH_SPEC, so installing the extras (transformers, trl, ...)
+# never swaps the torch build; it must say the same as TORCH_SPEC.
+$(VENV)/.installed: pyproject.toml Makefile constraints.txt
+	@grep -qxF '$(TORCH_SPEC)' constraints.txt || { echo "constraints.txt does not pin $(TORCH_SPEC): edit it"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[train,dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[train,hf,trl,dev]"
 	touch $@
 
 test: install
@@ -32,7 +35,7 @@ test: install
 # live runs (~6 min; without --quick ~25 min; --fixtures replays the committed logs in seconds).
 bench: install
 	$(BIN)/python scripts/bench_protocol.py
-	@for s in scripts/bench_trainer.py scripts/bench_profiler.py scripts/bench_tui.py; do \
+	@for s in scripts/bench_trainer.py scripts/bench_profiler.py scripts/bench_tui.py scripts/bench_hf.py; do \
 	  if [ -f $$s ]; then $(BIN)/python $$s || exit 1; fi; done
 	$(BIN)/python scripts/alert_quality.py --quick
 

@@ -300,3 +300,37 @@ def test_smoke_never_imports_transformers():
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_gpt2_fast_decoder_matches_the_models_forward(tiny):
+    """The lean GPT-2 decode step samples from the same distribution as the model's forward
+    (left padding, a row that ended, the KV cache)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainerd.rl.hf import GPT2Decoder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["policy"]).eval()
+    assert GPT2Decoder.supports(model)
+    assert not GPT2Decoder.supports(AutoModelForCausalLM.from_pretrained(tiny["llama"]))
+    dec = GPT2Decoder(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 30, (3, 6), generator=g)
+    attn = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    ids = ids.masked_fill(attn == 0, 0)
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        cache = out.cache
+        st = dec.start(cache, attn, 5)
+        last = pos[:, -1:].clone()
+        for t in range(5):
+            nxt = torch.randint(4, 30, (3,), generator=g)
+            real = torch.tensor([True, t < 2, True])
+            attn = torch.cat([attn, real[:, None].long()], 1)
+            last += 1
+            fast = dec.step(st, nxt[:, None], last, real)
+            out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=last, cache=cache, use_cache=True)
+            cache = out.cache
+            ref = out.logits[:, -1]
+            assert torch.allclose(fast[real], ref[real], atol=1e-5, rtol=0), (fast - ref).abs().max()

@@ -93,6 +93,26 @@ class PromptCursor:
         self.prompts, self.epoch, self.pos, self.order = s["prompts"], s["epoch"], s["pos"], s["order"]
 
 
+def snapshot(obj):
+    """A deep copy of a state (dicts, lists, tensors): tensors cloned, containers rebuilt (a
+    state_dict's `_metadata` kept). Same values as copy.deepcopy at a fraction of its cost on a
+    model's and an optimizer's state (deepcopy's memo bookkeeping per object dominates there)."""
+    if isinstance(obj, (int, float, str, bool, type(None))):
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        out = type(obj)((k, snapshot(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = copy.deepcopy(obj._metadata)
+        return out
+    if isinstance(obj, (list, tuple)):
+        if all(isinstance(v, (int, float, str, bool, type(None))) for v in obj):
+            return type(obj)(obj)  # e.g. python's Mersenne Twister state: 625 ints
+        return type(obj)(snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
 def lr_lambda_for(cfg: TrainConfig) -> Callable[[int], float]:
     """Linear warm-up over lr_warmup_steps, then constant or cosine down to lr_min_ratio."""
     warm, total, floor = cfg.lr_warmup_steps, cfg.steps, cfg.lr_min_ratio
@@ -123,23 +143,31 @@ def peak_rss_bytes() -> int:
     return int(peak) * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
 
 
+_PROC_FDS: dict[str, int] = {}
+
+
+def _proc_fd(path: str, flags: int) -> int:
+    """A descriptor of a /proc/self file kept open (a step reads and resets VmHWM ~20 times)."""
+    fd = _PROC_FDS.get(path)
+    if fd is None:
+        fd = _PROC_FDS[path] = os.open(path, flags)
+    return fd
+
+
 def vm_hwm_bytes() -> int | None:
     """VmHWM of /proc/self/status: the RSS high-water mark since the last reset (Linux)."""
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+        text = os.pread(_proc_fd("/proc/self/status", os.O_RDONLY), 1 << 16, 0)
+        i = text.index(b"VmHWM:")
+        return int(text[i + 6 : text.index(b"kB", i)]) * 1024
+    except (OSError, ValueError):
         return None
-    return None
 
 
 def reset_hwm() -> bool:
     """Reset VmHWM to the current RSS (`echo 5 > /proc/self/clear_refs`); False if not allowed."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        os.write(_proc_fd("/proc/self/clear_refs", os.O_WRONLY), b"5")
         return True
     except OSError:
         return False
@@ -243,10 +271,13 @@ def build_components(cfg: TrainConfig, rng: RNG, device: torch.device) -> Compon
     """Models, optimizers, schedule, KL controller and data cursor, freshly initialised
     (a resume then loads the checkpoint's state over all of them)."""
     be = build_backend(cfg, rng, device)
+    # hf: the multi-tensor AdamW (a model has hundreds of tensors); synthetic: the per-tensor
+    # one, as it always had (the two may differ in the last bit)
+    fe = cfg.model == "hf"
     policy_opt = torch.optim.AdamW(
-        be.policy_params(), lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+        be.policy_params(), lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, foreach=fe
     )
-    value_opt = torch.optim.AdamW(be.value_params(), lr=cfg.value_lr, eps=cfg.adam_eps, weight_decay=0.0)
+    value_opt = torch.optim.AdamW(be.value_params(), lr=cfg.value_lr, eps=cfg.adam_eps, weight_decay=0.0, foreach=fe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(policy_opt, lr_lambda_for(cfg))
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.adaptive_kl)
     cursor = PromptCursor(be.dataset(), rng["data"])
@@ -576,7 +607,7 @@ class Trainer:
             for step in range(first_step, cfg.steps + 1):
                 # The state at the start of the step = the last healthy state if this step
                 # goes non-finite (small models: a copy costs well under 1% of a step).
-                healthy = copy.deepcopy(self.mutable_state()) if snapshot_each_step else None
+                healthy = snapshot(self.mutable_state()) if snapshot_each_step else None
                 if self.profiler is not None:
                     self.profiler.step_begin(step)
                 self.injection.on_step_begin(step, self)  # M3 injection (may change the LR or KL coef)
