@@ -359,8 +359,9 @@ def status(run, as_json):
     # Everything below comes from the run dir (someone else's, maybe): escaped for the terminal.
     t = safe_text
     rate = f"{info['steps_per_s']:.2f} steps/s" if info["steps_per_s"] else "- steps/s"
+    of_total = f"/{t(info['steps_total'], 40)}" if info["steps_total"] is not None else ""  # adapted runs: unknown
     click.echo(
-        f"{t(info['run_id'])}: {t(info['status'], 200)}  step {info['step']}/{t(info['steps_total'], 40)}  {rate}  "
+        f"{t(info['run_id'])}: {t(info['status'], 200)}  step {info['step']}{of_total}  {rate}  "
         f"ETA {_fmt_secs(info['eta_s'])}"
     )
     click.echo(f"  dir {t(info['run_dir'])}  last checkpoint {t(info['last_checkpoint'] or '-', 400)}")

@@ -191,7 +191,9 @@ def test_bad_path_is_one_line_and_exit_2(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     out = subprocess.run(_tui_command() + [str(empty)], capture_output=True, text=True, env=env, timeout=30)
-    assert out.returncode == 2 and "holds no runs" in out.stderr
+    # an empty dir holds no kit run and nothing an adapter reads: one line naming what was looked for
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert "nothing to read here" in out.stderr and "TensorBoard" in out.stderr and "veRL" in out.stderr
 
 
 @pytest.mark.timeout(60)
