@@ -50,7 +50,8 @@ def test_text_report_of_a_clean_run_fits_80_columns(runs, capsys):
         if ln and ln.split()[0] in synthetic_record(1):
             row.setdefault(ln.split()[0], ln)  # the metrics table comes before the correlations
     assert "↑" in row["kl"] and "↑" in row["reward_mean"] and "↓" in row["entropy"]
-    assert "Stages" in out and "rollout" in out and "46.9%" in out  # 0.12 s of 0.256 s
+    # shares of the stages' sum (catalogue.stage_shares, the one definition): 0.12 s of 0.257 s
+    assert "Stages" in out and "rollout" in out and "46.7%" in out
 
 
 def test_json_report_of_an_unstable_run(runs, capsys):
@@ -79,7 +80,7 @@ def test_json_report_of_an_unstable_run(runs, capsys):
     assert corr["kl"]["entropy"] < 0
     stages = {s["stage"]: s for s in d["stages"]}
     assert list(stages)[:2] == ["rollout", "ref_logprobs"]
-    assert stages["rollout"]["share"] == pytest.approx(0.12 / 0.256)
+    assert stages["rollout"]["share"] == pytest.approx(0.12 / 0.257)
 
 
 def test_first_unstable_is_the_first_non_finite_value_without_critical_alerts(tmp_path, capsys):
@@ -235,3 +236,38 @@ def test_a_corrupt_frame_is_reported_not_raised(tmp_path, capsys):
     assert rc == 0 and d["steps"] == 9 and d["step_log"]["corrupt_frames"] == 1
     rc, out, err = _report(capsys, run)
     assert "1 corrupt frame(s) skipped" in out
+
+
+def test_the_samples_around_each_alert_are_in_the_report(tmp_path, capsys):
+    """'Read samples' is advice a user can follow: the report prints the responses saved at
+    the alert's step (the nearest step with samples), escaped, in text and Markdown."""
+    from protocol.jsonl import JsonlWriter
+    from protocol.rundir import RunPaths
+
+    run = make_synthetic_run(tmp_path, "hacked", unstable_records(40, nan_at=30))
+    paths = RunPaths(Path(run))
+    with JsonlWriter(paths.samples) as w:
+        for step in (10, 30):
+            for pick, text in (("best", "aaaa"), ("worst", "\x1b]2;pwned\x07zz"), ("random", "abab")):
+                w.write(
+                    {
+                        "step": step,
+                        "reason": "alert",
+                        "alerts": [],
+                        "pick": pick,
+                        "index": 0,
+                        "prompt": "dkag",
+                        "response": text,
+                        "reward": 1.0,
+                        "gold": -0.5,
+                        "kl": 0.3,
+                        "length": len(text) + 1,
+                    }
+                )
+    rc, out, _ = _report(capsys, run)
+    assert rc == 0
+    section = out.split("Alerts", 1)[1].split("Correlations", 1)[0]
+    assert "step 30 best: 'dkag' -> 'aaaa'" in section and "step 30 random:" in section
+    assert "\x1b" not in out and "pwned" in out  # model text is shown escaped, never interpreted
+    rc, md, _ = _report(capsys, run, "md")
+    assert "Samples at step 30" in md

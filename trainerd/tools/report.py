@@ -21,7 +21,7 @@ import os
 import sys
 
 from protocol import catalogue
-from protocol.alerts import DEFAULT_RULES, AlertEngine
+from protocol.alerts import DEFAULT_RULES, AlertEngine, load_run_rules
 from protocol.events import alert_timeline
 from protocol.jsonl import read_jsonl
 from protocol.rundir import RunDirError, RunPaths, effective_status, read_events, read_manifest, resolve_run
@@ -200,9 +200,10 @@ def metric_stats(records: list[dict], name: str) -> dict:
     }
 
 
-def replay_alerts(records: list[dict]) -> list[dict]:
-    """Alert events from the default rules replayed over the records (runs with no events.jsonl)."""
-    eng = AlertEngine(DEFAULT_RULES)
+def replay_alerts(records: list[dict], rules=DEFAULT_RULES) -> list[dict]:
+    """Alert events replayed over the records (runs with no events.jsonl): with the run's own
+    rules where it saved them (alerts.json), else the defaults."""
+    eng = AlertEngine(rules)
     evs = []
     for r in records:
         for ev, a in eng.update(r):
@@ -259,9 +260,10 @@ def stage_breakdown(records: list[dict]) -> list[dict] | None:
     for s in names:
         vals = [v for m in maps if (v := _num(m.get(s))) is not None and math.isfinite(v)]
         means[s] = sum(vals) / len(vals) if vals else 0.0
-    step_times = [v for r in records if (v := _num(r.get("step_time_s"))) is not None and math.isfinite(v) and v > 0]
-    total = sum(step_times) / len(step_times) if step_times else sum(means.values())
-    return [{"stage": s, "mean_s": means[s], "share": (means[s] / total) if total > 0 else None} for s in names]
+    shares = catalogue.stage_shares(means)  # the one definition of a stage's share
+    if not any(shares.values()):
+        return [{"stage": s, "mean_s": means[s], "share": None} for s in names]
+    return [{"stage": s, "mean_s": means[s], "share": shares[s]} for s in names]
 
 
 def build(run: str) -> dict:
@@ -271,9 +273,16 @@ def build(run: str) -> dict:
     fields = metric_names(records)
     alert_source = "events.jsonl"
     if not info["events_file"]:
-        events = replay_alerts(records)
-        alert_source = "replayed with the default rules (no events.jsonl)"
+        rules, note = load_run_rules(paths.root) if not info.get("adapter") else (DEFAULT_RULES, None)
+        saved = rules is not DEFAULT_RULES
+        events = replay_alerts(records, rules)
+        alert_source = f"replayed with the {'run' if saved else 'default'} rules (no events.jsonl)"
+        if note:
+            alert_source += f"; {note}"
     timeline = alert_timeline(events, last_step)
+    samples, samples_note = load_samples(paths) if not info.get("adapter") else ([], None)
+    for ep in timeline:
+        ep["samples"] = samples_near(samples, ep.get("fired_step"))
     cfg = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
     inj = manifest.get("injection") or cfg.get("inject")
     if isinstance(inj, dict):
@@ -294,7 +303,34 @@ def build(run: str) -> dict:
         "first_unstable": first_unstable(records, timeline, fields),
         "correlations": correlations(records),
         "stages": stage_breakdown(records),
+        "samples_note": samples_note,
     }
+
+
+MAX_SAMPLES = 100_000  # lines of samples.jsonl read at most (a report, not an archive)
+
+
+def load_samples(paths: RunPaths) -> tuple[list[dict], str | None]:
+    """The run's samples.jsonl (the responses behind the numbers); ([], why) if unreadable."""
+    if not os.path.lexists(paths.samples):
+        return [], None
+    try:
+        rows = read_jsonl(paths.samples, root=paths.root)
+    except OSError as e:  # refused (a link, a FIFO) or unreadable: the report goes on without
+        return [], str(e) if isinstance(e, RunDirError) else _os_error(e)
+    return [r for r in rows[-MAX_SAMPLES:] if isinstance(r.get("step"), int)], None
+
+
+def samples_near(samples: list[dict], step: object, window: int = 10) -> list[dict]:
+    """The samples of the step nearest to `step` (within `window` steps): written at the
+    alert's own step by the kit's trainer, so usually exactly it."""
+    if not isinstance(step, int) or not samples:
+        return []
+    near = [s for s in samples if abs(s["step"] - step) <= window]
+    if not near:
+        return []
+    best = min(near, key=lambda s: (abs(s["step"] - step), s["step"]))["step"]
+    return [s for s in near if s["step"] == best]
 
 
 # -- rendering -------------------------------------------------------------------------
@@ -328,6 +364,15 @@ def _nonfinite(st: dict) -> str:
     if st["inf"] or st["neg_inf"]:
         parts.append(f"{st['inf'] + st['neg_inf']} Inf")
     return " ".join(parts) or "0"
+
+
+def _sample_line(s: dict) -> str:
+    """'step 22 best: "dkag" -> "aaaab" reward +1.31 gold -0.40 kl 0.52 len 6'."""
+    return (
+        f"step {s.get('step')} {s.get('pick', '?')}: {str(s.get('prompt', ''))[:60]!r} -> "
+        f"{str(s.get('response', ''))[:120]!r} reward {_fmt(s.get('reward'))} gold {_fmt(s.get('gold'))} "
+        f"kl {_fmt(s.get('kl'))} len {s.get('length')}"
+    )
 
 
 def _alert_when(ep: dict) -> str:
@@ -407,9 +452,17 @@ def render_text(d: dict) -> str:
         sev = str(ep["severity"] or "?")
         esc = f" (escalated at {ep['escalated_step']})" if ep["escalated_step"] is not None else ""
         out.append(f"  {sev.upper():<8} {ep['rule']:<24} step {ep['first_step']}: {_alert_when(ep)}{esc}"[:79])
-        out.append(f"{'':11}{ep['metric']}={_fmt(ep['value'])} (threshold {_fmt(ep['threshold'])})")
+        if ep.get("message"):  # what the rule really compared (trends, median and factor ...)
+            msg = str(ep["message"])
+            if ep["explanation"] and msg.endswith(f" - {ep['explanation']}"):
+                msg = msg[: -len(f" - {ep['explanation']}")]  # the explanation follows on its own
+            out += _wrap(msg, 79, " " * 11)
+        else:
+            out.append(f"{'':11}{ep['metric']}={_fmt(ep['value'])} (threshold {_fmt(ep['threshold'])})")
         if ep["explanation"]:
             out += _wrap(str(ep["explanation"]), 79, " " * 11)
+        for s in ep.get("samples") or []:
+            out += _wrap(_sample_line(s), 79, " " * 13)
     out.append("")
     corr = d["correlations"]
     out.append("Correlations (Pearson r over finite steps)")
@@ -466,6 +519,10 @@ def render_md(d: dict) -> str:
                 f"| {ep['severity']} | {ep['rule']} | {ep['metric']} | {_fmt(ep['value'])} "
                 f"| {_fmt(ep['threshold'])} | {ep['first_step']} | {_alert_when(ep)} | {expl} |"
             )
+        with_samples = [ep for ep in d["alerts"] if ep.get("samples")]
+        for ep in with_samples:
+            out += ["", f"Samples at step {ep['samples'][0]['step']} ({ep['rule']}):", ""]
+            out += [f"- {_sample_line(s)}".replace("|", "\\|") for s in ep["samples"]]
     out += ["", "## Correlations", ""]
     corr = d["correlations"]
     if len(corr) < 2:
