@@ -190,12 +190,11 @@ def estimated_peak_bytes(cfg: TrainConfig) -> int:
     gradients and AdamW state, plus the largest step's activations (the policy's forward and
     backward over the whole batch: logits, attention maps and the residual stream per layer).
     Its job is to refuse a typo like batch_size=1000000000 up front, not to plan a budget.
-    hf: the weights on disk as fp32, times five (weights, grads, AdamW m and v, the reference),
-    plus the reward model; activations are not estimated."""
+    hf: see `rl.hf.estimated_host_bytes` (the model folders' weights, activations not estimated)."""
     if cfg.model == "hf":
-        from trainerd.rl.hf import weights_bytes
+        from trainerd.rl.hf import estimated_host_bytes
 
-        return 5 * weights_bytes(cfg.policy_path) * 4 // 2 + weights_bytes(cfg.reward_model_path)
+        return estimated_host_bytes(cfg)
     vocab = 4 + cfg.n_letters
     seq = cfg.prompt_letters + 2 + cfg.max_response_len
     d, L = cfg.d_model, cfg.n_layer

@@ -334,3 +334,29 @@ def test_gpt2_fast_decoder_matches_the_models_forward(tiny):
             cache = out.cache
             ref = out.logits[:, -1]
             assert torch.allclose(fast[real], ref[real], atol=1e-5, rtol=0), (fast - ref).abs().max()
+
+
+def test_top_p_sampling_and_fp16_needs_cuda(tiny):
+    import torch
+
+    from trainerd.config import from_dict
+    from trainerd.errors import ConfigError
+    from trainerd.rl.hf import sample_tokens
+
+    sharp = torch.tensor([[4.0, 3.0, 0.0, -1.0]] * 64)
+    flat = torch.zeros(64, 4)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_tokens(sharp, 1.0, 0.5, g).tolist()) == {0}  # the top token holds > 0.5
+    assert set(sample_tokens(flat, 1.0, 0.5, g).tolist()) == {0, 1}  # the smallest prefix reaching 0.5
+    assert set(sample_tokens(flat, 1.0, 1.0, g).tolist()) == {0, 1, 2, 3}
+    root = tiny["root"]
+    keys = dict(
+        tiny["base"],
+        policy_path=str(root / "policy"),
+        reward_model_path=str(root / "reward"),
+        prompts_path=str(root / "prompts.jsonl"),
+        dtype="fp16",
+    )
+    keys.pop("profile_steps")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        from_dict(keys).validate()

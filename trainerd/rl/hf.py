@@ -201,9 +201,32 @@ def validate(cfg) -> None:
 
 
 def weights_bytes(path: str | None) -> int:
+    """Bytes of a model folder's weights on disk."""
     if not path:
         return 0
     return sum(f.stat().st_size for g in WEIGHT_GLOBS for f in Path(path).glob(g) if f.is_file())
+
+
+def fp32_bytes(path: str | None) -> int:
+    """The folder's weights as fp32 (files in a 16-bit dtype are counted twice)."""
+    try:
+        conf = json.loads((Path(path) / "config.json").read_text()) if path else {}
+    except (OSError, ValueError):
+        conf = {}
+    dtype = str(conf.get("dtype") or conf.get("torch_dtype") or "float32")
+    return weights_bytes(path) * (1 if dtype == "float32" else 2)
+
+
+def estimated_host_bytes(cfg) -> int:
+    """Host memory a run needs, roughly: on CPU the policy with grads and AdamW state (fp32, four
+    copies) plus the reference and the reward model; on a GPU the host only holds a model while
+    it is loaded. Activations are not estimated."""
+    policy, rm = fp32_bytes(cfg.policy_path), fp32_bytes(cfg.reward_model_path)
+    ref = fp32_bytes(cfg.ref_path) if cfg.ref_path else policy
+    scale = 0.5 if cfg.dtype != "fp32" else 1.0  # reference and reward model in the 16-bit dtype
+    if cfg.device.startswith("cuda"):
+        return max(policy, ref, rm)
+    return int(4 * policy + scale * (ref + rm))
 
 
 # -- the backend ------------------------------------------------------------------------------------
