@@ -286,3 +286,48 @@ def test_quit_is_immediate_while_the_history_loads(tmp_path, need_tmux):
         assert took < 1.0, f"quitting took {took:.2f} s"
     finally:
         subprocess.run([TMUX, "kill-session", "-t", session], capture_output=True)
+
+
+@pytest.mark.timeout(180)
+def test_live_trl_tensorboard_run_in_tmux(tmp_path, need_tmux):
+    """A user with a TRL run types `rlhf-tui path/to/output_dir` and watches it live: the real
+    monitor in tmux on the TensorBoard dir of a real GRPO run that is still training."""
+    pytest.importorskip("trl")
+    log = open(tmp_path / "trl.log", "w")
+    trl = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "e2e" / "trl_live_run.py"), str(tmp_path), "60"],
+        cwd=ROOT,
+        env=_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    session = f"tui-{uuid.uuid4().hex[:8]}"
+    out = tmp_path / "grpo_out"
+    try:
+        deadline = time.monotonic() + 90
+        while not list(out.glob("runs/*/events.out.tfevents.*")):  # TRL made its TensorBoard file
+            if trl.poll() is not None:
+                raise AssertionError("TRL ended before logging:\n" + (tmp_path / "trl.log").read_text()[-3000:])
+            assert time.monotonic() < deadline, "TRL never wrote a TensorBoard file"
+            time.sleep(0.2)
+        pane = _start_tui(session, out)
+        pane.wait_for(r"TRL", timeout=20)
+        pane.wait_for(r"LIVE", timeout=20)
+        seen: list[int] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and trl.poll() is None:
+            m = re.search(r"step (\d+)", pane.capture())
+            if m and (not seen or int(m.group(1)) != seen[-1]):
+                seen.append(int(m.group(1)))
+            time.sleep(0.3)
+        assert len(seen) >= 3 and seen == sorted(seen), f"the step did not climb while TRL trained: {seen}"
+        screen = pane.capture()
+        assert "kl" in screen and "reward_mean" in screen  # TRL's names, mapped to the kit's
+        pane.send("q")
+        pane.wait_for(r"TUI-EXITED rc=0", timeout=10)
+    finally:
+        subprocess.run([TMUX, "kill-session", "-t", session], capture_output=True)
+        if trl.poll() is None:
+            trl.kill()
+            trl.wait()
+        log.close()
