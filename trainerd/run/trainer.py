@@ -566,8 +566,14 @@ class Trainer:
             if gold is not None:  # only where the task knows the true score (synthetic, or a gold_fn)
                 rec["gold_reward_mean"] = gold.mean().item()
         c.kl_ctl.update(kl, B)
-        stage_s = timer.end_step()
-        step_time = timer.step_time_s
+        self._stamp_time_and_memory(rec, tokens)
+        return rec
+
+    def _stamp_time_and_memory(self, rec: dict, tokens: int) -> None:
+        """The step's non-deterministic fields: wall time (boundary to boundary), stage
+        seconds, measured tokens/s, and memory (current, process peak, per-stage peaks)."""
+        stage_s = self.timer.end_step()
+        step_time = self.timer.step_time_s
         rec.update(
             {
                 "time": time.time(),
@@ -587,10 +593,9 @@ class Trainer:
         stage_peaks = mem.step_peaks()
         if stage_peaks is not None:
             rec["stage_peak_bytes"] = stage_peaks
-        if dev.type == "cuda":
-            step_peak = max([int(torch.cuda.max_memory_allocated(dev)), *map(int, (stage_peaks or {}).values())])
-            rec["cuda_max_allocated_bytes"] = step_peak
-        return rec
+        if self.device.type == "cuda":
+            peaks = [int(torch.cuda.max_memory_allocated(self.device)), *map(int, (stage_peaks or {}).values())]
+            rec["cuda_max_allocated_bytes"] = max(peaks)
 
     # -- the loop shared by train and resume ------------------------------------------------
     def loop(self, first_step: int) -> str:
