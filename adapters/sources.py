@@ -579,9 +579,18 @@ class MappedSource(Source):
 # -- detection -------------------------------------------------------------------------------------------
 
 
+def is_kit_run_dir(path: str | os.PathLike[str]) -> bool:
+    """A kit run dir (it has a run.json entry, whatever state that is in) or a runs dir (its
+    `latest` link). A damaged one is the kit readers' to report (run.json is corrupt ...):
+    never read it as another framework's run because its tb/ holds TensorBoard files."""
+    p = Path(path)
+    return os.path.lexists(p / "run.json") or os.path.lexists(p / "latest")
+
+
 def detect(path: str | os.PathLike[str]) -> Source | None:
-    """The adapted source at `path`, or None when it holds none of the formats (`LOOKED_FOR`).
-    Raises SourceError for a mapping file that is there but wrong."""
+    """The adapted source at `path`, or None when it holds none of the formats (`LOOKED_FOR`),
+    or when it is a kit run dir (`is_kit_run_dir`). Raises SourceError for a mapping file that
+    is there but wrong."""
     p = Path(path)
     try:
         st = os.stat(p)
@@ -600,7 +609,7 @@ def detect(path: str | os.PathLike[str]) -> Source | None:
         if p.suffix == ".jsonl" and _is_verl_line(_first_line(p)):
             return VerlFileSource(p, p)
         return None
-    if not stat.S_ISDIR(st.st_mode):
+    if not stat.S_ISDIR(st.st_mode) or is_kit_run_dir(p):
         return None
     if _is_regular(p / MAPPING_FILE):
         return MappedSource(p, Mapping_(p / MAPPING_FILE))

@@ -78,9 +78,10 @@ def _status_paths(run: str | None) -> RunPaths:
     try:
         return _run_paths(run)
     except RunDirError:
-        if not run or not os.path.exists(run):
+        from adapters.sources import SourceError, detect, is_kit_run_dir, not_recognised
+
+        if not run or not os.path.exists(run) or is_kit_run_dir(run):  # a damaged kit run says what is wrong
             raise
-        from adapters.sources import SourceError, detect, not_recognised
 
         try:
             src = detect(run)

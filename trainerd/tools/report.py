@@ -53,7 +53,9 @@ def load_run(run: str) -> tuple[RunPaths, dict, list[dict], dict, list[dict]]:
         paths = resolve_run(run)
         manifest = read_manifest(paths)
     except RunDirError as e:
-        if not os.path.exists(run):
+        from adapters.sources import is_kit_run_dir
+
+        if not os.path.exists(run) or is_kit_run_dir(run):  # a damaged kit run says what is wrong
             raise ReportError(str(e)) from None
         return load_adapted(run)  # another framework's run (adapters), or one line naming the formats
     info = {"source": None, "corrupt_frames": 0, "skipped_bytes": 0}
