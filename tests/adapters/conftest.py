@@ -12,27 +12,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # fixtures.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # fixtures.py, tiny_trl.py
+from tiny_trl import PROMPTS, grpo_args, reward_a, save_tiny_policy, tiny_tokenizer  # noqa: E402
 
 STEPS = 6
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for c in "abcdefghijklmnopqrstuvwxyz ":
-        vocab[c] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    tok.padding_side = "left"
-    return tok
-
-
-def _reward_a(completions, **kw):
-    return [float(str(c).count("a")) for c in completions]
 
 
 @pytest.fixture(scope="session")
@@ -41,50 +24,25 @@ def trl_runs(tmp_path_factory):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
     from datasets import Dataset
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        GPT2Config,
-        GPT2ForSequenceClassification,
-        GPT2LMHeadModel,
-    )
-    from trl import GRPOConfig, GRPOTrainer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2ForSequenceClassification
+    from trl import GRPOTrainer
 
     from adapters.hf import KitCallback
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("trl")
-    tok = _tokenizer()
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2, pad_token_id=0, eos_token_id=1
-    )
-    GPT2LMHeadModel(cfg).save_pretrained(root / "policy")
-    tok.save_pretrained(root / "policy")
+    tok = tiny_tokenizer()
+    cfg = save_tiny_policy(root, tok)
     cfg.num_labels = 1
     GPT2ForSequenceClassification(cfg).save_pretrained(root / "rm")
-    prompts = ["abc", "hello", "xyz", "rlhf"] * 8
+    prompts = PROMPTS
     out: dict = {"root": root}
 
     # GRPO: a reward function, KL to the reference (beta > 0), samples every 2 steps
-    args = GRPOConfig(
-        output_dir=str(root / "grpo_out"),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=8,
-        max_steps=STEPS,
-        logging_steps=1,
-        report_to=["tensorboard"],
-        beta=0.1,
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        learning_rate=1e-3,
-        disable_tqdm=True,
-    )
+    args = grpo_args(root / "grpo_out", STEPS)
     trainer = GRPOTrainer(
         model=str(root / "policy"),
-        reward_funcs=_reward_a,
+        reward_funcs=reward_a,
         args=args,
         train_dataset=Dataset.from_dict({"prompt": prompts}),
         processing_class=tok,
