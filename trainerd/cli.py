@@ -4,6 +4,7 @@
                    [--profile-steps A:B] [--inject KIND[@STEP]] [--alerts FILE] [--foreground]
     trainerd status [RUN] [--json]       trainerd wait [RUN]       trainerd stop [RUN]
     trainerd resume RUN [--foreground] [--force]
+    trainerd fork RUN --from-step K [--set KEY=VALUE ...] [--config FILE] [--run-id ID] [--runs-dir DIR]
     trainerd verify {m1|m2|m3|all} [RUN] [--json]    trainerd report RUN    trainerd profile RUN
 
 RUN is a run dir or a runs dir (its `latest`); default `runs`. Every error a user can cause
@@ -47,7 +48,7 @@ from protocol.rundir import (
 from protocol.safeio import open_run_file
 from protocol.text import safe_text
 from trainerd.config import TrainConfig, load_config
-from trainerd.errors import ConfigError, TrainerdError
+from trainerd.errors import ConfigError, TrainerdError, UserError
 from trainerd.run.daemon import DaemonError, install_stop_signals, one_line, request_stop, spawn_detached, wait_for_end
 from trainerd.run.safety import check_writer_files
 
@@ -198,6 +199,70 @@ def resume(run, foreground, force, steps):
         status = lifecycle.resume(
             paths, force=force, overrides={"steps": steps}, should_stop=should_stop, on_ready=ready
         )
+        print(f"run {safe_text(paths.run_id)}: {safe_text(status)}", file=sys.stderr)
+        return _exit_code(status)
+
+    return _launch(paths, body, foreground)
+
+
+def _parse_sets(items: tuple[str, ...]) -> dict:
+    """--set key=value ...: each value read as a TOML value (0.4, true, "constant"); a bare word
+    that is not TOML is taken as a string. Types and ranges are checked by the config."""
+    import tomllib
+
+    out = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UserError(f"--set needs key=value, got {item!r}")
+        try:
+            out[key] = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = text.strip()
+    return out
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--from-step", "from_step", type=int, required=True, help="the parent's step to fork at")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="a changed config key (TOML value)")
+@click.option("--config", "config_file", type=str, default=None, help="TOML file of changed config keys")
+@click.option("--run-id", default=None, help="the fork's run directory name (default: timestamp)")
+@click.option("--runs-dir", default=None, help="where the fork goes (default: the parent's runs dir)")
+@click.option("--foreground", is_flag=True, help="stay attached instead of detaching")
+def fork(run, from_step, sets, config_file, run_id, runs_dir, foreground):
+    """Start a new run from RUN's checkpoint at --from-step (or the nearest earlier one)."""
+    from trainerd.config import load_toml, resolve_paths
+
+    parent = _run_paths(run)
+    changes: dict = {}
+    if config_file is not None:
+        changes = resolve_paths(load_toml(config_file), Path(config_file).resolve().parent)
+        if "preset" in changes:
+            raise ConfigError(f"{config_file}: a fork keeps its parent's config; 'preset' cannot be changed")
+        if isinstance(changes.get("alerts_file"), str) and changes["alerts_file"]:
+            changes["alerts_file"] = str((Path(config_file).resolve().parent / changes["alerts_file"]).resolve())
+    sets_d = _parse_sets(sets)
+    if isinstance(sets_d.get("alerts_file"), str) and sets_d["alerts_file"]:
+        sets_d["alerts_file"] = str(Path(sets_d["alerts_file"]).resolve())
+    changes.update(sets_d)
+    from trainerd.run import lifecycle  # torch: the checkpoint is verified before anything is created
+
+    plan = lifecycle.plan_fork(parent, from_step, changes)
+    _check_hooks(plan.cfg)
+    where = runs_dir if runs_dir is not None else parent.root.parent
+    paths = create_run(where, run_id)
+    paths = RunPaths(paths.root.resolve())
+    switch_latest(where, paths.run_id)
+    at = f"step {plan.step}" + (
+        "" if plan.step == from_step else f" (the nearest complete checkpoint before step {from_step})"
+    )
+    print(f"trainerd fork: {safe_text(parent.run_id)} at {at}", file=sys.stderr)
+
+    def body(ready) -> int:
+        should_stop = install_stop_signals()
+        status = lifecycle.fork(paths, plan, should_stop=should_stop, on_ready=ready)
         print(f"run {safe_text(paths.run_id)}: {safe_text(status)}", file=sys.stderr)
         return _exit_code(status)
 

@@ -2,8 +2,10 @@
 
     train(paths, cfg)       a fresh run in the (empty, already created) run dir `paths`
     resume(paths)           continue a run from its last complete checkpoint
+    fork(paths, plan)       a new run from another run's checkpoint, with changed settings
+                            (`plan_fork` checks the change before anything is created)
 
-Both take the run's writer lock, write run.json and the lifecycle events, build a `Trainer`
+All take the run's writer lock, write run.json and the lifecycle events, build a `Trainer`
 (`run/trainer.py`) and hand it the steps to compute. An unexpected error marks the run
 `crashed` with the error, so a reader never sees `running` for a dead run.
 """
@@ -16,6 +18,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +40,7 @@ from protocol.safeio import open_run_file
 from trainerd import __version__
 from trainerd import config as config_mod
 from trainerd.config import TrainConfig
-from trainerd.errors import ResumeError
+from trainerd.errors import ConfigError, ResumeError
 from trainerd.rl.reward import train_reward_model
 from trainerd.run.checkpoint import list_checkpoints, load_checkpoint, remove_partial_checkpoints
 from trainerd.run.determinism import apply_determinism, settings_mismatch
@@ -328,14 +331,7 @@ def resume(
         def body() -> str:
             if state is None:
                 return _fresh_start(paths, cfg, rng, device, injection, rules, log, should_stop)
-            c = build_components(cfg, rng, device)
-            writer = RunWriter(paths, rules, cfg.tb_flush_every)
-            writer.prime_alerts(kept)
-            trainer = Trainer(paths, cfg, rng, device, c, writer, injection, log, should_stop)
-            trainer.load_state(state)
-            if cfg.model != "hf":
-                c.scorer = injection.reward_model(c.rm, c.task) or c.rm
-            trainer.last_checkpoint_step = k
+            trainer = _trainer_at(paths, cfg, state, k, rng, injection, rules, kept, log, should_stop)
             trainer.resume_checker = ResumeChecker(paths, old, k)
             if k >= cfg.steps:
                 trainer._end("finished", k)
@@ -345,6 +341,229 @@ def resume(
         return _run_guarded(paths, body, log)
     finally:
         _release_run(paths, lock)
+
+
+def _trainer_at(paths, cfg, state, k, rng, injection, rules, kept, log, should_stop) -> Trainer:
+    """A `Trainer` holding checkpoint `state` (step k), its alert windows primed with `kept`
+    (the records up to k): what resume and fork continue from."""
+    c = build_components(cfg, rng, rng.device)
+    writer = RunWriter(paths, rules, cfg.tb_flush_every)
+    writer.prime_alerts(kept)
+    trainer = Trainer(paths, cfg, rng, rng.device, c, writer, injection, log, should_stop)
+    trainer.load_state(state)
+    if cfg.model != "hf":
+        c.scorer = injection.reward_model(c.rm, c.task) or c.rm
+    trainer.last_checkpoint_step = k
+    return trainer
+
+
+# -- fork ----------------------------------------------------------------------------------------
+
+# Config keys a fork may change: what a user tunes between steps. Every other key is fixed by
+# the parent's checkpoint; FORK_FIXED says why (the first matching reason).
+FORK_CHANGEABLE = RESUME_OVERRIDABLE | {
+    "learning_rate",
+    "lr_warmup_steps",
+    "lr_schedule",
+    "lr_min_ratio",
+    "value_lr",
+    "max_grad_norm",
+    "clip_range",
+    "clip_range_value",
+    "ppo_epochs",
+    "batch_size",
+    "minibatch_size",
+    "micro_batch_size",
+    "temperature",
+    "top_p",
+    "gamma",
+    "gae_lambda",
+    "whiten_advantages",
+    "kl_coef",
+    "kl_target",
+    "kl_horizon",
+    "adaptive_kl",
+    "gradient_checkpointing",
+}
+FORK_FIXED = (
+    (("n_layer", "n_head", "d_model", "value_hidden", "dropout"), "the checkpoint's policy has that shape"),
+    (
+        ("n_letters", "prompt_letters", "max_response_len", "n_prompts", "max_prompt_len"),
+        "the task and the prompt dataset are the checkpoint's",
+    ),
+    (("rm_", "sft_"), "the warm start and the reward model were done before step 0"),
+    (("seed", "threads", "device"), "the checkpoint's RNG states and determinism settings come with it"),
+    (
+        (
+            "model",
+            "policy_path",
+            "ref_path",
+            "reward_model_path",
+            "reward_fn",
+            "gold_fn",
+            "prompts_path",
+            "prompt_column",
+            "dtype",
+        ),
+        "the models and data are the parent's",
+    ),
+    (("weight_decay", "adam_eps"), "they are stored in the checkpoint's optimizer state"),
+)
+
+
+def fork_refusal(key: str) -> str:
+    """Why a fork may not change `key`."""
+    for keys, why in FORK_FIXED:
+        if any(key == k or (k.endswith("_") and key.startswith(k)) for k in keys):
+            return why
+    return "it cannot change in the middle of a run"
+
+
+@dataclass
+class ForkPlan:
+    """What `fork` will do, checked before anything is created: the parent, the checkpoint
+    (the nearest complete one at or before the asked step) and the fork's config."""
+
+    parent: RunPaths
+    parent_manifest: dict
+    asked_step: int
+    step: int
+    checkpoint: Path
+    cfg: TrainConfig
+    changed: dict  # key -> [parent's value, fork's value]
+
+    def parent_info(self) -> dict:
+        return {
+            "run_id": self.parent.run_id,
+            "run_dir": str(self.parent.root),
+            "step": self.step,
+            "asked_step": self.asked_step,
+            "checkpoint": str(self.checkpoint.relative_to(self.parent.root)),
+            "changed": self.changed,
+        }
+
+
+def plan_fork(parent: RunPaths, from_step: int, changes: dict) -> ForkPlan:
+    """Check a fork of `parent` at `from_step` with the config `changes` (raises ConfigError or
+    ResumeError, one line); reads the parent's run.json and verifies its checkpoint, writes nothing."""
+    manifest = read_manifest(parent)
+    base = manifest.get("config")
+    if not isinstance(base, dict):
+        raise ResumeError(f"run {parent.root} has no config in its run.json; cannot fork it")
+    old = config_mod.from_dict(base, source=f"{parent.manifest}")
+    cfg = config_mod.from_dict(changes, old, source="fork")
+    before, after = old.to_dict(), cfg.to_dict()
+    changed = {k: [before[k], after[k]] for k in changes if before[k] != after[k]}
+    fixed = sorted(k for k in changed if k not in FORK_CHANGEABLE)
+    if fixed:
+        raise ConfigError(
+            "fork cannot change " + "; ".join(f"{k} ({fork_refusal(k)})" for k in fixed) + "; start a new run instead"
+        )
+    cfg.validate()
+    if from_step < 0:
+        raise ResumeError(f"--from-step must be 0 or more, got {from_step}")
+    earlier = [(s, d) for s, d in list_checkpoints(parent) if s <= from_step]
+    if not earlier:
+        raise ResumeError(f"run {parent.root} has no complete checkpoint at or before step {from_step}")
+    step, ckpt = earlier[-1]
+    if cfg.steps <= step:
+        raise ConfigError(
+            f"the fork would have nothing to do: steps ({cfg.steps}) must exceed the checkpoint's step {step}"
+        )
+    load_checkpoint(ckpt)  # a corrupt checkpoint is refused now (checksum verified)
+    return ForkPlan(parent, manifest, from_step, step, ckpt, cfg, changed)
+
+
+def apply_fork_changes(c, cfg: TrainConfig, changed: dict) -> None:
+    """Changes the checkpoint's state must take (the config alone does not reach them): the
+    KL controller's current coefficient (`kl_coef` sets it, whatever the controller had
+    adapted it to), its target, horizon and switch; the learning rates held by the optimizers
+    and the schedule (the schedule's position is kept: step k of the new schedule)."""
+    if "kl_coef" in changed:
+        c.kl_ctl.coef = float(cfg.kl_coef)
+    if "kl_target" in changed:
+        c.kl_ctl.target = float(cfg.kl_target)
+    if "kl_horizon" in changed:
+        c.kl_ctl.horizon = int(cfg.kl_horizon)
+    if "adaptive_kl" in changed:
+        c.kl_ctl.adaptive = cfg.adaptive_kl
+    if changed.keys() & {"learning_rate", "lr_warmup_steps", "lr_schedule", "lr_min_ratio", "steps"}:
+        sched = c.scheduler
+        sched.base_lrs = [float(cfg.learning_rate) for _ in sched.base_lrs]
+        lrs = [b * f(sched.last_epoch) for b, f in zip(sched.base_lrs, sched.lr_lambdas, strict=True)]
+        for g, lr in zip(c.policy_opt.param_groups, lrs, strict=True):
+            g["initial_lr"], g["lr"] = float(cfg.learning_rate), lr
+        sched._last_lr = list(lrs)
+    if "value_lr" in changed:
+        for g in c.value_opt.param_groups:
+            g["lr"] = float(cfg.value_lr)
+
+
+def fork(
+    paths: RunPaths,
+    plan: ForkPlan,
+    *,
+    log=_stderr_log,
+    should_stop=_never,
+    on_ready: Callable[[], None] | None = None,
+    lock: RunLock | None = None,
+) -> str:
+    """A new run in `paths` (created, empty) from `plan.parent`'s checkpoint at `plan.step`
+    with `plan.cfg`. Its step log starts at step+1 (nothing of the parent's logs is copied;
+    the alert windows are primed with the parent's records up to step); its first checkpoint
+    is its own step `plan.step` (the parent's state with the changes applied), so it resumes
+    like any run. Without changes its steps are bitwise the parent's."""
+    cfg, k = plan.cfg, plan.step
+    injection = Injection.parse(cfg.inject)
+    cfg = injection.apply_config(cfg) or cfg
+    rules = load_rules(cfg, plan.parent, override="alerts_file" in plan.changed)
+    lock = lock or RunLock(paths).acquire()
+    try:
+        check_writer_files(paths)
+        state = load_checkpoint(plan.checkpoint)
+        kept = [r for _, _, r in steplog_mod.iter_frames(plan.parent.steps) if _step_at_most(r.get("step"), k)]
+        rng, det = apply_determinism(cfg.seed, cfg.threads, cfg.device)
+        pdet = plan.parent_manifest.get("determinism") or {}
+        mismatch = settings_mismatch(pdet, det) if pdet else []
+        parent = plan.parent_info()
+        if mismatch:
+            parent["determinism_differs"] = mismatch
+        manifest = new_manifest(paths, cfg.to_dict(), cfg.seed, det, _versions())
+        manifest.update(
+            injection=injection.to_dict(), parent=parent, last_step=k, setup=plan.parent_manifest.get("setup")
+        )
+        write_manifest(paths, manifest)
+        save_run_rules(rules, paths.root)
+        _write_pid_file(paths)
+        append_event(paths, "forked", pid=os.getpid(), device=str(rng.device), steps=cfg.steps, **parent)
+        at = (
+            f"step {k}"
+            if k == plan.asked_step
+            else f"step {k} (the nearest complete checkpoint before {plan.asked_step})"
+        )
+        what = ", ".join(f"{key} {a!r} -> {b!r}" for key, (a, b) in plan.changed.items()) or "no change"
+        log(f"forked {plan.parent.run_id} at {at}: {what}")
+        if mismatch:
+            log(f"determinism settings differ from the parent's ({'; '.join(mismatch)}): not bitwise comparable")
+        if on_ready:
+            on_ready()
+
+        def body() -> str:
+            trainer = _trainer_at(paths, cfg, state, k, rng, injection, rules, kept, log, should_stop)
+            apply_fork_changes(trainer.c, cfg, plan.changed)
+            trainer.checkpoint(k)  # the fork's own state at k: a resume before its next checkpoint starts here
+            if should_stop():
+                trainer._end("stopped", k)
+                return "stopped"
+            return trainer.loop(k + 1)
+
+        return _run_guarded(paths, body, log)
+    finally:
+        _release_run(paths, lock)
+
+
+def _step_at_most(value, step: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value <= step
 
 
 def _cut_alert_events_after(paths: RunPaths, step: int) -> int:
