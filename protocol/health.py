@@ -154,3 +154,66 @@ def acknowledge(keys: Iterable[str], path: Path | None = None) -> set[str]:
         json.dump({"acknowledged": sorted(acked)}, f)
     os.replace(tmp, p)
     return acked
+
+
+# -- what to try next: the fork an alert's advice implies ------------------------------------------
+
+# The one source of "which config change does this alert's advice mean": rule -> (key, factor).
+# kl_coef is the KL penalty (raised against a runaway or a hacked reward); learning_rate the step
+# size (lowered against a policy that moves too fast, exploding gradients, a collapse, NaNs).
+FORK_CHANGES: dict[str, tuple[str, float]] = {
+    "kl_runaway": ("kl_coef", 2.0),
+    "reward_hacking": ("kl_coef", 2.0),
+    "reward_hacking_proxy": ("kl_coef", 2.0),
+    "policy_moving_too_fast": ("learning_rate", 0.5),
+    "exploding_gradients": ("learning_rate", 0.5),
+    "entropy_collapse": ("learning_rate", 0.5),
+    "non_finite": ("learning_rate", 0.5),
+}
+
+
+def _positive(v: object) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if 0.0 < f < float("inf") else None
+
+
+def fork_step(checkpoint_steps: Iterable[object], first_step: object) -> int | None:
+    """The step to fork from: the last complete checkpoint at or before the alert's first step,
+    else the first step itself (None if that is not a step)."""
+    if not isinstance(first_step, int) or isinstance(first_step, bool) or first_step < 0:
+        return None
+    before = [s for s in checkpoint_steps if isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= first_step]
+    return max(before, default=first_step)
+
+
+def fork_suggestion(
+    rule: object,
+    run_dir: str | os.PathLike[str],
+    from_step: object,
+    record: Mapping[str, Any] | None,
+    config: Mapping[str, Any] | None,
+) -> str | None:
+    """The `trainerd fork` command an alert's advice implies (text to copy, never run), or None
+    when the rule implies no config change or the value to change is not known. kl_coef: twice
+    the run's current one (the last record's, the adaptive controller moves it; else the
+    config's); learning_rate: half the config's (the base `--set` changes; else the record's)."""
+    change = FORK_CHANGES.get(rule) if isinstance(rule, str) else None
+    if change is None or not isinstance(from_step, int) or isinstance(from_step, bool) or from_step < 0:
+        return None
+    key, factor = change
+    rec = record if isinstance(record, Mapping) else {}
+    cfg = config if isinstance(config, Mapping) else {}
+    sources = (rec, cfg) if key == "kl_coef" else (cfg, rec)
+    current = next((v for v in (_positive(s.get(key)) for s in sources) if v is not None), None)
+    if current is None:
+        return None
+    new = current * factor
+    if not 0.0 < new < float("inf"):
+        return None
+    where = shlex.quote(os.fspath(run_dir))
+    return f"trainerd fork {where} --from-step {from_step} --set {key}={new:.4g}"

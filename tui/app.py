@@ -23,11 +23,13 @@ from textual.widgets import Footer
 
 from protocol.alerts import Alert
 from protocol.health import acknowledge, load_acks
-from protocol.rundir import RunPaths
+from protocol.rundir import RunPaths, list_checkpoints
 from protocol.text import safe_text
 
+from .adapted import AdaptedPaths
 from .feed import TAIL_BYTES
 from .follow import (
+    CaughtUp,
     FeedFailed,
     FeedMessage,
     HistoryLoaded,
@@ -94,6 +96,7 @@ class MonitorApp(App):
         clock: Callable[[], float] = time.time,
         tail_bytes: int = TAIL_BYTES,
         live: bool = True,
+        bell: bool = True,
     ):
         super().__init__()
         self.target = Path(target)
@@ -117,6 +120,10 @@ class MonitorApp(App):
         self.chart_step: int | None = None  # last step of a chart frame
         self.first_full_screen_at: float | None = None
         self._acks_lock = threading.Lock()
+        self.bell_enabled = bell  # ring once on each new critical alert of a live run (--no-bell: never)
+        self._caught_up = False  # the run's file as it was at open is read: what follows is live
+        self._critical_seen: set[tuple[object, object]] = set()  # (rule, first step) of critical alerts
+        self._checkpoints_for: tuple[object, ...] | None = None  # what the last listing was asked for
 
     # -- layout -----------------------------------------------------------------------
 
@@ -202,6 +209,9 @@ class MonitorApp(App):
         self.around_step = None
         self.chart_step = None
         self.w_verify.run_dir = paths.root
+        self._caught_up = False
+        self._critical_seen = set()
+        self._checkpoints_for = None
         self.follower = RunFollower(self, paths, self._token, self.runs_dir, self.tail_bytes, self.live).start()
         self._changed({"all"})
 
@@ -212,6 +222,7 @@ class MonitorApp(App):
         try:
             if self._current(msg):
                 changed = self.model.apply_batch(msg.batch, self.clock())
+                self._ring_on_new_critical(msg.batch.alerts)
                 if "reset" in changed:
                     self.around_step = None
                 self._changed(changed)
@@ -228,7 +239,24 @@ class MonitorApp(App):
             if msg.result is None:  # the tail was the whole log
                 self.model.history_done = True
             else:
+                self._critical_seen |= {k for k in map(_critical_key, msg.result[1]) if k is not None}
                 self._changed(self.model.apply_history(msg.result))
+
+    def on_caught_up(self, msg: CaughtUp) -> None:
+        if self._current(msg):
+            self._caught_up = True
+
+    # -- the bell: once on each new critical alert of a live run -----------------------------------
+
+    def _ring_on_new_critical(self, alerts: list[tuple[str, Alert]]) -> None:
+        """Ring once for each critical alert (rule, first step) not seen before; what the run's
+        file held when it opened (its tail, its history) is remembered without a ring."""
+        new = {k for k in map(_critical_key, alerts) if k is not None} - self._critical_seen
+        if not new:
+            return
+        self._critical_seen |= new
+        if self._caught_up and self.live and self.bell_enabled:
+            self.bell()
 
     def on_latest_moved(self, msg: LatestMoved) -> None:
         if self._current(msg):
@@ -260,8 +288,36 @@ class MonitorApp(App):
     def _draw_health(self) -> None:
         """The header and the banner: both from the run's verdict (unchanged text draws nothing)."""
         h = self.model.header_info(self.clock(), self.stall_after)
+        self._want_checkpoints(h.verdict)
         self.w_header.show(h)
         self.w_banner.show(h, self.model)
+
+    # -- checkpoints, for the fork the banner suggests: listed off the UI thread ------------------
+
+    class CheckpointsListed(Message):
+        def __init__(self, token: int, steps: list[int]):
+            super().__init__()
+            self.token, self.steps = token, steps
+
+    def _want_checkpoints(self, verdict) -> None:
+        """List the run's checkpoints again when the alert a fork is suggested for changes (or
+        every 10 s while one is: a live run writes new ones)."""
+        paths = self.model.paths
+        ep = self.model.fork_episode(verdict)
+        if paths is None or ep is None or isinstance(paths, AdaptedPaths):
+            return
+        key = (self._token, ep.get("rule"), ep.get("first_step"), int(time.monotonic() // 10) if self.live else 0)
+        if key != self._checkpoints_for:
+            self._checkpoints_for = key
+            spawn(self._list_checkpoints, paths, self._token, name="checkpoints")
+
+    def _list_checkpoints(self, paths: RunPaths, token: int) -> None:
+        post(self, self.CheckpointsListed(token, [step for step, _d in list_checkpoints(paths)]))
+
+    def on_monitor_app_checkpoints_listed(self, msg: CheckpointsListed) -> None:
+        if msg.token == self._token and msg.steps != self.model.checkpoint_steps:
+            self.model.checkpoint_steps = msg.steps
+            self._changed({"alerts"})
 
     def _tick(self) -> None:
         """Once a second: ages, elapsed time, stalled status (the header and banner only)."""
@@ -382,3 +438,11 @@ class MonitorApp(App):
     def on_unmount(self) -> None:
         if self.follower is not None:
             self.follower.close()
+
+
+def _critical_key(item: tuple[str, Alert]) -> tuple[object, object] | None:
+    """(rule, first step) of an alert event that is critical (fired so or escalated to it)."""
+    ev, a = item
+    if ev in ("alert", "alert_escalated") and a.severity == "critical":
+        return (a.rule, a.first_step)
+    return None

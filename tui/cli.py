@@ -36,7 +36,10 @@ from protocol.text import safe_text
     show_default=True,
     help="seconds without a record before a running run shows as stalled",
 )
-def cli(path: str | None, fps: float, chart_fps: float, stall_after: float) -> None:
+@click.option(
+    "--no-bell", is_flag=True, help="never ring the terminal bell (by default: once on each new critical alert)"
+)
+def cli(path: str | None, fps: float, chart_fps: float, stall_after: float, no_bell: bool) -> None:
     """Watch an RLHF run live. PATH: a run dir or a runs dir (default runs/latest), or another
     framework's run: a TensorBoard log dir, veRL's file-logger JSONL, a metrics JSONL/CSV with
     an rlhf-map.toml mapping."""
@@ -47,7 +50,7 @@ def cli(path: str | None, fps: float, chart_fps: float, stall_after: float) -> N
         sys.exit(2)
     from .app import MonitorApp  # after the path check: a bad path answers at once
 
-    app = MonitorApp(target, fps=fps, chart_fps=chart_fps, stall_after=stall_after)
+    app = MonitorApp(target, fps=fps, chart_fps=chart_fps, stall_after=stall_after, bell=not no_bell)
     _exit_when_terminal_goes(app)
     app.run()
     # The terminal is restored and nothing is left to write: leave without the interpreter's

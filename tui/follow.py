@@ -99,6 +99,11 @@ class HistoryLoaded(FeedMessage):
         self.result = result
 
 
+class CaughtUp(FeedMessage):
+    """The run's file as it was when it opened is read (and its alerts evaluated): what comes
+    after is live (a new critical alert rings the bell; the history loaded at start does not)."""
+
+
 class LatestMoved(FeedMessage):
     def __init__(self, token: int, paths: RunPaths):
         super().__init__(token)
@@ -204,6 +209,7 @@ class RunFollower:
 
         if not drain() or not self.live:
             return
+        post(self.app, CaughtUp(self.token))  # from here on, what arrives is new (the bell)
         for _ in self._wake_ups():
             if not self.app.is_running or not drain():
                 return

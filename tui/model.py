@@ -9,12 +9,14 @@ No Textual and no file IO here: every value that came from a run file is checked
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from protocol.alerts import DEFAULT_RULES, Alert, Rule, most_severe
 from protocol.events import alert_timeline
-from protocol.health import Verdict, run_verdict
+from protocol.health import Verdict, fork_step, fork_suggestion, run_verdict, worst_severity
 from protocol.rundir import RunPaths
 from protocol.text import safe_text
 
@@ -43,6 +45,16 @@ def finite(v) -> float | None:
     except OverflowError:
         return None
     return f if math.isfinite(f) else None
+
+
+def _shown_dir(root: Path) -> str:
+    """A run dir as a command to copy names it: relative to the working directory when it is
+    under it (where the user pastes it: `runs/<id>`), else absolute."""
+    try:
+        rel = os.path.relpath(root)
+    except (OSError, ValueError):
+        return os.fspath(root)
+    return rel if not rel.startswith("..") else os.fspath(root)
 
 
 def chart_of(metric: str) -> str:
@@ -91,6 +103,7 @@ class RunModel:
         self.rules_note = ""  # why the defaults are used (a damaged alerts.json)
         self.alerts_version = 0  # bumped when alert_history changes (episodes are cached on it)
         self._episodes: tuple[tuple, list[dict[str, Any]]] | None = None
+        self.checkpoint_steps: list[int] = []  # complete checkpoints (listed by the app off the UI thread)
 
     @property
     def run_id(self) -> str:
@@ -252,6 +265,36 @@ class RunModel:
             if isinstance(m, str) and m in self.store.columns and self.store.columns[m].present:
                 parts.append(f"{safe_text(m, 40)} {fmt_value(self.store.value(m))}")
         return ", ".join(parts)
+
+    def fork_episode(self, verdict: Verdict) -> dict[str, Any] | None:
+        """The open critical alert a fork is suggested for: the cause if critical, else the
+        first critical consequence (None for another framework's run: no `trainerd fork`)."""
+        if self.paths is None or self.manifest.get("adapter"):
+            return None
+        eps = [verdict.cause] if verdict.cause is not None else []
+        for ep in eps + list(verdict.consequences):
+            if worst_severity(ep) == "critical" and ep.get("severity") == "critical":
+                return dict(ep)
+        return None
+
+    def fork_hint(self, verdict: Verdict) -> str | None:
+        """`trainerd fork RUN --from-step K --set key=value` for the verdict's critical alert
+        (`protocol.health.fork_suggestion`): K is the last complete checkpoint at or before the
+        alert's first step (else that step), the value from the last record or the config."""
+        ep = self.fork_episode(verdict)
+        if ep is None or self.paths is None:
+            return None
+        steps = list(self.checkpoint_steps)
+        last = self.manifest.get("last_checkpoint")
+        if isinstance(last, str):
+            name = last.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith("step_") and name[5:].isdigit():
+                steps.append(int(name[5:]))
+        step = fork_step(steps, ep.get("first_step"))
+        record = {k: self.store.value(k) for k in ("kl_coef", "learning_rate") if k in self.store.columns}
+        cfg = self.manifest.get("config")
+        cfg = cfg if isinstance(cfg, dict) else None
+        return fork_suggestion(ep.get("rule"), _shown_dir(self.paths.root), step, record, cfg)
 
     def open_alert(self, rule: object) -> Alert | None:
         return next((a for a in self.open_alerts if a.rule == rule), None)

@@ -35,7 +35,7 @@ HELP = """\
   w             samples: what the policy wrote (latest first; from the alert list, that step's)
   c             acknowledge the alerts the banner holds against the run (open or cleared);
                 until then a run that had a critical alert stays red, even after it cleared
-  r             run picker (Enter opens a run)
+  r             run picker (Enter opens a run; forks under their parent)
   1 2 3         run trainerd verify m1 / m2 / m3 on this run;  x cancels
   ?             this help;  q quit
 [b]Reading the screen[/b]
@@ -43,7 +43,11 @@ HELP = """\
   [white on red]N[/] marks a NaN, [red]▲[/] / [red]▼[/] an ±Inf; ▲ under the detail chart marks an alert;
   the banner is the run's verdict: the open alert that came first (the likely cause, with
   its full explanation) and the others as its likely consequences; an alert that cleared
-  stays until you acknowledge it (c); a crashed, stopped or stalled run says what to run next.
+  stays until you acknowledge it (c); a crashed, stopped or stalled run says what to run next;
+  a critical alert says which fork to try ("try: trainerd fork RUN --from-step K --set ..."):
+  text to copy, the monitor never runs it.
+  The terminal bell rings once on each new critical alert of a live run (rlhf-tui --no-bell: never).
+  The run picker lists a fork under its parent with what it changed (└ fork@40 kl_coef 0.2→0.4).
   Alerts are evaluated here, live, with the rules the run was started with (its alerts.json).
 """
 
@@ -179,8 +183,17 @@ class RunPickerScreen(ModalScreen["RunRow | None"]):
         table = self.query_one(DataTable)
         table.clear()
         for i, r in enumerate(self.rows):
+            name = Text(("▶ " if r.current else "  ") + "  " * max(0, r.depth - 1))
+            if r.depth:  # a fork, right under its parent: what it changed, from which step
+                name.append("└ ", "grey50")
+                name.append(r.run_id)
+                name.append(f"  {r.lineage}", "cyan")
+            else:
+                name.append(r.run_id)
+                if r.lineage:  # a fork whose parent is not in this runs dir: named
+                    name.append(f"  {r.lineage}", "cyan")
             table.add_row(
-                Text(("▶ " if r.current else "  ") + r.run_id),
+                name,
                 Text(r.status),
                 Text(r.steps),
                 Text(", ".join(r.open_alerts) or "—", "yellow" if r.open_alerts else "grey50"),
@@ -209,10 +222,93 @@ class RunRow:
     started: str
     current: bool  # the run on screen
     is_latest: bool  # where the runs dir's `latest` points
+    lineage: str = ""  # a fork's "fork@40 kl_coef 0.2→0.4" ("fork of <parent>@40 ..." if its parent is elsewhere)
+    depth: int = 0  # 0: listed on its own; n: a fork n levels under a run listed above it
+    parent_key: tuple[str, str] | None = None  # (resolved run dir, run id) of the parent named in run.json
+    parent_id: str = ""
+
+
+def _fmt_change_value(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (int, str)) and not isinstance(v, bool):
+        return safe_text(str(v), 24)
+    return safe_text(repr(v), 24)
+
+
+def parse_parent(manifest: dict) -> tuple[str, str, int | None, str] | None:
+    """(parent run id, parent run dir, step, "kl_coef 0.2→0.4") from run.json's `parent`
+    (written by `trainerd fork`); None when there is none or it is not an object. Every
+    part is read defensively: a missing or wrong-typed field is left out, never trusted."""
+    p = manifest.get("parent")
+    if not isinstance(p, dict):
+        return None
+    run_id = p.get("run_id") if isinstance(p.get("run_id"), str) else ""
+    run_dir = p.get("run_dir") if isinstance(p.get("run_dir"), str) else ""
+    step = p.get("step")
+    step = step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
+    changed = p.get("changed")
+    parts = []
+    if isinstance(changed, dict):
+        for key, pair in list(changed.items())[:4]:
+            if isinstance(pair, (list, tuple)) and len(pair) == 2:
+                parts.append(f"{safe_text(key, 40)} {_fmt_change_value(pair[0])}→{_fmt_change_value(pair[1])}")
+            else:
+                parts.append(f"{safe_text(key, 40)} ?")
+        if len(changed) > 4:
+            parts.append(f"+{len(changed) - 4} more")
+    if not run_id and run_dir:
+        run_id = Path(run_dir).name
+    return safe_text(run_id, 80), run_dir, step, ", ".join(parts)
+
+
+def _lineage_order(rows: list[RunRow]) -> list[RunRow]:
+    """`rows` (newest first) with each fork moved right under its parent (depth-first, forks of
+    one parent newest first); a fork whose parent is not listed stays where it was."""
+    by_dir = {str(r.paths.root.resolve()): i for i, r in enumerate(rows)}
+    by_id = {r.paths.run_id: i for i, r in enumerate(rows)}
+    parent_of: dict[int, int] = {}
+    for i, r in enumerate(rows):
+        if r.parent_key is None:
+            continue
+        pdir, pid = r.parent_key
+        j = by_dir.get(pdir) if pdir else None
+        if j is None and pid:
+            j = by_id.get(pid)
+        if j is not None and j != i:
+            parent_of[i] = j
+    # a cycle (hand-edited run.json files): its members are listed on their own
+    for i in list(parent_of):
+        seen, k = {i}, parent_of.get(i)
+        while k is not None:
+            if k in seen:
+                parent_of.pop(i, None)
+                break
+            seen.add(k)
+            k = parent_of.get(k)
+    children: dict[int, list[int]] = {}
+    for i, j in parent_of.items():
+        children.setdefault(j, []).append(i)
+    out: list[RunRow] = []
+
+    def visit(i: int, depth: int) -> None:
+        r = rows[i]
+        r.depth = depth
+        if depth and r.lineage.startswith("fork of "):
+            r.lineage = "fork" + r.lineage[len("fork of ") + len(r.parent_id) :]
+        out.append(r)
+        for c in sorted(children.get(i, [])):
+            visit(c, depth + 1)
+
+    for i in range(len(rows)):
+        if i not in parent_of:
+            visit(i, 0)
+    return out
 
 
 def list_runs(runs_dir: Path, current: Path | None, should_stop=lambda: False) -> list[RunRow]:
-    """The runs of `runs_dir`, newest first (file IO: called off the UI thread)."""
+    """The runs of `runs_dir`, newest first, each fork right under its parent (file IO: called
+    off the UI thread)."""
     try:
         latest = (runs_dir / "latest").resolve(strict=True)
     except OSError:
@@ -229,6 +325,17 @@ def list_runs(runs_dir: Path, current: Path | None, should_stop=lambda: False) -
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(started)) if started is not None else "—"
         except (OverflowError, OSError, ValueError):
             when = "?"
+        parent = parse_parent(r.manifest)
+        lineage, parent_key, parent_id = "", None, ""
+        if parent is not None:
+            parent_id, parent_dir, step, change = parent
+            at = f"@{step}" if step is not None else ""
+            lineage = f"fork of {parent_id or '?'}{at}" + (f" {change}" if change else "")
+            try:
+                resolved = str(Path(parent_dir).resolve()) if parent_dir else ""
+            except (OSError, ValueError, RuntimeError):
+                resolved = ""
+            parent_key = (resolved, parent_id)
         rows.append(
             RunRow(
                 paths=r.paths,
@@ -239,6 +346,9 @@ def list_runs(runs_dir: Path, current: Path | None, should_stop=lambda: False) -
                 started=when,
                 current=root == current,
                 is_latest=root == latest,
+                lineage=lineage,
+                parent_key=parent_key,
+                parent_id=parent_id,
             )
         )
-    return rows
+    return _lineage_order(rows)

@@ -63,3 +63,29 @@ def test_damaged_ack_files_count_as_no_acknowledgement(tmp_path):
         assert load_acks(p) == set()
     assert load_acks(tmp_path / "missing.json") == set()
     assert acknowledge(["k"], p) == {"k"} and load_acks(p) == {"k"}
+
+
+def test_fork_suggestion_maps_each_rule_to_its_change():
+    from protocol.health import fork_step, fork_suggestion
+
+    rec, cfg = {"kl_coef": 0.2, "learning_rate": 1e-4}, {"kl_coef": 0.05, "learning_rate": 1e-3}
+    assert fork_suggestion("kl_runaway", "runs/a b", 40, rec, cfg) == (
+        "trainerd fork 'runs/a b' --from-step 40 --set kl_coef=0.4"
+    )
+    assert fork_suggestion("reward_hacking_proxy", "r", 3, {}, cfg) == "trainerd fork r --from-step 3 --set kl_coef=0.1"
+    for rule in ("policy_moving_too_fast", "exploding_gradients", "entropy_collapse", "non_finite"):
+        assert fork_suggestion(rule, "r", 7, rec, cfg) == "trainerd fork r --from-step 7 --set learning_rate=0.0005"
+    assert fork_suggestion("non_finite", "r", 7, rec, None) == "trainerd fork r --from-step 7 --set learning_rate=5e-05"
+    # nothing to suggest: an unknown rule, no usable value, a bad step, hostile types
+    assert fork_suggestion("value_collapse", "r", 7, rec, cfg) is None
+    assert fork_suggestion("kl_runaway", "r", 7, {"kl_coef": 0.0}, {"kl_coef": "x"}) is None
+    assert fork_suggestion("kl_runaway", "r", 7, {"kl_coef": float("nan")}, {"kl_coef": True}) is None
+    assert fork_suggestion("kl_runaway", "r", True, rec, cfg) is None
+    assert fork_suggestion(["kl_runaway"], "r", 7, "rec", 5) is None  # type: ignore[arg-type]
+    assert fork_suggestion("kl_runaway", "r", 7, {"kl_coef": 1e308}, cfg) is None  # x2 overflows
+    # the step: the last checkpoint at or before the alert's first step, else the first step
+    assert fork_step([10, 20, 40, 60], 45) == 40
+    assert fork_step([10, 20, 40, 60], 40) == 40
+    assert fork_step([60], 45) == 45
+    assert fork_step(["x", True, -1], 45) == 45
+    assert fork_step([10], None) is None

@@ -28,7 +28,8 @@ def _loaded(app: MonitorApp):
     return wait
 
 
-def test_main_screen(snap_compare, tmp_path):
+def test_main_screen(snap_compare, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the banner's fork suggestion names the run dir from here: runs/snapshot-run
     paths = make_run(tmp_path / "runs", "snapshot-run", 400, unstable=True, seed=7)
     app = MonitorApp(paths.root, clock=lambda: T0 + 400 * 0.5 + 12, live=False)
     assert snap_compare(app, terminal_size=SIZE, run_before=_loaded(app))

@@ -83,6 +83,12 @@ class AlertBanner(Static):
             lines.append(line)
         if v.cause is not None:
             lines.extend(self._open(v, model))
+            hint = model.fork_hint(v)
+            if hint:  # text to copy, never run: what the alert's advice means as a fork
+                line = Text()
+                line.append("try: ", "bold")
+                line.append(safe_text(hint, 400))
+                lines.append(line)
         elif v.past:
             lines.extend(self._past(v, model))
         problems = Text()
