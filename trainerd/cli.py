@@ -1,9 +1,9 @@
 """The `trainerd` command line (SPEC section 9).
 
     trainerd start [--smoke] [--config FILE] [--seed N] [--steps N] [--runs-dir DIR] [--run-id ID]
-                   [--profile-steps A:B] [--inject KIND[@STEP]] [--alerts FILE] [--foreground]
+                   [--profile-steps A:B] [--inject KIND[@STEP]] [--alerts FILE] [--notify CMD] [--foreground]
     trainerd status [RUN] [--json]       trainerd wait [RUN]       trainerd stop [RUN]
-    trainerd resume RUN [--foreground] [--force]
+    trainerd resume RUN [--foreground] [--force] [--notify CMD]
     trainerd fork RUN --from-step K [--set KEY=VALUE ...] [--config FILE] [--run-id ID] [--runs-dir DIR]
     trainerd verify {m1|m2|m3|all} [RUN] [--json]    trainerd report RUN    trainerd profile RUN
 
@@ -127,6 +127,12 @@ def _check_hooks(cfg: TrainConfig) -> None:
             raise ConfigError(f"bad --inject {cfg.inject!r}: {one_line(e)}") from None
 
 
+NOTIFY_HELP = (
+    "shell command (sh -c) run on a critical alert, a crash, a stall and the end of the run, "
+    "the event as JSON on stdin, RLHF_KIT_SUMMARY in its environment"
+)
+
+
 def _exit_code(status: str) -> int:
     return 0 if status in ("finished", "stopped") else 1
 
@@ -141,8 +147,9 @@ def _exit_code(status: str) -> int:
 @click.option("--profile-steps", default=None, metavar="A:B", help="torch.profiler window (steps A..B)")
 @click.option("--inject", default=None, metavar="KIND[@STEP]", help="fault injection (testing alerts)")
 @click.option("--alerts", "alerts_file", default=None, help="TOML file overriding alert rules")
+@click.option("--notify", default=None, metavar="CMD", help=NOTIFY_HELP)
 @click.option("--foreground", is_flag=True, help="stay attached instead of detaching")
-def start(smoke, config_file, seed, steps, runs_dir, run_id, profile_steps, inject, alerts_file, foreground):
+def start(smoke, config_file, seed, steps, runs_dir, run_id, profile_steps, inject, alerts_file, notify, foreground):
     """Start a training run; prints its run directory."""
     cfg = load_config(
         config_file,
@@ -152,6 +159,7 @@ def start(smoke, config_file, seed, steps, runs_dir, run_id, profile_steps, inje
         profile_steps=profile_steps,
         inject=inject,
         alerts_file=str(Path(alerts_file).resolve()) if alerts_file else None,
+        notify=notify,
     )
     _check_hooks(cfg)
     paths = create_run(runs_dir, run_id)
@@ -179,7 +187,8 @@ def start(smoke, config_file, seed, steps, runs_dir, run_id, profile_steps, inje
 @click.option("--foreground", is_flag=True)
 @click.option("--force", is_flag=True, help="resume even if the determinism settings differ")
 @click.option("--steps", type=int, default=None, help="change the run's total PPO steps")
-def resume(run, foreground, force, steps):
+@click.option("--notify", default=None, metavar="CMD", help=NOTIFY_HELP)
+def resume(run, foreground, force, steps, notify):
     """Continue RUN from its last complete checkpoint."""
     paths = _run_paths(run)
     if is_locked(paths):
@@ -197,7 +206,7 @@ def resume(run, foreground, force, steps):
         from trainerd.run import lifecycle
 
         status = lifecycle.resume(
-            paths, force=force, overrides={"steps": steps}, should_stop=should_stop, on_ready=ready
+            paths, force=force, overrides={"steps": steps, "notify": notify}, should_stop=should_stop, on_ready=ready
         )
         print(f"run {safe_text(paths.run_id)}: {safe_text(status)}", file=sys.stderr)
         return _exit_code(status)

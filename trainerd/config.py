@@ -43,6 +43,7 @@ class TrainConfig:
     profile_steps: str | None = None  # "A:B": torch.profiler window (M2)
     inject: str | None = None  # "KIND[@STEP]": fault injection (M3)
     alerts_file: str | None = None  # TOML overrides of the alert rules
+    notify: str | None = None  # shell command run on critical alerts, a crash, a stall, the end (run/notify.py)
     continue_on_nonfinite: bool = False  # a critical non_finite alert stops the run unless true
 
     # -- model backend: the synthetic task (default) or a local Hugging Face causal LM ---------

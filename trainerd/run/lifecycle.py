@@ -44,6 +44,7 @@ from trainerd.errors import ConfigError, ResumeError
 from trainerd.rl.reward import train_reward_model
 from trainerd.run.checkpoint import list_checkpoints, load_checkpoint, remove_partial_checkpoints
 from trainerd.run.determinism import apply_determinism, settings_mismatch
+from trainerd.run.notify import Notifier
 from trainerd.run.outputs import RunWriter, truncate_tensorboard_after_step
 from trainerd.run.resume_check import ResumeChecker
 from trainerd.run.safety import check_writer_files
@@ -62,6 +63,7 @@ RESUME_OVERRIDABLE = {
     "keep_every",
     "samples_every",
     "tb_flush_every",
+    "notify",
 }
 
 
@@ -130,9 +132,10 @@ def _never() -> bool:
     return False
 
 
-def _run_guarded(paths: RunPaths, body: Callable[[], str], log) -> str:
+def _run_guarded(paths: RunPaths, body: Callable[[], str], log, notifier: Notifier | None = None) -> str:
     """Run the training body; any exception marks the run crashed with the error (a full disk
-    names its file), where the disk still allows writing, then goes on up to the CLI."""
+    names its file), where the disk still allows writing, then goes on up to the CLI. The
+    notifier (if any) is told of a crash, and closed (in-flight commands waited for briefly)."""
     try:
         return body()
     except BaseException as e:
@@ -149,10 +152,17 @@ def _run_guarded(paths: RunPaths, body: Callable[[], str], log) -> str:
                 write()
             except Exception:
                 pass
+        if notifier is not None:
+            notifier.crashed(msg)
         raise
+    finally:
+        if notifier is not None:
+            notifier.close()
 
 
-def _fresh_start(paths: RunPaths, cfg: TrainConfig, rng, device, injection: Injection, rules, log, should_stop) -> str:
+def _fresh_start(
+    paths: RunPaths, cfg: TrainConfig, rng, device, injection: Injection, rules, log, should_stop, notifier=None
+) -> str:
     """Warm start, reward model, checkpoint 0, then PPO steps 1..cfg.steps."""
     t0 = time.perf_counter()
     c = build_components(cfg, rng, device)
@@ -173,7 +183,7 @@ def _fresh_start(paths: RunPaths, cfg: TrainConfig, rng, device, injection: Inje
             f"(RM held-out accuracy {rm_info['rm_heldout_accuracy']:.3f})"
         )
     writer = RunWriter(paths, rules, cfg.tb_flush_every)
-    trainer = Trainer(paths, cfg, rng, device, c, writer, injection, log, should_stop)
+    trainer = Trainer(paths, cfg, rng, device, c, writer, injection, log, should_stop, notifier)
     trainer.checkpoint(0)  # resumable from the very first step
     if should_stop():
         trainer._end("stopped", 0)
@@ -208,8 +218,12 @@ def train(
         append_event(paths, "started", pid=os.getpid(), seed=cfg.seed, steps=cfg.steps, device=str(rng.device))
         if on_ready:
             on_ready()
+        notifier = Notifier(cfg.notify, paths, log)
         return _run_guarded(
-            paths, lambda: _fresh_start(paths, cfg, rng, rng.device, injection, rules, log, should_stop), log
+            paths,
+            lambda: _fresh_start(paths, cfg, rng, rng.device, injection, rules, log, should_stop, notifier),
+            log,
+            notifier,
         )
     finally:
         _release_run(paths, lock)
@@ -328,17 +342,20 @@ def resume(
         if on_ready:
             on_ready()
 
+        notifier = Notifier(cfg.notify, paths, log)
+
         def body() -> str:
             if state is None:
-                return _fresh_start(paths, cfg, rng, device, injection, rules, log, should_stop)
+                return _fresh_start(paths, cfg, rng, device, injection, rules, log, should_stop, notifier)
             trainer = _trainer_at(paths, cfg, state, k, rng, injection, rules, kept, log, should_stop)
+            trainer.notifier = notifier
             trainer.resume_checker = ResumeChecker(paths, old, k)
             if k >= cfg.steps:
                 trainer._end("finished", k)
                 return "finished"
             return trainer.loop(k + 1)
 
-        return _run_guarded(paths, body, log)
+        return _run_guarded(paths, body, log, notifier)
     finally:
         _release_run(paths, lock)
 

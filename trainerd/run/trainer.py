@@ -57,6 +57,7 @@ from trainerd.rl.reward import RewardModel
 from trainerd.rl.task import Task, response_mask
 from trainerd.run.checkpoint import list_checkpoints, prune_checkpoints, save_checkpoint
 from trainerd.run.determinism import RNG, capture_rng_state, restore_rng_state
+from trainerd.run.notify import Notifier
 from trainerd.run.outputs import RunWriter, is_nonfinite_alert
 from trainerd.run.samples import Rollout, SampleWriter
 from trainerd.run.stages import StageTimer
@@ -321,8 +322,10 @@ class Trainer:
         injection: Injection,
         log,
         should_stop: Callable[[], bool],
+        notifier: Notifier | None = None,
     ):
         self.paths, self.cfg, self.rng, self.device, self.c = paths, cfg, rng, device, c
+        self.notifier = notifier or Notifier(None, paths, log)
         self.writer, self.injection, self.log, self.should_stop = writer, injection, log, should_stop
         self.timer = StageTimer(device)
         self.memory = StageMemory(device)
@@ -621,6 +624,9 @@ class Trainer:
                     self.profiler.step_end(step, rec)
                     self._report_profile(step)
                 fired = self.writer.write(rec)
+                for event, alert in fired:
+                    self.notifier.alert(event, alert)
+                self.notifier.step_done(step, rec["step_time_s"])
                 self.samples.observe(step, self.last_rollout, fired)
                 if self.resume_checker is not None:
                     self.resume_checker.observe(rec)
@@ -675,3 +681,4 @@ class Trainer:
         if reason:
             fields["reason"] = reason
         append_event(self.paths, "finished" if status == "finished" else "stopped", **fields)
+        self.notifier.ended(status, step, reason)
