@@ -565,8 +565,11 @@ def fork(
         if on_ready:
             on_ready()
 
+        notifier = Notifier(cfg.notify, paths, log)
+
         def body() -> str:
             trainer = _trainer_at(paths, cfg, state, k, rng, injection, rules, kept, log, should_stop)
+            trainer.notifier = notifier
             apply_fork_changes(trainer.c, cfg, plan.changed)
             trainer.checkpoint(k)  # the fork's own state at k: a resume before its next checkpoint starts here
             if should_stop():
@@ -574,7 +577,7 @@ def fork(
                 return "stopped"
             return trainer.loop(k + 1)
 
-        return _run_guarded(paths, body, log)
+        return _run_guarded(paths, body, log, notifier)
     finally:
         _release_run(paths, lock)
 
