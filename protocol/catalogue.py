@@ -230,3 +230,15 @@ def stage_shares(stage_seconds: dict[str, float]) -> dict[str, float]:
                 clean[s] = f
     total = sum(clean.values())
     return {s: (clean.get(s, 0.0) / total if total > 0 else 0.0) for s in stage_seconds}
+
+
+def finite_value(v: object) -> float | None:
+    """A value read from a run file as a finite float, else None: strings, bools, NaN, +-Inf and
+    ints too large for a float are not numbers a reader should do arithmetic on."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .catalogue import finite_value
+
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 MAX_ACK_BYTES = 4 << 20
 
@@ -173,13 +175,8 @@ FORK_CHANGES: dict[str, tuple[str, float]] = {
 
 
 def _positive(v: object) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    try:
-        f = float(v)
-    except OverflowError:
-        return None
-    return f if 0.0 < f < float("inf") else None
+    f = finite_value(v)
+    return f if f is not None and f > 0.0 else None
 
 
 def fork_step(checkpoint_steps: Iterable[object], first_step: object) -> int | None:

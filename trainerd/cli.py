@@ -29,6 +29,7 @@ import click
 
 from protocol import jsonl as jsonl_mod
 from protocol.alerts import AlertConfigError, rules_from_toml
+from protocol.catalogue import finite_value
 from protocol.events import alert_timeline, open_alerts
 from protocol.health import describe_past, load_acks, run_verdict
 from protocol.rundir import (
@@ -320,15 +321,7 @@ def _is_step(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _finite(v: object) -> float | None:
-    """`v` as a finite float, or None (a string, NaN, a bool, a huge int ...)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    try:
-        f = float(v)
-    except OverflowError:
-        return None
-    return f if math.isfinite(f) else None
+_finite = finite_value  # a run file's value as a finite float, or None
 
 
 def _json_value(v):

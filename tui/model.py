@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.alerts import DEFAULT_RULES, Alert, Rule, most_severe
+from protocol.catalogue import finite_value
 from protocol.events import alert_timeline
 from protocol.health import Verdict, fork_step, fork_suggestion, run_verdict, worst_severity
 from protocol.rundir import RunPaths
@@ -36,15 +37,7 @@ CHART_OF = {
 MAX_EVENTS = 500  # the events panel shows the last ones only
 
 
-def finite(v) -> float | None:
-    """A run file's value as a finite float, else None (strings, bools, NaN, huge ints)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    try:
-        f = float(v)
-    except OverflowError:
-        return None
-    return f if math.isfinite(f) else None
+finite = finite_value  # a run file's value as a finite float, else None
 
 
 def _shown_dir(root: Path) -> str:
