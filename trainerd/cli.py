@@ -321,9 +321,6 @@ def _is_step(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-_finite = finite_value  # a run file's value as a finite float, or None
-
-
 def _json_value(v):
     """`v` with non-finite floats as the kit's JSONL strings, so `status --json` is strict JSON."""
     if isinstance(v, float) and not math.isfinite(v):
@@ -354,17 +351,17 @@ def run_status(paths: RunPaths) -> dict:
     total = cfg.get("steps") if isinstance(cfg, dict) else None
     rate = None
     if len(recs) >= 2 and recs[-1]["step"] > recs[0]["step"]:
-        t1, t0 = _finite(recs[-1].get("time", 0)), _finite(recs[0].get("time", 0))
+        t1, t0 = finite_value(recs[-1].get("time", 0)), finite_value(recs[0].get("time", 0))
         dt = t1 - t0 if t1 is not None and t0 is not None else None
         if dt is not None and dt > 0:
-            rate = _finite((recs[-1]["step"] - recs[0]["step"]) / dt)
+            rate = finite_value((recs[-1]["step"] - recs[0]["step"]) / dt)
     elif len(recs) == 1:
-        st = _finite(recs[0].get("step_time_s"))
+        st = finite_value(recs[0].get("step_time_s"))
         if st is not None and st > 0:
-            rate = _finite(1.0 / st)
+            rate = finite_value(1.0 / st)
     eta = None
     if rate and _is_step(total) and status == "running":
-        eta = _finite((total - step) / rate)
+        eta = finite_value((total - step) / rate)
     try:
         events = read_events(paths) if replayed is None else replayed
     except OSError as e:  # RunFileError (refused) included
@@ -406,7 +403,7 @@ def run_status(paths: RunPaths) -> dict:
 
 
 def _fmt_secs(s: float | None) -> str:
-    s = _finite(s)
+    s = finite_value(s)
     if s is None or s < 0 or s > 1e9:
         return "-"
     s = int(round(s))

@@ -37,9 +37,6 @@ CHART_OF = {
 MAX_EVENTS = 500  # the events panel shows the last ones only
 
 
-finite = finite_value  # a run file's value as a finite float, else None
-
-
 def _shown_dir(root: Path) -> str:
     """A run dir as a command to copy names it: relative to the working directory when it is
     under it (where the user pastes it: `runs/<id>`), else absolute."""
@@ -171,7 +168,7 @@ class RunModel:
 
     @property
     def started_at(self) -> float | None:
-        return finite(self.manifest.get("started_at"))
+        return finite_value(self.manifest.get("started_at"))
 
     @property
     def total_steps(self) -> int | None:
@@ -206,7 +203,7 @@ class RunModel:
         status = self.status
         if status == "running" and age is not None and age > stall_after:
             status = "stalled"
-        started, ended = self.started_at, finite(self.manifest.get("ended_at"))
+        started, ended = self.started_at, finite_value(self.manifest.get("ended_at"))
         elapsed = None if started is None else (ended if ended is not None else now) - started
         return HeaderInfo(
             run_id=self.run_id,

@@ -23,13 +23,13 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
+from protocol.catalogue import finite_value
 from protocol.jsonl import JsonlTailer
 from protocol.rundir import RunPaths
 from protocol.text import safe_text
 
 from .braille import fmt_value
 from .follow import one_line, post, spawn
-from .model import finite
 
 MAX_ROWS = 300  # latest samples kept (100 steps of the kit's trainer: 3 a step)
 MAX_STEP_ROWS = 60  # samples kept of the one step asked for
@@ -78,7 +78,7 @@ def _word(v: object) -> str:
 
 
 def _num(v: object) -> str:
-    f = finite(v)
+    f = finite_value(v)
     return fmt_value(f) if f is not None else ("—" if v is None else safe_text(str(v), 12))
 
 

@@ -16,13 +16,13 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
 from protocol.alerts import Alert
+from protocol.catalogue import finite_value
 from protocol.events import open_alerts
 from protocol.rundir import RunPaths, find_runs, read_events
 from protocol.text import safe_text
 
 from .braille import fmt_value
 from .follow import one_line, post, spawn
-from .model import finite
 
 HELP = """\
 [b]Keys[/b]
@@ -320,7 +320,7 @@ def list_runs(runs_dir: Path, current: Path | None, should_stop=lambda: False) -
             break
         root = r.paths.root.resolve()
         last_step = r.manifest.get("last_step")
-        started = finite(r.manifest.get("started_at"))
+        started = finite_value(r.manifest.get("started_at"))
         try:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(started)) if started is not None else "—"
         except (OverflowError, OSError, ValueError):

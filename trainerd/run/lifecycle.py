@@ -112,11 +112,8 @@ def load_rules(cfg: TrainConfig, paths: RunPaths | None = None, override: bool =
     """The alert rules a run evaluates with: its --alerts file; on a resume without a new file,
     the rules the run was started with (alerts.json, so a newer kit's defaults don't change a
     resumed run); else the defaults."""
-    if cfg.alerts_file and override:
-        return rules_from_toml(cfg.alerts_file)
-    if paths is not None:
-        saved, _ = load_run_rules(paths.root)  # a damaged file falls back to the defaults
-        return saved
+    if paths is not None and not (cfg.alerts_file and override):
+        return load_run_rules(paths.root)[0]  # a damaged file falls back to the defaults
     return rules_from_toml(cfg.alerts_file) if cfg.alerts_file else DEFAULT_RULES
 
 

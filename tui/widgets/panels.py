@@ -7,12 +7,12 @@ import math
 from rich.text import Text
 from textual.widgets import Static
 
-from protocol.catalogue import STAGES, stage_shares
+from protocol.catalogue import STAGES, finite_value, stage_shares
 from protocol.health import Verdict, describe_past, worst_severity
 from protocol.text import safe_text
 
 from ..braille import fmt_value
-from ..model import HeaderInfo, RunModel, finite
+from ..model import HeaderInfo, RunModel
 from ..store import RunStore
 from .charts import _fmt_duration
 
@@ -283,7 +283,7 @@ class EventsPanel(Static):
         shown = events[-max(1, rows) :]
         for i, e in enumerate(shown):
             name = _field(e.get("event", "?"), 40)
-            when = finite(e.get("time"))
+            when = finite_value(e.get("time"))
             rel = _fmt_duration(when - t0) if when is not None and t0 is not None else "—"
             t.append(f"{rel:>7} ", "grey50")
             t.append(f"{name:<15}", EVENT_STYLE.get(name, None))
