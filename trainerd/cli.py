@@ -6,6 +6,7 @@
     trainerd resume RUN [--foreground] [--force] [--notify CMD]
     trainerd fork RUN --from-step K [--set KEY=VALUE ...] [--config FILE] [--run-id ID] [--runs-dir DIR]
     trainerd verify {m1|m2|m3|all} [RUN] [--json]    trainerd report RUN    trainerd profile RUN
+    trainerd memory RUN [--json] [--suggest] [--budget SIZE]
 
 RUN is a run dir or a runs dir (its `latest`); default `runs`. Every error a user can cause
 is one line on stderr and a non-zero exit (see `main`). torch is imported only by the
@@ -474,6 +475,7 @@ _MODULES = {
     "verify_m3": "trainerd.verify.m3",
     "report": "trainerd.tools.report",
     "profiler": "trainerd.tools.profiler",
+    "memory": "trainerd.run.memory",
 }
 
 
@@ -570,6 +572,16 @@ def report(run, fmt):
 def profile(run):
     """Where the time of RUN goes (from its profile/ artifacts)."""
     return _module("profiler", "profile").profile_report(run)
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--json", "as_json", is_flag=True, help="the breakdown as JSON")
+@click.option("--suggest", is_flag=True, help="the knobs that bring the peak under the budget")
+@click.option("--budget", default=None, metavar="SIZE", help="e.g. 16GiB (implies --suggest; default: memory_limit)")
+def memory(run, as_json, suggest, budget):
+    """Where the memory of RUN goes, per stage, model and kind, and the knobs that shrink it."""
+    return _module("memory", "memory").memory_command(run, as_json, suggest, budget)
 
 
 # -- the top-level handler: one line per error, never a traceback --------------------------------------
