@@ -35,7 +35,7 @@ from protocol.catalogue import STAGES
 from protocol.rundir import RunPaths
 from trainerd.config import TrainConfig
 from trainerd.run.determinism import apply_determinism
-from trainerd.run.trainer import Trainer, build_components, rss_bytes, snapshot
+from trainerd.run.trainer import Trainer, build_components, peak_rss_bytes, rss_bytes, snapshot, vm_hwm_bytes
 from trainerd.tools.inject import Injection
 
 
@@ -133,11 +133,13 @@ def probe(
         rss_models = rss_bytes() or 0
 
         # warm-up step (allocator, lazy inits, optimizer state on a fresh start), then timed steps
-        times = []
+        times, timed_rec = [], {}
         for i in range(max(1, steps_timed)):
             t0 = time.perf_counter()
-            trainer.ppo_step(step + i)
+            timed_rec = trainer.ppo_step(step + i)
             times.append(time.perf_counter() - t0)
+        # the process's peak so far (setup and the unprofiled steps; StageMemory folds its resets in)
+        rss_peak_timed = max(trainer.memory.process_peak, vm_hwm_bytes() or 0, peak_rss_bytes())
         opt_bytes = {
             "policy": _tensor_bytes(c.policy_opt.state_dict()["state"], set()),
             "value_head": _tensor_bytes(c.value_opt.state_dict()["state"], set()),
@@ -186,6 +188,8 @@ def probe(
         "rss_runtime_bytes": rss_runtime,
         "rss_after_models_bytes": rss_models,
         "rss_end_bytes": rss_end,
+        "rss_peak_timed_bytes": rss_peak_timed,
+        "stage_peak_bytes": timed_rec.get("stage_peak_bytes") or {},  # the last unprofiled step's
         "stages": list(STAGES),
     }
 
