@@ -668,7 +668,6 @@ class AlertEngine:
             detail = f"{', '.join(parts)} over the last {rule.window} steps (fires when every r > +{_fmt(t)})"
         return _Verdict(bad, value, rule.metric, t, False, compared, detail)
 
-
     def _evaluate_growth(self, rule: Rule, record: dict[str, Any]) -> _Verdict | None:
         """Kind "growing" (a leak): for each of the rule's metrics present in the record, the
         growth over its last `window` values (least-squares slope x (window - 1)) and how straight

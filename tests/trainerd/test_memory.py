@@ -36,7 +36,7 @@ def test_memory_leak_fires_on_steady_growth_and_says_how_much():
     assert 20 <= fired[0][2] <= 30
     alert = AlertEngine()
     for i, v in enumerate(values, 1):
-        for e, a in alert.update({"step": i, "rss_bytes": v}):
+        for _e, a in alert.update({"step": i, "rss_bytes": v}):
             if a.rule == "memory_leak":
                 assert "grew by" in a.message() and "MiB" in a.message()
                 assert a.compared["rss_bytes_trend_r"] > 0.9 and a.value > 64 * MiB

@@ -418,9 +418,7 @@ def format_text(run: str, b: dict, sug: dict | None = None) -> list[str]:
         ]
         for k in sug["picked"]:
             how = f"--set {k['set']}" if k.get("set") else "(not a setting of this kit)"
-            lines.append(
-                f"  {k['knob']}: saves ~{fmt_bytes(k['saving_bytes'])}, step time {_cost(k['cost_s'])}  {how}"
-            )
+            lines.append(f"  {k['knob']}: saves ~{fmt_bytes(k['saving_bytes'])}, step time {_cost(k['cost_s'])}  {how}")
         if sug["picked"]:
             verdict = "fits" if sug["fits_after"] else "still does not fit"
             lines.append(f"  estimated peak after: {fmt_bytes(sug['estimated_peak_bytes'])} ({verdict})")
