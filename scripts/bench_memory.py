@@ -1,16 +1,17 @@
 """Measure each memory knob's real saving and slowdown on this machine (CPU), one fresh process
 per setting, and say which knobs only a GPU can show.
 
-    OMP_NUM_THREADS=1 python scripts/bench_memory.py [--quick] [--json OUT]
+    OMP_NUM_THREADS=1 python scripts/bench_memory.py [--quick] [--no-hf] [--repeat N] [--json OUT]
 
 Each setting builds the trainer's models and optimizers as `trainerd start` would (no warm
 start: memory and time of a PPO step do not depend on the weights' values much) and runs PPO
-steps through `trainerd/run/memory.py`'s `probe`: two unprofiled steps (the median of the
-second on is the step time; their per-stage RSS high-water marks and the process peak are
-recorded) and one step under torch.profiler with profile_memory=True (each stage's transient
-allocations, exact). Saving and slowdown are against the setting's baseline row:
+steps through `trainerd/run/memory.py`'s `probe`: three unprofiled steps (the fastest after
+the first is the step time, and the fastest of `--repeat` rounds counts: the machine is shared;
+the per-stage RSS high-water marks and the process peak are recorded) and one step under
+torch.profiler with profile_memory=True (each stage's transient allocations, exact). Saving
+and slowdown are against the setting's baseline row:
 
-- synthetic policy, width 512, batch 256, minibatch 128 (DECISIONS: large enough that the stage
+- synthetic policy, width 512, batch 256, minibatch 128 (large enough that the stage
   peaks differ beyond allocator noise): baseline, micro_batch_size 64 and 32,
   continue_on_nonfinite (no per-step copy of the healthy state), and glibc returning freed
   blocks to the OS (MALLOC_MMAP_THRESHOLD_=131072: the RSS then follows the live tensors);
@@ -102,8 +103,9 @@ def one(changes: dict) -> dict:
     cfg.validate()
     r = probe(cfg, None, steps_timed=3)
     trans = {s: v["transient_bytes"] for s, v in r["stage_transient"].items()}
+    later = r["step_times_s"][1:] or r["step_times_s"]
     return {
-        "step_time_s": r["step_time_s"],
+        "step_time_s": min(later),  # the least disturbed step (the machine is shared): after the first
         "process_peak_bytes": r["rss_peak_timed_bytes"],
         "stage_peak_bytes": r["stage_peak_bytes"],
         "step_peak_bytes": max(r["stage_peak_bytes"].values()) if r["stage_peak_bytes"] else None,
@@ -122,26 +124,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smaller synthetic shape (minutes less)")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face rows")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--repeat", type=int, default=2, help="rounds over all settings; the fastest round counts")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one is not None:
         print(json.dumps(one(json.loads(a.one))))
         return 0
-    results = []
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         hf_dir = None if a.no_hf else build_hf(Path(tmp))
-        for group, name, changes, env in settings(a.quick, hf_dir):
-            e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env)
-            p = subprocess.run(
-                [sys.executable, __file__, "--one", json.dumps(changes)], capture_output=True, text=True, env=e
-            )
-            if p.returncode != 0:
-                print(f"{group} {name}: failed: {p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-                continue
-            r = json.loads(p.stdout.strip().splitlines()[-1])
-            r.update(group=group, setting=name)
-            results.append(r)
-            print(f"measured {group} {name}: step {r['step_time_s']:.3f} s", file=sys.stderr, flush=True)
+        rows = settings(a.quick, hf_dir)
+        best: dict[tuple[str, str], dict] = {}
+        for rnd in range(max(1, a.repeat)):
+            # alternate the order each round, so a slow spell of the machine does not hit one setting
+            for group, name, changes, env in rows if rnd % 2 == 0 else rows[::-1]:
+                e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env)
+                p = subprocess.run(
+                    [sys.executable, __file__, "--one", json.dumps(changes)], capture_output=True, text=True, env=e
+                )
+                if p.returncode != 0:
+                    print(f"{group} {name}: failed: {p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                    continue
+                r = json.loads(p.stdout.strip().splitlines()[-1])
+                r.update(group=group, setting=name)
+                old = best.get((group, name))
+                if old is None or r["step_time_s"] < old["step_time_s"]:
+                    best[(group, name)] = r
+                print(f"round {rnd + 1} {group} {name}: step {r['step_time_s']:.3f} s", file=sys.stderr, flush=True)
+        results = [best[(g, n)] for g, n, _, _ in rows if (g, n) in best]
     print(
         f"{'group':<10}{'setting':<32}{'step s':>8}{'slowdown':>9}{'peak MiB':>10}{'saved':>8}"
         f"{'update MiB':>11}{'saved':>8}{'largest stage MiB':>18}"

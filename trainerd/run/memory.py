@@ -184,6 +184,7 @@ def probe(
         "stage_transient": transients,
         "stage_cuda_peak_bytes": stage_cuda,
         "step_time_s": statistics.median(times[1:] if len(times) > 1 else times),
+        "step_times_s": times,
         "profiled_step_time_s": rec_time,
         "rss_runtime_bytes": rss_runtime,
         "rss_after_models_bytes": rss_models,
