@@ -16,8 +16,8 @@ and slowdown are against the setting's baseline row:
   continue_on_nonfinite (no per-step copy of the healthy state), and glibc returning freed
   blocks to the OS (MALLOC_MMAP_THRESHOLD_=131072: the RSS then follows the live tensors);
 - a GPT-2-style Hugging Face policy (6 layers, width 256, built offline like
-  scripts/make_tiny_hf.py): baseline, gradient_checkpointing, bf16 autocast (memory only:
-  bf16 matmuls on a CPU without AMX are slower, a GPU's are faster).
+  scripts/make_tiny_hf.py): baseline, gradient_checkpointing, and with --bf16-cpu bf16 autocast
+  (memory only: bf16 matmuls on a CPU without bf16 units take minutes a step; a GPU's are faster).
 
 What only a GPU can show, and is not measured here: bf16's speed-up, offloading the reference
 and reward model between stages (there is no device memory to free on a CPU), and
@@ -51,7 +51,7 @@ HF = dict(
 )
 
 
-def settings(quick: bool, hf_dir: Path | None) -> list[tuple[str, str, dict, dict]]:
+def settings(quick: bool, hf_dir: Path | None, bf16_cpu: bool = False) -> list[tuple[str, str, dict, dict]]:
     """(group, name, config changes, environment changes); the first row of a group is its baseline."""
     base = QUICK_SYNTH if quick else SYNTH
     mb = base["minibatch_size"]
@@ -73,8 +73,9 @@ def settings(quick: bool, hf_dir: Path | None) -> list[tuple[str, str, dict, dic
         rows += [
             ("hf", "baseline", hf, {}),
             ("hf", "gradient_checkpointing=true", {**hf, "gradient_checkpointing": True}, {}),
-            ("hf", "dtype=bf16", {**hf, "dtype": "bf16"}, {}),
         ]
+        if bf16_cpu:  # minutes per step on a CPU without bf16 matmul units: off by default
+            rows.append(("hf", "dtype=bf16", {**hf, "dtype": "bf16"}, {}))
     return rows
 
 
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smaller synthetic shape (minutes less)")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face rows")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--bf16-cpu", action="store_true", help="also bf16 autocast on the CPU (very slow)")
     ap.add_argument("--repeat", type=int, default=2, help="rounds over all settings; the fastest round counts")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         hf_dir = None if a.no_hf else build_hf(Path(tmp))
-        rows = settings(a.quick, hf_dir)
+        rows = settings(a.quick, hf_dir, a.bf16_cpu)
         best: dict[tuple[str, str], dict] = {}
         for rnd in range(max(1, a.repeat)):
             # alternate the order each round, so a slow spell of the machine does not hit one setting
