@@ -36,6 +36,14 @@ from typing import Any
 from protocol.catalogue import STAGES, finite_value
 
 MODELS = ("policy", "value_head", "reference", "reward_model")
+STAGE_MODEL = {  # whose activations a stage's transient allocations are
+    "rollout": "policy",
+    "ref_logprobs": "reference",
+    "reward": "reward_model",
+    "values": "policy",
+    "policy_update": "policy",
+    "value_update": "value_head",
+}
 PCIE_BYTES_PER_S = 12e9  # host <-> GPU copy rate assumed for offloading (PCIe 4 x16 in practice)
 # slowdown of the policy update per extra micro-batch, measured by scripts/bench_memory.py on CPU
 # (d_model 512, batch 256, minibatch 128; see README's memory table): an estimate for other shapes
@@ -153,7 +161,7 @@ def breakdown(probe: dict, records: list[dict], cfg: dict) -> dict[str, Any]:
     if largest is not None:
         parts.append(
             Part(
-                "policy" if largest in ("rollout", "values", "policy_update") else "all",
+                STAGE_MODEL.get(largest, "all"),
                 "activations",
                 trans.get(largest, 0.0),
                 "measured",
