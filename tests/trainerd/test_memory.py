@@ -179,6 +179,7 @@ def test_trainerd_memory_parts_add_up_to_the_measured_peak(trainer_smoke_run, sm
         ("policy", "optimizer_state"),
         ("policy", "checkpoint_copy"),
         ("policy", "kv_cache"),
+        ("all", "allocator_cache"),
         ("all", "unattributed"),
     ]:
         assert want in kinds, want

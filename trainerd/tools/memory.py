@@ -186,6 +186,20 @@ def breakdown(probe: dict, records: list[dict], cfg: dict) -> dict[str, Any]:
     peak = peaks["step_peak"]
     if cuda and probe.get("stage_cuda_peak_bytes"):
         peak = peak or max(probe["stage_cuda_peak_bytes"].values())
+    replay_peak = max((probe.get("stage_peak_bytes") or {}).values(), default=None)
+    if replay_peak is not None and not cuda:
+        # the replay's own step peak (RSS high-water mark, measured like the run's) minus its parts
+        parts.append(
+            Part(
+                "all",
+                "allocator_cache",
+                replay_peak - sum(p.bytes for p in parts if p.in_peak),
+                "measured",
+                True,
+                "in the replay: its step peak minus the rows above (freed blocks the allocator keeps, "
+                "torch kernels loaded on first use)",
+            )
+        )
     counted = sum(p.bytes for p in parts if p.in_peak)
     if peak is not None:
         parts.append(
@@ -195,7 +209,8 @@ def breakdown(probe: dict, records: list[dict], cfg: dict) -> dict[str, Any]:
                 peak - counted,
                 "measured",
                 True,
-                "peak minus the rows above: allocator caching and fragmentation, data, the trainer's other state",
+                "the run's step peak minus the rows above: what the trainer process holds and the replay does "
+                "not (blocks left from the warm start and reward-model training, the logging stack)",
             )
         )
     stages = []
