@@ -473,6 +473,12 @@ class AlertEngine:
     def most_severe(self) -> Alert | None:
         return most_severe(self.open.values())
 
+    @property
+    def quiet(self) -> bool:
+        """No alert open and no bad streak under way: what comes next depends only on the rolling
+        windows (a whole-history evaluator may skip records known to be good from here)."""
+        return not self.open and all(st.bad_run == 0 for st in self._state.values())
+
     # -- internals -------------------------------------------------------------------
 
     def _recovered(self, rule: Rule, value: float) -> bool:

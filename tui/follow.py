@@ -224,9 +224,8 @@ class RunFollower:
         while not self.first_screen.wait(0.05):
             if self.stop.is_set():
                 return
-        per_record = self.tail_bytes / max(1, self.tail_records)
         last_report = 0.0
-        for item in load_history(self.paths, end_offset, self.stop.is_set, per_record):
+        for item in load_history(self.paths, end_offset, self.stop.is_set):
             if isinstance(item, float):
                 if time.monotonic() - last_report > 0.5:
                     last_report = time.monotonic()

@@ -1,0 +1,266 @@
+"""A run's whole history from the step log's columnar side file (`steps.cols`), with numpy.
+
+`load_columns` turns the side file's rows into a `RunStore` in array operations, checking
+every row against the step log first: its frame must sit where the row says (contiguous
+from offset 0, its length field and payload crc as recorded) and the row's own checksum
+must hold. The first row that fails ends what is trusted; the caller reads the log from
+there as before. So the monitor never shows a value the log does not hold, and a run
+without a side file (an older run, another framework's) is read exactly as before.
+numpy is imported here only, lazily: the monitor's start-up does not pay for it.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+from array import array
+from dataclasses import dataclass
+
+from protocol.catalogue import STAGES
+from protocol.columns import (
+    MAGIC_U64,
+    MISSING_BITS,
+    NONNUM_BITS,
+    ROW_HEAD_WORDS,
+    K,
+    columns_path,
+    decode_header,
+)
+from protocol.rundir import RunPaths
+from protocol.safeio import open_run_file
+
+from .store import (
+    _NOT_EXTRA,
+    BLOCK,
+    FLAG_NAN,
+    FLAG_NEG_INF,
+    FLAG_POS_INF,
+    INT64,
+    MAX_EXTRA_COLUMNS,
+    SCALAR_FIELDS,
+    Column,
+    RunStore,
+)
+
+CHUNK_BYTES = 16 << 20  # rows checked and copied per pass: memory stays bounded
+
+
+@dataclass
+class Loaded:
+    store: RunStore  # the rows before `end` (placeable ones; see `skipped`)
+    end: int  # the log offset the trusted rows cover: read the log from here
+    rows: int  # trusted rows used
+    skipped: int  # rows without a step a chart can place
+
+
+def load_columns(paths: RunPaths, upto: int, should_stop=lambda: False) -> Loaded | None:
+    """The history before log offset `upto` from the side file, or None when there is none
+    (or numpy is missing, or its first row is not trusted)."""
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    try:
+        cols = open_run_file(paths.root, columns_path(paths.steps), "rb")
+        log = open_run_file(paths.root, paths.steps, "rb")
+    except OSError:
+        return None
+    with cols, log:
+        log_size = os.fstat(log.fileno()).st_size
+        if log_size == 0 or os.fstat(cols.fileno()).st_size == 0:
+            return None
+        # both files are mapped, not read: pages are dropped from this process once checked
+        # (`_forget`), so a 1M-step run costs its columns' memory, not its files' size
+        logmap = mmap.mmap(log.fileno(), 0, access=mmap.ACCESS_READ)
+        colmap = mmap.mmap(cols.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            return _load(np, colmap, logmap, min(upto, log_size), should_stop)
+        finally:
+            colmap.close()
+            logmap.close()
+
+
+def _load(np, data, logmap, upto: int, should_stop) -> Loaded | None:
+    logbytes = np.frombuffer(logmap, dtype=np.uint8)
+    out: dict[tuple[str, str | None], array] = {}  # field -> float64 values of the trusted rows
+    n = 0  # trusted rows so far
+    prev_end = 0
+    pos = 0
+    k_all = np.array(K, dtype=np.uint64)
+    rows = None
+    done = False
+    while not done and pos < len(data):
+        got = decode_header(data, pos)
+        if got is None:
+            break
+        fields, rows_at = got
+        w = ROW_HEAD_WORDS + len(fields)
+        width = 8 * w
+        kk = np.concatenate([k_all[:2], k_all[3:w]])
+        per_chunk = max(1, CHUNK_BYTES // width)
+        p = rows_at
+        while p + width <= len(data):
+            if should_stop():
+                return None
+            m = min(per_chunk, (len(data) - p) // width)
+            rows = np.frombuffer(data, dtype="<u8", count=m * w, offset=p).reshape(m, w)
+            seg_end = np.flatnonzero(rows[:, 0] == MAGIC_U64)
+            if len(seg_end):  # the next segment starts here
+                rows = rows[: seg_end[0]]
+            ok = _trusted(np, rows, kk, logbytes, prev_end, upto)
+            if ok:
+                good = rows[:ok]
+                prev_end = int(good[-1, 0])
+                for j, f in enumerate(fields):
+                    col = out.get(f)
+                    if col is None:
+                        col = out[f] = array("d")
+                        if n:
+                            col.frombytes(np.full(n, MISSING_BITS, dtype="<u8").tobytes())
+                    col.frombytes(np.ascontiguousarray(good[:, ROW_HEAD_WORDS + j]).tobytes())
+                for f, col in out.items():
+                    if f not in fields:
+                        col.frombytes(np.full(ok, MISSING_BITS, dtype="<u8").tobytes())
+                n += ok
+                _forget(logmap, prev_end)
+                _forget(data, p + ok * width)
+            if ok < len(rows) or prev_end >= upto:
+                done = True
+                break
+            p += len(rows) * width
+            if len(seg_end):
+                pos = p
+                break
+        else:
+            break
+    del logbytes, rows
+    if not n:
+        return None
+    store, skipped = _store_of(np, out, n)
+    return Loaded(store, prev_end, n, skipped)
+
+
+def _trusted(np, rows, kk, logbytes, prev_end: int, upto: int) -> int:
+    """How many leading rows match the log's frames and their own checksums."""
+    if not len(rows):
+        return 0
+    ends = rows[:, 0]
+    lens = rows[:, 1] & np.uint64(0xFFFFFFFF)
+    crcs = rows[:, 1] >> np.uint64(32)
+    starts = ends - lens - np.uint64(16)
+    expect = np.empty_like(starts)
+    expect[0] = prev_end
+    expect[1:] = ends[:-1]
+    bad = (starts != expect) | (ends > np.uint64(upto)) | (lens == 0) | (ends < lens + np.uint64(16))
+    first_bad = np.flatnonzero(bad)
+    m = int(first_bad[0]) if len(first_bad) else len(rows)
+    if not m:
+        return 0
+    ends, lens, crcs, starts = ends[:m], lens[:m], crcs[:m], starts[:m]
+    idx = starts.astype(np.int64)
+    got_len = np.zeros(m, dtype=np.uint64)
+    for b in range(8):  # the frame's u64 length field, byte by byte
+        got_len |= logbytes[idx + b].astype(np.uint64) << np.uint64(8 * b)
+    idx = ends.astype(np.int64) - 4
+    got_crc = np.zeros(m, dtype=np.uint64)
+    for b in range(4):  # the frame's u32 payload crc
+        got_crc |= logbytes[idx + b].astype(np.uint64) << np.uint64(8 * b)
+    summed = np.concatenate([rows[:m, :2], rows[:m, 3:]], axis=1)
+    with np.errstate(over="ignore"):
+        checks = (summed * kk).sum(axis=1, dtype=np.uint64)
+    bad = (got_len != lens) | (got_crc != crcs) | (checks != rows[:m, 2])
+    first_bad = np.flatnonzero(bad)
+    return int(first_bad[0]) if len(first_bad) else m
+
+
+def _forget(logmap, upto: int) -> None:
+    """Drop the log pages checked so far from this process (they stay in the page cache)."""
+    upto -= upto % mmap.PAGESIZE
+    if upto > 0 and hasattr(logmap, "madvise"):
+        try:
+            logmap.madvise(mmap.MADV_DONTNEED, 0, upto)
+        except (OSError, ValueError):
+            pass
+
+
+def _store_of(np, out: dict, n: int) -> tuple[RunStore, int]:
+    """A RunStore from the side file's columns, as `RunStore.columnize` + `extend` would build it."""
+
+    def bits(f):
+        col = out.get(f)
+        return None if col is None else np.frombuffer(col, dtype="<u8")
+
+    def values(f, absent_as_nan=False):
+        b = bits(f)
+        if b is None:
+            return np.full(n, math.nan if absent_as_nan else _f64(MISSING_BITS))
+        v = b.copy()
+        v[v == NONNUM_BITS] = MISSING_BITS  # present but not a number: shown as missing
+        if absent_as_nan:
+            v[v == MISSING_BITS] = struct.unpack("<Q", struct.pack("<d", math.nan))[0]
+        return v.view("<f8")
+
+    step_bits = bits(("step", None))
+    if step_bits is None:
+        return RunStore(), n
+    step_f = step_bits.view("<f8")
+    placeable = np.isfinite(step_f) & (step_f >= INT64[0]) & (step_f <= INT64[1])
+    placeable &= step_bits != NONNUM_BITS
+    keep = None if placeable.all() else np.flatnonzero(placeable)
+    skipped = n - (n if keep is None else len(keep))
+
+    def rows_of(v):
+        return v if keep is None else v[keep]
+
+    s = RunStore()
+    s.steps = array("q", rows_of(step_f).astype(np.int64).tobytes())
+    s.times = array("d", rows_of(values(("time", None), absent_as_nan=True)).tobytes())
+    for k in SCALAR_FIELDS:
+        s.columns[k] = _column(np, rows_of(values((k, None))), "d")
+    for st in STAGES:
+        s.stages[st] = _column(np, rows_of(values(("stage_s", st), absent_as_nan=True)).astype(np.float32), "f", True)
+    for f in out:
+        name, sub = f
+        if sub is not None or name in _NOT_EXTRA or len(s.extra) >= MAX_EXTRA_COLUMNS:
+            continue
+        v = rows_of(values(f))
+        c = _column(np, v, "d")
+        if c.present:
+            s.columns[name] = c
+            s.extra.append(name)
+    return s, skipped
+
+
+def _f64(bits_: int) -> float:
+    return struct.unpack("<d", struct.pack("<Q", bits_))[0]
+
+
+def _column(np, v, typecode: str, sums: bool = False) -> Column:
+    """A store Column with its block summaries computed in bulk (as `Column.extend` would)."""
+    c = Column(typecode, sums)
+    c.values = array(typecode, v.tobytes())
+    v64 = v.astype(np.float64)
+    if typecode == "d":
+        missing = v64.view("<u8") == MISSING_BITS
+        c.present = int(len(v64) - missing.sum())
+    else:
+        missing = np.zeros(len(v64), dtype=bool)
+        c.present = 0
+    nb = len(v64) // BLOCK
+    if nb:
+        blk = v64[: nb * BLOCK].reshape(nb, BLOCK)
+        fin = np.isfinite(blk)
+        c.bmin = array("d", np.where(fin, blk, math.inf).min(axis=1).tobytes())
+        c.bmax = array("d", np.where(fin, blk, -math.inf).max(axis=1).tobytes())
+        nan = np.isnan(blk) & ~missing[: nb * BLOCK].reshape(nb, BLOCK)
+        flags = (
+            nan.any(axis=1) * FLAG_NAN
+            + (blk == math.inf).any(axis=1) * FLAG_POS_INF
+            + (blk == -math.inf).any(axis=1) * FLAG_NEG_INF
+        )
+        c.bflags = array("b", flags.astype(np.int8).tobytes())
+        if sums:
+            c.bsum = array("d", np.where(fin, blk, 0.0).sum(axis=1).tobytes())
+    return c
