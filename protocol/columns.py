@@ -6,9 +6,10 @@ appends one row per frame here: the record's numbers as float64 in a fixed colum
 a reader loads a whole history with a few array operations. The step log stays the source
 of truth:
 
-- a row names the frame it was made from (end offset, payload length, payload crc), so a
-  reader checks every row against the log's own bytes and stops trusting the file at the
-  first row that does not match (a damaged side file, a truncated log, a resume);
+- a row names the frame it was made from (its end offset and payload length) and carries the
+  crc32 of every log byte up to that frame's end, so a reader checks the rows against the
+  log's own bytes (one running crc32 over the log, at C speed) and stops trusting the file
+  at the first row that does not match (a damaged side file or log, a truncated log, a resume);
 - every row carries a checksum of its own words (any single flipped bit is caught);
 - the file is rebuildable from the log (`ColumnWriter` does it when it finds the file
   missing, stale or damaged) and a reader never needs it: it reads the log from where the
@@ -18,15 +19,16 @@ Layout (little-endian; protocol/FORMAT.md):
 
     segment := MAGIC(8) | u64 header length | header JSON, zero-padded to 8 | u64 crc32 of the JSON
                | row*
-    row     := u64 frame end offset | u64 (payload crc << 32 | payload length) | u64 checksum
+    row     := u64 frame end offset | u64 (log crc << 32 | payload length) | u64 checksum
                | f64 value per field of the header
 
-A segment's header lists its fields as `[name, sub]` pairs: `[key, null]` for a top-level
-number, `[key, subkey]` for a number one map down (`stage_s`'s stages). A new key in a
-record starts a new segment whose fields are the old ones plus the new. A field a record
-lacks holds the MISSING NaN; a key present with a value that is not a number (a string,
-a bool, null, a list) holds the NONNUM NaN. Ints are stored as float64 (as every reader of
-the kit converts them); a step no float64 holds exactly stops the side file there.
+`log crc` is zlib's crc32 of the log's bytes from offset 0 to the frame's end. A segment's
+header lists its fields as `[name, sub]` pairs: `[key, null]` for a top-level number,
+`[key, subkey]` for a number one map down (`stage_s`'s stages). A new key in a record starts
+a new segment whose fields are the old ones plus the new. A field a record lacks holds the
+MISSING NaN; a key present with a value that is not a number (a string, a bool, null, a
+list) holds the NONNUM NaN. Ints are stored as float64 (as every reader of the kit converts
+them); a step no float64 holds exactly stops the side file there.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from .safeio import StrPath, open_run_fd, open_run_file
 
 MAGIC = b"RKCOLS1\n"
 MAGIC_U64 = int.from_bytes(MAGIC, "little")  # ~7e17: never a frame end offset
-ROW_HEAD_WORDS = 3  # end offset, payload crc | length, checksum
+ROW_HEAD_WORDS = 3  # end offset, log crc | payload length, checksum
 MAX_FIELDS = 1024  # a record with more numbers than this stops the side file
 EXACT_INT = 1 << 53  # a step beyond this is not exact in float64
 MISSING_BITS = 0x7FF8_DEAD_0000_0000  # the field is absent from the record
@@ -68,7 +70,7 @@ def columns_path(log_path: StrPath) -> str:
 
 
 def row_checksum(words: Iterable[int]) -> int:
-    """The checksum of a row's words without its checksum word (end, crc|length, values...)."""
+    """The checksum of a row's words without its checksum word (end, log crc|length, values...)."""
     return sum(w * k for w, k in zip(words, _K_SUMMED)) & M64
 
 
@@ -107,7 +109,7 @@ def _number(v: object) -> float | None:
         return math.inf if v > 0 else -math.inf
 
 
-def flatten(record: dict[str, Any]) -> dict[Field, float] | None:
+def flatten(record: dict[Any, Any]) -> dict[Field, float] | None:
     """A record's fields and values, or None when the side file cannot hold it exactly."""
     out: dict[Field, float] = {}
     for k, v in record.items():
@@ -141,6 +143,7 @@ class ColumnWriter:
         self._index: dict[Field, int] = {}
         self._row = struct.Struct("<0d")
         self.end = 0  # the log offset the rows cover up to
+        self.log_crc = 0  # crc32 of the log's bytes [0, end)
         self.broken = False
         self._fd = -1
         try:
@@ -163,7 +166,7 @@ class ColumnWriter:
                 return
         os.ftruncate(self._fd, 0)
         os.lseek(self._fd, 0, os.SEEK_SET)
-        self.fields, self._index, self.end = [], {}, 0
+        self.fields, self._index, self.end, self.log_crc = [], {}, 0, 0
         if log_size:
             self._catch_up(log_path, log_size)
 
@@ -190,7 +193,7 @@ class ColumnWriter:
         if row_checksum(words[:2] + words[3:]) != words[2]:
             return None
         self._set_fields(fields)
-        self.end = words[0]
+        self.end, self.log_crc = words[0], words[1] >> 32
         return rows_at + (best + 1) * width
 
     def _catch_up(self, log_path: StrPath, log_size: int) -> None:
@@ -207,9 +210,8 @@ class ColumnWriter:
                     if start != self.end or end > log_size:
                         self._stop()  # a damaged frame: rows must cover the log without gaps
                         return
-                    f.seek(end - 4)
-                    crc = struct.unpack("<I", f.read(4))[0]
-                    self.append(rec, end, end - start - 16, crc)
+                    f.seek(start)
+                    self.append(rec, f.read(end - start))
 
     # -- appending ------------------------------------------------------------------------
 
@@ -218,15 +220,17 @@ class ColumnWriter:
         self._index = {f: i for i, f in enumerate(self.fields)}
         self._row = struct.Struct(f"<{len(self.fields)}d")
 
-    def append(self, record: dict[str, Any], frame_end: int, payload_len: int, payload_crc: int) -> None:
-        """One row for the frame of `record` that ends at `frame_end` in the log."""
+    def append(self, record: dict[Any, Any], frame: bytes) -> None:
+        """One row for `record`, whose frame (`frame`, its bytes) was just appended to the log."""
         if self.broken:
             return
         try:
             flat = flatten(record)
-            if flat is None or frame_end - payload_len - 16 != self.end:
+            if flat is None:
                 self._stop()
                 return
+            frame_end = self.end + len(frame)
+            log_crc = zlib.crc32(frame, self.log_crc)
             new = [f for f in flat if f not in self._index]
             out = b""
             if new:
@@ -240,14 +244,14 @@ class ColumnWriter:
             for f, v in flat.items():
                 values[index[f]] = v
             packed = self._row.pack(*values)
-            head = (frame_end, (payload_crc << 32) | payload_len)
+            head = (frame_end, (log_crc << 32) | (len(frame) - 16))
             words = struct.unpack(f"<{len(values)}Q", packed)
             checksum = row_checksum(head + words)
             out += struct.pack("<3Q", *head, checksum) + packed
             n = os.write(self._fd, out)
             while n < len(out):
                 n += os.write(self._fd, out[n:])
-            self.end = frame_end
+            self.end, self.log_crc = frame_end, log_crc
         except Exception:
             self._stop()
 

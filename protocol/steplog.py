@@ -45,17 +45,11 @@ def masked_crc(data: bytes | bytearray | memoryview) -> int:
 
 
 def encode_frame(record: dict[str, Any]) -> bytes:
-    return _encode(record)[0]
-
-
-def _encode(record: dict[str, Any]) -> tuple[bytes, int]:
-    """The frame and its payload's masked crc."""
     payload: bytes = msgpack.packb(record, use_bin_type=True, use_single_float=False)
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"record encodes to {len(payload)} bytes, over the 1 MiB frame limit")
     header = _U64.pack(len(payload))
-    crc = masked_crc(payload)
-    return b"".join((header, _U32.pack(masked_crc(header)), payload, _U32.pack(crc))), crc
+    return b"".join((header, _U32.pack(masked_crc(header)), payload, _U32.pack(masked_crc(payload))))
 
 
 class StepLogWriter:
@@ -72,18 +66,17 @@ class StepLogWriter:
         self.root = root if root is not None else os.path.dirname(os.path.abspath(path))
         self.sync_interval_s = sync_interval_s
         self._fd = open_run_fd(self.root, path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self._size = os.fstat(self._fd).st_size  # one writer per run: the next frame starts here
         self._last_sync = time.monotonic()
-        self.columns = ColumnWriter(columns_path(path), self.root, path, self._size) if columns else None
+        size = os.fstat(self._fd).st_size
+        self.columns = ColumnWriter(columns_path(path), self.root, path, size) if columns else None
 
     def write(self, record: dict[str, Any]) -> None:
-        frame, crc = _encode(record)
+        frame = encode_frame(record)
         n = os.write(self._fd, frame)
         while n < len(frame):  # a short write is rare (signals, full pipes) but possible
             n += os.write(self._fd, frame[n:])
-        self._size += len(frame)
         if self.columns is not None:
-            self.columns.append(record, self._size, len(frame) - HEADER - TRAILER, crc)
+            self.columns.append(record, frame)
         if time.monotonic() - self._last_sync >= self.sync_interval_s:
             self.sync()
 

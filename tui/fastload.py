@@ -1,20 +1,22 @@
 """A run's whole history from the step log's columnar side file (`steps.cols`), with numpy.
 
 `load_columns` turns the side file's rows into a `RunStore` in array operations, checking
-every row against the step log first: its frame must sit where the row says (contiguous
-from offset 0, its length field and payload crc as recorded) and the row's own checksum
-must hold. The first row that fails ends what is trusted; the caller reads the log from
-there as before. So the monitor never shows a value the log does not hold, and a run
-without a side file (an older run, another framework's) is read exactly as before.
-numpy is imported here only, lazily: the monitor's start-up does not pay for it.
+every row against the step log first: the frames must follow each other from offset 0 as
+the rows say, the crc32 of the log's bytes up to each frame's end must be the one recorded
+(one running crc32 over the log, at C speed), and the row's own checksum must hold. The
+first row that fails ends what is trusted; the caller reads the log from there as before.
+So the monitor never shows a value the log does not hold, and a run without a side file (an
+older run, another framework's) is read exactly as before. Both files are read with pread,
+never mapped: a resume may truncate them while they are read. numpy is imported here only,
+lazily: the monitor's start-up does not pay for it.
 """
 
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import struct
+import zlib
 from array import array
 from dataclasses import dataclass
 
@@ -71,45 +73,42 @@ def load_columns(paths: RunPaths, upto: int, should_stop=lambda: False) -> Loade
         log_size = os.fstat(log.fileno()).st_size
         if log_size == 0 or os.fstat(cols.fileno()).st_size == 0:
             return None
-        # both files are mapped, not read: pages are dropped from this process once checked
-        # (`_forget`), so a 1M-step run costs its columns' memory, not its files' size
-        logmap = mmap.mmap(log.fileno(), 0, access=mmap.ACCESS_READ)
-        colmap = mmap.mmap(cols.fileno(), 0, access=mmap.ACCESS_READ)
-        try:
-            return _load(np, colmap, logmap, min(upto, log_size), should_stop)
-        finally:
-            colmap.close()
-            logmap.close()
+        # read with pread, never mapped: a resume may truncate either file while we read it
+        # (a mapped page past the new end would kill the process with SIGBUS)
+        return _load(np, cols.fileno(), log.fileno(), min(upto, log_size), should_stop)
 
 
-def _load(np, data, logmap, upto: int, should_stop) -> Loaded | None:
-    logbytes = np.frombuffer(logmap, dtype=np.uint8)
+def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | None:
     out: dict[tuple[str, str | None], array] = {}  # field -> float64 values of the trusted rows
     n = 0  # trusted rows so far
-    prev_end = 0
+    prev_end, log_crc = 0, 0
     pos = 0
+    size = os.fstat(cols_fd).st_size
     k_all = np.array(K, dtype=np.uint64)
-    rows = None
     done = False
-    while not done and pos < len(data):
-        got = decode_header(data, pos)
+    while not done and pos < size:
+        got = decode_header(os.pread(cols_fd, 16 + 64 * 1024 + 1032, pos), 0)
         if got is None:
             break
-        fields, rows_at = got
+        fields, head_len = got
         w = ROW_HEAD_WORDS + len(fields)
         width = 8 * w
         kk = np.concatenate([k_all[:2], k_all[3:w]])
         per_chunk = max(1, CHUNK_BYTES // width)
-        p = rows_at
-        while p + width <= len(data):
+        p = pos + head_len
+        while p + width <= size:
             if should_stop():
                 return None
-            m = min(per_chunk, (len(data) - p) // width)
-            rows = np.frombuffer(data, dtype="<u8", count=m * w, offset=p).reshape(m, w)
+            buf = os.pread(cols_fd, min(per_chunk, (size - p) // width) * width, p)
+            m = len(buf) // width
+            if not m:
+                done = True
+                break
+            rows = np.frombuffer(buf, dtype="<u8", count=m * w).reshape(m, w)
             seg_end = np.flatnonzero(rows[:, 0] == MAGIC_U64)
             if len(seg_end):  # the next segment starts here
                 rows = rows[: seg_end[0]]
-            ok = _trusted(np, rows, kk, logbytes, prev_end, upto)
+            ok, log_crc = _trusted(np, rows, kk, log_fd, prev_end, log_crc, upto)
             if ok:
                 good = rows[:ok]
                 prev_end = int(good[-1, 0])
@@ -124,8 +123,6 @@ def _load(np, data, logmap, upto: int, should_stop) -> Loaded | None:
                     if f not in fields:
                         col.frombytes(np.full(ok, MISSING_BITS, dtype="<u8").tobytes())
                 n += ok
-                _forget(logmap, prev_end)
-                _forget(data, p + ok * width)
             if ok < len(rows) or prev_end >= upto:
                 done = True
                 break
@@ -135,54 +132,49 @@ def _load(np, data, logmap, upto: int, should_stop) -> Loaded | None:
                 break
         else:
             break
-    del logbytes, rows
     if not n:
         return None
     store, skipped = _store_of(np, out, n)
     return Loaded(store, prev_end, n, skipped)
 
 
-def _trusted(np, rows, kk, logbytes, prev_end: int, upto: int) -> int:
-    """How many leading rows match the log's frames and their own checksums."""
+def _trusted(np, rows, kk, log_fd: int, prev_end: int, log_crc: int, upto: int) -> tuple[int, int]:
+    """How many leading rows hold: contiguous frames within the log, their own checksums, and the
+    log's crc32 up to each frame's end as recorded. Returns (rows, log crc after them)."""
     if not len(rows):
-        return 0
+        return 0, log_crc
     ends = rows[:, 0]
     lens = rows[:, 1] & np.uint64(0xFFFFFFFF)
-    crcs = rows[:, 1] >> np.uint64(32)
-    starts = ends - lens - np.uint64(16)
-    expect = np.empty_like(starts)
+    expect = np.empty_like(ends)
     expect[0] = prev_end
     expect[1:] = ends[:-1]
-    bad = (starts != expect) | (ends > np.uint64(upto)) | (lens == 0) | (ends < lens + np.uint64(16))
+    summed = np.concatenate([rows[:, :2], rows[:, 3:]], axis=1)
+    with np.errstate(over="ignore"):
+        checks = (summed * kk).sum(axis=1, dtype=np.uint64)
+    bad = (ends - lens - np.uint64(16) != expect) | (ends > np.uint64(upto))
+    bad |= (lens == 0) | (ends < lens + np.uint64(16)) | (checks != rows[:, 2])
     first_bad = np.flatnonzero(bad)
     m = int(first_bad[0]) if len(first_bad) else len(rows)
     if not m:
-        return 0
-    ends, lens, crcs, starts = ends[:m], lens[:m], crcs[:m], starts[:m]
-    idx = starts.astype(np.int64)
-    got_len = np.zeros(m, dtype=np.uint64)
-    for b in range(8):  # the frame's u64 length field, byte by byte
-        got_len |= logbytes[idx + b].astype(np.uint64) << np.uint64(8 * b)
-    idx = ends.astype(np.int64) - 4
-    got_crc = np.zeros(m, dtype=np.uint64)
-    for b in range(4):  # the frame's u32 payload crc
-        got_crc |= logbytes[idx + b].astype(np.uint64) << np.uint64(8 * b)
-    summed = np.concatenate([rows[:m, :2], rows[:m, 3:]], axis=1)
-    with np.errstate(over="ignore"):
-        checks = (summed * kk).sum(axis=1, dtype=np.uint64)
-    bad = (got_len != lens) | (got_crc != crcs) | (checks != rows[:m, 2])
-    first_bad = np.flatnonzero(bad)
-    return int(first_bad[0]) if len(first_bad) else m
+        return 0, log_crc
+    crcs = (rows[:m, 1] >> np.uint64(32)).tolist()
+    end_list = ends[:m].tolist()
+    data = os.pread(log_fd, end_list[-1] - prev_end, prev_end)  # the log bytes these rows cover
 
+    def crc_to(i: int) -> int:  # the log's crc32 up to row i's frame end
+        return zlib.crc32(memoryview(data)[: end_list[i] - prev_end], log_crc)
 
-def _forget(logmap, upto: int) -> None:
-    """Drop the log pages checked so far from this process (they stay in the page cache)."""
-    upto -= upto % mmap.PAGESIZE
-    if upto > 0 and hasattr(logmap, "madvise"):
-        try:
-            logmap.madvise(mmap.MADV_DONTNEED, 0, upto)
-        except (OSError, ValueError):
-            pass
+    if len(data) == end_list[-1] - prev_end and crc_to(m - 1) == crcs[m - 1]:
+        return m, crcs[m - 1]
+    lo, hi = 0, m - 1  # the log changed somewhere: the last row whose crc still holds
+    best = -1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if end_list[mid] - prev_end <= len(data) and crc_to(mid) == crcs[mid]:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best + 1, (crcs[best] if best >= 0 else log_crc)
 
 
 def _store_of(np, out: dict, n: int) -> tuple[RunStore, int]:

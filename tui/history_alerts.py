@@ -167,7 +167,36 @@ def _candidates(np, rule: Rule, cols: dict, n: int):
     if rule.spike_factor is not None:
         fed = np.flatnonzero(fin)
         cand |= _spike_candidates(np, rule, v[fed], fed, n)
-    return cand & fin, fed
+    cand &= fin
+    urgent = cand if rule.pushback else np.zeros(n, dtype=bool)  # a controller that stops pushing: no streak
+    if rule.hard_threshold is not None and not rule.pushback:
+        with np.errstate(invalid="ignore"):
+            urgent = fin & (np.abs(v) > rule.hard_threshold if rule.kind == "abs_above" else _past(rule, v))
+    evaluated = present & ~skip & ~np.isnan(v) if rule.relative_to else present & ~skip
+    return _streaks(np, cand, evaluated, rule.consecutive, urgent), fed
+
+
+def _past(rule: Rule, v):
+    return v > rule.hard_threshold if rule.kind == "above" else v < rule.hard_threshold
+
+
+def _streaks(np, cand, evaluated, need: int, urgent):
+    """The candidates that can fire: in a run of at least `need` evaluated candidates in a row
+    (a shorter bad streak ends in a good step and leaves nothing behind), or urgent ones.
+    Records the rule does not evaluate (its metric absent) neither extend nor break a run."""
+    if need <= 1:
+        return cand
+    idx = np.flatnonzero(evaluated)
+    c = cand[idx].astype(np.int8)
+    edges = np.diff(np.concatenate([[0], c, [0]]))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    long = ends - starts >= need
+    mark = np.zeros(len(c) + 1, dtype=np.int64)
+    np.add.at(mark, starts[long], 1)
+    np.add.at(mark, ends[long], -1)
+    out = np.zeros(len(cand), dtype=bool)
+    out[idx[np.cumsum(mark)[:-1] > 0]] = True
+    return out | (urgent & cand)
 
 
 def _spike_candidates(np, rule: Rule, y, fed, n: int):
@@ -227,7 +256,8 @@ def _trend_candidates(np, rule: Rule, cols: dict, n: int, skip):
         else:
             value = np.minimum.reduce(rs)
         cand = value > rule.threshold - TREND_MARGIN
-    return cand & all_present, np.flatnonzero(all_fed)  # a lead-in over these fills every window
+    cand = _streaks(np, cand & all_present, all_present, rule.consecutive, np.zeros(n, dtype=bool))
+    return cand, np.flatnonzero(all_fed)  # a lead-in over these fills every window
 
 
 def _rolling_r(np, y, w: int):
