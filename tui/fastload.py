@@ -94,6 +94,7 @@ def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | Non
         w = ROW_HEAD_WORDS + len(fields)
         width = 8 * w
         kk = np.concatenate([k_all[:2], k_all[3:w]])
+        seg_fields = set(fields)
         per_chunk = max(1, CHUNK_BYTES // width)
         p = pos + head_len
         while p + width <= size:
@@ -113,6 +114,8 @@ def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | Non
                 good = rows[:ok]
                 prev_end = int(good[-1, 0])
                 for j, f in enumerate(fields):
+                    if f[1] is not None and not (f[0] == "stage_s" and f[1] in STAGES):
+                        continue  # no chart shows it (per-stage memory, per-rank maps...)
                     col = out.get(f)
                     if col is None:
                         col = out[f] = array("d")
@@ -120,7 +123,7 @@ def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | Non
                             col.frombytes(np.full(n, MISSING_BITS, dtype="<u8").tobytes())
                     col.frombytes(np.ascontiguousarray(good[:, ROW_HEAD_WORDS + j]).tobytes())
                 for f, col in out.items():
-                    if f not in fields:
+                    if f not in seg_fields:
                         col.frombytes(np.full(ok, MISSING_BITS, dtype="<u8").tobytes())
                 n += ok
             if ok < len(rows) or prev_end >= upto:
@@ -178,62 +181,67 @@ def _trusted(np, rows, kk, log_fd: int, prev_end: int, log_crc: int, upto: int) 
 
 
 def _store_of(np, out: dict, n: int) -> tuple[RunStore, int]:
-    """A RunStore from the side file's columns, as `RunStore.columnize` + `extend` would build it."""
-
-    def bits(f):
-        col = out.get(f)
-        return None if col is None else np.frombuffer(col, dtype="<u8")
-
-    def values(f, absent_as_nan=False):
-        b = bits(f)
-        if b is None:
-            return np.full(n, math.nan if absent_as_nan else _f64(MISSING_BITS))
-        v = b.copy()
-        v[v == NONNUM_BITS] = MISSING_BITS  # present but not a number: shown as missing
-        if absent_as_nan:
-            v[v == MISSING_BITS] = struct.unpack("<Q", struct.pack("<d", math.nan))[0]
-        return v.view("<f8")
-
-    step_bits = bits(("step", None))
-    if step_bits is None:
+    """A RunStore from the side file's columns, as `RunStore.columnize` + `extend` would build it.
+    Consumes `out`: each column is converted in place and handed over, so a 1M-step history
+    is held once, not twice."""
+    step_col = out.pop(("step", None), None)
+    if step_col is None:
         return RunStore(), n
+    step_bits = np.frombuffer(step_col, dtype="<u8")
     step_f = step_bits.view("<f8")
     placeable = np.isfinite(step_f) & (step_f >= INT64[0]) & (step_f <= INT64[1])
-    placeable &= step_bits != NONNUM_BITS
     keep = None if placeable.all() else np.flatnonzero(placeable)
     skipped = n - (n if keep is None else len(keep))
 
-    def rows_of(v):
-        return v if keep is None else v[keep]
+    def take(f, absent_as_nan: bool = False) -> array:
+        """A field's values as the store keeps them: not-a-number as missing (or NaN)."""
+        col = out.pop(f, None)
+        if col is None:
+            fill = _NAN_BITS if absent_as_nan else MISSING_BITS
+            col = array("d", np.full(n, fill, dtype="<u8").tobytes())
+        b = np.frombuffer(col, dtype="<u8")
+        b[b == NONNUM_BITS] = MISSING_BITS  # present but not a number: shown as missing
+        if absent_as_nan:
+            b[b == MISSING_BITS] = _NAN_BITS
+        if keep is not None:
+            col = array("d", b[keep].tobytes())
+        del b
+        return col
 
     s = RunStore()
-    s.steps = array("q", rows_of(step_f).astype(np.int64).tobytes())
-    s.times = array("d", rows_of(values(("time", None), absent_as_nan=True)).tobytes())
+    s.steps = array("q", (step_f if keep is None else step_f[keep]).astype(np.int64).tobytes())
+    del step_bits, step_f, step_col
+    s.times = take(("time", None), absent_as_nan=True)
     for k in SCALAR_FIELDS:
-        s.columns[k] = _column(np, rows_of(values((k, None))), "d")
+        s.columns[k] = _column(np, take((k, None)), "d")
     for st in STAGES:
-        s.stages[st] = _column(np, rows_of(values(("stage_s", st), absent_as_nan=True)).astype(np.float32), "f", True)
-    for f in out:
+        f32 = np.frombuffer(take(("stage_s", st), absent_as_nan=True), dtype="<f8").astype(np.float32)
+        s.stages[st] = _column(np, array("f", f32.tobytes()), "f", True)
+    for f in list(out):
         name, sub = f
         if sub is not None or name in _NOT_EXTRA or len(s.extra) >= MAX_EXTRA_COLUMNS:
+            out.pop(f)
             continue
-        v = rows_of(values(f))
-        c = _column(np, v, "d")
+        c = _column(np, take(f), "d")
         if c.present:
             s.columns[name] = c
             s.extra.append(name)
     return s, skipped
 
 
+_NAN_BITS = struct.unpack("<Q", struct.pack("<d", math.nan))[0]
+
+
 def _f64(bits_: int) -> float:
     return struct.unpack("<d", struct.pack("<Q", bits_))[0]
 
 
-def _column(np, v, typecode: str, sums: bool = False) -> Column:
-    """A store Column with its block summaries computed in bulk (as `Column.extend` would)."""
+def _column(np, values: array, typecode: str, sums: bool = False) -> Column:
+    """A store Column over `values` with its block summaries computed in bulk (as `Column.extend`
+    would). No numpy view of `values` outlives this call: the live feed appends to it later."""
     c = Column(typecode, sums)
-    c.values = array(typecode, v.tobytes())
-    v64 = v.astype(np.float64)
+    c.values = values
+    v64 = np.frombuffer(values, dtype="<f8" if typecode == "d" else "<f4").astype(np.float64)
     if typecode == "d":
         missing = v64.view("<u8") == MISSING_BITS
         c.present = int(len(v64) - missing.sum())

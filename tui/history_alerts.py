@@ -67,23 +67,15 @@ def _one_rule(np, rule: Rule, store: RunStore, steps, should_stop):
     if not len(marked):
         return [], []
     lead = rule.window + 10 if (rule.spike_factor is not None or rule.kind in TREND_KINDS) else 2
-    keys = [k for k in need if k and cols[k][0] is not None]
-    lists: dict[str, list] = {}
+    keys = [(k, cols[k][0], cols[k][1]) for k in need if k and cols[k][0] is not None]
 
     def record(i: int) -> dict:
+        """Record i as the engine needs it: the rule's keys, absent where the record lacked them."""
         r: dict = {"step": int(steps[i])}
-        for k in keys:
-            v = lists[k][i]
-            if v is not None:
-                r[k] = v
+        for k, v, present in keys:
+            if present[i]:
+                r[k] = float(v[i])
         return r
-
-    for k in keys:  # python floats once (None where missing): the engine reads them per record
-        v, present = cols[k]
-        vals = v.tolist()
-        for i in np.flatnonzero(~present).tolist():
-            vals[i] = None
-        lists[k] = vals
 
     def lead_start(i: int) -> int:
         """Where a fresh engine must start to have the rule's window full at record i."""
