@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,34 @@ def test_history_alerts_equal_a_full_streaming_pass_on_real_trainer_runs(tmp_pat
         plain.write_bytes(gzip.decompress(f.read_bytes()))
         fired += _compare(read_steplog(plain)[0])
     assert fired > 20
+
+
+def test_a_side_file_that_cannot_be_written_never_costs_the_log(tmp_path):
+    """steps.cols a FIFO (or a directory): the log is written in full, nothing hangs."""
+    os.mkfifo(tmp_path / "steps.cols")
+    with StepLogWriter(tmp_path / "steps.msgpack") as w:
+        assert w.columns is not None and w.columns.broken
+        for s in range(1, 51):
+            w.write({"step": s, "kl": 0.1})
+    assert [r["step"] for r in read_steplog(tmp_path / "steps.msgpack")[0]] == list(range(1, 51))
+
+
+def test_a_torn_row_or_a_damaged_log_is_where_the_rebuilt_side_file_stops(runs_dir):
+    paths = make_run(runs_dir, "torn", 300)
+    cols = Path(columns_path(paths.steps))
+    with open(cols, "r+b") as f:  # a crash in the middle of the last row
+        f.truncate(cols.stat().st_size - 5)
+    with StepLogWriter(paths.steps) as w:  # the next writer drops the torn row, writes it again
+        w.write({"step": 301, "kl": 0.2})
+    loaded = load_columns(paths, 1 << 60)
+    assert loaded is not None and loaded.rows == 301
+    data = bytearray(paths.steps.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the log
+    paths.steps.write_bytes(bytes(data))
+    cols.unlink()
+    with StepLogWriter(paths.steps) as w:  # rebuilt from the log: up to the damaged frame only
+        assert w.columns is not None and w.columns.broken
+    loaded = load_columns(paths, 1 << 60)
+    assert loaded is not None and 100 < loaded.rows < 200
+    store, _alerts, _open, corrupt = history(paths)
+    assert corrupt == 1 and len(store) == 300  # 301 records, one lost to the flipped bit
