@@ -24,7 +24,7 @@ from protocol.columns import MISSING_BITS
 from .store import RunStore
 
 TREND_MARGIN = 0.02  # the vectorised trend r may differ from the engine's in the last digits
-TREND_KINDS = ("diverging_trends", "rising_together")
+TREND_KINDS = ("diverging_trends", "rising_together", "growing")
 
 
 def evaluate_history(rules, store: RunStore, should_stop=lambda: False):
@@ -130,6 +130,8 @@ def _candidates(np, rule: Rule, cols: dict, n: int):
             if v is not None:
                 cand |= present & ~np.isfinite(v)
         return cand & ~skip, None
+    if rule.kind == "growing":
+        return _growth_candidates(np, rule, cols, n, skip)
     if rule.kind in TREND_KINDS:
         return _trend_candidates(np, rule, cols, n, skip)
     v, present = cols.get(rule.metric, (None, None))
@@ -274,4 +276,50 @@ def _rolling_r(np, y, w: int):
         r = sxy / np.sqrt(sxx * np.maximum(syy, 0.0))
     r = np.where(np.isfinite(r), np.clip(r, -1.0, 1.0), 1.0)  # a flat window: let the engine judge it
     out[w - 1 :] = r
+    return out
+
+
+def _growth_candidates(np, rule: Rule, cols: dict, n: int, skip):
+    """Kind "growing" (a leak): records where some metric's window could show a growth past the
+    threshold along a line straighter than trend_r (both within a margin)."""
+    w = rule.window
+    cand = np.zeros(n, dtype=bool)
+    evaluated = np.zeros(n, dtype=bool)
+    any_fed = np.zeros(n, dtype=bool)
+    for m in rule.metrics or (rule.metric,):
+        v, present = cols.get(m, (None, None))
+        if v is None:
+            continue
+        evaluated |= present & ~skip
+        finite = np.isfinite(v) & ~skip
+        any_fed |= finite
+        fed = np.flatnonzero(finite)
+        r_fed = _rolling_r(np, v[fed], w)
+        g_fed = _rolling_growth(np, v[fed], w)
+        count = np.cumsum(finite)
+        has = count > 0
+        r, g = np.full(n, np.nan), np.full(n, np.nan)
+        r[has], g[has] = r_fed[count[has] - 1], g_fed[count[has] - 1]
+        bar = rule.threshold - 1e-6 * max(1.0, abs(rule.threshold))
+        with np.errstate(invalid="ignore"):
+            cand |= (r > rule.trend_r - TREND_MARGIN) & (g > bar)
+    cand = _streaks(np, cand & evaluated, evaluated, rule.consecutive, np.zeros(n, dtype=bool))
+    return cand, np.flatnonzero(any_fed)
+
+
+def _rolling_growth(np, y, w: int):
+    """Least-squares slope x (w - 1) of each full window of w values (NaN before the first)."""
+    m = len(y)
+    out = np.full(m, np.nan)
+    if m < w or w < 3:
+        return out
+    z = y - (y.mean() if m else 0.0)
+    c1 = np.concatenate([[0.0], np.cumsum(z)])
+    ci = np.concatenate([[0.0], np.cumsum(np.arange(m) * z)])
+    a = np.arange(w - 1, m)
+    s = a - w + 1
+    sy = c1[a + 1] - c1[s]
+    siy = ci[a + 1] - ci[s] - s * sy
+    sxx = w * (w * w - 1) / 12.0
+    out[w - 1 :] = (siy - (w - 1) / 2.0 * sy) / sxx * (w - 1)
     return out

@@ -220,3 +220,26 @@ def test_leak_injection_fires_memory_leak_and_a_clean_run_does_not(trainer_smoke
     first = fired[0]
     assert 20 <= first["step"] <= 24 and first["metric"] == "rss_bytes"  # window 20, 3 steps in a row
     assert first["value"] > 64 * MiB and "grew by" in first["message"] and first["explanation"]
+
+
+def test_monitor_history_evaluator_agrees_on_memory_rules():
+    """The monitor's whole-history evaluator (numpy marks, the engine decides) gives the same
+    memory alerts, first and clear steps, as a streaming pass."""
+    import random
+
+    from tui.history_alerts import evaluate_history
+    from tui.store import RunStore
+
+    rng = random.Random(1)
+    records, rss = [], 400.0 * MiB
+    for s in range(1, 400):
+        leaking = 50 <= s < 120 or 250 <= s < 300
+        rss += (12 * MiB if leaking else 0) + rng.uniform(-3, 3) * MiB
+        records.append({"step": s, "rss_bytes": rss, "peak_rss_bytes": rss * 1.05, "memory_limit_bytes": 2.0 * 2**30})
+    engine = AlertEngine()
+    full = [(ev, a.rule, a.first_step, a.step) for r in records for ev, a in engine.update(r)]
+    assert {"memory_leak", "memory_near_limit"} <= {k[1] for k in full}
+    store = RunStore()
+    store.extend(RunStore.columnize(records))
+    got, _open = evaluate_history(DEFAULT_RULES, store)
+    assert [(ev, a.rule, a.first_step, a.step) for ev, a in got] == full
