@@ -80,6 +80,7 @@ def load_columns(paths: RunPaths, upto: int, should_stop=lambda: False) -> Loade
 
 def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | None:
     out: dict[tuple[str, str | None], array] = {}  # field -> float64 values of the trusted rows
+    peaks: dict[str, float] = {}  # the last trusted row's per-stage peak memory
     n = 0  # trusted rows so far
     prev_end, log_crc = 0, 0
     pos = 0
@@ -114,6 +115,12 @@ def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | Non
                 good = rows[:ok]
                 prev_end = int(good[-1, 0])
                 for j, f in enumerate(fields):
+                    if f[0] == "stage_peak_bytes" and f[1] in STAGES:  # the profiler panel: the last step's
+                        last = float(good[-1:, ROW_HEAD_WORDS + j].view("<f8")[0])
+                        if math.isfinite(last):
+                            peaks[f[1]] = last
+                        else:
+                            peaks.pop(f[1], None)
                     if f[1] is not None and not (f[0] == "stage_s" and f[1] in STAGES):
                         continue  # no chart shows it (per-stage memory, per-rank maps...)
                     col = out.get(f)
@@ -138,6 +145,7 @@ def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | Non
     if not n:
         return None
     store, skipped = _store_of(np, out, n)
+    store.stage_peaks = peaks
     return Loaded(store, prev_end, n, skipped)
 
 

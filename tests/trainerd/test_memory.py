@@ -243,3 +243,24 @@ def test_monitor_history_evaluator_agrees_on_memory_rules():
     store.extend(RunStore.columnize(records))
     got, _open = evaluate_history(DEFAULT_RULES, store)
     assert [(ev, a.rule, a.first_step, a.step) for ev, a in got] == full
+
+
+def test_monitor_keeps_the_last_steps_stage_peaks_from_the_side_file_and_the_log(tmp_path):
+    from protocol.rundir import RunPaths
+    from protocol.steplog import StepLogWriter
+    from tui.fastload import load_columns
+    from tui.store import RunStore
+
+    paths = RunPaths(tmp_path)
+    recs = [
+        {"step": s, "kl": 0.1, "stage_peak_bytes": {st: float((100 + s + i) * MiB) for i, st in enumerate(STAGES[:7])}}
+        for s in range(1, 40)
+    ]
+    with StepLogWriter(paths.steps) as w:
+        for r in recs:
+            w.write(r)
+    loaded = load_columns(paths, 1 << 60)
+    assert loaded is not None and loaded.store.stage_peaks == recs[-1]["stage_peak_bytes"]
+    store = RunStore()
+    store.extend(RunStore.columnize(recs))
+    assert store.stage_peaks == recs[-1]["stage_peak_bytes"]
