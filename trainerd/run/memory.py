@@ -133,11 +133,12 @@ def probe(
         rss_models = rss_bytes() or 0
 
         # warm-up step (allocator, lazy inits, optimizer state on a fresh start), then timed steps
-        times, timed_rec = [], {}
+        times, cpu_times, timed_rec = [], [], {}
         for i in range(max(1, steps_timed)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             timed_rec = trainer.ppo_step(step + i)
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)  # CPU seconds: what a shared machine disturbs least
         # the process's peak so far (setup and the unprofiled steps; StageMemory folds its resets in)
         rss_peak_timed = max(trainer.memory.process_peak, vm_hwm_bytes() or 0, peak_rss_bytes())
         opt_bytes = {
@@ -185,6 +186,7 @@ def probe(
         "stage_cuda_peak_bytes": stage_cuda,
         "step_time_s": statistics.median(times[1:] if len(times) > 1 else times),
         "step_times_s": times,
+        "step_cpu_times_s": cpu_times,
         "profiled_step_time_s": rec_time,
         "rss_runtime_bytes": rss_runtime,
         "rss_after_models_bytes": rss_models,
