@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--bf16-cpu", action="store_true", help="also bf16 autocast on the CPU (very slow)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds over all settings; the fastest round counts")
+    ap.add_argument("--only", default=None, help="comma-separated parts of setting names (baselines always run)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one is not None:
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         hf_dir = None if a.no_hf else build_hf(Path(tmp))
         rows = settings(a.quick, hf_dir, a.bf16_cpu)
+        if a.only:  # the named settings and their groups' baselines
+            want = [w.strip() for w in a.only.split(",") if w.strip()]
+            rows = [r for r in rows if r[1] == "baseline" or any(w in r[1] for w in want)]
         best: dict[tuple[str, str], dict] = {}
         for rnd in range(max(1, a.repeat)):
             # alternate the order each round, so a slow spell of the machine does not hit one setting

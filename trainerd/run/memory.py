@@ -136,7 +136,11 @@ def probe(
         times, cpu_times, timed_rec = [], [], {}
         for i in range(max(1, steps_timed)):
             t0, c0 = time.perf_counter(), time.process_time()
+            # as Trainer.loop: the step-start state is copied and held through the step (unless
+            # continue_on_nonfinite), so its bytes and its copy time are in what is measured here
+            healthy_copy = None if cfg.continue_on_nonfinite else snapshot(trainer.mutable_state())
             timed_rec = trainer.ppo_step(step + i)
+            del healthy_copy
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)  # CPU seconds: what a shared machine disturbs least
         # the process's peak so far (setup and the unprofiled steps; StageMemory folds its resets in)
