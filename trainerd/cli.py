@@ -49,7 +49,7 @@ from protocol.rundir import (
 )
 from protocol.safeio import open_run_file
 from protocol.text import safe_text
-from trainerd.config import TrainConfig, load_config
+from trainerd.config import TrainConfig, load_config, parse_size
 from trainerd.errors import ConfigError, TrainerdError, UserError
 from trainerd.run.daemon import DaemonError, install_stop_signals, one_line, request_stop, spawn_detached, wait_for_end
 from trainerd.run.safety import check_writer_files
@@ -581,6 +581,9 @@ def profile(run):
 @click.option("--budget", default=None, metavar="SIZE", help="e.g. 16GiB (implies --suggest; default: memory_limit)")
 def memory(run, as_json, suggest, budget):
     """Where the memory of RUN goes, per stage, model and kind, and the knobs that shrink it."""
+    if budget is not None:
+        parse_size(budget, "--budget")  # a bad size or run is one line before torch is imported
+    _run_paths(run)
     return _module("memory", "memory").memory_command(run, as_json, suggest, budget)
 
 
