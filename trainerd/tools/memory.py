@@ -45,9 +45,10 @@ STAGE_MODEL = {  # whose activations a stage's transient allocations are
     "value_update": "value_head",
 }
 PCIE_BYTES_PER_S = 12e9  # host <-> GPU copy rate assumed for offloading (PCIe 4 x16 in practice)
-# slowdown of the policy update per extra micro-batch, measured by scripts/bench_memory.py on CPU
-# (d_model 512, batch 256, minibatch 128; see README's memory table): an estimate for other shapes
-MICRO_BATCH_COST_PER_EXTRA = 0.03
+# slowdown of the policy update per extra micro-batch: scripts/bench_memory.py measured none on CPU
+# (width 512, minibatch 128 in 2 and 4 micro-batches: -2% and -6%, within its +-15% noise; README).
+# A GPU loses parallelism with small micro-batches: measure there before trusting "+0 s".
+MICRO_BATCH_COST_PER_EXTRA = 0.0
 
 
 @dataclass
