@@ -268,33 +268,47 @@ def stage_breakdown(records: list[dict]) -> list[dict] | None:
     return [{"stage": s, "mean_s": means[s], "share": shares[s]} for s in names]
 
 
+def run_rules(paths: RunPaths, info: dict) -> tuple[tuple, str | None]:
+    """(rules, note) a run is evaluated with: its saved rules (alerts.json), else the defaults
+    (always for another framework's run); the note says why the saved ones were not used."""
+    return load_run_rules(paths.root) if not info.get("adapter") else (DEFAULT_RULES, None)
+
+
+def alert_events(paths: RunPaths, records: list[dict], info: dict, events: list[dict]) -> tuple[list[dict], str]:
+    """(alert events, where they come from): events.jsonl's, else replayed over the records."""
+    if info["events_file"]:
+        return events, "events.jsonl"
+    rules, note = run_rules(paths, info)
+    saved = rules is not DEFAULT_RULES
+    alert_source = f"replayed with the {'run' if saved else 'default'} rules (no events.jsonl)"
+    return replay_alerts(records, rules), alert_source + (f"; {note}" if note else "")
+
+
+def injection_of(manifest: dict) -> str | None:
+    """The fault injected into a run (`kl_blowup@5`), from its manifest; None for a clean run."""
+    cfg = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    inj = manifest.get("injection") or cfg.get("inject")
+    if isinstance(inj, dict):
+        inj = inj.get("spec") or f"{inj.get('kind')}@{inj.get('step')}"
+    return str(inj) if inj not in ({}, "", None) else None
+
+
 def build(run: str) -> dict:
     paths, manifest, records, info, events = load_run(run)
     records.sort(key=lambda r: r["step"])
     last_step = records[-1]["step"] if records else None
     fields = metric_names(records)
-    alert_source = "events.jsonl"
-    if not info["events_file"]:
-        rules, note = load_run_rules(paths.root) if not info.get("adapter") else (DEFAULT_RULES, None)
-        saved = rules is not DEFAULT_RULES
-        events = replay_alerts(records, rules)
-        alert_source = f"replayed with the {'run' if saved else 'default'} rules (no events.jsonl)"
-        if note:
-            alert_source += f"; {note}"
+    events, alert_source = alert_events(paths, records, info, events)
     timeline = alert_timeline(events, last_step)
     samples, samples_note = load_samples(paths) if not info.get("adapter") else ([], None)
     for ep in timeline:
         ep["samples"] = samples_near(samples, ep.get("fired_step"))
-    cfg = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
-    inj = manifest.get("injection") or cfg.get("inject")
-    if isinstance(inj, dict):
-        inj = inj.get("spec") or f"{inj.get('kind')}@{inj.get('step')}"
     return {
         "run": str(paths.root),
         "run_id": paths.run_id,
         "status": effective_status(manifest, paths),
         "seed": manifest.get("seed"),
-        "injection": inj if inj not in ({}, "", None) else None,
+        "injection": injection_of(manifest),
         "steps": len(records),
         "first_step": records[0]["step"] if records else None,
         "last_step": last_step,
