@@ -139,7 +139,7 @@ def records_frame(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     cols: dict[str, list[float | None]] = {}
     steps: list[int] = []
     bad: list[tuple[int, str, str]] = []
-    for i, r in enumerate(records):
+    for r in records:
         step = r.get("step")
         if isinstance(step, bool) or not isinstance(step, int):
             continue
@@ -162,7 +162,7 @@ def records_frame(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
             col.append(f)
             if not math.isfinite(f):
                 bad.append((step, k, _nonfinite_name(f)))
-        for k, col in cols.items():
+        for col in cols.values():
             if len(col) <= n:
                 col.append(None)
     df = pd.DataFrame({k: np.array([np.nan if x is None else x for x in v], dtype=float) for k, v in cols.items()})
@@ -416,9 +416,9 @@ def precursors(run: Run, alert: Any, window: int = WINDOW) -> pd.DataFrame:
             if len(both) >= 3 and both[m].std() > 0 and both[am].std() > 0:
                 r = float(both[m].corr(both[am]))
         rows.append({"metric": m, "before": base, "at_alert": at, "change": change, "z": z, "r_with_alert_metric": r})
-    df = pd.DataFrame(
-        rows, columns=["metric", "before", "at_alert", "change", "z", "r_with_alert_metric"]
-    ).set_index("metric")
+    df = pd.DataFrame(rows, columns=["metric", "before", "at_alert", "change", "z", "r_with_alert_metric"]).set_index(
+        "metric"
+    )
     df["moved_with"] = (df["z"].abs() >= 2) & ((df["r_with_alert_metric"].abs() >= 0.7) | (df.index == am))
     return df.iloc[np.argsort(-df["z"].abs().fillna(-1).to_numpy(), kind="stable")]
 

@@ -1,4 +1,4 @@
-"""`trainerd report RUN [--format text|md|json]`: an offline stability report.
+"""`trainerd report RUN... [--format text|md|json|html] [--plots DIR] [-o FILE]`: an offline stability report.
 
 Reads the run directory only (through `protocol`): run.json, steps.msgpack (or the
 steps.jsonl mirror when the framed log is missing), events.jsonl. Never imports torch.
@@ -11,6 +11,9 @@ What it says:
   non-finite value, whichever is earlier);
 - correlations between kl, reward_mean, gold_reward_mean, entropy, response_length_mean;
 - the stage breakdown from `stage_s` (mean seconds per step and share of the step).
+`--format html` and `--plots DIR` add the figures (trainerd/tools/figures.py, the `analysis`
+extra): one self-contained HTML file, or PNGs and a Markdown report in DIR. Several RUNs: one
+report after the other (JSON: a list); in the figures, overlaid.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from protocol.rundir import RunDirError, RunPaths, effective_status, read_events
 from protocol.steplog import read_steplog
 from protocol.text import safe_text
 
-FORMATS = ("text", "md", "json")
+FORMATS = ("text", "md", "json", "html")
 CORR_METRICS = ("kl", "reward_mean", "gold_reward_mean", "entropy", "response_length_mean")
 _CORR_SHORT = {
     "kl": "kl",
@@ -578,23 +581,69 @@ def render_json(d: dict) -> str:
     return json.dumps(_json_safe(d), indent=2, allow_nan=False) + "\n"
 
 
-def run(run: str, fmt: str = "text") -> int:
-    """Print the report of RUN in `fmt`; exit code (2: a run or format the report cannot use)."""
+ANALYSIS_EXTRA = "pip install 'rlhf-kit[analysis]'"
+
+
+def _say(msg: str) -> int:
+    print(f"trainerd report: {safe_text(msg)}", file=sys.stderr)
+    return 2
+
+
+def run(run, fmt: str = "text", plots: str | None = None, output: str | None = None) -> int:
+    """Print the report of RUN (a path, or a list of paths: several runs) in `fmt`; with `plots`,
+    also write the figures as PNG and a Markdown report to that folder; with `output`, write the
+    report to that file instead of stdout. Exit code (2: a run, format or path it cannot use)."""
+    runs = [str(run)] if isinstance(run, (str, os.PathLike)) else [str(r) for r in run]
     if fmt not in FORMATS:
-        print(f"trainerd report: unknown format {safe_text(repr(fmt))} (choose {', '.join(FORMATS)})", file=sys.stderr)
-        return 2
+        return _say(f"unknown format {repr(fmt)} (choose {', '.join(FORMATS)})")
+    if not runs:
+        return _say("no run given")
+    if fmt == "html" and output is None and sys.stdout.isatty():
+        return _say("--format html writes a file: give -o FILE.html (or redirect stdout)")
     try:
-        d = build(str(run))
+        if fmt == "html" or plots is not None:
+            text = _with_figures(runs, fmt, plots)
+        else:
+            ds = [build(r) for r in runs]
+            if fmt == "json":
+                text = render_json(ds[0]) if len(ds) == 1 else json.dumps([_json_safe(d) for d in ds], indent=2) + "\n"
+            else:
+                text = "\n".join({"text": render_text, "md": render_md}[fmt](d) for d in ds)
     except ReportError as e:
-        print(f"trainerd report: {safe_text(e)}", file=sys.stderr)
-        return 2
-    text = {"text": render_text, "md": render_md, "json": render_json}[fmt](d)
+        return _say(str(e))
+    if output is not None:
+        try:
+            with open(output, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            return _say(f"cannot write the report: {_os_error(e)}")
+        return 0
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:  # `trainerd report RUN | head`
         return 0
     return 0
+
+
+def _with_figures(runs: list[str], fmt: str, plots: str | None) -> str:
+    """The report of runs that needs figures (trainerd.tools.figures, the `analysis` extra)."""
+    try:
+        from trainerd.tools import analysis, figures
+    except ModuleNotFoundError as e:
+        raise ReportError(
+            f"--format html and --plots need pandas and matplotlib ({e.name} is not installed): {ANALYSIS_EXTRA}"
+        ) from None
+    loaded = analysis.load_runs(runs)
+    if plots is not None:
+        done = figures.export(loaded, plots)
+        print(f"trainerd report: {len(done.files)} figures and report.md in {safe_text(done.folder)}", file=sys.stderr)
+    if fmt == "html":
+        return figures.render_html(loaded)
+    if fmt == "json":
+        ds = [build(r) for r in runs]
+        return render_json(ds[0]) if len(ds) == 1 else json.dumps([_json_safe(d) for d in ds], indent=2) + "\n"
+    return "\n".join({"text": render_text, "md": render_md}[fmt](build(r)) for r in runs)
 
 
 if __name__ == "__main__":  # pragma: no cover
