@@ -19,6 +19,7 @@ Needs the `analysis` extra (pandas; numpy comes with it). The monitor never impo
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,10 @@ from trainerd.tools.report import ReportError
 EXTRA = "pip install 'rlhf-kit[analysis]'"
 
 # The groups of the catalogue whose float metrics say whether training is stable (throughput,
-# memory and stages are the profiler's); kl_target is drawn as the kl chart's target line.
+# memory and stages are the profiler's); kl_target is drawn as the kl chart's target line, and a
+# variance says nothing its standard deviation does not.
 STABILITY_GROUPS = ("kl", "policy", "value", "reward", "advantage", "rollout")
-_NOT_STABILITY = {"kl_target"}
+_NOT_STABILITY = {"kl_target", "reward_var", "advantage_var"}
 # Lagged correlations: the four series whose lead and lag tell a story (KL up before reward?
 # gold reward falling after the proxy rises?).
 LAGGED = ("kl", "entropy", "reward_mean", "gold_reward_mean")
@@ -391,31 +393,38 @@ def precursors(run: Run, alert: Any, window: int = WINDOW) -> pd.DataFrame:
     correlation with the alert's metric over the window and the alert step. Sorted by |z|:
     the top rows are what moved; `moved_with` marks those that moved with the alert's metric."""
     first = int(alert["first_step"])
-    lo = first - window
-    frame = run.steps.loc[(run.steps.index >= lo) & (run.steps.index <= first)]
-    before = frame.loc[frame.index < first]
-    rows = []
     am = alert["metric"]
-    for m in run.metrics:
-        s = frame[m] if m in frame else pd.Series(dtype=float)
-        fin = s[np.isfinite(s)]
-        b = before[m][np.isfinite(before[m])] if m in before else pd.Series(dtype=float)
-        at = float(s.loc[first]) if first in s.index else math.nan
-        base = float(b.mean()) if len(b) else math.nan
-        scale = float(b.std()) if len(b) >= 2 else math.nan
-        change = at - base
-        if not math.isfinite(at):
-            z = math.inf if not math.isnan(at) or not math.isnan(base) else math.nan
-        elif scale and math.isfinite(scale) and scale > 1e-12 * max(1.0, abs(base)):
-            z = change / scale
+    cols = run.metrics
+    frame = run.steps.loc[(run.steps.index >= first - window) & (run.steps.index <= first)]
+    x = frame.reindex(columns=cols).to_numpy(dtype=float)
+    x = np.where(np.isfinite(x), x, np.nan)  # the statistics see finite values only
+    steps = frame.index.to_numpy()
+    before = x[steps < first]
+    hit = np.flatnonzero(steps == first)
+    raw_at = frame.reindex(columns=cols).to_numpy(dtype=float)[hit[0]] if len(hit) else np.full(len(cols), np.nan)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN, said as "-"
+        base = np.nanmean(before, axis=0) if len(before) else np.full(len(cols), np.nan)
+        scale = np.nanstd(before, axis=0, ddof=1) if len(before) >= 2 else np.full(len(cols), np.nan)
+    rows = []
+    ref = x[:, cols.index(am)] if am in cols else None
+    for j, m in enumerate(cols):
+        at, b, sd = float(raw_at[j]), float(base[j]), float(scale[j])
+        change = at - b
+        if math.isnan(at):  # a NaN the run logged at the alert's step is as far out as it gets
+            z = math.inf if ((run.nonfinite["step"] == first) & (run.nonfinite["metric"] == m)).any() else math.nan
+        elif math.isinf(at):
+            z = math.copysign(math.inf, at)
+        elif math.isfinite(sd) and sd > 1e-12 * max(1.0, abs(b)):
+            z = change / sd
         else:
             z = 0.0 if change == 0 or math.isnan(change) else math.copysign(math.inf, change)
         r = math.nan
-        if am in frame and m != am and len(fin) >= 3:
-            both = frame[[m, am]].replace([np.inf, -np.inf], np.nan).dropna()
-            if len(both) >= 3 and both[m].std() > 0 and both[am].std() > 0:
-                r = float(both[m].corr(both[am]))
-        rows.append({"metric": m, "before": base, "at_alert": at, "change": change, "z": z, "r_with_alert_metric": r})
+        if ref is not None and m != am:
+            ok = np.isfinite(x[:, j]) & np.isfinite(ref)
+            if ok.sum() >= 3 and np.std(x[ok, j]) > 0 and np.std(ref[ok]) > 0:
+                r = float(np.corrcoef(x[ok, j], ref[ok])[0, 1])
+        rows.append({"metric": m, "before": b, "at_alert": at, "change": change, "z": z, "r_with_alert_metric": r})
     df = pd.DataFrame(rows, columns=["metric", "before", "at_alert", "change", "z", "r_with_alert_metric"]).set_index(
         "metric"
     )

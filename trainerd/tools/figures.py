@@ -14,8 +14,8 @@ The figures, for runs R:
 - `stages.png`: seconds per stage per step (stacked, smoothed), one panel per run;
 - `correlation-<run>.png`: Pearson r of step-to-step changes between the stability metrics;
 - `lagged-<run>.png`: r(lag) between the changes of KL, entropy, reward and gold reward;
-- `alert-<n>-<rule>.png` per alert: the metrics that moved most in the steps before it,
-  normalised, with the alert's step marked.
+- `alert-<n>-<rule>.png` per alert (the first of each rule in a run): the metrics that moved
+  most in the steps before it, normalised, with the alert's step marked.
 """
 
 from __future__ import annotations
@@ -303,7 +303,11 @@ def plots(runs: list[Run], span: int | None = None, window: int = analysis.WINDO
         fig = lagged_figure(r)
         if fig is not None:
             yield Plot(f"lagged{suffix}.png", "lagged", f"lagged correlations: {r.name}", fig, run=r.name)
+    drawn: set[tuple[str, str]] = set()
     for n, (r, _, ep) in enumerate(alert_list(runs), start=1):
+        if (r.name, str(ep["rule"])) in drawn:  # a rule firing again: its table, not another figure
+            continue
+        drawn.add((r.name, str(ep["rule"])))
         movers = analysis.precursors(r, ep, window)
         yield Plot(
             f"alert-{n}-{_slug(str(ep['rule']))}.png",
@@ -327,7 +331,7 @@ def alert_list(runs: list[Run]) -> list[tuple[Run, int, object]]:
 
 def png(fig: Figure) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
+    fig.savefig(buf, format="png", dpi=DPI, pil_kwargs={"compress_level": 4})
     return buf.getvalue()
 
 
@@ -337,9 +341,21 @@ def png(fig: Figure) -> bytes:
 @dataclass
 class Export:
     folder: Path
-    files: list[str]  # the PNGs, in report order
+    plots: list[Plot]  # what was written, in report order (figures freed: `path` reads them back)
     report: Path
     seconds: float
+
+    @property
+    def files(self) -> list[str]:
+        return [p.file for p in self.plots]
+
+    def paths(self, section: str, run: str | None = None, alert: int | None = None) -> list[Path]:
+        """The PNGs of one section ("metric", "stages", "correlation", "lagged", "alert")."""
+        return [
+            self.folder / p.file
+            for p in self.plots
+            if p.section == section and (run is None or p.run == run) and (alert is None or p.alert == alert)
+        ]
 
 
 def export(runs: list[Run], folder: str | Path, span: int | None = None, window: int = analysis.WINDOW) -> Export:
@@ -360,12 +376,15 @@ def export(runs: list[Run], folder: str | Path, span: int | None = None, window:
         done.append(p)
     md = render_markdown(runs, done, window)
     (out / "report.md").write_text(md, encoding="utf-8")
-    return Export(out, [p.file for p in done], out / "report.md", time.perf_counter() - t0)
+    return Export(out, done, out / "report.md", time.perf_counter() - t0)
 
 
-def _t(v) -> str:
-    """Run text for Markdown: terminal-safe, pipes escaped (tables)."""
-    return safe_text(str(v)).replace("|", "\\|")
+def md_text(v) -> str:
+    """Run text for Markdown: terminal-safe, HTML escaped (Markdown renders inline HTML), pipes escaped."""
+    return html.escape(safe_text(str(v)), quote=False).replace("|", "\\|")
+
+
+_t = md_text
 
 
 def _run_rows(r: Run) -> list[tuple[str, str]]:
@@ -387,7 +406,7 @@ def _run_rows(r: Run) -> list[tuple[str, str]]:
     return rows
 
 
-def _alert_head(n: int, r: Run, ep) -> str:
+def alert_heading(n: int, r: Run, ep) -> str:
     end = (
         "still open"
         if ep["open"]
@@ -451,7 +470,7 @@ def render_markdown(runs: list[Run], done: list[Plot], window: int = analysis.WI
         out.append("No alert fired.")
     figs = {p.alert: p for p in by_section.get("alert", [])}
     for n, (r, _, ep) in enumerate(alerts, start=1):
-        out += [f"### {_t(_alert_head(n, r, ep))}", ""]
+        out += [f"### {_t(alert_heading(n, r, ep))}", ""]
         if ep["message"]:
             out += [_t(ep["message"]), ""]
         elif ep["explanation"]:
@@ -588,7 +607,7 @@ def render_html(runs: list[Run], span: int | None = None, window: int = analysis
         out.append("<p>No alert fired.</p>")
     for n, (r, _, ep) in enumerate(alerts, start=1):
         sev = str(ep["severity"])
-        out.append(f'<h3 class="{_e(sev)}" data-rule="{_e(ep["rule"])}">{_e(_alert_head(n, r, ep))}</h3>')
+        out.append(f'<h3 class="{_e(sev)}" data-rule="{_e(ep["rule"])}">{_e(alert_heading(n, r, ep))}</h3>')
         text = ep["message"] or ep["explanation"]
         if text:
             out.append(f"<p>{_e(text)}</p>")
