@@ -415,10 +415,12 @@ def precursors(run: Run, alert: Any, window: int = WINDOW) -> pd.DataFrame:
             z = math.inf if ((run.nonfinite["step"] == first) & (run.nonfinite["metric"] == m)).any() else math.nan
         elif math.isinf(at):
             z = math.copysign(math.inf, at)
-        elif math.isfinite(sd) and sd > 1e-12 * max(1.0, abs(b)):
+        elif math.isfinite(sd) and sd > 1e-9 * max(1.0, abs(b)):
             z = change / sd
-        else:
-            z = 0.0 if change == 0 or math.isnan(change) else math.copysign(math.inf, change)
+        elif math.isnan(change) or abs(change) <= 1e-9 * max(1.0, abs(b)):  # constant (to rounding)
+            z = 0.0
+        else:  # flat before, then a step: as far out as it gets
+            z = math.copysign(math.inf, change)
         r = math.nan
         if ref is not None and m != am:
             ok = np.isfinite(x[:, j]) & np.isfinite(ref)

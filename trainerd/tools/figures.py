@@ -56,6 +56,7 @@ class Plot:
     metric: str | None = None
     run: str | None = None
     alert: int | None = None  # the alert's number (1..) across the runs
+    data: bytes | None = None  # the PNG, when kept after an export (for an HTML report of the same figures)
 
 
 def _color(i: int) -> str:
@@ -358,8 +359,11 @@ class Export:
         ]
 
 
-def export(runs: list[Run], folder: str | Path, span: int | None = None, window: int = analysis.WINDOW) -> Export:
-    """Write every figure as PNG and a Markdown report that shows them to `folder` (created)."""
+def export(
+    runs: list[Run], folder: str | Path, span: int | None = None, window: int = analysis.WINDOW, keep: bool = False
+) -> Export:
+    """Write every figure as PNG and a Markdown report that shows them to `folder` (created);
+    `keep`: keep each PNG in its Plot (`render_html(runs, rendered=export.plots)` reuses them)."""
     t0 = time.perf_counter()
     out = Path(folder)
     try:
@@ -368,11 +372,13 @@ def export(runs: list[Run], folder: str | Path, span: int | None = None, window:
         raise analysis.AnalysisError(f"cannot create {safe_text(out)}: {e.strerror or e}") from None
     done: list[Plot] = []
     for p in plots(runs, span, window):
+        data = png(p.figure)
         try:
-            (out / p.file).write_bytes(png(p.figure))
+            (out / p.file).write_bytes(data)
         except OSError as e:
             raise analysis.AnalysisError(f"cannot write {safe_text(out / p.file)}: {e.strerror or e}") from None
         p.figure = None  # type: ignore[assignment]  # free it: a long run has many
+        p.data = data if keep else None
         done.append(p)
     md = render_markdown(runs, done, window)
     (out / "report.md").write_text(md, encoding="utf-8")
@@ -549,12 +555,15 @@ def _table(header: list[str], rows: list[list[str]], numeric: set[int] = frozens
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def render_html(runs: list[Run], span: int | None = None, window: int = analysis.WINDOW) -> str:
-    """The whole analysis as one HTML file: figures embedded (base64 PNG), no network fetch."""
+def render_html(
+    runs: list[Run], span: int | None = None, window: int = analysis.WINDOW, rendered: list[Plot] | None = None
+) -> str:
+    """The whole analysis as one HTML file: figures embedded (base64 PNG), no network fetch.
+    `rendered`: the plots of an `export(..., keep=True)` of the same runs, not drawn again."""
     figs: dict[str, list[str]] = {}
     alert_figs: dict[int, str] = {}
-    for p in plots(runs, span, window):
-        tag = _img(p, png(p.figure))
+    for p in rendered if rendered is not None else plots(runs, span, window):
+        tag = _img(p, p.data if p.data is not None else png(p.figure))
         if p.alert is not None:
             alert_figs[p.alert] = tag
         else:

@@ -600,6 +600,12 @@ def run(run, fmt: str = "text", plots: str | None = None, output: str | None = N
         return _say("no run given")
     if fmt == "html" and output is None and sys.stdout.isatty():
         return _say("--format html writes a file: give -o FILE.html (or redirect stdout)")
+    if output is not None:  # a path it cannot write is said before the work, not after
+        try:
+            with open(output, "a", encoding="utf-8"):
+                pass
+        except OSError as e:
+            return _say(f"cannot write the report: {_os_error(e)}")
     try:
         if fmt == "html" or plots is not None:
             text = _with_figures(runs, fmt, plots)
@@ -635,11 +641,12 @@ def _with_figures(runs: list[str], fmt: str, plots: str | None) -> str:
             f"--format html and --plots need pandas and matplotlib ({e.name} is not installed): {ANALYSIS_EXTRA}"
         ) from None
     loaded = analysis.load_runs(runs)
+    done = None
     if plots is not None:
-        done = figures.export(loaded, plots)
+        done = figures.export(loaded, plots, keep=fmt == "html")
         print(f"trainerd report: {len(done.files)} figures and report.md in {safe_text(done.folder)}", file=sys.stderr)
     if fmt == "html":
-        return figures.render_html(loaded)
+        return figures.render_html(loaded, rendered=done.plots if done else None)
     if fmt == "json":
         ds = [build(r) for r in runs]
         return render_json(ds[0]) if len(ds) == 1 else json.dumps([_json_safe(d) for d in ds], indent=2) + "\n"
