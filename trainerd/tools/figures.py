@@ -82,6 +82,7 @@ def metric_figure(runs: list[Run], metric: str, span: int | None = None) -> Figu
     ax = fig.add_subplot()
     drawn_lines: set[tuple[str, float]] = set()
     log = _wants_log(runs, metric)
+    shown = _y_range(runs, metric, log)
     for i, r in enumerate(runs):
         c = _color(i)
         label = r.name if len(runs) > 1 else None
@@ -125,7 +126,8 @@ def metric_figure(runs: list[Run], metric: str, span: int | None = None) -> Figu
                 if (sev, t) in drawn_lines or (log and t <= 0):
                     continue
                 drawn_lines.add((sev, t))
-                ax.axhline(t, color=SEVERITY_COLORS.get(sev, "#999999"), ls="--", lw=1, label=f"{sev} {_fmt(t)}")
+                where = "" if shown is None or shown[0] <= t <= shown[1] else " (off the chart)"
+                ax.axhline(t, color=SEVERITY_COLORS.get(sev, "#999999"), ls="--", lw=1, label=f"{sev} {_fmt(t)}{where}")
         if metric == "kl" and "kl_target" in r.steps:
             kt = r.finite("kl_target")
             if len(kt):
@@ -135,7 +137,8 @@ def metric_figure(runs: list[Run], metric: str, span: int | None = None) -> Figu
     ax.set_title(f"{metric}{_unit(metric)}", loc="left", fontsize=11)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-    _bound_y(ax, runs, metric, log)
+    if shown is not None:
+        ax.set_ylim(*shown)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="upper left", framealpha=0.8)
     return fig
@@ -156,15 +159,24 @@ def _wants_log(runs: list[Run], metric: str) -> bool:
     return float(vals.max() / max(float(np.median(vals)), 1e-300)) > 1e3
 
 
-def _bound_y(ax, runs: list[Run], metric: str, log: bool) -> None:
-    """Thresholds far from the data should not squash it: keep the y range near the data."""
+def _y_range(runs: list[Run], metric: str, log: bool) -> tuple[float, float] | None:
+    """The y range: the data, and the thresholds near it (within half the data's range); a
+    threshold far away would squash the data into a line. None: leave it to matplotlib."""
     vals = np.concatenate([r.finite(metric).to_numpy() for r in runs if metric in r.steps] or [np.zeros(0)])
     if log or not len(vals):
-        return
+        return None
     lo, hi = float(vals.min()), float(vals.max())
-    pad = (hi - lo) * 0.08 or abs(hi) * 0.1 or 1.0
-    y0, y1 = ax.get_ylim()
-    ax.set_ylim(max(y0, lo - 4 * pad), min(y1, hi + 4 * pad))
+    span = hi - lo or abs(hi) or 1.0
+    near = [
+        t
+        for r in runs
+        for kind, _, thr in r.thresholds(metric)
+        for t in ((thr, -thr) if kind == "abs_above" else (thr,))
+        if lo - span / 2 <= t <= hi + span / 2
+    ]
+    lo, hi = min([lo, *near]), max([hi, *near])
+    pad = (hi - lo) * 0.06 or span * 0.1
+    return lo - pad, hi + pad
 
 
 def stages_figure(runs: list[Run], span: int | None = None) -> Figure | None:
