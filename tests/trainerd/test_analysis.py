@@ -326,3 +326,16 @@ def test_cli_html_and_plots_of_a_real_injected_run_and_a_clean_one(tmp_path):
     assert {f"metric-{m}.png" for m in metric_figs} <= files
     md = (plots / "report.md").read_text()
     assert "![kl](metric-kl.png)" in md and "### Alert 1: kl_runaway (critical) in kl_blowup_at_5 at step" in md
+
+
+def test_no_module_of_the_monitor_protocol_or_adapters_imports_pandas_or_matplotlib():
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_contract import imported_names
+
+    bad = {
+        str(f.relative_to(ROOT)): hits
+        for part in ("tui", "protocol", "adapters")
+        for f in sorted((ROOT / part).rglob("*.py"))
+        if (hits := [n for _, n in imported_names(f) if n.split(".")[0] in ("pandas", "matplotlib", "nbclient")])
+    }
+    assert bad == {}
