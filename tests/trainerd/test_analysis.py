@@ -339,3 +339,25 @@ def test_no_module_of_the_monitor_protocol_or_adapters_imports_pandas_or_matplot
         if (hits := [n for _, n in imported_names(f) if n.split(".")[0] in ("pandas", "matplotlib", "nbclient")])
     }
     assert bad == {}
+
+
+def test_damaged_alert_events_and_an_empty_run_do_not_break_the_figures(tmp_path):
+    import json
+
+    empty = analysis.load_runs([make_synthetic_run(tmp_path, "empty", [])])
+    assert empty[0].metrics == [] and empty[0].last_step is None
+    page = _parse(figures.render_html(empty))
+    assert page.figures == [] and "No alert fired." in "".join(page.text)
+    run_dir = make_synthetic_run(tmp_path, "badev", unstable_records(40))
+    with open(run_dir / "events.jsonl", "a") as f:  # alerts with no usable first step
+        f.write(
+            json.dumps({"event": "alert", "rule": "x", "metric": "kl", "severity": "warning", "first_step": "soon"})
+        )
+        f.write("\n" + json.dumps({"event": "alert", "rule": "y", "metric": "kl", "first_step": 3.5}) + "\n")
+        f.write(json.dumps({"event": "alert_cleared", "rule": "y", "step": "later"}) + "\n")
+    runs = analysis.load_runs([run_dir])
+    assert set(runs[0].alerts["rule"]) == {"entropy_collapse", "non_finite", "x", "y"}
+    assert [ep["rule"] for _, _, ep in figures.alert_list(runs)] == ["entropy_collapse", "non_finite"]
+    assert figures.png(figures.metric_figure(runs, "kl"))[:4] == b"\x89PNG"
+    md = figures.render_markdown(runs, [])
+    assert "### Alert 2: non_finite (critical) in badev at step 30, cleared at step 32" in md

@@ -30,7 +30,8 @@ import pandas as pd
 from protocol import catalogue
 from protocol.alerts import Rule, thresholds_for
 from protocol.events import alert_timeline
-from protocol.rundir import effective_status
+from protocol.rundir import RunDirError, effective_status
+from protocol.text import safe_text
 from trainerd.tools import report
 from trainerd.tools.report import ReportError
 
@@ -143,8 +144,8 @@ def records_frame(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     bad: list[tuple[int, str, str]] = []
     for r in records:
         step = r.get("step")
-        if isinstance(step, bool) or not isinstance(step, int):
-            continue
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= catalogue.INT_MAX:
+            continue  # not a step an index can hold (the report says what it is)
         steps.append(step)
         flat: dict[str, float] = {}
         for k, v in r.items():
@@ -180,7 +181,7 @@ def load(run: str | Path, name: str | None = None) -> Run:
     run = str(run)
     try:
         paths, manifest, records, info, events = report.load_run(run)
-    except ReportError as e:
+    except (ReportError, RunDirError) as e:  # RunDirError: a file of it refused (a link, a FIFO)
         raise AnalysisError(str(e)) from None
     records.sort(key=lambda r: r["step"])
     steps, nonfinite = records_frame(records)
@@ -208,7 +209,8 @@ def load(run: str | Path, name: str | None = None) -> Run:
         ],
     )
     alerts["end_step"] = [
-        ep["cleared_step"] if not ep["open"] and isinstance(ep["cleared_step"], int) else last for ep in timeline
+        step_of(ep["cleared_step"]) if not ep["open"] and step_of(ep["cleared_step"]) is not None else last
+        for ep in timeline
     ]
     notes = [note] if note else []
     samples: list[dict] = []
@@ -302,6 +304,15 @@ def _isna(v: object) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
+def step_of(v: object) -> int | None:
+    """A step from an event (first_step, cleared_step ...), or None for anything else a damaged
+    events.jsonl may hold there (a string, a bool, NaN, a float that is not a whole number)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return None
+    f = float(v)
+    return int(f) if math.isfinite(f) and f == int(f) and abs(f) <= catalogue.INT_MAX else None
+
+
 # -- computations ----------------------------------------------------------------------------------
 
 
@@ -392,7 +403,9 @@ def precursors(run: Run, alert: Any, window: int = WINDOW) -> pd.DataFrame:
     far outside its recent range it is (z: change over the std of those steps), and its
     correlation with the alert's metric over the window and the alert step. Sorted by |z|:
     the top rows are what moved; `moved_with` marks those that moved with the alert's metric."""
-    first = int(alert["first_step"])
+    first = step_of(alert["first_step"])
+    if first is None:
+        raise AnalysisError(f"alert {safe_text(str(alert['rule']))} has no first step")
     am = alert["metric"]
     cols = run.metrics
     frame = run.steps.loc[(run.steps.index >= first - window) & (run.steps.index <= first)]
@@ -438,7 +451,8 @@ def alert_samples(run: Run, alert: Any) -> pd.DataFrame:
     """The samples the run saved at the alert's step (or the nearest step within 10)."""
     if run.samples.empty:
         return run.samples
-    step = alert["fired_step"] if not _isna(alert["fired_step"]) else alert["first_step"]
+    step = step_of(alert["fired_step"])
+    step = step if step is not None else step_of(alert["first_step"])
     recs = run.samples.to_dict("records")
-    near = report.samples_near(recs, int(step) if not _isna(step) else None)
+    near = report.samples_near(recs, step)
     return pd.DataFrame(near, columns=run.samples.columns)

@@ -86,15 +86,14 @@ def metric_figure(runs: list[Run], metric: str, span: int | None = None) -> Figu
     for i, r in enumerate(runs):
         c = _color(i)
         label = r.name if len(runs) > 1 else None
-        for _, ep in r.alerts[r.alerts["metric"] == metric].iterrows():
+        for _, ep in r.alerts.iterrows():
+            first, end = analysis.step_of(ep["first_step"]), analysis.step_of(ep["end_step"])
+            own = ep["metric"] == metric
+            if first is None or not (own or metric in _rule_metrics(r, str(ep["rule"]))):
+                continue  # another metric's alert (a multi-metric rule's, non_finite say, is shaded lighter)
             sev = SEVERITY_COLORS.get(str(ep["severity"]), "#999999")
-            end = ep["end_step"] if not analysis._isna(ep["end_step"]) else ep["first_step"]
-            ax.axvspan(float(ep["first_step"]) - 0.5, float(end) + 0.5, color=sev, alpha=0.13, lw=0)
-        for _, ep in r.alerts[r.alerts["metric"] != metric].iterrows():
-            if metric in _rule_metrics(r, str(ep["rule"])):  # a multi-metric rule (non_finite, trends)
-                sev = SEVERITY_COLORS.get(str(ep["severity"]), "#999999")
-                end = ep["end_step"] if not analysis._isna(ep["end_step"]) else ep["first_step"]
-                ax.axvspan(float(ep["first_step"]) - 0.5, float(end) + 0.5, color=sev, alpha=0.07, lw=0)
+            end = end if end is not None and end >= first else first
+            ax.axvspan(first - 0.5, end + 0.5, color=sev, alpha=0.13 if own else 0.07, lw=0)
         if metric not in r.steps:
             continue
         s = r.steps[metric]
@@ -261,7 +260,7 @@ def lagged_figure(run: Run, max_lag: int = 10) -> Figure | None:
 
 def alert_figure(run: Run, alert, movers, window: int = analysis.WINDOW) -> Figure:
     """The top movers before an alert, each scaled to its own range, around the alert's step."""
-    first = int(alert["first_step"])
+    first = analysis.step_of(alert["first_step"]) or 0
     lo, hi = first - window, first + max(3, window // 2)
     frame = run.steps.loc[(run.steps.index >= lo) & (run.steps.index <= hi)]
     fig = Figure(figsize=(10, 3.4), dpi=DPI)
@@ -282,8 +281,9 @@ def alert_figure(run: Run, alert, movers, window: int = analysis.WINDOW) -> Figu
             label=f"{m} [{_fmt(s.min())} .. {_fmt(s.max())}]" + (f" z={z:+.1f}" if math.isfinite(z) else ""),
         )
     sev = SEVERITY_COLORS.get(str(alert["severity"]), "#999999")
-    end = alert["end_step"] if not analysis._isna(alert["end_step"]) else first
-    ax.axvspan(first - 0.5, min(float(end), hi) + 0.5, color=sev, alpha=0.12, lw=0)
+    end = analysis.step_of(alert["end_step"])
+    end = end if end is not None and end >= first else first
+    ax.axvspan(first - 0.5, min(end, hi) + 0.5, color=sev, alpha=0.12, lw=0)
     ax.axvline(first, color=sev, lw=1.5)
     ax.set_title(
         f"{run.name}: {alert['rule']} ({alert['severity']}) at step {first}: what moved before it",
@@ -293,7 +293,8 @@ def alert_figure(run: Run, alert, movers, window: int = analysis.WINDOW) -> Figu
     ax.set_xlabel("step")
     ax.set_ylabel("scaled to each metric's range")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if names:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return fig
 
 
@@ -337,7 +338,7 @@ def alert_list(runs: list[Run]) -> list[tuple[Run, int, object]]:
     out = []
     for r in runs:
         for i, ep in r.alerts.iterrows():
-            if not analysis._isna(ep["first_step"]):
+            if analysis.step_of(ep["first_step"]) is not None:
                 out.append((r, int(i), ep))
     return out
 
@@ -425,14 +426,9 @@ def _run_rows(r: Run) -> list[tuple[str, str]]:
 
 
 def alert_heading(n: int, r: Run, ep) -> str:
-    end = (
-        "still open"
-        if ep["open"]
-        else f"cleared at step {int(ep['cleared_step'])}"
-        if not analysis._isna(ep["cleared_step"])
-        else "cleared"
-    )
-    return f"Alert {n}: {ep['rule']} ({ep['severity']}) in {r.name} at step {int(ep['first_step'])}, {end}"
+    cleared = analysis.step_of(ep["cleared_step"])
+    end = "still open" if ep["open"] else f"cleared at step {cleared}" if cleared is not None else "cleared"
+    return f"Alert {n}: {ep['rule']} ({ep['severity']}) in {r.name} at step {analysis.step_of(ep['first_step'])}, {end}"
 
 
 def render_markdown(runs: list[Run], done: list[Plot], window: int = analysis.WINDOW) -> str:
