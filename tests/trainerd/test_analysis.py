@@ -216,23 +216,35 @@ def _with_hostile_samples(tmp_path) -> Path:
     return run
 
 
-def test_html_report_is_self_contained_with_one_figure_per_stability_metric(tmp_path):
+def test_html_report_escapes_model_text_and_fetches_nothing(tmp_path):
+    """The figures of every section are made (one per stability metric), and the HTML around them
+    embeds and escapes (the figures' PNGs are drawn in the real-run test below: it costs seconds)."""
     run_dir = _with_hostile_samples(tmp_path)
     runs = analysis.load_runs([run_dir])
-    text = figures.render_html(runs)
+    made = list(figures.plots(runs))
+    assert [p.metric for p in made if p.section == "metric"] == runs[0].metrics and len(runs[0].metrics) >= 15
+    assert [p.file for p in made if p.section != "metric"] == [
+        "stages.png",
+        "correlation.png",
+        "lagged.png",
+        "alert-1-entropy_collapse.png",
+        "alert-2-non_finite.png",
+    ]
+    one = next(p for p in made if p.metric == "entropy")
+    one.data = figures.png(one.figure)
+    text = figures.render_html(runs, rendered=[one])
     page = _parse(text)
-    metric_figs = [f["data-metric"] for f in page.figures if f.get("class") == "metric"]
-    assert metric_figs == runs[0].metrics and len(metric_figs) >= 15
+    assert [f.get("data-metric") for f in page.figures] == ["entropy"]
     assert page.external == [] and "script" not in page.tags and "link" not in page.tags
-    for img in page.imgs:  # every figure is an embedded PNG
-        assert img["src"].startswith("data:image/png;base64,")
-        assert base64.b64decode(img["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
-    assert {f.get("class") for f in page.figures} >= {"metric", "stages", "correlation", "lagged", "alert"}
+    assert page.imgs[0]["src"].startswith("data:image/png;base64,")
+    assert base64.b64decode(page.imgs[0]["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     # model text is escaped: shown, never interpreted
     assert "<script>alert(1)</script>" in "".join(page.text) and "\x1b" not in text
     assert "<img src=x>" not in text and "a&amp;b" in text
     rules = [h["data-rule"] for h in page.h3]
     assert rules[:2] == ["entropy_collapse", "non_finite"]
+    md = figures.render_markdown(runs, [])
+    assert "&lt;script&gt;" in md and "<script>" not in md and "\x1b" not in md
 
 
 @pytest.mark.parametrize(
@@ -244,14 +256,15 @@ def test_html_report_is_self_contained_with_one_figure_per_stability_metric(tmp_
         (["{clean}", "--plots", "/proc/no/such"], "cannot create /proc/no/such"),
     ],
 )
-def test_cli_report_errors_are_one_line(synthetic, tmp_path, args, says):
+def test_cli_report_errors_are_one_line(synthetic, tmp_path, capsys, args, says):
+    from trainerd.cli import main
+
     clean, _ = synthetic
-    argv = [a.format(tmp=tmp_path, clean=clean) for a in args]
-    p = subprocess.run(
-        [sys.executable, "-m", "trainerd", "report", *argv], capture_output=True, text=True, timeout=120, env=_env()
-    )
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1 and says in p.stderr, p.stderr
+    with pytest.raises(SystemExit) as e:
+        main(["report", *(a.format(tmp=tmp_path, clean=clean) for a in args)])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and says in err, err
 
 
 def test_without_the_analysis_extra_html_is_one_line_and_the_rest_works(synthetic):
@@ -281,9 +294,6 @@ def test_the_monitor_and_protocol_never_need_pandas_or_matplotlib():
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
-    code = "import sys, trainerd.tools.figures; print(sorted({'torch', 'tui'} & set(sys.modules)))"
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
-    assert p.stdout.strip() == "[]", p.stderr
 
 
 # -- on REAL runs (the shared clean and injected runs of `verify m3`) ----------------------------------
