@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "adapters"))
 from m3_fixtures import make_synthetic_run, synthetic_record, unstable_records  # noqa: E402
 
-from trainerd.tools import analysis, figures  # noqa: E402
+from trainerd.tools import analysis, figures, report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -371,3 +371,15 @@ def test_damaged_alert_events_and_an_empty_run_do_not_break_the_figures(tmp_path
     assert figures.png(figures.metric_figure(runs, "kl"))[:4] == b"\x89PNG"
     md = figures.render_markdown(runs, [])
     assert "### Alert 2: non_finite (critical) in badev at step 30, cleared at step 32" in md
+
+
+def test_html_on_a_terminal_asks_for_a_file_and_long_alert_lists_are_cut(synthetic, capsys, monkeypatch):
+    clean, bad = synthetic
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert report.run(str(clean), "html") == 2
+    assert capsys.readouterr().err.strip() == (
+        "trainerd report: --format html writes a file: give -o FILE.html (or redirect stdout)"
+    )
+    monkeypatch.setattr(figures, "MAX_ALERTS", 1)
+    md = figures.render_markdown(analysis.load_runs([bad]), [])
+    assert "The first 1 of 2 alerts" in md and "### Alert 1: entropy_collapse" in md and "Alert 2" not in md

@@ -43,6 +43,7 @@ COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f
 SEVERITY_COLORS = {"critical": "#d62728", "warning": "#ff9f1c"}
 DPI = 96
 TOP_MOVERS = 6
+MAX_ALERTS = 60  # alerts analysed in a report (a long run's hundreds would drown the first ones)
 
 
 @dataclass
@@ -318,7 +319,7 @@ def plots(runs: list[Run], span: int | None = None, window: int = analysis.WINDO
         if fig is not None:
             yield Plot(f"lagged{suffix}.png", "lagged", f"lagged correlations: {r.name}", fig, run=r.name)
     drawn: set[tuple[str, str]] = set()
-    for n, (r, _, ep) in enumerate(alert_list(runs), start=1):
+    for n, (r, _, ep) in enumerate(alert_list(runs)[:MAX_ALERTS], start=1):
         if (r.name, str(ep["rule"])) in drawn:  # a rule firing again: its table, not another figure
             continue
         drawn.add((r.name, str(ep["rule"])))
@@ -482,8 +483,10 @@ def render_markdown(runs: list[Run], done: list[Plot], window: int = analysis.WI
     alerts = alert_list(runs)
     if not alerts:
         out.append("No alert fired.")
+    elif len(alerts) > MAX_ALERTS:
+        out += [f"The first {MAX_ALERTS} of {len(alerts)} alerts (`trainerd report` lists them all).", ""]
     figs = {p.alert: p for p in by_section.get("alert", [])}
-    for n, (r, _, ep) in enumerate(alerts, start=1):
+    for n, (r, _, ep) in enumerate(alerts[:MAX_ALERTS], start=1):
         out += [f"### {_t(alert_heading(n, r, ep))}", ""]
         if ep["message"]:
             out += [_t(ep["message"]), ""]
@@ -622,7 +625,11 @@ def render_html(
     alerts = alert_list(runs)
     if not alerts:
         out.append("<p>No alert fired.</p>")
-    for n, (r, _, ep) in enumerate(alerts, start=1):
+    elif len(alerts) > MAX_ALERTS:
+        out.append(
+            f"<p>The first {MAX_ALERTS} of {len(alerts)} alerts (<code>trainerd report</code> lists them all).</p>"
+        )
+    for n, (r, _, ep) in enumerate(alerts[:MAX_ALERTS], start=1):
         sev = str(ep["severity"])
         out.append(f'<h3 class="{_e(sev)}" data-rule="{_e(ep["rule"])}">{_e(alert_heading(n, r, ep))}</h3>')
         text = ep["message"] or ep["explanation"]
