@@ -299,13 +299,17 @@ def test_the_monitor_and_protocol_never_need_pandas_or_matplotlib():
 # -- on REAL runs (the shared clean and injected runs of `verify m3`) ----------------------------------
 
 
-@pytest.mark.slow
-def test_cli_html_and_plots_of_a_real_injected_run_and_a_clean_one(tmp_path):
-    """`trainerd report INJECTED CLEAN --format html -o F --plots DIR`: one drawing of each figure,
-    in the folder and embedded in the HTML, the runs overlaid, the injected fault's alert first."""
+@pytest.fixture(scope="module")
+def live():
     from m3_fixtures import live_runs
 
-    live = live_runs()
+    return live_runs()
+
+
+@pytest.mark.slow
+def test_cli_html_and_plots_of_a_real_injected_run_and_a_clean_one(live, tmp_path):
+    """`trainerd report INJECTED CLEAN --format html -o F --plots DIR`: one drawing of each figure,
+    in the folder and embedded in the HTML, the runs overlaid, the injected fault's alert first."""
     injected, clean = live.path("kl_blowup@5"), live.path(None)
     out, plots = tmp_path / "r.html", tmp_path / "plots"
     p = subprocess.run(
