@@ -212,10 +212,12 @@ def correlation_figure(run: Run) -> Figure | None:
     if corr.shape[0] < 2:
         return None
     n = corr.shape[0]
-    w, h = 3.6 + 0.36 * n, 1.9 + 0.3 * n
+    side = max(2.0, 0.3 * n)  # inches of the square heatmap; fixed margins for labels and the colour bar
+    left, bottom, top, right = 1.6, 1.5, 0.4, 1.4
+    w, h = left + side + right, bottom + side + top
     fig = Figure(figsize=(w, h), dpi=DPI)
-    fig.subplots_adjust(left=1.7 / w, right=1 - 1.3 / w, bottom=1.6 / h, top=1 - 0.4 / h)
-    ax = fig.add_subplot()
+    ax = fig.add_axes((left / w, bottom / h, side / w, side / h))
+    cax = fig.add_axes(((left + side + 0.15) / w, bottom / h, 0.18 / w, side / h))
     im = ax.imshow(corr.to_numpy(dtype=float), cmap="RdBu_r", vmin=-1, vmax=1)
     ax.set_xticks(range(n), corr.columns, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(n), corr.index, fontsize=7)
@@ -225,7 +227,7 @@ def correlation_figure(run: Run) -> Figure | None:
                 ax.text(
                     j, i, f"{v:.1f}", ha="center", va="center", fontsize=6, color="white" if abs(v) > 0.8 else "black"
                 )
-    fig.colorbar(im, ax=ax, shrink=0.8, label="r of step-to-step changes")
+    fig.colorbar(im, cax=cax, label="r of step-to-step changes")
     ax.set_title(f"{run.name}: which metrics move together", loc="left", fontsize=10)
     return fig
 
