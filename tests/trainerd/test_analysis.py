@@ -387,3 +387,15 @@ def test_html_on_a_terminal_asks_for_a_file_and_long_alert_lists_are_cut(synthet
     monkeypatch.setattr(figures, "MAX_ALERTS", 1)
     md = figures.render_markdown(analysis.load_runs([bad]), [])
     assert "The first 1 of 2 alerts" in md and "### Alert 1: entropy_collapse" in md and "Alert 2" not in md
+
+
+def test_several_runs_in_the_text_and_json_reports(synthetic, capsys):
+    import json
+
+    clean, bad = synthetic
+    assert report.run([str(clean), str(bad)], "json") == 0
+    both = json.loads(capsys.readouterr().out)
+    assert [d["run_id"] for d in both] == ["clean", "unstable"]
+    assert report.run([str(clean), str(bad)], "text") == 0
+    out = capsys.readouterr().out
+    assert out.index("Stability report: clean") < out.index("Stability report: unstable")
