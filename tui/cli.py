@@ -42,17 +42,41 @@ from protocol.text import safe_text
 def cli(path: str | None, fps: float, chart_fps: float, stall_after: float, no_bell: bool) -> None:
     """Watch an RLHF run live. PATH: a run dir or a runs dir (default runs/latest), or another
     framework's run: a TensorBoard log dir, veRL's file-logger JSONL, a metrics JSONL/CSV with
-    an rlhf-map.toml mapping."""
+    an rlhf-map.toml mapping; or a remote one, ssh://[user@]host[:port]/path (/~/path: under
+    the remote home), read through your own ssh (RLHF_SSH replaces the command)."""
     target = path or os.path.join("runs", "latest")
+    remote = None
+    if target.startswith("ssh://"):
+        from .remote import RemoteError, open_remote
+
+        try:
+            remote = open_remote(target)
+        except RemoteError as e:
+            click.echo(f"rlhf-tui: {safe_text(str(e), 300)}", err=True)
+            sys.exit(2)
+        target = str(remote.local_target())
     problem = check_target(target)
     if problem:
         click.echo(f"rlhf-tui: {problem}", err=True)
         sys.exit(2)
     from .app import MonitorApp  # after the path check: a bad path answers at once
 
-    app = MonitorApp(target, fps=fps, chart_fps=chart_fps, stall_after=stall_after, bell=not no_bell)
+    app = MonitorApp(
+        target,
+        fps=fps,
+        chart_fps=chart_fps,
+        stall_after=stall_after,
+        bell=not no_bell,
+        **({"clock": remote.clock} if remote is not None else {}),
+    )
+    if remote is not None:
+        from .remote import attach
+
+        attach(app, remote)
     _exit_when_terminal_goes(app)
     app.run()
+    if remote is not None:
+        remote.close()
     # The terminal is restored and nothing is left to write: leave without the interpreter's
     # teardown (~0.3 s of freeing modules), and without waiting for a reader thread.
     sys.stdout.flush()
