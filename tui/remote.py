@@ -161,7 +161,9 @@ app() {
   f=$RUN/$1; eval "o=\$o$2 h=\$h$2"
   [ -f "$f" ] || return 0
   n=$(stat -c %%s -- "$f") || return 0
-  if [ "$o" -gt 0 ] && { [ "$n" -lt "$o" ] || [ "$h" != "$(pre "$f" "$o")" ]; }; then echo "Z $1"; o=0; fi
+  if [ "$o" -gt 0 ] && { [ "$n" -lt "$o" ] || { [ -n "$h" ] && [ "$h" != "$(pre "$f" "$o")" ]; }; }; then
+    echo "Z $1"; o=0
+  fi
   h=
   if [ "$n" -gt "$o" ]; then
     N=$((n-o)); [ "$N" -gt %(chunk)d ] && N=%(chunk)d
@@ -178,7 +180,7 @@ whole() {
 }
 runs() {
   for d in *; do
-    [ "$d" = "$RUN" ] && continue; [ -f "$d/run.json" ] || continue
+    [ "$d" = "$RUN" ] || [ "$d" = latest ] && continue; [ -f "$d/run.json" ] || continue
     s=$(stat -c '%%i %%s %%Y' -- "$d/run.json" 2>/dev/null) || continue
     case "$SEEN" in *"|$d=$s|"*) continue;; esac
     m=$(stat -c %%Y -- "$d/run.json" "$d/steps.msgpack" "$d/events.jsonl" 2>/dev/null | sort -n | tail -n 1)
@@ -257,6 +259,7 @@ class RemoteSync:
         self.rounds = 0  # rounds that sent something (tests, benchmarks)
         self.bytes_in = 0  # bytes of chunks and lines read from ssh
         self.payload_in = 0  # of which file bytes
+        self.payload_by_file: dict[str, int] = {}
         self.on_link: Callable[[str], None] | None = None  # "link down since ..." / "" (any thread)
         self.on_data: Callable[[], None] | None = None
         self._want_run: str = ""
@@ -476,7 +479,7 @@ class RemoteSync:
             if tag == "A":
                 name, off, n = parts[1], int(parts[2]), int(parts[3])
                 self._check_name(name, APPEND_FILES)
-                data = self._exact(out, n)
+                data = self._exact(out, n, name)
                 path = run_dir / name
                 size = path.stat().st_size if path.exists() else 0
                 if off != size:
@@ -491,11 +494,11 @@ class RemoteSync:
             elif tag == "W":
                 name, n = parts[1], int(parts[2])
                 self._check_name(name, WHOLE_FILES)
-                self._write_whole(run_dir / name, self._exact(out, n))
+                self._write_whole(run_dir / name, self._exact(out, n, name))
                 self._data()
             elif tag == "R":
                 rid, n, m = parts[1], int(parts[2]), parts[3] if len(parts) > 3 else ""
-                data = self._exact(out, n)
+                data = self._exact(out, n, "other runs' run.json")
                 if rid and "/" not in rid and rid not in (".", "..", "latest"):
                     (self.mirror / rid).mkdir(exist_ok=True)
                     self._write_whole(self.mirror / rid / "run.json", data)
@@ -519,12 +522,13 @@ class RemoteSync:
             else:
                 raise _Desync(f"unexpected {safe_text(line[:40].decode(errors='replace'))!r}")
 
-    def _exact(self, out, n: int) -> bytes:
+    def _exact(self, out, n: int, name: str) -> bytes:
         data = out.read(n)
         if len(data) != n:
             raise _Desync("the link closed inside a chunk")
         self.bytes_in += n
         self.payload_in += n
+        self.payload_by_file[name] = self.payload_by_file.get(name, 0) + n
         return data
 
     @staticmethod
