@@ -1,0 +1,198 @@
+"""Remote runs over plain SSH (tui/remote.py), through a real OpenSSH server on loopback.
+
+The monitor reads a run written on the "remote" side (the same machine, reached over sshd):
+the records on screen are exactly the records on disk, also after the link is cut (the ssh
+client killed, then the server's session killed) and restored. Bad inputs answer in one line,
+in bounded time; shell metacharacters in the remote path are never run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tui"))
+from tui_helpers import LiveWriter, make_run, rendered, wait_for  # noqa: E402
+
+from protocol.steplog import StepLogTailer  # noqa: E402
+from tui.app import MonitorApp  # noqa: E402
+from tui.remote import RemoteError, RemoteSync, attach, parse_target  # noqa: E402
+from tui.screens import RunPickerScreen  # noqa: E402
+from tui.widgets.panels import AlertBanner, RunHeader  # noqa: E402
+from tui.widgets.verify import VerifyPanel  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+SIZE = (160, 50)
+
+
+@pytest.fixture
+def remote_env(sshd, tmp_path, monkeypatch):
+    for k, v in sshd.ssh_env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return dict(os.environ)
+
+
+def steps_on_disk(path: Path) -> list[int]:
+    return [r["step"] for r in StepLogTailer(path).poll(10**6)]
+
+
+def test_parse_target():
+    assert parse_target("ssh://gpu-box/runs") == parse_target("ssh://gpu-box/runs/")
+    t = parse_target("ssh://gpu-box/runs")
+    assert (t.host, t.path, t.user, t.port) == ("gpu-box", "/runs", None, None)
+    t = parse_target("ssh://me@gpu-box:2222/~/runs")
+    assert (t.host, t.path, t.user, t.port) == ("gpu-box", "runs", "me", 2222)
+    assert parse_target("ssh://gpu-box/~").path == "."
+    assert parse_target("ssh://gpu-box/a%20b").path == "/a b"
+    for bad in ("ssh://", "ssh://h:99999/x", "ssh://-oProxyCommand=x/y", "ssh://h:x/y"):
+        with pytest.raises(RemoteError):
+            parse_target(bad)
+
+
+def _tui(url: str, env: dict, timeout: float = 40) -> tuple[subprocess.CompletedProcess, float]:
+    t = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "tui.cli", url],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(env, PYTHONPATH=str(ROOT)),
+        stdin=subprocess.DEVNULL,
+    )
+    return out, time.monotonic() - t
+
+
+def test_bad_inputs_answer_in_one_line(remote_env, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    cases = {
+        "ssh://no-such-host.invalid/runs": "Could not resolve hostname",
+        "ssh://rlhf-badkey/tmp": "Permission denied",
+        f"ssh://rlhf-test{runs}/nope": "no such remote path",
+        "ssh://rlhf-notail/tmp": "no 'tail'",
+        f"ssh://rlhf-test{runs}": "no runs in the remote path",
+    }
+    for url, expected in cases.items():
+        out, took = _tui(url, remote_env)
+        assert out.returncode == 2, (url, out.stdout, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in out.stderr, (url, out.stderr)
+        assert took < 20, (url, took)
+
+
+def test_metacharacters_in_the_remote_path_are_never_run(remote_env, tmp_path):
+    marker = tmp_path / "pwned"
+    out, _ = _tui(f"ssh://rlhf-test/x;touch {marker}", remote_env)
+    assert out.returncode == 2 and "no such remote path" in out.stderr, out.stderr
+    for evil in (f"/x$(touch {marker})", f"/x`touch {marker}`", f"/x' ; touch {marker}; '", "/x\"; touch {marker}"):
+        with pytest.raises(RemoteError, match="no such remote path"):
+            RemoteSync(parse_target(f"ssh://rlhf-test{evil}")).start()
+    assert not marker.exists()
+    # a real runs dir with such a name is watched like any other
+    odd = tmp_path / f"runs;touch {marker} $(touch {marker})"
+    make_run(odd, "r", 12)
+    sync = RemoteSync(parse_target(f"ssh://rlhf-test{odd}"), interval=0.2)
+    try:
+        local = sync.start()
+        assert (local / "r" / "steps.msgpack").read_bytes() == (odd / "r" / "steps.msgpack").read_bytes()
+    finally:
+        sync.close()
+    assert not marker.exists()
+
+
+def _sshd_sessions(sshd) -> list[int]:
+    """The per-connection sshd processes (children of the test's listening sshd)."""
+    out = subprocess.run(["pgrep", "-P", str(sshd.proc.pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+@pytest.mark.asyncio
+async def test_live_remote_run_survives_cut_links(remote_env, sshd, tmp_path):
+    runs = tmp_path / "runs"
+    paths = make_run(runs, "live", 5, status="running")
+    w = LiveWriter(paths)
+    total = 200
+    stop = threading.Event()
+
+    def write() -> None:  # ~8 s: the links are cut while it writes
+        for step in range(6, total + 1):
+            if stop.wait(0.04):
+                return
+            w.write(step)
+
+    sync = RemoteSync(parse_target(f"ssh://rlhf-test{runs}"), interval=0.2)
+    local = sync.start()
+    app = MonitorApp(local, clock=sync.clock)
+    attach(app, sync)
+    links: list[str] = []
+    on_link = sync.on_link
+    sync.on_link = lambda text: (links.append(text), on_link(text))  # type: ignore[misc]
+    writer = threading.Thread(target=write, daemon=True)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.drawn_step == 5, timeout=10, what="the first 5 steps")
+            # alive by its heartbeat on the remote clock (the records' own times are old: stalled)
+            assert "STALLED" in rendered(app.query_one(RunHeader))
+            assert sync.writer_status(local / "live") == "running"
+            writer.start()
+            await wait_for(pilot, lambda: (app.drawn_step or 0) >= 40, timeout=15, what="live steps")
+            sync._proc.kill()  # cut the link: the ssh client dies
+            await wait_for(pilot, lambda: "down since" in app.model.link, timeout=5, what="link down")
+            assert "down since" in rendered(app.query_one(AlertBanner))
+            await wait_for(pilot, lambda: sync.connects >= 2 and not app.model.link, timeout=15, what="reconnect")
+            seen = app.drawn_step or 0
+            await wait_for(pilot, lambda: (app.drawn_step or 0) >= min(total, seen + 10), timeout=15, what="more steps")
+            for pid in _sshd_sessions(sshd):  # cut it from the server's side
+                os.kill(pid, 9)
+            await wait_for(pilot, lambda: sync.connects >= 3 and not app.model.link, timeout=20, what="reconnect 2")
+            writer.join(30)
+            await wait_for(pilot, lambda: app.drawn_step == total, timeout=15, what="every step")
+            await pilot.pause(0.3)
+            on_disk = steps_on_disk(paths.steps)
+            assert on_disk == list(range(1, total + 1))
+            assert list(app.model.store.steps) == on_disk  # no record lost, none twice
+            assert (local / "live" / "steps.msgpack").read_bytes() == paths.steps.read_bytes()
+            assert any("down since" in x for x in links) and links[-1] == ""
+    finally:
+        stop.set()
+        w.close()
+        sync.close()
+
+
+@pytest.mark.asyncio
+async def test_picker_lists_remote_runs_and_verify_needs_trainerd_there(remote_env, tmp_path):
+    runs = tmp_path / "runs"
+    make_run(runs, "first", 15)
+    make_run(runs, "second", 25)  # latest
+    sync = RemoteSync(parse_target(f"ssh://rlhf-test{runs}"), interval=0.2)
+    local = sync.start()
+    app = MonitorApp(local, clock=sync.clock)
+    attach(app, sync)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.drawn_step == 25, timeout=10, what="the latest run")
+            await pilot.press("r")
+            await wait_for(pilot, lambda: isinstance(app.screen, RunPickerScreen))
+            await wait_for(pilot, lambda: len(app.screen.rows) == 2, what="both remote runs listed")
+            await pilot.press("down", "enter")
+            await wait_for(
+                pilot, lambda: app.model.paths.run_id == "first" and app.drawn_step == 15, timeout=10, what="first"
+            )
+            assert sync.run_id == "first"
+            # the checks run on the remote box, and only if trainerd is there
+            sync.target = dataclasses.replace(sync.target, host="rlhf-notail")
+            await pilot.press("1")
+            panel = app.query_one(VerifyPanel)
+            await wait_for(pilot, lambda: bool(panel.last_result), timeout=15, what="the verify answer")
+            assert panel.last_result["missing"]
+            assert "not installed on rlhf-notail" in str(panel.query_one("#verify-output").render())
+    finally:
+        sync.close()
