@@ -264,6 +264,7 @@ class RemoteSync:
         self.on_data: Callable[[], None] | None = None
         self._want_run: str = ""
         self._switching = False  # the session is being ended to follow another run
+        self._offsets_for = ""  # the run whose mirror sizes the loop was given
         self._proc: subprocess.Popen | None = None
         self._stop = threading.Event()
         self._first = threading.Event()
@@ -363,14 +364,18 @@ class RemoteSync:
                 pass
 
     def _args(self) -> list[str]:
+        """The loop's arguments: the offsets (and the bytes before them) are the mirror's sizes
+        of the run it will follow: the one asked for, else the one followed, else a guess (the
+        mirror's `latest`, or the run dir named in the address) that K confirms or not."""
+        run = self._want_run or self.run_id or self._guess_run()
+        self._offsets_for = run
         args = [self.target.path, self._want_run or (self.run_id or ""), f"{self.interval:g}"]
-        run_dir = self.mirror / self.run_id if self.run_id else None
         for name in APPEND_FILES:
             off, pre = 0, ""
-            if run_dir is not None and (self._want_run in ("", self.run_id)):
+            if run:
                 try:
-                    off = os.path.getsize(run_dir / name)
-                    with open(run_dir / name, "rb") as f:
+                    with open(self.mirror / run / name, "rb") as f:
+                        off = os.fstat(f.fileno()).st_size
                         start = max(0, off - PREFIX)
                         f.seek(start)
                         pre = f.read(off - start).hex()
@@ -378,6 +383,13 @@ class RemoteSync:
                     off, pre = 0, ""
             args += [str(off), pre]
         return args
+
+    def _guess_run(self) -> str:
+        try:
+            return os.readlink(self.mirror / "latest")
+        except OSError:
+            name = self.target.path.rstrip("/").rsplit("/", 1)[-1]
+            return name if (self.mirror / name / "run.json").is_file() else ""
 
     def _run(self) -> None:
         attempt = 0
@@ -473,6 +485,11 @@ class RemoteSync:
                 self._want_run = ""
                 run_dir = self.mirror / run_id
                 run_dir.mkdir(parents=True, exist_ok=True)
+                if run_id != self._offsets_for:  # the loop was given no offsets for it: from 0
+                    for name in APPEND_FILES:
+                        if (run_dir / name).exists():
+                            with open(run_dir / name, "wb"):
+                                pass
                 continue
             if run_dir is None:
                 raise _Desync(f"unexpected {safe_text(line[:40].decode(errors='replace'))!r}")

@@ -92,7 +92,7 @@ def test_metacharacters_in_the_remote_path_are_never_run(remote_env, tmp_path):
     marker = tmp_path / "pwned"
     out, _ = _tui(f"ssh://rlhf-test/x;touch {marker}", remote_env)
     assert out.returncode == 2 and "no such remote path" in out.stderr, out.stderr
-    for evil in (f"/x$(touch {marker})", f"/x`touch {marker}`", f"/x' ; touch {marker}; '", "/x\"; touch {marker}"):
+    for evil in (f"/x$(touch {marker})", f"/x`touch {marker}`", f"/x' ; touch {marker}; '", '/x"; touch {marker}'):
         with pytest.raises(RemoteError, match="no such remote path"):
             RemoteSync(parse_target(f"ssh://rlhf-test{evil}")).start()
     assert not marker.exists()
@@ -196,3 +196,36 @@ async def test_picker_lists_remote_runs_and_verify_needs_trainerd_there(remote_e
             assert "not installed on rlhf-notail" in str(panel.query_one("#verify-output").render())
     finally:
         sync.close()
+
+
+def test_a_new_session_resumes_from_the_mirror_and_notices_a_replaced_log(remote_env, tmp_path):
+    runs = tmp_path / "runs"
+    paths = make_run(runs, "r", 20)
+    url = f"ssh://rlhf-test{runs}"
+    first = RemoteSync(parse_target(url), interval=0.2)
+    first.start()
+    first.close()
+    w = LiveWriter(paths)
+    for step in range(21, 31):
+        w.write(step)
+    w.close()
+    grown = paths.steps.stat().st_size
+    before = (first.mirror / "r" / "steps.msgpack").stat().st_size
+    again = RemoteSync(parse_target(url), interval=0.2)
+    try:
+        again.start()
+        assert again.payload_by_file.get("steps.msgpack") == grown - before  # only the new bytes
+        assert (again.mirror / "r" / "steps.msgpack").read_bytes() == paths.steps.read_bytes()
+    finally:
+        again.close()
+    # the log replaced by one as long but different (a rewrite): sent again from 0
+    data = bytearray(paths.steps.read_bytes())
+    data[-5] ^= 0xFF
+    paths.steps.write_bytes(bytes(data))
+    third = RemoteSync(parse_target(url), interval=0.2)
+    try:
+        third.start()
+        assert third.payload_by_file.get("steps.msgpack") == len(data)
+        assert (third.mirror / "r" / "steps.msgpack").read_bytes() == bytes(data)
+    finally:
+        third.close()
