@@ -39,7 +39,14 @@ from protocol.text import safe_text
 @click.option(
     "--no-bell", is_flag=True, help="never ring the terminal bell (by default: once on each new critical alert)"
 )
-def cli(path: str | None, fps: float, chart_fps: float, stall_after: float, no_bell: bool) -> None:
+@click.option(
+    "--remote-poll",
+    type=click.FloatRange(0.1, 60),
+    default=1.0,
+    show_default=True,
+    help="ssh:// runs: seconds between the remote side's looks at the run's files",
+)
+def cli(path: str | None, fps: float, chart_fps: float, stall_after: float, no_bell: bool, remote_poll: float) -> None:
     """Watch an RLHF run live. PATH: a run dir or a runs dir (default runs/latest), or another
     framework's run: a TensorBoard log dir, veRL's file-logger JSONL, a metrics JSONL/CSV with
     an rlhf-map.toml mapping; or a remote one, ssh://[user@]host[:port]/path (/~/path: under
@@ -50,7 +57,7 @@ def cli(path: str | None, fps: float, chart_fps: float, stall_after: float, no_b
         from .remote import RemoteError, open_remote
 
         try:
-            remote = open_remote(target)
+            remote = open_remote(target, interval=remote_poll)
         except RemoteError as e:
             click.echo(f"rlhf-tui: {safe_text(str(e), 300)}", err=True)
             sys.exit(2)

@@ -110,8 +110,8 @@ def parse_target(url: str) -> RemoteTarget:
 
 
 def ssh_command(t: RemoteTarget) -> list[str]:
-    """The user's ssh (RLHF_SSH, default `ssh`) with bounded timeouts and no prompts; their own
-    config still applies (an option given there first wins, as ssh takes the first value)."""
+    """The user's ssh (RLHF_SSH, default `ssh`) with bounded timeouts and no prompts (these -o
+    win over their config; everything else of it applies: hosts, keys, jumps, ControlMaster)."""
     base = shlex.split(os.environ.get("RLHF_SSH", "") or "ssh")
     opts = [
         "-o", "BatchMode=yes",
