@@ -139,6 +139,7 @@ REMOTE_LOOP = r"""
 for t in %(tools)s; do
   command -v "$t" >/dev/null 2>&1 || { echo "E the remote box has no '$t' (needed: %(tools)s)"; exit 3; }
 done
+stat -c %%s / >/dev/null 2>&1 || { echo "E the remote 'stat' does not take -c (GNU or BusyBox needed)"; exit 3; }
 P=$1; RUN=$2; IV=$3; shift 3
 if [ ! -e "$P" ]; then echo "E no such remote path: $P"; exit 4; fi
 cd -- "$P" 2>/dev/null || { echo "E cannot enter the remote path: $P"; exit 4; }

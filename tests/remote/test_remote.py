@@ -229,3 +229,25 @@ def test_a_new_session_resumes_from_the_mirror_and_notices_a_replaced_log(remote
         assert (third.mirror / "r" / "steps.msgpack").read_bytes() == bytes(data)
     finally:
         third.close()
+
+
+@pytest.mark.asyncio
+async def test_follows_the_remote_latest_when_a_new_run_starts(remote_env, tmp_path):
+    runs = tmp_path / "runs"
+    make_run(runs, "old", 10, status="running")
+    sync = RemoteSync(parse_target(f"ssh://rlhf-test{runs}"), interval=0.2)
+    app = MonitorApp(sync.start(), clock=sync.clock)
+    attach(app, sync)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.drawn_step == 10, timeout=10, what="the old run")
+            make_run(runs, "new", 12, status="running")
+            await wait_for(
+                pilot,
+                lambda: app.model.paths.run_id == "new" and app.drawn_step == 12,
+                timeout=15,
+                what="the switch to the new remote latest",
+            )
+            assert sync.run_id == "new"
+    finally:
+        sync.close()
