@@ -46,12 +46,33 @@ from protocol.text import safe_text
     show_default=True,
     help="ssh:// runs: seconds between the remote side's looks at the run's files",
 )
-def cli(path: str | None, fps: float, chart_fps: float, stall_after: float, no_bell: bool, remote_poll: float) -> None:
+@click.option(
+    "--diff",
+    "diff_with",
+    metavar="OTHER",
+    help="print the settings (config, seed, determinism, versions, host) that differ between PATH "
+    "and OTHER, then exit: 0 the same, 1 different",
+)
+def cli(
+    path: str | None,
+    fps: float,
+    chart_fps: float,
+    stall_after: float,
+    no_bell: bool,
+    remote_poll: float,
+    diff_with: str | None,
+) -> None:
     """Watch an RLHF run live. PATH: a run dir or a runs dir (default runs/latest), or another
     framework's run: a TensorBoard log dir, veRL's file-logger JSONL, a metrics JSONL/CSV with
     an rlhf-map.toml mapping; or a remote one, ssh://[user@]host[:port]/path (/~/path: under
     the remote home), read through your own ssh (RLHF_SSH replaces the command)."""
     target = path or os.path.join("runs", "latest")
+    if diff_with is not None:
+        from .compare import diff_runs
+
+        rc, text = diff_runs(target, diff_with)
+        click.echo(f"rlhf-tui: {text}" if rc == 2 else text, err=rc == 2)
+        sys.exit(rc)
     remote = None
     if target.startswith("ssh://"):
         from .remote import RemoteError, open_remote

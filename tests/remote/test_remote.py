@@ -21,6 +21,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tui"))
 from tui_helpers import LiveWriter, make_run, rendered, wait_for  # noqa: E402
 
+from protocol.rundir import read_manifest as rundir_manifest  # noqa: E402
+from protocol.rundir import write_manifest  # noqa: E402
 from protocol.steplog import StepLogTailer  # noqa: E402
 from tui.app import MonitorApp  # noqa: E402
 from tui.remote import RemoteError, RemoteSync, attach, parse_target  # noqa: E402
@@ -251,3 +253,15 @@ async def test_follows_the_remote_latest_when_a_new_run_starts(remote_env, tmp_p
             assert sync.run_id == "new"
     finally:
         sync.close()
+
+
+def test_diff_of_a_local_and_a_remote_run(remote_env, tmp_path):
+    from tui.compare import diff_runs
+
+    local = make_run(tmp_path / "here", "a", 5)
+    remote = make_run(tmp_path / "there", "b", 5)
+    m = rundir_manifest(remote)
+    m["config"]["kl_coef"] = 0.4
+    write_manifest(remote, m)
+    rc, text = diff_runs(str(local.root), f"ssh://rlhf-test{tmp_path / 'there'}")
+    assert rc == 1 and "config.kl_coef" in text and "ssh://rlhf-test" in text, text
