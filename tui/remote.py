@@ -28,10 +28,13 @@ the loop: shell metacharacters in it are never run. `ssh://host/runs` is the abs
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shlex
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -132,7 +135,8 @@ def ssh_command(t: RemoteTarget) -> list[str]:
 # "offset hex-of-the-bytes-before". Output: lines, some followed by exactly n bytes:
 #   E <text>              fatal, one line          K <run|runs> <run id>   what is followed
 #   A <file> <off> <n>    n new bytes at off       Z <file>                sent again from 0
-#   W <file> <n>          the whole file           R <run id> <n> <mtime>  another run's run.json
+#   W <file> <n>          the whole file           R <n> <mtime> <run id>  another run's run.json
+#   H <mtime> <run id>    another run's newest file time (its heartbeat), when it changed
 #   T <now> <newest>      remote clock, newest mtime of the run's files
 #   D                     a round that sent something is done          L <run id>   where `latest` points
 REMOTE_LOOP = r"""
@@ -182,14 +186,19 @@ whole() {
 runs() {
   for d in *; do
     [ "$d" = "$RUN" ] || [ "$d" = latest ] && continue; [ -f "$d/run.json" ] || continue
+    case $d in *"
+"*) continue;; esac
     s=$(stat -c '%%i %%s %%Y' -- "$d/run.json" 2>/dev/null) || continue
-    case "$SEEN" in *"|$d=$s|"*) continue;; esac
     m=$(stat -c %%Y -- "$d/run.json" "$d/steps.msgpack" "$d/events.jsonl" 2>/dev/null | sort -n | tail -n 1)
-    N=${s#* }; N=${N%%%% *}; echo "R $d $N $m"; exact cat -- "$d/run.json"; NEW="$NEW|$d=$s|"
+    case "$SEEN" in
+      *"|$d=$s|"*) case "$BEATS" in *"|$d=$m|"*) ;; *) echo "H $m $d";; esac ;;
+      *) N=${s#* }; N=${N%%%% *}; echo "R $N $m $d"; exact cat -- "$d/run.json" ;;
+    esac
+    NEW="$NEW|$d=$s|"; NB="$NB|$d=$m|"
   done
-  SEEN=$NEW
+  SEEN=$NEW; BEATS=$NB
 }
-SEEN=; NEW=; LAST_L=; i=0; beat=
+SEEN=; BEATS=; LAST_L=; i=0; beat=
 while :; do
   C=
   whole run.json 1; whole alerts.json 2
@@ -197,7 +206,7 @@ while :; do
   m=$(cd -- "$RUN" && stat -c %%Y -- run.json steps.msgpack events.jsonl trainerd.log 2>/dev/null | sort -n | tail -n 1)
   if [ -n "$C" ] || [ "$m" != "$beat" ] || [ $((i %% 10)) -eq 0 ]; then echo "T $(date +%%s) $m"; beat=$m; fi
   if [ "$KIND" = runs ] && [ $((i %% 5)) -eq 0 ]; then
-    NEW=; runs
+    NEW=; NB=; runs
     if [ -f latest/run.json ]; then
       L=$(cd latest && pwd -P); L=${L##*/}; [ "$L" != "$LAST_L" ] && { echo "L $L"; LAST_L=$L; C=1; }
     fi
@@ -271,14 +280,16 @@ class RemoteSync:
         self._first = threading.Event()
         self._lock = threading.Lock()
         self._trainerd: bool | None = None
-        register_writer_elsewhere(self.mirror, self.writer_status)
+        self._lock_fd: int | None = None
+        self._private = False  # a mirror of this process only (another monitor holds the shared one)
 
     # -- what the monitor asks ---------------------------------------------------------------
 
     def start(self, timeout: float = START_TIMEOUT) -> Path:
         """Connect, make the first round of the mirror, then keep it up to date in a thread.
         The local path to watch (the mirrored run dir or runs dir); RemoteError in one line."""
-        self.mirror.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._claim_mirror()
+        register_writer_elsewhere(self.mirror, self.writer_status)
         threading.Thread(target=self._run, name="rlhf-tui-remote", daemon=True).start()
         if not self._first.wait(timeout):
             self.close()
@@ -287,6 +298,27 @@ class RemoteSync:
             self.close()
             raise RemoteError(self.fatal or self.error or "the remote run could not be read")
         return self.local_target()
+
+    def _claim_mirror(self) -> None:
+        """The mirror is kept between sessions (a restart sends only new bytes), for one monitor
+        at a time (an flock beside it); a second monitor of the same address gets its own."""
+        base = self.mirror.parent
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for d in (cache_root().parent, cache_root(), base):
+            try:
+                if d.is_dir() and d.stat().st_uid == os.getuid():
+                    d.chmod(0o700)  # run contents of other users' boxes: this user's only
+            except OSError:
+                pass
+        fd = os.open(base / f".{self.mirror.name}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock_fd = fd  # held until this process ends
+            self.mirror.mkdir(exist_ok=True, mode=0o700)
+        except OSError:
+            os.close(fd)
+            self.mirror = Path(tempfile.mkdtemp(prefix=f"{self.mirror.name}.", dir=base))
+            self._private = True
 
     def local_target(self) -> Path:
         assert self.run_id is not None
@@ -303,6 +335,11 @@ class RemoteSync:
     def close(self) -> None:
         self._stop.set()
         self._restart()
+        if self._private:
+            shutil.rmtree(self.mirror, ignore_errors=True)
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def clock(self) -> float:
         """Now by the writer host's clock (the local clock until the first tick)."""
@@ -515,13 +552,16 @@ class RemoteSync:
                 self._write_whole(run_dir / name, self._exact(out, n, name))
                 self._data()
             elif tag == "R":
-                rid, n, m = parts[1], int(parts[2]), parts[3] if len(parts) > 3 else ""
+                n, m, rid = int(parts[1]), parts[2], " ".join(parts[3:])
                 data = self._exact(out, n, "other runs' run.json")
-                if rid and "/" not in rid and rid not in (".", "..", "latest"):
+                if self._other_run(rid):
                     (self.mirror / rid).mkdir(exist_ok=True)
                     self._write_whole(self.mirror / rid / "run.json", data)
-                    if m.isdigit():
-                        self.live.others[rid] = (self.live.remote_now or time.time(), float(m))
+                    self._beat(rid, m)
+            elif tag == "H":
+                rid = " ".join(parts[2:])
+                if self._other_run(rid):
+                    self._beat(rid, parts[1])
             elif tag == "T":
                 self.live.remote_now = float(parts[1])
                 self.live.local_at = time.monotonic()
@@ -539,6 +579,14 @@ class RemoteSync:
                     self._point_latest(rid)
             else:
                 raise _Desync(f"unexpected {safe_text(line[:40].decode(errors='replace'))!r}")
+
+    @staticmethod
+    def _other_run(rid: str) -> bool:
+        return bool(rid) and "/" not in rid and rid not in (".", "..", "latest") and not rid.startswith(".")
+
+    def _beat(self, rid: str, mtime: str) -> None:
+        if mtime.isdigit():
+            self.live.others[rid] = (self.live.remote_now or time.time(), float(mtime))
 
     def _exact(self, out, n: int, name: str) -> bytes:
         data = out.read(n)

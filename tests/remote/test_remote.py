@@ -172,7 +172,7 @@ async def test_live_remote_run_survives_cut_links(remote_env, sshd, tmp_path):
 @pytest.mark.asyncio
 async def test_picker_lists_remote_runs_and_verify_needs_trainerd_there(remote_env, tmp_path):
     runs = tmp_path / "runs"
-    make_run(runs, "first", 15)
+    make_run(runs, "first", 15, status="running")  # its files are fresh: running by its heartbeat
     make_run(runs, "second", 25)  # latest
     sync = RemoteSync(parse_target(f"ssh://rlhf-test{runs}"), interval=0.2)
     local = sync.start()
@@ -184,6 +184,7 @@ async def test_picker_lists_remote_runs_and_verify_needs_trainerd_there(remote_e
             await pilot.press("r")
             await wait_for(pilot, lambda: isinstance(app.screen, RunPickerScreen))
             await wait_for(pilot, lambda: len(app.screen.rows) == 2, what="both remote runs listed")
+            assert {r.run_id: r.status for r in app.screen.rows} == {"first": "running", "second": "finished"}
             await pilot.press("down", "enter")
             await wait_for(
                 pilot, lambda: app.model.paths.run_id == "first" and app.drawn_step == 15, timeout=10, what="first"
@@ -231,6 +232,17 @@ def test_a_new_session_resumes_from_the_mirror_and_notices_a_replaced_log(remote
         assert (third.mirror / "r" / "steps.msgpack").read_bytes() == bytes(data)
     finally:
         third.close()
+    # two monitors of one address at once: the second gets a mirror of its own
+    one, two = RemoteSync(parse_target(url), interval=0.2), RemoteSync(parse_target(url), interval=0.2)
+    try:
+        one.start()
+        two.start()
+        assert one.mirror != two.mirror
+        assert (two.mirror / "r" / "steps.msgpack").read_bytes() == bytes(data)
+    finally:
+        one.close()
+        two.close()
+    assert not two.mirror.exists()
 
 
 @pytest.mark.asyncio
