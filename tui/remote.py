@@ -164,7 +164,7 @@ pre() {
 exact() { { "$@"; head -c "$N" /dev/zero; } | head -c "$N"; }
 app() {
   f=$RUN/$1; eval "o=\$o$2 h=\$h$2"
-  [ -f "$f" ] || return 0
+  [ -f "$f" ] && [ ! -L "$f" ] || return 0
   n=$(stat -c %%s -- "$f") || return 0
   if [ "$o" -gt 0 ] && { [ "$n" -lt "$o" ] || { [ -n "$h" ] && [ "$h" != "$(pre "$f" "$o")" ]; }; }; then
     echo "Z $1"; o=0
@@ -178,6 +178,7 @@ app() {
 }
 whole() {
   f=$RUN/$1; eval "p=\$w$2"
+  [ -L "$f" ] && return 0
   s=$(stat -c '%%i %%s %%Y' -- "$f" 2>/dev/null) || s=-
   [ "$s" = "$p" ] && return 0
   eval "w$2=\$s"; [ "$s" = - ] && return 0
@@ -351,6 +352,10 @@ class RemoteSync:
     def writer_status(self, run_dir: Path) -> str:
         """A 'running' run of the mirror: running while its files change (remote clock)."""
         lv = self.live
+        # while the link is down, judged as of the last word from the writer's host: a run is
+        # not "crashed" because the laptop lost its link
+        if self.link_down_since is not None and lv.remote_now is not None:
+            return self._judge(lv.remote_now, lv.newest if run_dir.name == self.run_id else None)
         if run_dir.name == self.run_id:
             now, newest = self.clock(), lv.newest
         elif run_dir.name in lv.others:
@@ -358,6 +363,11 @@ class RemoteSync:
             now = then + (self.clock() - (lv.remote_now or then))
         else:
             return "running"
+        return self._judge(now, newest)
+
+    @staticmethod
+    def _judge(now: float, newest: float | None) -> str:
+        """'crashed' once the run's newest file time is HEARTBEAT_TIMEOUT old at `now`."""
         if newest is not None and now - newest > HEARTBEAT_TIMEOUT:
             return "crashed"
         return "running"

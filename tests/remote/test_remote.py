@@ -277,3 +277,21 @@ def test_diff_of_a_local_and_a_remote_run(remote_env, tmp_path):
     write_manifest(remote, m)
     rc, text = diff_runs(str(local.root), f"ssh://rlhf-test{tmp_path / 'there'}")
     assert rc == 1 and "config.kl_coef" in text and "ssh://rlhf-test" in text, text
+
+
+def test_heartbeat_by_the_remote_clock_and_not_crashed_by_a_down_link(tmp_path, monkeypatch):
+    from tui import remote
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    sync = RemoteSync(parse_target("ssh://gpu-box/runs"))
+    sync.run_id = "r"
+    now = 1_000_000.0
+    sync.live = remote.Liveness(remote_now=now, local_at=time.monotonic(), newest=now - 10)
+    assert abs(sync.clock() - now) < 1  # the remote clock, whatever the laptop's says
+    assert sync.writer_status(sync.mirror / "r") == "running"
+    sync.live.newest = now - remote.HEARTBEAT_TIMEOUT - 1
+    assert sync.writer_status(sync.mirror / "r") == "crashed"
+    sync.live = remote.Liveness(remote_now=now, local_at=time.monotonic() - 2 * remote.HEARTBEAT_TIMEOUT, newest=now)
+    assert sync.writer_status(sync.mirror / "r") == "crashed"  # silent for long, link up: crashed
+    sync.link_down_since = time.time()
+    assert sync.writer_status(sync.mirror / "r") == "running"  # link down: as of the last word
