@@ -7,6 +7,7 @@ writes a client config (`ssh -F`) with these hosts:
   rlhf-badkey   a key the server does not accept (refused auth)
   rlhf-notail   a remote PATH without `tail` (its key's forced command sets PATH: the login
                 shell's rc files would reset a PATH sent by the client)
+  rlhf-kit      a remote PATH with a stand-in `trainerd` (it answers `verify` with its arguments)
 `extra_client` is added to every host's block (scripts/bench_remote.py adds a ProxyCommand).
 """
 
@@ -63,18 +64,36 @@ def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 10.0) ->
 
 
 def start_sshd(d: Path, extra_client: str = "") -> Sshd:
-    for name in ("host_key", "id", "bad_id", "notail_id"):
+    for name in ("host_key", "id", "bad_id", "notail_id", "kit_id"):
         subprocess.run([KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    notail = d / "bin-notail"
-    forced = f'command="PATH={notail} exec /bin/sh -c \\"$SSH_ORIGINAL_COMMAND\\""'
-    (d / "authorized_keys").write_text((d / "id.pub").read_text() + f"{forced} " + (d / "notail_id.pub").read_text())
-    for p in (d / "id", d / "bad_id", d / "notail_id", d / "host_key"):
+    notail, kit = d / "bin-notail", d / "bin-kit"
+
+    def forced(path: Path) -> str:
+        return f'command="PATH={path} exec /bin/sh -c \\"$SSH_ORIGINAL_COMMAND\\"" '
+
+    (d / "authorized_keys").write_text(
+        (d / "id.pub").read_text()
+        + forced(notail)
+        + (d / "notail_id.pub").read_text()
+        + forced(kit)
+        + (d / "kit_id.pub").read_text()
+    )
+    for p in (d / "id", d / "bad_id", d / "notail_id", d / "kit_id", d / "host_key"):
         p.chmod(0o600)
     notail.mkdir()
-    for tool in ("sh", "head", "stat", "od", "tr", "sort", "date", "sleep", "cat", "ls"):
+    kit.mkdir()
+    for tool in ("sh", "head", "stat", "od", "tr", "sort", "date", "sleep", "cat", "ls", "tail"):
         found = shutil.which(tool)
         if found:
-            (notail / tool).symlink_to(found)
+            if tool != "tail":
+                (notail / tool).symlink_to(found)
+            (kit / tool).symlink_to(found)
+    fake = kit / "trainerd"
+    fake.write_text(
+        '#!/bin/sh\necho "checking on the remote box" >&2\n'
+        'printf \'{"passed": true, "status": "passed", "summary": "remote args: %s"}\\n\' "$*"\n'
+    )
+    fake.chmod(0o755)
     port = _free_port()
     user = getpass.getuser()
     (d / "sshd_config").write_text(
@@ -105,6 +124,7 @@ LogLevel ERROR
         f"Host rlhf-test\n{common}  IdentityFile {d / 'id'}\n"
         f"Host rlhf-badkey\n{common}  IdentityFile {d / 'bad_id'}\n"
         f"Host rlhf-notail\n{common}  IdentityFile {d / 'notail_id'}\n"
+        f"Host rlhf-kit\n{common}  IdentityFile {d / 'kit_id'}\n"
     )
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir

@@ -197,6 +197,15 @@ async def test_picker_lists_remote_runs_and_verify_needs_trainerd_there(remote_e
             await wait_for(pilot, lambda: bool(panel.last_result), timeout=15, what="the verify answer")
             assert panel.last_result["missing"]
             assert "not installed on rlhf-notail" in str(panel.query_one("#verify-output").render())
+            # where trainerd is there: `trainerd verify m2 --json RUN` runs there, its JSON shown
+            sync.target = dataclasses.replace(sync.target, host="rlhf-kit")
+            sync._trainerd = None
+            panel.last_result = None
+            await pilot.press("2")
+            await wait_for(pilot, lambda: bool(panel.last_result), timeout=15, what="the remote check's result")
+            assert panel.last_result["rc"] == 0 and panel.last_result["data"]["passed"] is True
+            assert panel.last_result["data"]["summary"] == f"remote args: verify m2 --json {runs}/first"
+            assert "M2 PASS" in str(panel.query_one("#verify-output").render())
     finally:
         sync.close()
 

@@ -220,9 +220,8 @@ class VerifyPanel(Vertical):
         cmd = [exe, "verify", check, "--json", run_dir]
         if remote is not None:
             if not remote.has_trainerd():
-                self.last_result = {"check": check, "rc": None, "data": None, "missing": True}
                 note = f"trainerd is not installed on {remote.target.host} (not on its PATH): the checks run there"
-                self.app.call_from_thread(self._finish_note, Text(note, "bold yellow"))
+                self.app.call_from_thread(self._finish_note, check, Text(note, "bold yellow"))
                 return
             cmd = remote.verify_command(check)
         try:
@@ -261,9 +260,10 @@ class VerifyPanel(Vertical):
         )
         self.app.call_from_thread(self._finish, check, rc, data, lines, cancelled)
 
-    def _finish_note(self, note: Text) -> None:
+    def _finish_note(self, check: str, note: Text) -> None:
         self.query_one("#verify-cancel", Button).disabled = True
         self._say(note)
+        self.last_result = {"check": check, "rc": None, "data": None, "missing": True}
 
     def _progress(self, check: str, lines: list[str]) -> None:
         head = "cancelling…" if self._cancel_requested else "running… (x cancels)"
