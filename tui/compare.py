@@ -96,3 +96,13 @@ def diff_runs(a: str, b: str) -> tuple[int, str]:
         return 2, safe_text(str(e), 300)
     rows, same = differences(ma, mb)
     return (1 if rows else 0), render(name_a, name_b, rows, same)
+
+
+def diff_paths(a: Path, b: Path) -> str:
+    """The settings diff of two run dirs (for the run picker's `d`), or why it cannot be made."""
+    try:
+        ma, mb = read_manifest(a), read_manifest(b)
+    except RunDirError as e:
+        return safe_text(str(e), 300)
+    rows, same = differences(ma, mb)
+    return render(Path(a).name, Path(b).name, rows, same)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tui_helpers import make_run
 
 from protocol import rundir
@@ -55,3 +56,26 @@ def test_cli_diff_exit_codes(runs_dir):
         env=env,
     )
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no such run" in out.stderr
+
+
+@pytest.mark.asyncio
+async def test_picker_d_shows_the_settings_diff(runs_dir):
+    from tui_helpers import T0, wait_for
+
+    from tui.app import MonitorApp
+    from tui.compare_screen import DiffScreen
+    from tui.screens import RunPickerScreen
+
+    make_run(runs_dir, "first", 5)
+    second = make_run(runs_dir, "second", 8)  # latest: on screen
+    _change(second, config={"kl_coef": 0.4})
+    app = MonitorApp(runs_dir, clock=lambda: T0 + 10_000)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await wait_for(pilot, lambda: app.drawn_step == 8)
+        await pilot.press("r")
+        await wait_for(pilot, lambda: isinstance(app.screen, RunPickerScreen) and len(app.screen.rows) == 2)
+        await pilot.press("down", "d")  # "first", against "second" on screen
+        await wait_for(pilot, lambda: isinstance(app.screen, DiffScreen) and bool(app.screen.text))
+        assert "config.kl_coef" in app.screen.text and "0.4" in app.screen.text
+        await pilot.press("escape")
+        assert isinstance(app.screen, RunPickerScreen)
