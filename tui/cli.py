@@ -78,10 +78,12 @@ def cli(
         from .remote import RemoteError, open_remote
 
         try:
-            remote = open_remote(target, interval=remote_poll)
+            remote = open_remote(target, interval=remote_poll, progress=_mirroring)
         except RemoteError as e:
             click.echo(f"rlhf-tui: {safe_text(str(e), 300)}", err=True)
             sys.exit(2)
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\033[K")  # the copying line, if there was one
         target = str(remote.local_target())
     problem = check_target(target)
     if problem:
@@ -110,6 +112,13 @@ def cli(
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(app.return_code or 0)
+
+
+def _mirroring(have: int, total: int) -> None:
+    if not sys.stderr.isatty():
+        return
+    sys.stderr.write(f"\rrlhf-tui: copying the remote step log: {have / 1e6:.1f} of {total / 1e6:.1f} MB")
+    sys.stderr.flush()
 
 
 def check_target(target: str) -> str:

@@ -134,7 +134,7 @@ def ssh_command(t: RemoteTarget) -> list[str]:
 # itself, the runs dir's `latest`, else its newest run), interval, then per append file
 # "offset hex-of-the-bytes-before". Output: lines, some followed by exactly n bytes:
 #   E <text>              fatal, one line          K <run|runs> <run id>   what is followed
-#   A <file> <off> <n>    n new bytes at off       Z <file>                sent again from 0
+#   A <file> <off> <n> <size>  n new bytes at off (of size)   Z <file>    sent again from 0
 #   W <file> <n>          the whole file           R <n> <mtime> <run id>  another run's run.json
 #   H <mtime> <run id>    another run's newest file time (its heartbeat), when it changed
 #   T <now> <newest>      remote clock, newest mtime of the run's files
@@ -172,7 +172,8 @@ app() {
   h=
   if [ "$n" -gt "$o" ]; then
     N=$((n-o)); [ "$N" -gt %(chunk)d ] && N=%(chunk)d
-    echo "A $1 $o $N"; exact tail -c +$((o+1)) -- "$f"; o=$((o+N)); C=1
+    echo "A $1 $o $N $n"; exact tail -c +$((o+1)) -- "$f"; o=$((o+N)); C=1
+    [ "$o" -lt "$n" ] && MORE=1
   fi
   eval "o$2=\$o h$2="
 }
@@ -201,7 +202,7 @@ runs() {
 }
 SEEN=; BEATS=; LAST_L=; i=0; beat=
 while :; do
-  C=
+  C=; MORE=
   whole run.json 1; whole alerts.json 2
   app steps.msgpack 1; app events.jsonl 2; app samples.jsonl 3
   m=$(cd -- "$RUN" && stat -c %%Y -- run.json steps.msgpack events.jsonl trainerd.log 2>/dev/null | sort -n | tail -n 1)
@@ -213,7 +214,7 @@ while :; do
     fi
   fi
   [ -n "$C" ] || [ "$i" -eq 0 ] && echo D
-  i=$((i+1)); sleep "$IV"
+  i=$((i+1)); [ -n "$MORE" ] || sleep "$IV"
 done
 """ % {"tools": " ".join(REMOTE_TOOLS), "prefix": PREFIX, "chunk": CHUNK_MAX}  # noqa: UP031
 
@@ -271,6 +272,7 @@ class RemoteSync:
         self.bytes_in = 0  # bytes of chunks and lines read from ssh
         self.payload_in = 0  # of which file bytes
         self.payload_by_file: dict[str, int] = {}
+        self.remote_sizes: dict[str, int] = {}  # of the followed run's files, as last sent
         self.on_link: Callable[[str], None] | None = None  # "link down since ..." / "" (any thread)
         self.on_data: Callable[[], None] | None = None
         self._want_run: str = ""
@@ -286,9 +288,10 @@ class RemoteSync:
 
     # -- what the monitor asks ---------------------------------------------------------------
 
-    def start(self, timeout: float = START_TIMEOUT) -> Path:
-        """Connect, make the first round of the mirror, then keep it up to date in a thread.
-        The local path to watch (the mirrored run dir or runs dir); RemoteError in one line."""
+    def start(self, timeout: float = START_TIMEOUT, progress: Callable[[int, int], None] | None = None) -> Path:
+        """Connect, mirror what the run holds (`progress(bytes, of)` while a long log comes), then
+        keep the mirror up to date in a thread. The local path to watch (the mirrored run dir or
+        runs dir); RemoteError in one line."""
         self._claim_mirror()
         register_writer_elsewhere(self.mirror, self.writer_status)
         threading.Thread(target=self._run, name="rlhf-tui-remote", daemon=True).start()
@@ -298,7 +301,32 @@ class RemoteSync:
         if self.fatal or not self.rounds:
             self.close()
             raise RemoteError(self.fatal or self.error or "the remote run could not be read")
+        self._catch_up(progress, timeout)
         return self.local_target()
+
+    def _catch_up(self, progress: Callable[[int, int], None] | None, stall: float) -> None:
+        """A long remote log is mirrored before the monitor opens it (rounds without a pause),
+        so the monitor reads its tail first and its history from local disk. Ends when the
+        mirror holds what the log had, or when nothing arrived for `stall` seconds."""
+        assert self.run_id is not None
+        path = self.mirror / self.run_id / "steps.msgpack"
+        last, last_change, said = -1, time.monotonic(), 0.0
+        while not self._stop.is_set():
+            total = self.remote_sizes.get("steps.msgpack", 0)
+            try:
+                have = path.stat().st_size
+            except OSError:
+                have = 0
+            if have >= total:
+                return
+            if have != last:
+                last, last_change = have, time.monotonic()
+            elif time.monotonic() - last_change > stall:
+                return  # the link is slow or down: the monitor shows what is there, and follows
+            if progress is not None and time.monotonic() - said > 0.5:
+                said = time.monotonic()
+                progress(have, total)
+            time.sleep(0.05)
 
     def _claim_mirror(self) -> None:
         """The mirror is kept between sessions (a restart sends only new bytes), for one monitor
@@ -543,6 +571,8 @@ class RemoteSync:
                 raise _Desync(f"unexpected {safe_text(line[:40].decode(errors='replace'))!r}")
             if tag == "A":
                 name, off, n = parts[1], int(parts[2]), int(parts[3])
+                if len(parts) > 4:
+                    self.remote_sizes[name] = int(parts[4])
                 self._check_name(name, APPEND_FILES)
                 data = self._exact(out, n, name)
                 path = run_dir / name
@@ -643,10 +673,10 @@ class _Desync(Exception):
     pass
 
 
-def open_remote(url: str, interval: float = 1.0) -> RemoteSync:
-    """Parse, connect, mirror the first round: a running RemoteSync, or RemoteError (one line)."""
+def open_remote(url: str, interval: float = 1.0, progress: Callable[[int, int], None] | None = None) -> RemoteSync:
+    """Parse, connect, mirror what is there: a running RemoteSync, or RemoteError (one line)."""
     sync = RemoteSync(parse_target(url), interval=interval)
-    sync.start()
+    sync.start(progress=progress)
     return sync
 
 

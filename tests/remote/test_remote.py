@@ -304,3 +304,23 @@ def test_heartbeat_by_the_remote_clock_and_not_crashed_by_a_down_link(tmp_path, 
     assert sync.writer_status(sync.mirror / "r") == "crashed"  # silent for long, link up: crashed
     sync.link_down_since = time.time()
     assert sync.writer_status(sync.mirror / "r") == "running"  # link down: as of the last word
+
+
+def test_a_long_remote_log_is_copied_before_the_monitor_opens(remote_env, tmp_path):
+    from tui import remote
+
+    runs = tmp_path / "runs"
+    paths = make_run(runs, "big", 13000, jsonl_mirror=False)
+    size = paths.steps.stat().st_size
+    assert size > 1.5 * remote.CHUNK_MAX, size
+    seen: list[tuple[int, int]] = []
+    sync = RemoteSync(parse_target(f"ssh://rlhf-test{runs}"), interval=30)  # a long pause between polls
+    try:
+        t = time.monotonic()
+        local = sync.start(progress=lambda have, total: seen.append((have, total)))
+        took = time.monotonic() - t
+        assert (local / "big" / "steps.msgpack").read_bytes() == paths.steps.read_bytes()
+        assert took < 20, took  # capped rounds follow each other without the 30 s pause
+        assert all(total == size for _have, total in seen)
+    finally:
+        sync.close()
