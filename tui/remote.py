@@ -355,7 +355,7 @@ class RemoteSync:
 
     def follow(self, run_dir: Path) -> None:
         """The monitor opened another run of the mirror (picker, `latest` moved): stream it."""
-        if run_dir.parent != self.mirror or run_dir.name == self.run_id:
+        if Path(os.path.realpath(run_dir.parent)) != Path(os.path.realpath(self.mirror)) or run_dir.name == self.run_id:
             return
         self._want_run = run_dir.name
         self._switching = True
@@ -380,18 +380,16 @@ class RemoteSync:
     def writer_status(self, run_dir: Path) -> str:
         """A 'running' run of the mirror: running while its files change (remote clock)."""
         lv = self.live
-        # while the link is down, judged as of the last word from the writer's host: a run is
-        # not "crashed" because the laptop lost its link
-        if self.link_down_since is not None and lv.remote_now is not None:
-            return self._judge(lv.remote_now, lv.newest if run_dir.name == self.run_id else None)
         if run_dir.name == self.run_id:
-            now, newest = self.clock(), lv.newest
+            newest = lv.newest
         elif run_dir.name in lv.others:
-            then, newest = lv.others[run_dir.name]
-            now = then + (self.clock() - (lv.remote_now or then))
+            newest = lv.others[run_dir.name][1]
         else:
             return "running"
-        return self._judge(now, newest)
+        # while the link is down, judged as of the last word from the writer's host: a run is
+        # not "crashed" because the laptop lost its link
+        down = self.link_down_since is not None and lv.remote_now is not None
+        return self._judge(lv.remote_now if down and lv.remote_now is not None else self.clock(), newest)
 
     @staticmethod
     def _judge(now: float, newest: float | None) -> str:
