@@ -607,7 +607,7 @@ class RemoteSync:
                     self.live.newest = float(parts[2])
             elif tag == "D":
                 if self.link_down_since is not None or self.error:
-                    self.link_down_since, self.error = None, ""
+                    self.link_down_since, self.error, self.fatal = None, "", ""
                     self._say_link()
                 self.rounds += 1
                 self._first.set()
