@@ -560,11 +560,13 @@ def _summary(result: dict) -> str:
 
 
 @cli.command()
-@click.argument("run")
-@click.option("--format", "fmt", type=click.Choice(["text", "md", "json"]), default="text", show_default=True)
-def report(run, fmt):
-    """Offline stability report of RUN."""
-    return _module("report", "report").run(run, fmt)
+@click.argument("runs", nargs=-1, required=True, metavar="RUN...")
+@click.option("--format", "fmt", type=click.Choice(["text", "md", "json", "html"]), default="text", show_default=True)
+@click.option("--plots", type=click.Path(file_okay=False), default=None, help="Also write PNGs and report.md to DIR.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the report to FILE.")
+def report(runs, fmt, plots, output):
+    """Offline stability report of RUN (several: compared; html and --plots overlay them)."""
+    return _module("report", "report").run(list(runs), fmt, plots=plots, output=output)
 
 
 @cli.command()
