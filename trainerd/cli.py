@@ -45,6 +45,7 @@ from protocol.rundir import (
     read_manifest,
     resolve_run,
     switch_latest,
+    update_manifest,
     write_manifest,
 )
 from protocol.safeio import open_run_file
@@ -166,6 +167,8 @@ def _group_body(paths: RunPaths, layout, rank_args: list[str], first_manifest: d
         lock = RunLock(paths).acquire()
         if first_manifest is not None:
             write_manifest(paths, first_manifest)
+        else:  # a resume: running from now on (rank 0 rewrites the manifest when it has resumed)
+            update_manifest(paths, status="running", pid=os.getpid(), ended_at=None)
         with open_run_file(paths.root, paths.pid_file, "w") as f:
             f.write(f"{os.getpid()}\n")
         ready()

@@ -141,9 +141,12 @@ def launch_group(layout: Layout, rank_args: list[str], paths: RunPaths | None, l
 def first_failure(failures: dict) -> str:
     """One line for the rank that failed first: killed by a signal (the usual root cause: the
     others then fail in their collectives), else the earliest error."""
+
     def key(item):
         rank, f = item
-        return (0 if f.exitcode < 0 else 1, f.timestamp, rank)
+        # the agent ends the surviving ranks with SIGTERM: those are consequences, not causes
+        order = 2 if f.exitcode == -signal.SIGTERM else (0 if f.exitcode < 0 else 1)
+        return (order, f.timestamp, rank)
 
     rank, f = min(failures.items(), key=key)
     if f.exitcode < 0:

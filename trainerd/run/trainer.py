@@ -219,7 +219,7 @@ def rank_fields(ranks: list[dict]) -> dict:
         "rank_step_time_s": {str(r): float(x["step_time_s"]) for r, x in enumerate(ranks)},
         "rank_comm_s": {str(r): float(x["comm_s"]) for r, x in enumerate(ranks)},
         # the time a rank computes before it enters the collectives: what a straggler shows in
-        "rank_compute_s": {str(r): float(x["step_time_s"] - x["comm_s"]) for r, x in enumerate(ranks)},
+        "rank_compute_s": {str(r): max(0.0, float(x["step_time_s"] - x["comm_s"])) for r, x in enumerate(ranks)},
         "rank_stage_s": {f"{r}.{s}": float(v) for r, x in enumerate(ranks) for s, v in x["stage_s"].items()},
     }
     for key in ("rss_bytes", "peak_rss_bytes"):
@@ -591,11 +591,10 @@ class Trainer:
         c.scheduler.step()
         with torch.no_grad():
             if rows is not None:  # the statistics of the global batch (every rank alike)
-                gather = group.all_gather
-                kl_tok, entropy_tok, old_values, returns = map(gather, (kl_tok, entropy_tok, old_values, returns))
-                scores, gold = gather(scores), gold if gold is None else gather(gold)
+                kl_tok, entropy_tok, old_values, returns, scores, gold, ep = self._gather_batch(
+                    kl_tok, entropy_tok, old_values, returns, scores, gold, ep, all_mask
+                )
                 mask = all_mask
-                ep = type(ep)(gather(ep.prompts), gather(ep.prompt_mask), gather(ep.responses), mask)
             kl = masked_mean(kl_tok, mask).item()
             explained_var = explained_variance(old_values, returns, mask)
             reward_var = scores.var(unbiased=False)
@@ -633,6 +632,24 @@ class Trainer:
         c.kl_ctl.update(kl, B)
         self._stamp_time_and_memory(rec, tokens)
         return rec
+
+    def _gather_batch(self, kl_tok, entropy_tok, old_values, returns, scores, gold, ep, all_mask):
+        """Data-parallel: the step's per-token and per-response tensors of the whole batch, in
+        two all-gathers (the floats, the token ids), for the statistics and the samples."""
+        R = kl_tok.shape[1]
+        cols = [kl_tok, entropy_tok, old_values, returns, scores[:, None]]
+        if gold is not None:
+            cols.append(gold.to(scores.device)[:, None])
+        floats = self.group.all_gather(torch.cat([c.float() for c in cols], 1))
+        # contiguous copies: a reduction over a strided view may add in another order
+        kl_tok, entropy_tok, old_values, returns = (floats[:, i * R : (i + 1) * R].contiguous() for i in range(4))
+        scores = floats[:, 4 * R].contiguous()
+        gold = floats[:, 4 * R + 1].contiguous().to(gold.device) if gold is not None else None
+        P = ep.prompts.shape[1]
+        ids = self.group.all_gather(torch.cat([ep.prompts, ep.prompt_mask.to(ep.prompts.dtype), ep.responses], 1))
+        prompts, prompt_mask, responses = ids[:, :P], ids[:, P : 2 * P], ids[:, 2 * P :]
+        ep = type(ep)(prompts.contiguous(), prompt_mask.to(ep.prompt_mask.dtype), responses.contiguous(), all_mask)
+        return kl_tok, entropy_tok, old_values, returns, scores, gold, ep
 
     def _stamp_time_and_memory(self, rec: dict, tokens: int) -> None:
         """The step's non-deterministic fields: wall time (boundary to boundary), stage
@@ -678,6 +695,7 @@ class Trainer:
         status = "finished"
         step = first_step - 1
         self.timer.start_clock()  # step 1's time starts here: setup and checkpoint 0 are not a step
+        self.group.take_comm_s()  # and so does its time in collectives
         try:
             for step in range(first_step, cfg.steps + 1):
                 # The state at the start of the step = the last healthy state if this step
