@@ -166,7 +166,7 @@ def _group_body(paths: RunPaths, layout, rank_args: list[str], first_manifest: d
         install_stop_signals()  # until the agent installs its own (it passes the signal to the ranks)
         lock = RunLock(paths).acquire()
         if first_manifest is not None:
-            write_manifest(paths, first_manifest)
+            write_manifest(paths, {**first_manifest, "pid": os.getpid()})
         else:  # a resume: running from now on (rank 0 rewrites the manifest when it has resumed)
             update_manifest(paths, status="running", pid=os.getpid(), ended_at=None)
         with open_run_file(paths.root, paths.pid_file, "w") as f:

@@ -113,11 +113,11 @@ def launch_group(layout: Layout, rank_args: list[str], paths: RunPaths | None, l
         min_nodes=layout.nnodes,
         max_nodes=layout.nnodes,
         nproc_per_node=layout.nproc_per_node,
-        run_id=paths.run_id if paths is not None else "trainerd",
+        run_id="trainerd",  # the same on every node (the store keys carry it)
         role="trainerd",
         rdzv_endpoint=f"{host}:{port}",
         rdzv_backend="static",
-        rdzv_configs={"rank": layout.node_rank, "timeout": 300},
+        rdzv_configs={"rank": layout.node_rank, "timeout": 120},
         max_restarts=0,
         monitor_interval=0.2,
         start_method="spawn",

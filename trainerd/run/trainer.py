@@ -690,7 +690,11 @@ class Trainer:
         cfg = self.cfg
         if cfg.profile_steps:
             a, b = config_mod.parse_profile_steps(cfg.profile_steps)
-            self.profiler = ProfilerWindow(self.paths.profile, a, b, device=self.device.type, log=self.log)
+            # one trace and summary.csv per rank: rank 0's in profile/, rank R's in profile/rank_R/
+            # (the one file a rank other than 0 writes into the run dir; a node without the run
+            # dir logs that it cannot, the profiler never stops training)
+            where = self.paths.profile if self.group.writes else self.paths.profile / f"rank_{self.group.rank}"
+            self.profiler = ProfilerWindow(where, a, b, device=self.device.type, log=self.log)
         snapshot_each_step = not cfg.continue_on_nonfinite
         status = "finished"
         step = first_step - 1
