@@ -440,8 +440,9 @@ def _cuda_available() -> bool:
 def rank_command(run_dir, action, force, steps, notify):
     """One rank of a group started by `trainerd start/resume --nproc-per-node` (internal)."""
     from trainerd.run import lifecycle
-    from trainerd.run.distributed import Group
+    from trainerd.run.distributed import Group, die_with_launcher
 
+    die_with_launcher()
     should_stop = install_stop_signals()
     group = Group.from_env("cuda" if _cuda_available() else "cpu")
 
@@ -683,13 +684,22 @@ def _module(name: str, what: str):
 @click.argument("which", type=click.Choice(["m1", "m2", "m3", "all"]))
 @click.argument("run", required=False)
 @click.option("--json", "as_json", is_flag=True)
-def verify(which, run, as_json):
+@click.option(
+    "--nproc-per-node", type=int, default=1, show_default=True, help="m1: make every run of the check N processes"
+)
+def verify(which, run, as_json, nproc_per_node):
     """Run the M1 (determinism), M2 (profiler) or M3 (stability) checks.
 
     Exit 0 passed, 1 a check failed, 2 could not run (the reason is the last line on
     stderr), 130 cancelled (SIGTERM/SIGINT: every trainer it started is killed, its temp
     dirs removed). `all` runs m1, m2, m3 in turn (stops at a cancel) and exits with the
     worst: 130, else 1, else 2, else 0. See trainerd/verify/harness.py."""
+    if nproc_per_node < 1:
+        raise UserError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
+    if nproc_per_node > 1 and which != "m1":
+        raise UserError("--nproc-per-node applies to verify m1 only")
+    if which == "m1":
+        return _module("verify_m1", "verify m1").run(run, as_json, nproc_per_node)
     if which != "all":
         return _module(f"verify_{which}", f"verify {which}").run(run, as_json)
     codes: list[int] = []

@@ -171,3 +171,19 @@ class Group:
 
 
 SINGLE = Group()
+
+
+def die_with_launcher() -> None:
+    """A rank dies with the process that launched it (Linux PR_SET_PDEATHSIG): a launcher
+    killed with SIGKILL, which releases the run's lock, never leaves ranks running without it."""
+    launcher = os.getppid()
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != launcher:  # it died before the call
+        os._exit(1)
