@@ -7,10 +7,11 @@ separated from the compute.
 
 Reports medians over the steps after the first few (warm-up), from the runs' own step records:
 step_time_s, tokens_per_second, and for N processes each rank's comm_s (time in collectives)
-and compute_s (the rest). On this 2-core CPU box N=2 cannot be faster than N=1 for a tiny
-model: each process has one core and the per-step collectives cost more than the halved
-batch saves; on GPUs with a larger model the compute halves and the all-reduce is the cost
-to watch, which is why it is reported on its own.
+and compute_s (the rest: what the rank computes before it enters a collective). Each process
+runs one intra-op thread, so on a 2-core box 2 processes use both cores where 1 uses one; the
+collectives (one all-reduce of the flat gradients per minibatch for the policy and one for the
+value head, a few all-gathers of the batch's statistics) and the wait for the slower rank are
+the cost, reported on their own.
 """
 
 from __future__ import annotations
@@ -73,7 +74,10 @@ def main() -> int:
     cfg_path = tmp / "bench.toml"
     cfg_path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.items()))
     print(f"config: {json.dumps(cfg)}; {os.cpu_count()} CPUs; medians over steps {WARMUP_STEPS + 1}..{a.steps}")
-    print(f"{'procs':>5} {'step ms':>8} {'tokens/s':>9} {'comm ms':>8} {'compute ms':>11} {'comm share':>10} {'wall s':>7}")
+    print(
+        f"{'procs':>5} {'step ms':>8} {'tokens/s':>9} {'comm ms':>8} {'compute ms':>11} "
+        f"{'comm share':>10} {'wall s':>7}"
+    )
     results = {}
     for n in (1, a.nproc):
         recs, wall = run(tmp / "runs", f"p{n}", cfg_path, n, a.timeout)
@@ -93,7 +97,8 @@ def main() -> int:
     one, many = results[1], results[a.nproc]
     print(
         f"{a.nproc} processes: step time x{many['step_s'] / one['step_s']:.2f}, tokens/s "
-        f"x{many['tokens_per_s'] / one['tokens_per_s']:.2f}; compute per rank x{many['compute_s'] / one['compute_s']:.2f} "
+        f"x{many['tokens_per_s'] / one['tokens_per_s']:.2f}; "
+        f"compute per rank x{many['compute_s'] / one['compute_s']:.2f} "
         f"of one process's step; collectives {many['comm_s'] * 1e3:.1f} ms per step"
     )
     print(json.dumps({"bench_distributed": {str(k): v for k, v in results.items()}}))

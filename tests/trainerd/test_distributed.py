@@ -185,3 +185,48 @@ def test_a_killed_rank_crashes_the_run_and_the_resume_is_bitwise_the_uninterrupt
         assert {k: x.get(k) for k in fields} == {k: y.get(k) for k in fields}, x["step"]
     checks = [e for e in read_events(paths) if e.get("event") == "resume_check"]
     assert checks and checks[-1]["identical"] is True
+
+
+def test_two_nodes_over_loopback_compute_the_same_steps_bitwise(dp_runs, trainerd_cli, tmp_path):
+    """Multi-node: two torchrun agents (`--nnodes 2`, one process each) meet at 127.0.0.1; node 0
+    writes the run dir, node 1 nothing; ranks are numbered node by node, so the steps are the
+    single-node 2-process run's, bit for bit (the first 3 steps: still in the LR warm-up, where
+    the total step count does not matter)."""
+    import socket
+    import subprocess
+    import sys
+
+    two, _, _ = dp_runs
+    cfg = _toml(tmp_path / "mn.toml", {**TINY2, "steps": 3, "profile_steps": "", "inject": ""})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{s.getsockname()[1]}"
+    group = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("SEED", None)
+    node1 = subprocess.Popen(
+        [sys.executable, "-m", "trainerd", "start", *group, "--node-rank", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        node0 = trainerd_cli(
+            "start", "--config", str(cfg), "--foreground", "--runs-dir", str(tmp_path), "--run-id", "mn",
+            *group, "--node-rank", "0", timeout=150,
+        )  # fmt: skip
+        out1, _ = node1.communicate(timeout=60)
+    finally:
+        if node1.poll() is None:
+            os.killpg(node1.pid, signal.SIGKILL)
+            node1.wait()
+    assert node0.returncode == 0, node0.stderr[-3000:]
+    assert node1.returncode == 0, out1[-3000:]
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["mn"]  # node 1 wrote no run dir
+    mn = RunPaths(tmp_path / "mn")
+    assert read_manifest(mn)["distributed"]["world_size"] == 2
+    fields = deterministic_fields()
+    for x, y in zip(_records(two)[:3], _records(mn), strict=True):
+        assert {k: x.get(k) for k in fields} == {k: y.get(k) for k in fields}, x["step"]
