@@ -450,26 +450,35 @@ def rank_command(run_dir, action, force, steps, notify):
         lifecycle._stderr_log(msg if group.rank == 0 else f"rank {group.rank}: {msg}")
 
     try:
-        paths = RunPaths(Path(group.broadcast_object(run_dir)))
-        if action == "train":
-            cfg_d = group.broadcast_object(read_manifest(paths)["config"] if group.writes else None)
-            cfg = _config_from(cfg_d)
-            status = lifecycle.train(
-                paths, cfg, should_stop=should_stop, lock=lifecycle.HeldLock(), group=group, log=log
-            )
-        else:
-            status = lifecycle.resume(
-                paths,
-                force=force,
-                overrides={"steps": steps, "notify": notify},
-                should_stop=should_stop,
-                lock=lifecycle.HeldLock(),
-                group=group,
-                log=log,
-            )
+        return _exit_code(_rank_body(group, run_dir, action, force, steps, notify, should_stop, log))
+    except BaseException as e:
+        # the launcher names this rank's error in the `crashed` event (torchrun's error file)
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        with contextlib.suppress(Exception):
+            ErrorHandler().record_exception(e)
+        raise
     finally:
         group.close()
-    return _exit_code(status)
+
+
+def _rank_body(group, run_dir, action, force, steps, notify, should_stop, log) -> str:
+    """Rank 0 tells the others the run dir (and, for a fresh run, the config in its run.json)."""
+    from trainerd.run import lifecycle
+
+    paths = RunPaths(Path(group.broadcast_object(run_dir)))
+    if action == "train":
+        cfg = _config_from(group.broadcast_object(read_manifest(paths)["config"] if group.writes else None))
+        return lifecycle.train(paths, cfg, should_stop=should_stop, lock=lifecycle.HeldLock(), group=group, log=log)
+    return lifecycle.resume(
+        paths,
+        force=force,
+        overrides={"steps": steps, "notify": notify},
+        should_stop=should_stop,
+        lock=lifecycle.HeldLock(),
+        group=group,
+        log=log,
+    )
 
 
 def _config_from(d: dict) -> TrainConfig:

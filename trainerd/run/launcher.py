@@ -155,7 +155,8 @@ def first_failure(failures: dict) -> str:
         except ValueError:
             how = f"killed by signal {-f.exitcode}"
     else:
-        msg = f.message if isinstance(f.message, str) else ""
+        # the rank's own error (its error file); without one torchrun's message is a generic hint
+        msg = f.message if isinstance(f.message, str) and os.path.isfile(f.error_file) else ""
         how = f"exited with code {f.exitcode}" + (f": {msg.strip().splitlines()[0]}" if msg.strip() else "")
     return f"rank {rank} {how} (pid {f.pid})"
 
