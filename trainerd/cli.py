@@ -155,7 +155,8 @@ def _group_options(f):
 def _layout(nproc_per_node, nnodes, node_rank, rdzv_endpoint, default_nproc: int = 1):
     from trainerd.run.launcher import Layout
 
-    return Layout(nproc_per_node or default_nproc, nnodes, node_rank, rdzv_endpoint).check()
+    nproc = default_nproc if nproc_per_node is None else nproc_per_node
+    return Layout(nproc, nnodes, node_rank, rdzv_endpoint).check()
 
 
 def _group_body(paths: RunPaths, layout, rank_args: list[str], first_manifest: dict | None):
@@ -304,10 +305,14 @@ def resume(run, foreground, force, steps, notify, nproc_per_node):
         load_checkpoint(checkpoints[-1][1])  # a corrupt checkpoint is reported here, before detaching
     dist_info = manifest.get("distributed") if isinstance(manifest.get("distributed"), dict) else {}
     recorded = int(dist_info.get("world_size") or 1)
-    refusal = world_size_refusal(recorded, nproc_per_node or recorded)
+    refusal = world_size_refusal(recorded, recorded if nproc_per_node is None else nproc_per_node)
     if refusal:
         raise ResumeError(refusal)
     if recorded > 1:
+        last = checkpoints[-1][0] if checkpoints else 0
+        total = steps or (manifest.get("config") or {}).get("steps")
+        if manifest.get("status") == "finished" and isinstance(total, int) and last >= total:
+            raise ResumeError(f"run {paths.root} already finished ({total} steps); nothing to resume")
         if int(dist_info.get("nnodes") or 1) > 1:
             raise ResumeError(
                 f"run {paths.root} ran on {dist_info.get('nnodes')} nodes: resume it the way it was started "

@@ -230,3 +230,21 @@ def test_two_nodes_over_loopback_compute_the_same_steps_bitwise(dp_runs, trainer
     fields = deterministic_fields()
     for x, y in zip(_records(two)[:3], _records(mn), strict=True):
         assert {k: x.get(k) for k in fields} == {k: y.get(k) for k in fields}, x["step"]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--nproc-per-node", "0"], "--nproc-per-node must be at least 1"),
+        (["--nproc-per-node", "3"], "batch_size 64 must be divisible by the 3 processes"),
+        (["--nnodes", "2", "--nproc-per-node", "1"], "--rdzv-endpoint"),
+        (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:1"], "--node-rank must be in 0..1"),
+        (["--nproc-per-node", "2", "--nnodes", "2", "--rdzv-endpoint", "nohostport"], "HOST:PORT"),
+    ],
+)
+def test_bad_group_options_are_one_line_errors_before_anything_is_created(tmp_path, trainerd_cli, args, words):
+    p = trainerd_cli("start", "--smoke", "--foreground", "--runs-dir", str(tmp_path / "runs"), *args, timeout=60)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], p.stderr
+    assert not (tmp_path / "runs").exists()

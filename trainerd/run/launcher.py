@@ -99,7 +99,7 @@ def launch_group(layout: Layout, rank_args: list[str], paths: RunPaths | None, l
     """Start this node's ranks (`python -m trainerd _rank *rank_args`) under the torchrun agent
     and wait for them. Returns None if every rank exited cleanly, else one line naming the
     rank that failed first (also recorded in the run dir when `paths` is given, node 0)."""
-    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -124,16 +124,17 @@ def launch_group(layout: Layout, rank_args: list[str], paths: RunPaths | None, l
         logs_specs=DefaultLogsSpecs(),  # ranks print to this process's stdout/stderr (trainerd.log)
         shutdown_timeout=STOP_GRACE_S,
     )
-    t0 = time.time()
     try:
         elastic_launch(config, sys.executable)("-m", "trainerd", "_rank", *rank_args)
         return None
     except ChildFailedError as e:
         failure = first_failure(e.failures)
+    except SignalException as e:  # `trainerd stop` (SIGTERM): the agent passed it to every rank
+        failure = f"the group was ended by signal {signal.Signals(e.sigval).name}"
     except Exception as e:  # the agent itself failed (a rendezvous timeout, a port in use ...)
         failure = f"the torchrun group failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
     if paths is not None:
-        record_crash(paths, failure, t0)
+        record_crash(paths, failure)  # unless rank 0 ended the run (stopped, finished, failed)
     log(failure)
     return failure
 
@@ -161,7 +162,7 @@ def first_failure(failures: dict) -> str:
     return f"rank {rank} {how} (pid {f.pid})"
 
 
-def record_crash(paths: RunPaths, failure: str, started_at: float) -> None:
+def record_crash(paths: RunPaths, failure: str) -> None:
     """The run crashed: status crashed and one `crashed` event naming the rank (unless rank 0
     already ended the run with a final status)."""
     import re
