@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from trainerd.config import ConfigError
 
 KINDS = ("kl_blowup", "entropy_collapse", "grad_explode", "nan", "reward_hack", "slow_rank")
+DATA_PARALLEL_KINDS = ("slow_rank",)  # only a run of several processes shows them (no single-process logs)
 DEFAULT_STEP = {"kl_blowup": 5, "entropy_collapse": 10, "grad_explode": 10, "nan": 10, "reward_hack": 1, "slow_rank": 3}
 EXPECTED_ALERTS = {
     "kl_blowup": ("kl_runaway", "kl_control"),
