@@ -85,6 +85,12 @@ def test_two_process_run_writes_a_complete_run_dir_with_per_rank_fields(dp_runs)
 
     state = torch.load(two.checkpoints / "step_000006" / "state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(two.tb))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"world_size", "comm_s", "rank_compute_s/1", "rank_stage_s/1.rollout"} <= tags
     # one profile per rank
     assert (two.profile / "summary.csv").is_file()
     assert (two.profile / "rank_1" / "summary.csv").is_file()
