@@ -224,8 +224,8 @@ DEFAULT_RULES: tuple[Rule, ...] = (
         "one rank computes much longer than the others before each collective, so every rank waits for "
         "it: a slower or busier GPU/host, thermal throttling, an uneven share of long responses or a noisy "
         "neighbour; check that rank's device and host (nvidia-smi, top), balance the batch, or move that rank",
-        # value: the slowest rank's compute time before it enters the collectives (step time minus
-        # the time in them) over the median of the other ranks'; 5 steps in a row, and at least
+        # value: the slowest rank's compute time before it enters the collectives (its stages'
+        # seconds outside collectives) over the median of the other ranks'; 5 steps in a row, and at least
         # spike_floor seconds slower (a tiny step's jitter is not a straggler)
         consecutive=5,
         clear_threshold=1.15,

@@ -187,7 +187,7 @@ METRICS: dict[str, Metric] = {
             "map",
             False,
             "none",
-            "each rank's compute time before the collectives: its step time minus its comm time (straggler rule)",
+            "each rank's compute in its stages (rollout .. value_update) outside collectives (straggler rule)",
             required=False,
         ),
         _M(

@@ -77,9 +77,9 @@ def test_two_process_run_writes_a_complete_run_dir_with_per_rank_fields(dp_runs)
             assert key in r, key
         assert set(r["rank_step_time_s"]) == {"0", "1"}
         assert {f"{rank}.{s}" for rank in "01" for s in STAGES} == set(r["rank_stage_s"])
-        for rank in "01":  # compute + collectives = the rank's step time
+        for rank in "01":  # compute (in the stages, outside collectives) + collectives <= the step time
             total = r["rank_compute_s"][rank] + r["rank_comm_s"][rank]
-            assert total == pytest.approx(r["rank_step_time_s"][rank], rel=1e-6, abs=1e-9)
+            assert 0 < r["rank_compute_s"][rank] and total <= r["rank_step_time_s"][rank] * (1 + 1e-6)
     # every step checkpointed on schedule, each checkpoint holding both ranks' RNG states
     import torch
 

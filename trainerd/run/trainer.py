@@ -219,7 +219,7 @@ def rank_fields(ranks: list[dict]) -> dict:
         "rank_step_time_s": {str(r): float(x["step_time_s"]) for r, x in enumerate(ranks)},
         "rank_comm_s": {str(r): float(x["comm_s"]) for r, x in enumerate(ranks)},
         # the time a rank computes before it enters the collectives: what a straggler shows in
-        "rank_compute_s": {str(r): max(0.0, float(x["step_time_s"] - x["comm_s"])) for r, x in enumerate(ranks)},
+        "rank_compute_s": {str(r): float(x["compute_s"]) for r, x in enumerate(ranks)},
         "rank_stage_s": {f"{r}.{s}": float(v) for r, x in enumerate(ranks) for s, v in x["stage_s"].items()},
     }
     for key in ("rss_bytes", "peak_rss_bytes"):
@@ -356,6 +356,8 @@ class Trainer:
         self.resume_checker = None
         self.last_checkpoint_step: int | None = None
         self._last_manifest_write = 0.0
+        self._stage_comm_s = 0.0  # this step's seconds in collectives inside its stages
+        self._compute_s = 0.0  # and its stages' seconds outside them (data-parallel)
 
     # -- state -----------------------------------------------------------------------------
     def constant_state(self) -> dict:
@@ -452,9 +454,12 @@ class Trainer:
     # -- one PPO step ------------------------------------------------------------------------
     @contextmanager
     def _stage(self, name: str):
-        """A stage: its wall time (StageTimer) and its peak memory (StageMemory)."""
+        """A stage: its wall time (StageTimer) and its peak memory (StageMemory); data-parallel,
+        also the seconds its collectives took (a rank's compute = stage time minus those)."""
+        comm0 = self.group.comm_s
         with self.memory.track(name), self.timer.stage(name):
             yield
+        self._stage_comm_s += self.group.comm_s - comm0
 
     def _micro_batches(self, idx: torch.Tensor) -> list[torch.Tensor]:
         n = self.cfg.micro_batch_size or len(idx)
@@ -466,6 +471,7 @@ class Trainer:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         timer.begin_step()
+        self._stage_comm_s = 0.0
         self.memory.begin_step()
         items = c.cursor.next_batch(B)  # every rank walks the same cursor
         rows = group.shard(B) if group.distributed else None
@@ -669,6 +675,10 @@ class Trainer:
             # wait for slower ranks there); rank 0's, next to every rank's in the rank_* fields
             rec["world_size"] = self.group.world_size
             rec["comm_s"] = self.group.take_comm_s()
+            # the PPO work this rank did outside collectives: its stages (rollout .. value_update;
+            # not `other`, where rank 0 alone writes logs and checkpoints) minus their collectives
+            staged = sum(v for k, v in stage_s.items() if k != "other")
+            self._compute_s = max(0.0, staged - self._stage_comm_s)
         rss = rss_bytes()
         if rss is not None:
             rec["rss_bytes"] = rss
@@ -780,6 +790,7 @@ class Trainer:
         mine = {
             "step_time_s": rec["step_time_s"],
             "comm_s": rec.get("comm_s", 0.0),
+            "compute_s": self._compute_s,
             "stage_s": rec["stage_s"],
             "rss_bytes": rec.get("rss_bytes"),
             "peak_rss_bytes": rec.get("peak_rss_bytes"),
