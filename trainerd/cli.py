@@ -246,7 +246,7 @@ def start(
         notify=notify,
     )
     _check_hooks(cfg)
-    from trainerd.run.distributed import torchrun_env
+    from trainerd.run.launcher import torchrun_env
 
     if torchrun_env() and not layout.distributed:  # the user ran `torchrun ... -m trainerd start`
         return _start_as_rank(cfg, runs_dir, run_id)

@@ -38,12 +38,6 @@ import torch
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("TRAINERD_COLLECTIVE_TIMEOUT_S", "120"))
 
 
-def torchrun_env() -> bool:
-    """True inside a process started by torchrun (torch.distributed.run) with more than one rank
-    or an explicit group: RANK, WORLD_SIZE and MASTER_ADDR are set."""
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
-
-
 class Group:
     """The ranks of a run; `Group()` is the single process (every method a no-op)."""
 

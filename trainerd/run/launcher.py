@@ -26,7 +26,19 @@ from dataclasses import dataclass
 
 from protocol.rundir import RunPaths, append_event, read_manifest, update_manifest
 from trainerd.errors import ConfigError
-from trainerd.run.lifecycle import LAUNCHER_PID_ENV
+
+# (torch is imported only by `launch_group`: the options are checked without it)
+
+# Set for the ranks the launcher starts: its pid, the process that holds the run's lock
+# (run.json's pid, the one `stop` signals).
+LAUNCHER_PID_ENV = "TRAINERD_LAUNCHER_PID"
+
+
+def torchrun_env() -> bool:
+    """True inside a process started by torchrun (torch.distributed.run): RANK, WORLD_SIZE,
+    MASTER_ADDR and MASTER_PORT are set."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
 
 # seconds the ranks get to finish their step and checkpoint after a stop before they are killed
 STOP_GRACE_S = 120

@@ -45,6 +45,7 @@ from trainerd.rl.reward import train_reward_model
 from trainerd.run.checkpoint import list_checkpoints, load_checkpoint, remove_partial_checkpoints
 from trainerd.run.determinism import apply_determinism, settings_mismatch
 from trainerd.run.distributed import SINGLE, Group
+from trainerd.run.launcher import LAUNCHER_PID_ENV
 from trainerd.run.notify import Notifier
 from trainerd.run.outputs import RunWriter, truncate_tensorboard_after_step
 from trainerd.run.resume_check import ResumeChecker
@@ -82,11 +83,6 @@ def _write_pid_file(paths: RunPaths) -> None:
         return
     with open_run_file(paths.root, paths.pid_file, "w") as f:  # never through a planted link
         f.write(f"{os.getpid()}\n")
-
-
-# Set by `trainerd start/resume --nproc-per-node N` for its ranks: the pid of the process that
-# launched the group and holds the run's lock (run.json's pid, the one `stop` signals).
-LAUNCHER_PID_ENV = "TRAINERD_LAUNCHER_PID"
 
 
 def writer_pid() -> int:
