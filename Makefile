@@ -35,7 +35,7 @@ test: install
 # live runs (~6 min; without --quick ~25 min; --fixtures replays the committed logs in seconds).
 bench: install
 	$(BIN)/python scripts/bench_protocol.py
-	@for s in scripts/bench_trainer.py scripts/bench_profiler.py scripts/bench_tui.py scripts/bench_hf.py; do \
+	@for s in scripts/bench_trainer.py scripts/bench_profiler.py scripts/bench_tui.py scripts/bench_hf.py scripts/bench_distributed.py; do \
 	  if [ -f $$s ]; then $(BIN)/python $$s || exit 1; fi; done
 	$(BIN)/python scripts/alert_quality.py --quick
 

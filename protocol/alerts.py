@@ -37,7 +37,16 @@ from typing import Any
 from .catalogue import METRICS
 
 SEVERITIES = ("info", "warning", "critical")
-KINDS = ("above", "below", "abs_above", "non_finite", "diverging_trends", "rising_together", "growing")
+KINDS = (
+    "above",
+    "below",
+    "abs_above",
+    "non_finite",
+    "diverging_trends",
+    "rising_together",
+    "growing",
+    "rank_imbalance",
+)
 TREND_KINDS = ("diverging_trends", "rising_together", "growing")  # judged on rolling windows of `metrics`
 
 
@@ -248,6 +257,23 @@ DEFAULT_RULES: tuple[Rule, ...] = (
         "it (micro_batch_size, gradient_checkpointing, ...)",
         relative_to="memory_limit_bytes",  # only runs with a memory_limit carry it
         clear_threshold=0.85,
+    ),
+    Rule(
+        "straggler",
+        "rank_compute_s",
+        "rank_imbalance",
+        1.25,
+        "warning",
+        "one rank computes much longer than the others before each collective, so every rank waits for "
+        "it: a slower or busier GPU/host, thermal throttling, an uneven share of long responses or a noisy "
+        "neighbour; check that rank's device and host (nvidia-smi, top), balance the batch, or move that rank",
+        # value: the slowest rank's compute time before it enters the collectives (its stages'
+        # seconds outside collectives) over the median of the other ranks'; 5 steps in a row, and at least
+        # spike_floor seconds slower (a tiny step's jitter is not a straggler)
+        consecutive=5,
+        clear_threshold=1.15,
+        clear_consecutive=5,
+        spike_floor=0.01,
     ),
 )
 
@@ -521,7 +547,7 @@ class AlertEngine:
         ct = rule.threshold if rule.clear_threshold is None else rule.clear_threshold
         if not math.isfinite(value):
             return False
-        if rule.kind == "above":
+        if rule.kind in ("above", "rank_imbalance"):
             return value <= ct
         if rule.kind == "below":
             return value >= ct
@@ -568,6 +594,8 @@ class AlertEngine:
             return self._evaluate_growth(rule, record)
         if rule.kind in ("diverging_trends", "rising_together"):
             return self._evaluate_trends(rule, record)
+        if rule.kind == "rank_imbalance":
+            return _evaluate_ranks(rule, record)
         v = _num(record.get(rule.metric))
         if v is None:
             return None
@@ -726,6 +754,67 @@ def _fmt_bytes(n: float) -> str:
     if not math.isfinite(n):
         return _fmt(n)
     return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _median(values: list[float]) -> float:
+    xs = sorted(values)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2.0
+
+
+def _evaluate_ranks(rule: Rule, record: dict[str, Any]) -> _Verdict | None:
+    """rank_imbalance: the metric is a map rank -> seconds (a data-parallel run's per-rank
+    compute time before the collectives). The value is the slowest rank's time over the median
+    of the other ranks' times; bad past the threshold when the rank is also `spike_floor`
+    seconds slower. `compared` names the rank (and, from `rank_stage_s`, the stage where it
+    lost the most time). None when the record has no such map or fewer than two ranks."""
+    times = record.get(rule.metric)
+    if not isinstance(times, dict):
+        return None
+    ranks = {str(k): f for k, v in times.items() if (f := _num(v)) is not None and math.isfinite(f)}
+    if len(ranks) < 2:
+        return None
+    ratios = {}
+    for r, v in ranks.items():
+        med = _median([x for k, x in ranks.items() if k != r])
+        ratios[r] = (v / med if med > 0 else math.inf if v > 0 else 1.0, med)
+    rank = max(ratios, key=lambda k: (ratios[k][0], ranks[k]))
+    ratio, med = ratios[rank]
+    bad = ratio > rule.threshold and ranks[rank] - med > rule.spike_floor
+    compared: dict[str, float] = {"rank": float(rank) if rank.isdigit() else math.nan}
+    compared.update({"rank_s": ranks[rank], "median_other_ranks_s": med})
+    stage, lost = _slowest_stage(record.get("rank_stage_s"), rank)
+    where = ""
+    if stage is not None:
+        compared[f"stage_{stage}_excess_s"] = lost
+        where = f"; it loses most in stage {stage} (+{lost:.3g} s over the others' median)"
+    detail = (
+        f"rank {rank} computes {ranks[rank]:.3g} s before the collectives, {_fmt(ratio)}x the median "
+        f"{med:.3g} s of the other ranks (threshold {_fmt(rule.threshold)}x"
+        f"{f' for {rule.consecutive} steps in a row' if rule.consecutive > 1 else ''}){where}"
+    )
+    return _Verdict(bad, ratio, rule.metric, rule.threshold, False, compared, detail)
+
+
+def _slowest_stage(stage_times: object, rank: str) -> tuple[str | None, float]:
+    """The stage where `rank` spends the most time over the other ranks' median, from a map of
+    "RANK.STAGE" -> seconds; (None, 0.0) without one."""
+    if not isinstance(stage_times, dict):
+        return None, 0.0
+    per: dict[str, dict[str, float]] = {}
+    for key, v in stage_times.items():
+        r, _, stage = str(key).partition(".")
+        f = _num(v)
+        if stage and f is not None and math.isfinite(f):
+            per.setdefault(stage, {})[r] = f
+    best, lost = None, 0.0
+    for stage, by_rank in per.items():
+        others = [x for k, x in by_rank.items() if k != rank]
+        if rank in by_rank and others:
+            excess = by_rank[rank] - _median(others)
+            if excess > lost:
+                best, lost = stage, excess
+    return best, lost
 
 
 def _index(sorted_list: list, value: float) -> int:

@@ -176,8 +176,75 @@ METRICS: dict[str, Metric] = {
             "peak CUDA memory allocated this step",
             required=False,
         ),
+        # ranks: data-parallel runs only (torchrun); rank 0 records every rank's, maps keyed by
+        # the rank ("0", "1", ...); rank_stage_s by "RANK.STAGE"
+        _M("world_size", "processes", "ranks", "int", True, "none", "data-parallel processes", required=False),
+        _M(
+            "comm_s",
+            "s",
+            "ranks",
+            "float",
+            False,
+            "down",
+            "rank 0's seconds inside collectives this step (gradient all-reduce, all-gathers, waiting for the others)",
+            required=False,
+        ),
+        _M("rank_step_time_s", "s", "ranks", "map", False, "none", "each rank's step_time_s", required=False),
+        _M(
+            "rank_compute_s",
+            "s",
+            "ranks",
+            "map",
+            False,
+            "none",
+            "each rank's compute in its stages (rollout .. value_update) outside collectives (straggler rule)",
+            required=False,
+        ),
+        _M(
+            "rank_comm_s",
+            "s",
+            "ranks",
+            "map",
+            False,
+            "none",
+            "each rank's seconds inside collectives (all-reduce, all-gather, and the wait for slower ranks)",
+            required=False,
+        ),
+        _M(
+            "rank_stage_s",
+            "s",
+            "ranks",
+            "map",
+            False,
+            "none",
+            "each rank's stage seconds, keyed RANK.STAGE",
+            required=False,
+        ),
+        _M(
+            "rank_rss_bytes",
+            "bytes",
+            "ranks",
+            "map",
+            False,
+            "none",
+            "each rank's current RSS at step end",
+            required=False,
+        ),
+        _M(
+            "rank_peak_rss_bytes",
+            "bytes",
+            "ranks",
+            "map",
+            False,
+            "none",
+            "each rank's resident-memory high-water mark since it started",
+            required=False,
+        ),
     ]
 }
+
+# The per-rank fields (maps keyed by rank) of a data-parallel run's step record.
+RANK_FIELDS: tuple[str, ...] = tuple(m.name for m in METRICS.values() if m.name.startswith("rank_"))
 
 
 def deterministic_fields() -> list[str]:

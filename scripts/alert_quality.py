@@ -109,7 +109,7 @@ EXPECTED = {
     "grad_explode": ("exploding_gradients",),
     "nan": ("non_finite",),
     "reward_hack": ("reward_hacking",),
-}  # = trainerd.tools.inject.EXPECTED_ALERTS (kept here so replaying needs no torch)
+}  # = trainerd.tools.inject.EXPECTED_ALERTS but its data-parallel kinds (kept here so replaying needs no torch)
 # The delays measured before this change (smoke config, seed 0, each kind at its usual step),
 # which must not get worse; an injection at another step must be caught no later than the
 # BASELINE rules catch it on the same log (`target_delay`).

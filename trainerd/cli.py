@@ -2,6 +2,7 @@
 
     trainerd start [--smoke] [--config FILE] [--seed N] [--steps N] [--runs-dir DIR] [--run-id ID]
                    [--profile-steps A:B] [--inject KIND[@STEP]] [--alerts FILE] [--notify CMD] [--foreground]
+                   [--nproc-per-node N] [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT]   (torchrun)
     trainerd status [RUN] [--json]       trainerd wait [RUN]       trainerd stop [RUN]
     trainerd resume RUN [--foreground] [--force] [--notify CMD]
     trainerd fork RUN --from-step K [--set KEY=VALUE ...] [--config FILE] [--run-id ID] [--runs-dir DIR]
@@ -45,12 +46,13 @@ from protocol.rundir import (
     read_manifest,
     resolve_run,
     switch_latest,
+    update_manifest,
     write_manifest,
 )
 from protocol.safeio import open_run_file
 from protocol.text import safe_text
 from trainerd.config import TrainConfig, load_config, parse_size
-from trainerd.errors import ConfigError, TrainerdError, UserError
+from trainerd.errors import ConfigError, ResumeError, TrainerdError, UserError
 from trainerd.run.daemon import DaemonError, install_stop_signals, one_line, request_stop, spawn_detached, wait_for_end
 from trainerd.run.safety import check_writer_files
 
@@ -139,6 +141,69 @@ def _exit_code(status: str) -> int:
     return 0 if status in ("finished", "stopped") else 1
 
 
+def _group_options(f):
+    """--nproc-per-node / --nnodes / --node-rank / --rdzv-endpoint: a data-parallel run under torchrun."""
+    f = click.option(
+        "--rdzv-endpoint", default=None, metavar="HOST:PORT", help="node 0's address and a free port (several nodes)"
+    )(f)
+    f = click.option("--node-rank", type=int, default=0, show_default=True, help="this node's rank (several nodes)")(f)
+    f = click.option("--nnodes", type=int, default=1, show_default=True, help="nodes of the torchrun group")(f)
+    return click.option(
+        "--nproc-per-node", type=int, default=None, help="data-parallel processes on this node (torchrun; default 1)"
+    )(f)
+
+
+def _layout(nproc_per_node, nnodes, node_rank, rdzv_endpoint, default_nproc: int = 1):
+    from trainerd.run.launcher import Layout
+
+    nproc = default_nproc if nproc_per_node is None else nproc_per_node
+    return Layout(nproc, nnodes, node_rank, rdzv_endpoint).check()
+
+
+def _group_body(paths: RunPaths, layout, rank_args: list[str], first_manifest: dict | None):
+    """The daemon body of a torchrun group: this process takes the run's lock, becomes the
+    torchrun agent of the ranks and records a rank's failure (run/launcher.py)."""
+
+    def body(ready) -> int:
+        install_stop_signals()  # until the agent installs its own (it passes the signal to the ranks)
+        lock = RunLock(paths).acquire()
+        if first_manifest is not None:
+            write_manifest(paths, {**first_manifest, "pid": os.getpid()})
+        else:  # a resume: running from now on (rank 0 rewrites the manifest when it has resumed)
+            update_manifest(paths, status="running", pid=os.getpid(), ended_at=None)
+        with open_run_file(paths.root, paths.pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        ready()
+        from trainerd.run import launcher
+
+        def log(msg: str) -> None:
+            print(f"trainerd launcher: {safe_text(msg)}", file=sys.stderr, flush=True)
+
+        try:
+            launcher.launch_group(layout, rank_args, paths, log)
+        finally:
+            with contextlib.suppress(OSError):
+                paths.pid_file.unlink()
+            lock.release()
+        status = str(read_manifest(paths).get("status"))
+        print(f"run {safe_text(paths.run_id)}: {safe_text(status)}", file=sys.stderr)
+        return _exit_code(status)
+
+    return body
+
+
+def _join_group(layout) -> int:
+    """A node other than node 0: its ranks join node 0's group; it has no run dir (node 0's rank
+    0 writes it). Runs in the foreground."""
+    from trainerd.run import launcher
+
+    def log(msg: str) -> None:
+        print(f"trainerd launcher: {safe_text(msg)}", file=sys.stderr, flush=True)
+
+    click.echo(f"node {layout.node_rank} of {layout.nnodes}: joining the group at {safe_text(layout.rdzv_endpoint)}")
+    return 0 if launcher.launch_group(layout, [], None, log) is None else 1
+
+
 @cli.command()
 @click.option("--smoke", is_flag=True, help="the smoke preset: a tiny run that finishes in under 30 s")
 @click.option("--config", "config_file", type=str, default=None, help="TOML file of config keys")
@@ -151,8 +216,26 @@ def _exit_code(status: str) -> int:
 @click.option("--alerts", "alerts_file", default=None, help="TOML file overriding alert rules")
 @click.option("--notify", default=None, metavar="CMD", help=NOTIFY_HELP)
 @click.option("--foreground", is_flag=True, help="stay attached instead of detaching")
-def start(smoke, config_file, seed, steps, runs_dir, run_id, profile_steps, inject, alerts_file, notify, foreground):
+@_group_options
+def start(
+    smoke,
+    config_file,
+    seed,
+    steps,
+    runs_dir,
+    run_id,
+    profile_steps,
+    inject,
+    alerts_file,
+    notify,
+    foreground,
+    nproc_per_node,
+    nnodes,
+    node_rank,
+    rdzv_endpoint,
+):
     """Start a training run; prints its run directory."""
+    layout = _layout(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     cfg = load_config(
         config_file,
         preset="smoke" if smoke else "default",
@@ -164,9 +247,24 @@ def start(smoke, config_file, seed, steps, runs_dir, run_id, profile_steps, inje
         notify=notify,
     )
     _check_hooks(cfg)
+    from trainerd.run.launcher import torchrun_env
+
+    if torchrun_env() and not layout.distributed:  # the user ran `torchrun ... -m trainerd start`
+        return _start_as_rank(cfg, runs_dir, run_id)
+    if layout.distributed:
+        from trainerd.run.launcher import check_batch
+
+        check_batch(cfg.batch_size, cfg.minibatch_size, layout.world_size, cfg.model)
+        if layout.node_rank > 0:
+            return _join_group(layout)
     paths = create_run(runs_dir, run_id)
     paths = RunPaths(paths.root.resolve())
     switch_latest(runs_dir, paths.run_id)
+    if layout.distributed:
+        first = new_manifest(paths, cfg.to_dict(), cfg.seed, {}, {})
+        first["distributed"] = layout.to_dict()
+        body = _group_body(paths, layout, ["--run-dir", str(paths.root), "--action", "train"], first)
+        return _launch(paths, body, foreground)
 
     def body(ready) -> int:
         # Take the lock and write a first manifest before importing torch (seconds), so `start`
@@ -190,18 +288,44 @@ def start(smoke, config_file, seed, steps, runs_dir, run_id, profile_steps, inje
 @click.option("--force", is_flag=True, help="resume even if the determinism settings differ")
 @click.option("--steps", type=int, default=None, help="change the run's total PPO steps")
 @click.option("--notify", default=None, metavar="CMD", help=NOTIFY_HELP)
-def resume(run, foreground, force, steps, notify):
+@click.option(
+    "--nproc-per-node", type=int, default=None, help="processes (default: as many as the run was trained with)"
+)
+def resume(run, foreground, force, steps, notify, nproc_per_node):
     """Continue RUN from its last complete checkpoint."""
     paths = _run_paths(run)
     if is_locked(paths):
         RunLock(paths).acquire()  # raises RunLockedError with the holder's pid
     check_writer_files(paths)  # a link planted in the run dir is refused before anything is written
-    read_manifest(paths)
+    manifest = read_manifest(paths)
     from trainerd.run.checkpoint import list_checkpoints, load_checkpoint
+    from trainerd.run.lifecycle import world_size_refusal
 
     checkpoints = list_checkpoints(paths)
     if checkpoints:  # none: killed during setup, the resume starts again from step 0
         load_checkpoint(checkpoints[-1][1])  # a corrupt checkpoint is reported here, before detaching
+    dist_info = manifest.get("distributed") if isinstance(manifest.get("distributed"), dict) else {}
+    recorded = int(dist_info.get("world_size") or 1)
+    refusal = world_size_refusal(recorded, recorded if nproc_per_node is None else nproc_per_node)
+    if refusal:
+        raise ResumeError(refusal)
+    if recorded > 1:
+        last = checkpoints[-1][0] if checkpoints else 0
+        total = steps or (manifest.get("config") or {}).get("steps")
+        if manifest.get("status") == "finished" and isinstance(total, int) and last >= total:
+            raise ResumeError(f"run {paths.root} already finished ({total} steps); nothing to resume")
+        if int(dist_info.get("nnodes") or 1) > 1:
+            raise ResumeError(
+                f"run {paths.root} ran on {dist_info.get('nnodes')} nodes: resume it the way it was started "
+                "(trainerd _rank on each node is not exposed yet); it resumes on one node with "
+                f"--nproc-per-node {recorded}"
+            )
+        layout = _layout(recorded, 1, 0, None)
+        args = ["--run-dir", str(paths.root), "--action", "resume"]
+        args += ["--force"] if force else []
+        args += ["--steps", str(steps)] if steps is not None else []
+        args += ["--notify", notify] if notify is not None else []
+        return _launch(paths, _group_body(paths, layout, args, None), foreground)
 
     def body(ready) -> int:
         should_stop = install_stop_signals()
@@ -278,6 +402,95 @@ def fork(run, from_step, sets, config_file, run_id, runs_dir, foreground):
         return _exit_code(status)
 
     return _launch(paths, body, foreground)
+
+
+def _start_as_rank(cfg: TrainConfig, runs_dir: str, run_id: str | None) -> int:
+    """`torchrun --nproc-per-node N -m trainerd start --foreground ...`: this process is one rank
+    of a group the user launched. Rank 0 creates the run dir and holds its lock; the others get
+    its path; every rank trains (rank 0 alone writes)."""
+    from trainerd.run import lifecycle
+    from trainerd.run.distributed import Group
+    from trainerd.run.launcher import check_batch
+
+    should_stop = install_stop_signals()
+    group = Group.from_env("cuda" if _cuda_available() else "cpu")
+    check_batch(cfg.batch_size, cfg.minibatch_size, group.world_size, cfg.model)
+    root = None
+    if group.writes:
+        created = create_run(runs_dir, run_id)
+        switch_latest(runs_dir, created.run_id)
+        root = str(created.root.resolve())
+        click.echo(safe_text(root))
+    paths = RunPaths(Path(group.broadcast_object(root)))
+    try:
+        status = lifecycle.train(paths, cfg, should_stop=should_stop, group=group)
+    finally:
+        group.close()
+    if group.writes:
+        print(f"run {safe_text(paths.run_id)}: {safe_text(status)}", file=sys.stderr)
+    return _exit_code(status)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@cli.command("_rank", hidden=True)
+@click.option("--run-dir", default=None)
+@click.option("--action", type=click.Choice(["train", "resume"]), default="train")
+@click.option("--force", is_flag=True)
+@click.option("--steps", type=int, default=None)
+@click.option("--notify", default=None)
+def rank_command(run_dir, action, force, steps, notify):
+    """One rank of a group started by `trainerd start/resume --nproc-per-node` (internal)."""
+    from trainerd.run import lifecycle
+    from trainerd.run.distributed import Group, die_with_launcher
+
+    die_with_launcher()
+    should_stop = install_stop_signals()
+    group = Group.from_env("cuda" if _cuda_available() else "cpu")
+
+    def log(msg: str) -> None:
+        lifecycle._stderr_log(msg if group.rank == 0 else f"rank {group.rank}: {msg}")
+
+    try:
+        return _exit_code(_rank_body(group, run_dir, action, force, steps, notify, should_stop, log))
+    except BaseException as e:
+        # the launcher names this rank's error in the `crashed` event (torchrun's error file)
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        with contextlib.suppress(Exception):
+            ErrorHandler().record_exception(e)
+        raise
+    finally:
+        group.close()
+
+
+def _rank_body(group, run_dir, action, force, steps, notify, should_stop, log) -> str:
+    """Rank 0 tells the others the run dir (and, for a fresh run, the config in its run.json)."""
+    from trainerd.run import lifecycle
+
+    paths = RunPaths(Path(group.broadcast_object(run_dir)))
+    if action == "train":
+        cfg = _config_from(group.broadcast_object(read_manifest(paths)["config"] if group.writes else None))
+        return lifecycle.train(paths, cfg, should_stop=should_stop, lock=lifecycle.HeldLock(), group=group, log=log)
+    return lifecycle.resume(
+        paths,
+        force=force,
+        overrides={"steps": steps, "notify": notify},
+        should_stop=should_stop,
+        lock=lifecycle.HeldLock(),
+        group=group,
+        log=log,
+    )
+
+
+def _config_from(d: dict) -> TrainConfig:
+    from trainerd import config as config_mod
+
+    return config_mod.from_dict(d)
 
 
 def _launch(paths: RunPaths, body, foreground: bool) -> int:
@@ -487,13 +700,22 @@ def _module(name: str, what: str):
 @click.argument("which", type=click.Choice(["m1", "m2", "m3", "all"]))
 @click.argument("run", required=False)
 @click.option("--json", "as_json", is_flag=True)
-def verify(which, run, as_json):
+@click.option(
+    "--nproc-per-node", type=int, default=1, show_default=True, help="m1: make every run of the check N processes"
+)
+def verify(which, run, as_json, nproc_per_node):
     """Run the M1 (determinism), M2 (profiler) or M3 (stability) checks.
 
     Exit 0 passed, 1 a check failed, 2 could not run (the reason is the last line on
     stderr), 130 cancelled (SIGTERM/SIGINT: every trainer it started is killed, its temp
     dirs removed). `all` runs m1, m2, m3 in turn (stops at a cancel) and exits with the
     worst: 130, else 1, else 2, else 0. See trainerd/verify/harness.py."""
+    if nproc_per_node < 1:
+        raise UserError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
+    if nproc_per_node > 1 and which != "m1":
+        raise UserError("--nproc-per-node applies to verify m1 only")
+    if which == "m1":
+        return _module("verify_m1", "verify m1").run(run, as_json, nproc_per_node)
     if which != "all":
         return _module(f"verify_{which}", f"verify {which}").run(run, as_json)
     codes: list[int] = []

@@ -14,7 +14,7 @@ from array import array
 from bisect import bisect_left
 from dataclasses import dataclass
 
-from protocol.catalogue import STAGES
+from protocol.catalogue import RANK_FIELDS, STAGES
 
 BLOCK = 256
 # Charted metrics, in grid order, with the companion line drawn in the same chart.
@@ -173,6 +173,24 @@ class Bucket:
     step: int
 
 
+def _flat_items(r: dict):
+    """(key, number or None) of a record's extra columns: numeric top-level keys, and the
+    per-rank maps of a data-parallel run flattened to "rank_compute_s.1", "rank_stage_s.1.rollout"."""
+    for k in r.keys() - _NOT_EXTRA:
+        if not isinstance(k, str):
+            continue
+        v = r[k]
+        if k in _RANK_SET and isinstance(v, dict):
+            for sub, x in v.items():
+                if isinstance(sub, str):
+                    yield f"{k}.{sub}", number(x, None)
+        else:
+            yield k, number(v, None)
+
+
+_RANK_SET = frozenset(RANK_FIELDS)
+
+
 class RunStore:
     """Columns for steps, times, charted scalars and stage seconds."""
 
@@ -222,8 +240,7 @@ class RunStore:
             if not is_placeable(r):
                 skipped += 1  # a record without a step (or one no int64 holds) cannot be placed on a chart
                 continue
-            for k in r.keys() - _NOT_EXTRA:
-                v = number(r[k], None) if isinstance(k, str) else None
+            for k, v in _flat_items(r):
                 if v is not None:
                     col = extra.get(k)
                     if col is None:

@@ -321,6 +321,7 @@ def test_every_default_rule_fires_and_alerts_carry_their_fields():
         ],
         "memory_leak": [healthy(s, rss_bytes=(400 + 16 * s) << 20) for s in range(1, 30)],
         "memory_near_limit": [healthy(1, peak_rss_bytes=950 << 20, memory_limit_bytes=1000 << 20)],
+        "straggler": [healthy(s, rank_compute_s={"0": 0.1, "1": 0.3}) for s in range(1, 6)],
     }
     assert set(scenarios) == {r.name for r in DEFAULT_RULES}
     for name, recs in scenarios.items():
@@ -464,3 +465,38 @@ def test_banner_alert_is_the_most_severe_and_earliest():
     warn = a("kl_control", "warning", 5)
     assert most_severe([later, warn, cause]) is cause
     assert most_severe([warn]) is warn and most_severe([]) is None
+
+
+def _ranks(step: int, compute: dict, stages: dict | None = None) -> dict:
+    r = healthy(step, rank_compute_s=compute)
+    if stages is not None:
+        r["rank_stage_s"] = stages
+    return r
+
+
+def test_straggler_compares_each_rank_with_the_median_of_the_others_and_names_rank_and_stage():
+    eng = AlertEngine()
+    # 4 ranks, rank 2 computes 0.5 s where the others take 0.2 s: 2.5x; it loses the time in rollout
+    stages = {f"{r}.{s}": 0.05 for r in "0123" for s in ("rollout", "policy_update")}
+    stages["2.rollout"] = 0.35
+    slow = {"0": 0.2, "1": 0.21, "2": 0.5, "3": 0.19}
+    ev = only(feed(eng, [_ranks(s, slow, stages) for s in range(1, 6)]), "straggler")
+    assert [e[0] for e in ev] == [5]  # 5 steps in a row
+    a = eng.open["straggler"]
+    assert a.compared["rank"] == 2.0 and a.value == pytest.approx(0.5 / 0.2)
+    assert a.compared["median_other_ranks_s"] == pytest.approx(0.2)
+    assert "rank 2" in a.message() and "stage rollout" in a.message()
+    # balanced again: clears after 5 steps under 1.15x
+    even = {"0": 0.2, "1": 0.21, "2": 0.2, "3": 0.19}
+    ev = only(feed(eng, [_ranks(s, even) for s in range(6, 12)]), "straggler")
+    assert [e[1] for e in ev] == ["alert_cleared"]
+
+
+def test_straggler_stays_quiet_on_jitter_a_single_process_and_records_without_ranks():
+    eng = AlertEngine()
+    # 1.5x, but only 3 ms slower: a tiny step's jitter, not a straggler (spike_floor 10 ms)
+    recs = [_ranks(s, {"0": 0.006, "1": 0.009}) for s in range(1, 20)]
+    recs += [_ranks(s, {"0": 0.2}) for s in range(20, 30)]  # one rank: nothing to compare
+    recs += [healthy(s) for s in range(30, 40)]  # a single-process run's records
+    recs += [_ranks(s, {"0": 0.2, "1": 0.24}) for s in range(40, 60)]  # 1.2x: under the threshold
+    assert only(feed(eng, recs), "straggler") == []

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainerd.rl.model import Policy, generate, response_slice, token_logprobs
+from trainerd.rl.model import Policy, generate, generate_shard, response_slice, token_logprobs
 from trainerd.rl.reward import RewardModel
 from trainerd.rl.task import FIRST_LETTER, Task, response_mask
 
@@ -72,8 +72,14 @@ class SyntheticBackend:
         prompts = items.to(self.device)
         return prompts, torch.ones_like(prompts)
 
-    def generate(self, prompts: torch.Tensor, prompt_mask: torch.Tensor, g: torch.Generator) -> Episodes:
-        responses = generate(self.policy.lm, prompts, self.max_new, g, self.temperature)
+    def generate(
+        self, prompts: torch.Tensor, prompt_mask: torch.Tensor, g: torch.Generator, shard: tuple | None = None
+    ) -> Episodes:
+        """`shard` = (rows, global batch, agree_draws): data-parallel, see model.generate_shard."""
+        if shard is None:
+            responses = generate(self.policy.lm, prompts, self.max_new, g, self.temperature)
+        else:
+            responses = generate_shard(self.policy.lm, prompts, self.max_new, g, self.temperature, *shard)
         return Episodes(prompts, prompt_mask, responses, response_mask(responses))  # 1 up to and including EOS
 
     def _rs(self, ep: Episodes) -> slice:

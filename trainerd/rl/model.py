@@ -174,3 +174,50 @@ def generate(
             break
         logits, _ = lm(nxt.unsqueeze(1), caches)
     return out
+
+
+@torch.no_grad()
+def generate_shard(
+    lm: GPT,
+    prompts: torch.Tensor,
+    max_new: int,
+    generator: torch.Generator,
+    temperature: float,
+    rows: slice,
+    global_batch: int,
+    agree_draws,
+) -> torch.Tensor:
+    """`generate` for rows `rows` of a global batch of `global_batch` prompts (data-parallel
+    PPO): the same tokens those rows get in a single-process run of the whole batch.
+
+    `torch.multinomial(p, 1, generator=g)` is `argmax(p / E)` with E ~ Exponential(1) drawn
+    from g for the whole (B, V) tensor; so each rank draws E for the global batch and keeps its
+    rows. The global run stops when every sequence of the whole batch has ended, so a rank
+    whose rows ended earlier draws E for the missing positions too (`agree_draws(n)`: the
+    largest n over the ranks), keeping every rank's generator where the single process's is.
+    """
+    B = prompts.shape[0]
+    caches = [{} for _ in lm.blocks]
+    logits, _ = lm(prompts, caches)
+    out = torch.full((B, max_new), PAD, dtype=torch.long, device=prompts.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=prompts.device)
+
+    def noise(vocab: int, dtype: torch.dtype) -> torch.Tensor:
+        e = torch.empty((global_batch, vocab), dtype=dtype, device=prompts.device)
+        return e.exponential_(1, generator=generator)[rows]
+
+    draws = 0
+    for t in range(max_new):
+        probs = F.softmax(logits[:, -1, :] / temperature, dim=-1)
+        nxt = (probs / noise(probs.shape[-1], probs.dtype)).argmax(-1)
+        draws += 1
+        nxt = torch.where(finished, torch.full_like(nxt, PAD), nxt)
+        out[:, t] = nxt
+        finished |= nxt == EOS
+        if bool(finished.all()) or t == max_new - 1:
+            break
+        logits, _ = lm(nxt.unsqueeze(1), caches)
+    vocab = lm.cfg.vocab_size
+    for _ in range(agree_draws(draws) - draws):
+        noise(vocab, torch.float32)
+    return out

@@ -44,6 +44,8 @@ from trainerd.errors import ConfigError, ResumeError
 from trainerd.rl.reward import train_reward_model
 from trainerd.run.checkpoint import list_checkpoints, load_checkpoint, remove_partial_checkpoints
 from trainerd.run.determinism import apply_determinism, settings_mismatch
+from trainerd.run.distributed import SINGLE, Group
+from trainerd.run.launcher import LAUNCHER_PID_ENV
 from trainerd.run.notify import Notifier
 from trainerd.run.outputs import RunWriter, truncate_tensorboard_after_step
 from trainerd.run.resume_check import ResumeChecker
@@ -78,8 +80,52 @@ def _release_run(paths: RunPaths, lock: RunLock) -> None:
 
 
 def _write_pid_file(paths: RunPaths) -> None:
+    if os.environ.get(LAUNCHER_PID_ENV):  # the launcher of the torchrun group wrote its own
+        return
     with open_run_file(paths.root, paths.pid_file, "w") as f:  # never through a planted link
         f.write(f"{os.getpid()}\n")
+
+
+def writer_pid() -> int:
+    return int(os.environ.get(LAUNCHER_PID_ENV) or os.getpid())
+
+
+class HeldLock:
+    """The run's lock, held by the launcher of a torchrun group on rank 0's behalf."""
+
+    def release(self) -> None:
+        pass
+
+
+def distributed_info(group: Group, det: dict) -> dict:
+    """run.json's `distributed` section: the layout a resume must match."""
+    import torch.distributed as dist
+
+    return {
+        "world_size": group.world_size,
+        "nnodes": int(os.environ.get("GROUP_WORLD_SIZE", "0")) or None,
+        "nproc_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None,
+        "backend": dist.get_backend() if dist.is_initialized() else None,
+        "launcher_pid": writer_pid(),
+    }
+
+
+def world_size_refusal(recorded: int, asked: int) -> str | None:
+    """Why a run trained with `recorded` processes cannot resume with `asked` (None if it can)."""
+    if recorded == asked:
+        return None
+    return (
+        f"run was trained with {recorded} process{'es' if recorded != 1 else ''} and resumes only with the "
+        f"same number (asked for {asked}): resume it with --nproc-per-node {recorded} "
+        "(another world size changes the numerics; fork it into a new run instead)"
+    )
+
+
+def _agree_stop(should_stop, group: Group) -> bool:
+    """Whether to stop now; data-parallel: if any rank was asked (every rank gets the same answer)."""
+    if not group.distributed:
+        return should_stop()
+    return any(group.all_gather_object(bool(should_stop())))
 
 
 def _records_after(paths: RunPaths, step: int) -> list[dict]:
@@ -130,13 +176,19 @@ def _never() -> bool:
     return False
 
 
-def _run_guarded(paths: RunPaths, body: Callable[[], str], log, notifier: Notifier | None = None) -> str:
+def _run_guarded(
+    paths: RunPaths, body: Callable[[], str], log, notifier: Notifier | None = None, group: Group = SINGLE
+) -> str:
     """Run the training body; any exception marks the run crashed with the error (a full disk
     names its file), where the disk still allows writing, then goes on up to the CLI. The
-    notifier (if any) is told of a crash, and closed (in-flight commands waited for briefly)."""
+    notifier (if any) is told of a crash, and closed (in-flight commands waited for briefly).
+    Data-parallel under `trainerd start --nproc-per-node`, the launcher records the crash
+    instead (it knows which rank failed first)."""
     try:
         return body()
     except BaseException as e:
+        if group.distributed and os.environ.get(LAUNCHER_PID_ENV):
+            raise
         if isinstance(e, OSError) and e.filename is not None:
             msg = f"{e.strerror or type(e).__name__}: {e.filename}"
         else:
@@ -159,15 +211,27 @@ def _run_guarded(paths: RunPaths, body: Callable[[], str], log, notifier: Notifi
 
 
 def _fresh_start(
-    paths: RunPaths, cfg: TrainConfig, rng, device, injection: Injection, rules, log, should_stop, notifier=None
+    paths: RunPaths,
+    cfg: TrainConfig,
+    rng,
+    device,
+    injection: Injection,
+    rules,
+    log,
+    should_stop,
+    notifier=None,
+    group: Group = SINGLE,
 ) -> str:
-    """Warm start, reward model, checkpoint 0, then PPO steps 1..cfg.steps."""
+    """Warm start, reward model, checkpoint 0, then PPO steps 1..cfg.steps. Data-parallel:
+    every rank does the (deterministic) warm start and reward model alike, so every rank starts
+    PPO from the same weights without a broadcast; rank 0 alone writes."""
     t0 = time.perf_counter()
     c = build_components(cfg, rng, device)
     if cfg.model == "hf":  # pretrained models from disk: no warm start, no reward model to train
         n_params = sum(p.numel() for p in c.backend.policy_params())
         setup = {"setup_s": time.perf_counter() - t0, "policy_params": n_params}
-        update_manifest(paths, setup=setup)
+        if group.writes:
+            update_manifest(paths, setup=setup)
         log(f"loaded {cfg.policy_path} ({n_params:,} parameters) in {setup['setup_s']:.1f}s")
     else:
         sft = warm_start(c, cfg, device, log)
@@ -175,15 +239,16 @@ def _fresh_start(
         rm_info = train_reward_model(c.rm, c.task, cfg.rm_steps, cfg.rm_batch_size, cfg.rm_lr, device, log)
         c.scorer = injection.reward_model(c.rm, c.task) or c.rm
         setup = {**sft, **rm_info, "setup_s": time.perf_counter() - t0}
-        update_manifest(paths, setup=setup)
-        log(
-            f"warm start and reward model done in {setup['setup_s']:.1f}s "
-            f"(RM held-out accuracy {rm_info['rm_heldout_accuracy']:.3f})"
-        )
-    writer = RunWriter(paths, rules, cfg.tb_flush_every)
-    trainer = Trainer(paths, cfg, rng, device, c, writer, injection, log, should_stop, notifier)
+        if group.writes:
+            update_manifest(paths, setup=setup)
+            log(
+                f"warm start and reward model done in {setup['setup_s']:.1f}s "
+                f"(RM held-out accuracy {rm_info['rm_heldout_accuracy']:.3f})"
+            )
+    writer = RunWriter(paths, rules, cfg.tb_flush_every) if group.writes else None
+    trainer = Trainer(paths, cfg, rng, device, c, writer, injection, log, should_stop, notifier, group)
     trainer.checkpoint(0)  # resumable from the very first step
-    if should_stop():
+    if _agree_stop(should_stop, group):
         trainer._end("stopped", 0)
         return "stopped"
     return trainer.loop(1)
@@ -196,20 +261,28 @@ def train(
     log=_stderr_log,
     should_stop=_never,
     on_ready: Callable[[], None] | None = None,
-    lock: RunLock | None = None,
+    lock: RunLock | HeldLock | None = None,
+    group: Group = SINGLE,
 ) -> str:
     """A fresh run in `paths` (created by protocol.rundir.create_run). Returns the final status:
-    finished, stopped or failed. Takes the run's writer lock unless one is passed in."""
+    finished, stopped or failed. Takes the run's writer lock unless one is passed in.
+    Data-parallel (`group` of several ranks): every rank calls it; rank 0 writes."""
     cfg.validate()
     injection = Injection.parse(cfg.inject)
     cfg = injection.apply_config(cfg) or cfg
     rules = load_rules(cfg)
+    if not group.writes:
+        rng, _ = apply_determinism(cfg.seed, cfg.threads, cfg.device)
+        return _fresh_start(paths, cfg, rng, rng.device, injection, rules, log, should_stop, None, group)
     lock = lock or RunLock(paths).acquire()
     try:
         check_writer_files(paths)
         rng, det = apply_determinism(cfg.seed, cfg.threads, cfg.device)
         manifest = new_manifest(paths, cfg.to_dict(), cfg.seed, det, _versions())
         manifest["injection"] = injection.to_dict()
+        manifest["pid"] = writer_pid()
+        if group.distributed:
+            manifest["distributed"] = distributed_info(group, det)
         write_manifest(paths, manifest)
         save_run_rules(rules, paths.root)  # the monitor, status and report evaluate with these
         _write_pid_file(paths)
@@ -219,9 +292,10 @@ def train(
         notifier = Notifier(cfg.notify, paths, log)
         return _run_guarded(
             paths,
-            lambda: _fresh_start(paths, cfg, rng, rng.device, injection, rules, log, should_stop, notifier),
+            lambda: _fresh_start(paths, cfg, rng, rng.device, injection, rules, log, should_stop, notifier, group),
             log,
             notifier,
+            group,
         )
     finally:
         _release_run(paths, lock)
@@ -235,7 +309,8 @@ def resume(
     log=_stderr_log,
     should_stop=_never,
     on_ready: Callable[[], None] | None = None,
-    lock: RunLock | None = None,
+    lock: RunLock | HeldLock | None = None,
+    group: Group = SINGLE,
 ) -> str:
     """Continue a run from its last complete checkpoint (step k).
 
@@ -246,7 +321,10 @@ def resume(
     twice). A run killed before its first checkpoint starts again from step 0 (warm start
     included) and ends bitwise equal to an uninterrupted run. Refuses (ResumeError) a
     finished run, or determinism settings that differ from the run's unless `force`.
+    Data-parallel: rank 0 does all of the above and sends the others the checkpoint's state.
     """
+    if not group.writes:
+        return _follow_resume(paths, group, log, should_stop)
     lock = lock or RunLock(paths).acquire()
     try:
         check_writer_files(paths)
@@ -263,6 +341,10 @@ def resume(
         if manifest.get("status") == "finished" and k >= cfg.steps:
             raise ResumeError(f"run {paths.root} already finished ({cfg.steps} steps); nothing to resume")
         state = load_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+        recorded = (manifest.get("distributed") or {}).get("world_size") or 1
+        refusal = world_size_refusal(int(recorded), group.world_size)
+        if refusal:
+            raise ResumeError(refusal)
         injection = Injection.parse(cfg.inject)
         cfg = injection.apply_config(cfg) or cfg
         rules = load_rules(cfg, paths, override="alerts_file" in overrides)
@@ -305,7 +387,7 @@ def resume(
         }
         manifest.update(
             status="running",
-            pid=os.getpid(),
+            pid=writer_pid(),
             ended_at=None,
             last_step=k,
             injection=injection.to_dict(),
@@ -341,11 +423,13 @@ def resume(
             on_ready()
 
         notifier = Notifier(cfg.notify, paths, log)
+        if group.distributed:  # the other ranks resume from the same state (_follow_resume)
+            group.broadcast_object((cfg.to_dict(), state, k))
 
         def body() -> str:
             if state is None:
-                return _fresh_start(paths, cfg, rng, device, injection, rules, log, should_stop, notifier)
-            trainer = _trainer_at(paths, cfg, state, k, rng, injection, rules, kept, log, should_stop)
+                return _fresh_start(paths, cfg, rng, device, injection, rules, log, should_stop, notifier, group)
+            trainer = _trainer_at(paths, cfg, state, k, rng, injection, rules, kept, log, should_stop, group)
             trainer.notifier = notifier
             trainer.resume_checker = ResumeChecker(paths, old, k)
             if k >= cfg.steps:
@@ -353,18 +437,34 @@ def resume(
                 return "finished"
             return trainer.loop(k + 1)
 
-        return _run_guarded(paths, body, log, notifier)
+        return _run_guarded(paths, body, log, notifier, group)
     finally:
         _release_run(paths, lock)
 
 
-def _trainer_at(paths, cfg, state, k, rng, injection, rules, kept, log, should_stop) -> Trainer:
+def _follow_resume(paths: RunPaths, group: Group, log, should_stop) -> str:
+    """A rank other than 0 resuming: rank 0's config, checkpoint state and step; no writes."""
+    cfg_d, state, k = group.broadcast_object(None)
+    cfg = config_mod.from_dict(cfg_d)
+    injection = Injection.parse(cfg.inject)
+    rng, _ = apply_determinism(cfg.seed, cfg.threads, cfg.device)
+    if state is None:
+        return _fresh_start(paths, cfg, rng, rng.device, injection, None, log, should_stop, None, group)
+    trainer = _trainer_at(paths, cfg, state, k, rng, injection, None, [], log, should_stop, group)
+    if k >= cfg.steps:
+        return "finished"
+    return trainer.loop(k + 1)
+
+
+def _trainer_at(paths, cfg, state, k, rng, injection, rules, kept, log, should_stop, group=SINGLE) -> Trainer:
     """A `Trainer` holding checkpoint `state` (step k), its alert windows primed with `kept`
     (the records up to k): what resume and fork continue from."""
     c = build_components(cfg, rng, rng.device)
-    writer = RunWriter(paths, rules, cfg.tb_flush_every)
-    writer.prime_alerts(kept)
-    trainer = Trainer(paths, cfg, rng, rng.device, c, writer, injection, log, should_stop)
+    writer = None
+    if group.writes:
+        writer = RunWriter(paths, rules, cfg.tb_flush_every)
+        writer.prime_alerts(kept)
+    trainer = Trainer(paths, cfg, rng, rng.device, c, writer, injection, log, should_stop, group=group)
     trainer.load_state(state)
     if cfg.model != "hf":
         c.scorer = injection.reward_model(c.rm, c.task) or c.rm

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from protocol import alerts as alerts_mod
-from protocol.catalogue import METRICS
+from protocol.catalogue import METRICS, RANK_FIELDS
 from protocol.jsonl import JsonlWriter
 from protocol.rundir import RunPaths, append_event
 from protocol.steplog import StepLogWriter
@@ -42,6 +42,9 @@ class TensorBoardScalars:
         values = [Value(tag=k, simple_value=float(record[k])) for k in _SCALARS if k in record]
         for name, secs in (record.get("stage_s") or {}).items():
             values.append(Value(tag=f"stage_s/{name}", simple_value=float(secs)))
+        for key in RANK_FIELDS:  # data-parallel runs: rank_compute_s/1, rank_stage_s/1.rollout ...
+            for sub, v in (record.get(key) or {}).items():
+                values.append(Value(tag=f"{key}/{sub}", simple_value=float(v)))
         event = self._Event(
             wall_time=float(record.get("time", 0.0)), step=int(record["step"]), summary=self._Summary(value=values)
         )

@@ -57,6 +57,7 @@ from trainerd.rl.reward import RewardModel
 from trainerd.rl.task import Task, response_mask
 from trainerd.run.checkpoint import list_checkpoints, prune_checkpoints, save_checkpoint
 from trainerd.run.determinism import RNG, capture_rng_state, restore_rng_state
+from trainerd.run.distributed import SINGLE, Group
 from trainerd.run.notify import Notifier
 from trainerd.run.outputs import RunWriter, is_nonfinite_alert
 from trainerd.run.samples import Rollout, SampleWriter
@@ -211,6 +212,22 @@ class StageMemory:
         return dict(self.peaks) if self.enabled else None
 
 
+def rank_fields(ranks: list[dict]) -> dict:
+    """The per-rank fields of a step record from every rank's timings and memory (in rank
+    order; protocol/catalogue.py describes them): maps keyed by the rank as a string."""
+    out: dict = {
+        "rank_step_time_s": {str(r): float(x["step_time_s"]) for r, x in enumerate(ranks)},
+        "rank_comm_s": {str(r): float(x["comm_s"]) for r, x in enumerate(ranks)},
+        # the time a rank computes before it enters the collectives: what a straggler shows in
+        "rank_compute_s": {str(r): float(x["compute_s"]) for r, x in enumerate(ranks)},
+        "rank_stage_s": {f"{r}.{s}": float(v) for r, x in enumerate(ranks) for s, v in x["stage_s"].items()},
+    }
+    for key in ("rss_bytes", "peak_rss_bytes"):
+        if all(x.get(key) is not None for x in ranks):
+            out[f"rank_{key}"] = {str(r): float(x[key]) for r, x in enumerate(ranks)}
+    return out
+
+
 # -- the trainer ---------------------------------------------------------------------------------
 
 
@@ -323,19 +340,24 @@ class Trainer:
         log,
         should_stop: Callable[[], bool],
         notifier: Notifier | None = None,
+        group: Group = SINGLE,
     ):
         self.paths, self.cfg, self.rng, self.device, self.c = paths, cfg, rng, device, c
+        self.group = group  # data-parallel ranks (run/distributed.py); one process: a no-op
         self.notifier = notifier or Notifier(None, paths, log)
         self.writer, self.injection, self.log, self.should_stop = writer, injection, log, should_stop
         self.timer = StageTimer(device)
         self.memory = StageMemory(device)
-        self.samples = SampleWriter(paths, c.backend.decode, cfg.seed, cfg.samples_every)
+        # rank 0 alone writes the run dir: the other ranks get no sample writer
+        self.samples = SampleWriter(paths, c.backend.decode, cfg.seed, cfg.samples_every) if group.writes else None
         self.last_rollout: Rollout | None = None
         self.profiler: ProfilerWindow | None = None
         self._profile_reported = False
         self.resume_checker = None
         self.last_checkpoint_step: int | None = None
         self._last_manifest_write = 0.0
+        self._stage_comm_s = 0.0  # this step's seconds in collectives inside its stages
+        self._compute_s = 0.0  # and its stages' seconds outside them (data-parallel)
 
     # -- state -----------------------------------------------------------------------------
     def constant_state(self) -> dict:
@@ -370,16 +392,26 @@ class Trainer:
         c.scheduler.load_state_dict(s["scheduler"])
         c.kl_ctl.load_state_dict(s["kl_controller"])
         c.cursor.load_state_dict(s["data_cursor"])
-        restore_rng_state(self.rng, s["rng"])  # last: building modules above drew from the RNGs
+        # last: building modules above drew from the RNGs. Data-parallel: this rank's own states
+        rng = s["rng_ranks"][self.group.rank] if "rng_ranks" in s else s["rng"]
+        restore_rng_state(self.rng, rng)
 
     def checkpoint(self, step: int, mutable: dict | None = None) -> None:
         """Taken at a step boundary, after all of that step's random draws. Its wall time is
         in the checkpoint event (and in the next step's `other`); old checkpoints are pruned
         by the retention policy (keep_checkpoints newest, plus every keep_every-th step)."""
         t0 = time.perf_counter()
+        state = {**self.constant_state(), **(mutable if mutable is not None else self.mutable_state())}
+        if self.group.distributed:
+            # every rank's RNG states (the rest of the state is the same on every rank); a
+            # collective: every rank checkpoints at the same steps
+            state["rng_ranks"] = self.group.all_gather_object(state["rng"])
+            state["world_size"] = self.group.world_size
+            if not self.group.writes:
+                self.last_checkpoint_step = step
+                return
         self.writer.sync()
         self.samples.sync()
-        state = {**self.constant_state(), **(mutable if mutable is not None else self.mutable_state())}
         d = save_checkpoint(self.paths, step, state)
         if self.c.backend.saves_pretrained:  # the policy as a Hugging Face folder beside it
             self.save_pretrained(self.paths.checkpoints / f"{d.name}_hf")
@@ -411,7 +443,7 @@ class Trainer:
         """Once the profiler window has written its artifacts: one `profile` event with the
         seconds it took (stop, export, derive), which the next step's `other` also holds."""
         prof = self.profiler
-        if prof is None or not prof.finished or self._profile_reported:
+        if prof is None or not prof.finished or self._profile_reported or not self.group.writes:
             return
         self._profile_reported = True
         fields = {k: round(v, 6) for k, v in prof.timings.items()}
@@ -422,26 +454,36 @@ class Trainer:
     # -- one PPO step ------------------------------------------------------------------------
     @contextmanager
     def _stage(self, name: str):
-        """A stage: its wall time (StageTimer) and its peak memory (StageMemory)."""
+        """A stage: its wall time (StageTimer) and its peak memory (StageMemory); data-parallel,
+        also the seconds its collectives took (a rank's compute = stage time minus those)."""
+        comm0 = self.group.comm_s
         with self.memory.track(name), self.timer.stage(name):
             yield
+        self._stage_comm_s += self.group.comm_s - comm0
 
     def _micro_batches(self, idx: torch.Tensor) -> list[torch.Tensor]:
         n = self.cfg.micro_batch_size or len(idx)
         return [idx[i : i + n] for i in range(0, len(idx), n)]
 
     def ppo_step(self, step: int) -> dict:
-        cfg, c, be, dev, timer = self.cfg, self.c, self.c.backend, self.device, self.timer
-        B = cfg.batch_size
+        cfg, c, be, dev, timer, group = self.cfg, self.c, self.c.backend, self.device, self.timer, self.group
+        B = cfg.batch_size  # the global batch: data-parallel ranks each take their rows of it
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         timer.begin_step()
+        self._stage_comm_s = 0.0
         self.memory.begin_step()
-        prompts, prompt_mask = be.prompt_batch(c.cursor.next_batch(B))
+        items = c.cursor.next_batch(B)  # every rank walks the same cursor
+        rows = group.shard(B) if group.distributed else None
+        prompts, prompt_mask = be.prompt_batch(items[rows] if rows is not None else items)
 
         with self._stage("rollout"):
             be.train(False)
-            ep = be.generate(prompts, prompt_mask, self.rng["sampling"])  # KV cache, 'sampling' generator
+            if rows is None:
+                ep = be.generate(prompts, prompt_mask, self.rng["sampling"])  # KV cache, 'sampling' generator
+            else:  # this rank's rows of the global batch's samples (the same draws as one process)
+                ep = be.generate(prompts, prompt_mask, self.rng["sampling"], shard=(rows, B, group.max_int))
+            self.injection.on_rollout(step, group.rank)  # M3: a slow rank (straggler)
             mask = ep.mask  # 1 up to and including EOS
 
         with self._stage("ref_logprobs"), torch.no_grad():
@@ -463,7 +505,9 @@ class Trainer:
             rewards, kl_tok = kl_penalised_rewards(old_logp, ref_logp, scores, mask, kl_coef)
             advantages = gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
             returns = advantages + old_values
-            adv_mean, adv_var = masked_mean(advantages, mask), masked_var(advantages, mask)  # before whitening
+            # whitened with the global batch's statistics (all-gathered over the ranks)
+            all_mask, all_adv = group.all_gather(mask), group.all_gather(advantages)
+            adv_mean, adv_var = masked_mean(all_adv, all_mask), masked_var(all_adv, all_mask)  # before whitening
             if cfg.whiten_advantages:
                 advantages = whiten(advantages, mask, adv_mean, adv_var)
 
@@ -472,15 +516,23 @@ class Trainer:
         policy_params = list(be.policy_params())
         clip, clip_v, mb = cfg.clip_range, cfg.clip_range_value, cfg.minibatch_size
         scaler = c.scaler
+        value_params = list(be.value_params()) if group.distributed else []
+        tokens_per_row = all_mask.sum(1)  # of the global batch
         for _epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(B, generator=self.rng["shuffle"]).to(dev)
+            order = torch.randperm(B, generator=self.rng["shuffle"]).to(dev)  # global row indices
             for start in range(0, B, mb):
                 idx = order[start : start + mb]
-                micro = self._micro_batches(idx)
                 # each micro-batch's loss is weighted by its share of the minibatch's tokens, so
                 # the accumulated gradient is that of the minibatch's masked mean
-                n_tok = mask[idx].sum()
-                weights = [None] if len(micro) == 1 else [mask[j].sum() / n_tok for j in micro]
+                if rows is None:
+                    micro = self._micro_batches(idx)
+                    n_tok = mask[idx].sum()
+                    weights = [None] if len(micro) == 1 else [mask[j].sum() / n_tok for j in micro]
+                else:  # this rank's rows of the minibatch (maybe none), weighted by the global count
+                    mine = idx[(idx >= rows.start) & (idx < rows.stop)] - rows.start
+                    micro = self._micro_batches(mine) if len(mine) else []
+                    n_tok = tokens_per_row[idx].sum()
+                    weights = [mask[j].sum() / n_tok for j in micro]
                 hiddens, mb_stats = [], []
                 with self._stage("policy_update"):
                     be.train(True)
@@ -498,6 +550,13 @@ class Trainer:
                         hiddens.append(new_hidden.detach())
                         mb_stats.append((pg_loss.detach(), approx_kl, clip_frac))
                     self.injection.on_grads(step, be.policy_module)
+                    if rows is not None:
+                        # the global minibatch's gradient: every rank's weighted part summed (one
+                        # all-reduce of a flat buffer; the weighted loss statistics ride along)
+                        zero = [torch.zeros((), device=dev)] * 3
+                        mine_stats = [torch.stack(x).sum() for x in zip(*mb_stats)] if mb_stats else zero
+                        summed = group.all_reduce_grads(policy_params, torch.stack(mine_stats))
+                        mb_stats = [tuple(summed.unbind())]
                     scaler.unscale_(c.policy_opt)  # no-op unless fp16
                     # global L2 norm over all policy gradients, returned BEFORE clipping
                     grad_norm = torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm)
@@ -509,7 +568,7 @@ class Trainer:
                         # (as torch.amp.GradScaler does) and let the non_finite alert say so
                         c.policy_opt.step()
                     parts = list(zip(*mb_stats))
-                    total = (lambda xs: xs[0]) if len(micro) == 1 else (lambda xs: torch.stack(xs).sum())
+                    total = (lambda xs: xs[0]) if len(mb_stats) == 1 else (lambda xs: torch.stack(xs).sum())
                     stats["policy_loss"].append(total(parts[0]))
                     if not scaler.is_enabled() or torch.isfinite(grad_norm):  # fp16 overflow: the scaler's business
                         stats["grad_norm"].append(grad_norm.detach())
@@ -526,6 +585,9 @@ class Trainer:
                         v_loss = self.injection.on_loss(step, v_loss)
                         v_loss.backward()
                         v_losses.append(v_loss.detach())
+                    if rows is not None:
+                        mine_v = torch.stack(v_losses).sum() if v_losses else torch.zeros(())
+                        v_losses = [group.all_reduce_grads(value_params, mine_v.reshape(1))[0]]
                     v_loss = v_losses[0] if len(v_losses) == 1 else torch.stack(v_losses).sum()
                     if torch.isfinite(v_loss):
                         c.value_opt.step()
@@ -534,6 +596,11 @@ class Trainer:
         # other: schedule and controller updates, statistics
         c.scheduler.step()
         with torch.no_grad():
+            if rows is not None:  # the statistics of the global batch (every rank alike)
+                kl_tok, entropy_tok, old_values, returns, scores, gold, ep = self._gather_batch(
+                    kl_tok, entropy_tok, old_values, returns, scores, gold, ep, all_mask
+                )
+                mask = all_mask
             kl = masked_mean(kl_tok, mask).item()
             explained_var = explained_variance(old_values, returns, mask)
             reward_var = scores.var(unbiased=False)
@@ -572,6 +639,24 @@ class Trainer:
         self._stamp_time_and_memory(rec, tokens)
         return rec
 
+    def _gather_batch(self, kl_tok, entropy_tok, old_values, returns, scores, gold, ep, all_mask):
+        """Data-parallel: the step's per-token and per-response tensors of the whole batch, in
+        two all-gathers (the floats, the token ids), for the statistics and the samples."""
+        R = kl_tok.shape[1]
+        cols = [kl_tok, entropy_tok, old_values, returns, scores[:, None]]
+        if gold is not None:
+            cols.append(gold.to(scores.device)[:, None])
+        floats = self.group.all_gather(torch.cat([c.float() for c in cols], 1))
+        # contiguous copies: a reduction over a strided view may add in another order
+        kl_tok, entropy_tok, old_values, returns = (floats[:, i * R : (i + 1) * R].contiguous() for i in range(4))
+        scores = floats[:, 4 * R].contiguous()
+        gold = floats[:, 4 * R + 1].contiguous().to(gold.device) if gold is not None else None
+        P = ep.prompts.shape[1]
+        ids = self.group.all_gather(torch.cat([ep.prompts, ep.prompt_mask.to(ep.prompts.dtype), ep.responses], 1))
+        prompts, prompt_mask, responses = ids[:, :P], ids[:, P : 2 * P], ids[:, 2 * P :]
+        ep = type(ep)(prompts.contiguous(), prompt_mask.to(ep.prompt_mask.dtype), responses.contiguous(), all_mask)
+        return kl_tok, entropy_tok, old_values, returns, scores, gold, ep
+
     def _stamp_time_and_memory(self, rec: dict, tokens: int) -> None:
         """The step's non-deterministic fields: wall time (boundary to boundary), stage
         seconds, measured tokens/s, and memory (current, process peak, per-stage peaks)."""
@@ -585,6 +670,15 @@ class Trainer:
                 "stage_s": stage_s,
             }
         )
+        if self.group.distributed:
+            # this rank's seconds inside collectives this step (all-reduce, all-gather, and the
+            # wait for slower ranks there); rank 0's, next to every rank's in the rank_* fields
+            rec["world_size"] = self.group.world_size
+            rec["comm_s"] = self.group.take_comm_s()
+            # the PPO work this rank did outside collectives: its stages (rollout .. value_update;
+            # not `other`, where rank 0 alone writes logs and checkpoints) minus their collectives
+            staged = sum(v for k, v in stage_s.items() if k != "other")
+            self._compute_s = max(0.0, staged - self._stage_comm_s)
         rss = rss_bytes()
         if rss is not None:
             rec["rss_bytes"] = rss
@@ -608,11 +702,16 @@ class Trainer:
         cfg = self.cfg
         if cfg.profile_steps:
             a, b = config_mod.parse_profile_steps(cfg.profile_steps)
-            self.profiler = ProfilerWindow(self.paths.profile, a, b, device=self.device.type, log=self.log)
+            # one trace and summary.csv per rank: rank 0's in profile/, rank R's in profile/rank_R/
+            # (the one file a rank other than 0 writes into the run dir; a node without the run
+            # dir logs that it cannot, the profiler never stops training)
+            where = self.paths.profile if self.group.writes else self.paths.profile / f"rank_{self.group.rank}"
+            self.profiler = ProfilerWindow(where, a, b, device=self.device.type, log=self.log)
         snapshot_each_step = not cfg.continue_on_nonfinite
         status = "finished"
         step = first_step - 1
         self.timer.start_clock()  # step 1's time starts here: setup and checkpoint 0 are not a step
+        self.group.take_comm_s()  # and so does its time in collectives
         try:
             for step in range(first_step, cfg.steps + 1):
                 # The state at the start of the step = the last healthy state if this step
@@ -625,6 +724,18 @@ class Trainer:
                 if self.profiler is not None:
                     self.profiler.step_end(step, rec)
                     self._report_profile(step)
+                stop_asked = self._gather_ranks(rec) if self.group.distributed else None
+                if not self.group.writes:  # another rank: the same steps, nothing written
+                    stop_now = self._follow_rank_zero(step, snapshot_each_step, healthy)
+                    if stop_now:
+                        status = stop_now
+                        break
+                    if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_asked and step < cfg.steps:
+                        self.checkpoint(step)
+                    if stop_asked and step < cfg.steps:
+                        status = "stopped"
+                        break
+                    continue
                 fired = self.writer.write(rec)
                 for event, alert in fired:
                     self.notifier.alert(event, alert)
@@ -632,6 +743,9 @@ class Trainer:
                 self.samples.observe(step, self.last_rollout, fired)
                 if self.resume_checker is not None:
                     self.resume_checker.observe(rec)
+                if self.group.distributed and snapshot_each_step:  # tell the other ranks (they have no writer)
+                    bad = next((a for e, a in fired if is_nonfinite_alert(e, a)), None)
+                    self.group.broadcast_object(bad.metric if bad is not None else None)
                 if step % 10 == 0 or step == first_step:
                     gold = f"gold {rec['gold_reward_mean']:+.3f} " if "gold_reward_mean" in rec else ""
                     self.log(
@@ -655,7 +769,7 @@ class Trainer:
                 elif time.monotonic() - self._last_manifest_write > 2.0:
                     update_manifest(self.paths, last_step=step)
                     self._last_manifest_write = time.monotonic()
-                if self.should_stop() and step < cfg.steps:
+                if (self.should_stop() if stop_asked is None else stop_asked) and step < cfg.steps:
                     if self.last_checkpoint_step != step:
                         self.checkpoint(step)
                     status = "stopped"
@@ -671,7 +785,39 @@ class Trainer:
         self._end(status, step)
         return status
 
+    def _gather_ranks(self, rec: dict) -> bool:
+        """Data-parallel, every step: each rank's step time, compute and collective seconds,
+        stage times and memory go to rank 0, which records them (the rank_* fields); returns
+        whether any rank was asked to stop (so every rank stops after the same step)."""
+        mine = {
+            "step_time_s": rec["step_time_s"],
+            "comm_s": rec.get("comm_s", 0.0),
+            "compute_s": self._compute_s,
+            "stage_s": rec["stage_s"],
+            "rss_bytes": rec.get("rss_bytes"),
+            "peak_rss_bytes": rec.get("peak_rss_bytes"),
+            "stop": bool(self.should_stop()),
+        }
+        ranks = self.group.all_gather_object(mine)
+        if self.group.writes:
+            rec.update(rank_fields(ranks))
+        return any(r["stop"] for r in ranks)
+
+    def _follow_rank_zero(self, step: int, snapshot_each_step: bool, healthy: dict | None) -> str | None:
+        """A rank other than 0 after a step: rank 0 says whether the step went non-finite (it
+        alone evaluates alerts); then this rank checkpoints the last healthy state with it."""
+        if not snapshot_each_step:
+            return None
+        metric = self.group.broadcast_object(None)
+        if metric is None:
+            return None
+        if self.last_checkpoint_step != step - 1:
+            self.checkpoint(step - 1, healthy)
+        return "failed"
+
     def _end(self, status: str, step: int, reason: str | None = None) -> None:
+        if not self.group.writes:
+            return
         if self.resume_checker is not None:
             self.resume_checker.finish()
         self.writer.close()

@@ -20,13 +20,17 @@ users and tests can watch the matching alert fire on a real run:
 | leak             | from STEP: every step keeps LEAK_BYTES of tensors alive (a list | memory_leak      |
 |                  | that is appended to and never cleared, as a loss or a rollout   |                  |
 |                  | kept without .detach() would): memory grows step over step      |                  |
+| slow_rank        | from STEP: the last rank of a data-parallel run sleeps          | straggler        |
+|                  | SLOW_RANK_S in its rollout stage (a slow GPU or a busy host);   |                  |
+|                  | the numbers are unchanged, only that rank's time                |                  |
 
 The trainer calls the hooks (docs/DESIGN.md):
 `.apply_config(cfg)` once before building anything, `.reward_model(rm, task) -> rm` once
 the reward model is trained, `.on_loss(step, loss) -> loss` on every loss it is about to
 backpropagate, `.on_grads(step, model)` after backward and before the gradient norm is
-measured and clipped, and `.on_step_begin(step, trainer)` at the start of each PPO step
-(kl_blowup needs it to reach the optimizer and the KL controller).
+measured and clipped, `.on_step_begin(step, trainer)` at the start of each PPO step
+(kl_blowup needs it to reach the optimizer and the KL controller), and `.on_rollout(step,
+rank)` after a rank generated its responses (slow_rank).
 `Injection.none()` is a no-op for every hook. `to_dict()` goes to run.json.
 """
 
@@ -37,8 +41,17 @@ from dataclasses import dataclass, field
 
 from trainerd.config import ConfigError
 
-KINDS = ("kl_blowup", "entropy_collapse", "grad_explode", "nan", "reward_hack", "leak")
-DEFAULT_STEP = {"kl_blowup": 5, "entropy_collapse": 10, "grad_explode": 10, "nan": 10, "reward_hack": 1, "leak": 10}
+KINDS = ("kl_blowup", "entropy_collapse", "grad_explode", "nan", "reward_hack", "leak", "slow_rank")
+DATA_PARALLEL_KINDS = ("slow_rank",)  # only a run of several processes shows them (no single-process logs)
+DEFAULT_STEP = {
+    "kl_blowup": 5,
+    "entropy_collapse": 10,
+    "grad_explode": 10,
+    "nan": 10,
+    "reward_hack": 1,
+    "leak": 10,
+    "slow_rank": 3,
+}
 EXPECTED_ALERTS = {
     "kl_blowup": ("kl_runaway", "kl_control"),
     "entropy_collapse": ("entropy_collapse",),
@@ -46,6 +59,7 @@ EXPECTED_ALERTS = {
     "nan": ("non_finite",),
     "reward_hack": ("reward_hacking",),
     "leak": ("memory_leak",),
+    "slow_rank": ("straggler",),
 }
 DESCRIPTIONS = {
     "kl_blowup": "learning rate x10 and the KL coefficient held at 0: nothing holds KL back, it runs away",
@@ -55,12 +69,14 @@ DESCRIPTIONS = {
     "reward_hack": "the reward model is replaced by a corrupted one (preference flipped, as if its labels "
     "were swapped): reward rises while the gold score falls",
     "leak": "every step keeps 16 MiB of tensors alive (appended to a list never cleared): memory grows step over step",
+    "slow_rank": "the last rank sleeps in its rollout stage every step (data-parallel runs): a straggler",
 }
 
 KL_BLOWUP_LR_FACTOR = 10.0
 SHARPEN = 100.0
 GRAD_FACTOR = 1e5
 LEAK_BYTES = 16 << 20  # held per step by `leak`: ~4x the 64 MiB-per-20-steps bar of memory_leak
+SLOW_RANK_S = 0.25  # seconds the slow rank sleeps per step: several times a tiny run's compute
 
 
 class InjectionError(ConfigError):
@@ -157,6 +173,16 @@ class Injection:
                 if "initial_lr" in g:
                     g["initial_lr"] = g["initial_lr"] * KL_BLOWUP_LR_FACTOR
         c.kl_ctl.coef = 0.0
+
+    def on_rollout(self, step: int, rank: int) -> None:
+        """slow_rank: from STEP, the last rank of the group (WORLD_SIZE - 1) sleeps SLOW_RANK_S."""
+        if self.kind == "slow_rank" and step >= self.step:
+            import os
+            import time
+
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            if world > 1 and rank == world - 1:
+                time.sleep(SLOW_RANK_S)
 
     def on_loss(self, step: int, loss):
         """nan: a NaN enters every loss of step STEP (multiplied in, so that backward carries it

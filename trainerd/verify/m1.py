@@ -88,8 +88,14 @@ RERUN_MAX_STEPS = 32  # a given run's rerun compares at most its first 32 steps
 RERUN_WARMUP_S = 15.0  # allowance for a rerun's start, warm start and reward model
 
 
+# `verify m1 --nproc-per-node N`: every run of the check is a data-parallel run of N processes
+# (the same global batch), so the same-seed, other-seed and kill-resume checks are made on it
+NPROC = 1
+
+
 def start_args(runs_dir: Path, run_id: str, config_path: Path, seed: int) -> list[str]:
-    return ["start", "--foreground", "--config", str(config_path), "--seed", str(seed)] + [
+    group = ["--nproc-per-node", str(NPROC)] if NPROC > 1 else []
+    return ["start", "--foreground", "--config", str(config_path), "--seed", str(seed), *group] + [
         "--runs-dir",
         str(runs_dir),
         "--run-id",
@@ -363,5 +369,7 @@ def _verify(h: Harness, run: str | None) -> None:
         check_given_run(h.checks, run, work, budget_s=max(remaining, 20.0))
 
 
-def run(run: str | None, as_json: bool) -> int:
+def run(run: str | None, as_json: bool, nproc_per_node: int = 1) -> int:
+    global NPROC
+    NPROC = nproc_per_node
     return run_check("m1", as_json, lambda h: _verify(h, run), run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 from rich.text import Text
 from textual.widgets import Static
@@ -213,7 +214,80 @@ class ProfilerPanel(Static):
             t.append(f" ({shares[slowest]:.0%} of the step)")
         t.append(f"\nstep {fmt_value(st)} s · {fmt_value(tps)} tokens/s")
         t.append("\nsparklines scaled from each stage's low to high", "grey50")
+        ranks = rank_rows(store)
+        if ranks:
+            t.append("\n\n")
+            t.append(rank_table(ranks))
+        self.set_class(bool(ranks), "ranks")  # taller: the per-rank view below the stages
         _update(self, t)
+
+
+def rank_rows(store: RunStore) -> list[dict]:
+    """A data-parallel run's ranks at its last step (from the flattened rank_* columns): per
+    rank its step, compute (before the collectives) and collective seconds, and the stage where
+    it spends the most over the other ranks' median. [] for a single-process run."""
+    cols = store.columns
+
+    def last(key: str) -> float | None:
+        c = cols.get(key)
+        return finite_value(c.values[-1]) if c is not None and len(c.values) else None
+
+    ranks = sorted(
+        (k.split(".", 1)[1] for k in store.extra if k.startswith("rank_compute_s.")),
+        key=lambda r: (len(r), r),
+    )
+    rows = []
+    for r in ranks:
+        compute = last(f"rank_compute_s.{r}")
+        if compute is None:
+            continue
+        stages = {s: last(f"rank_stage_s.{r}.{s}") for s in STAGES}
+        rows.append(
+            {
+                "rank": r,
+                "step": last(f"rank_step_time_s.{r}"),
+                "compute": compute,
+                "comm": last(f"rank_comm_s.{r}"),
+                "stages": stages,
+            }
+        )
+    if len(rows) < 2:
+        return []
+    for row in rows:
+        others = [o["compute"] for o in rows if o is not row]
+        med = statistics.median(others)
+        row["ratio"] = row["compute"] / med if med > 0 else math.nan
+        excess = {}
+        for s, v in row["stages"].items():
+            ov = [o["stages"][s] for o in rows if o is not row and o["stages"][s] is not None]
+            if v is not None and ov:
+                excess[s] = v - statistics.median(ov)
+        row["stage"] = max(excess, key=excess.get) if excess else None
+        row["stage_excess"] = excess.get(row["stage"], 0.0) if row["stage"] else 0.0
+    return rows
+
+
+def rank_table(rows: list[dict]) -> Text:
+    """Per-rank timing view: which rank is slow and in which stage (the straggler rule's view:
+    compute time before the collectives against the other ranks' median)."""
+    t = Text(no_wrap=True, overflow="crop")
+    t.append(f"{'rank':<5}{'step':>7}{'compute':>8}{'comm':>6}{'x med':>7}  slowest stage (ms)\n", "grey62")
+    worst = max(rows, key=lambda r: r["ratio"] if r["ratio"] == r["ratio"] else 0.0)
+    for row in rows:
+        slow = row is worst and row["ratio"] > 1.25
+        style = "bold yellow" if slow else None
+
+        def ms(v):
+            return f"{v * 1000:.0f}" if v is not None else "—"
+
+        t.append(f"{safe_text(row['rank'], 4):<5}", style)
+        t.append(f"{ms(row['step']):>7}{ms(row['compute']):>8}{ms(row['comm']):>6}")
+        t.append(f"{row['ratio']:>6.2f}x" if row["ratio"] == row["ratio"] else f"{'—':>7}", style)
+        stage = row["stage"]
+        t.append(f"  {stage} +{row['stage_excess'] * 1000:.0f} ms" if stage and row["stage_excess"] > 0 else "  —")
+        t.append("\n")
+    t.append("compute: before the collectives; comm: in them", "grey50")
+    return t
 
 
 def share_shares(store: RunStore, columns: int) -> dict[str, list[float | None]]:
