@@ -20,7 +20,7 @@ import zlib
 from array import array
 from dataclasses import dataclass
 
-from protocol.catalogue import STAGES
+from protocol.catalogue import RANK_FIELDS, STAGES
 from protocol.columns import (
     MAGIC_U64,
     MISSING_BITS,
@@ -46,6 +46,7 @@ from .store import (
     RunStore,
 )
 
+_RANK_SET = frozenset(RANK_FIELDS)
 CHUNK_BYTES = 4 << 20  # side-file bytes checked and copied per pass: memory stays bounded
 
 
@@ -141,8 +142,8 @@ def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | Non
                         else:
                             peaks.pop(f[1], None)
                     stage = f[0] == "stage_s" and f[1] in STAGES
-                    if f[1] is not None and not stage:
-                        continue  # no chart shows it (per-stage memory, per-rank maps...)
+                    if f[1] is not None and not stage and f[0] not in _RANK_SET:
+                        continue  # no chart shows it (per-stage memory...)
                     col = out.get(f)
                     if col is None:
                         col = out[f] = array("f" if stage else "d")
@@ -255,7 +256,12 @@ def _store_of(np, out: dict, n: int) -> tuple[RunStore, int]:
         s.stages[st] = _column(np, col, "f", True)
     for f in list(out):
         name, sub = f
-        if sub is not None or name in _NOT_EXTRA or len(s.extra) >= MAX_EXTRA_COLUMNS:
+        if sub is not None and name in _RANK_SET:
+            name = f"{name}.{sub}"  # a data-parallel run's per-rank map, as the store names it
+        elif sub is not None or name in _NOT_EXTRA:
+            out.pop(f)
+            continue
+        if len(s.extra) >= MAX_EXTRA_COLUMNS:
             out.pop(f)
             continue
         c = _column(np, take(f), "d")

@@ -62,19 +62,29 @@ def _one_rule(np, rule: Rule, store: RunStore, steps, should_stop):
     n = len(store)
     need = {rule.metric, *rule.metrics, rule.pushback, rule.relative_to, rule.critical_factor_of, rule.only_without}
     cols = {k: _col(np, store, k) for k in need if k}
-    cand, fed = _candidates(np, rule, cols, n)
+    if rule.kind == "rank_imbalance":
+        cand, fed = _rank_candidates(np, rule, store, n), None
+    else:
+        cand, fed = _candidates(np, rule, cols, n)
     marked = np.flatnonzero(cand)
     if not len(marked):
         return [], []
     lead = rule.window + 10 if (rule.spike_factor is not None or rule.kind in TREND_KINDS) else 2
     keys = [(k, cols[k][0], cols[k][1]) for k in need if k and cols[k][0] is not None]
+    maps = {k: _map_columns(np, store, k) for k in need if k and cols[k][0] is None}
+    maps = {k: m for k, m in maps.items() if m}
 
     def record(i: int) -> dict:
-        """Record i as the engine needs it: the rule's keys, absent where the record lacked them."""
+        """Record i as the engine needs it: the rule's keys, absent where the record lacked them
+        (a per-rank map from its "key.rank" columns)."""
         r: dict = {"step": int(steps[i])}
         for k, v, present in keys:
             if present[i]:
                 r[k] = float(v[i])
+        for k, m in maps.items():
+            d = {sub: float(v[i]) for sub, v, present in m if present[i]}
+            if d:
+                r[k] = d
         return r
 
     def lead_start(i: int) -> int:
@@ -116,6 +126,30 @@ def _one_rule(np, rule: Rule, store: RunStore, steps, should_stop):
                 return None
     open_at_end = [dataclasses.replace(a) for a in engine.open.values()] if engine and i >= n else []
     return events, open_at_end
+
+
+def _map_columns(np, store: RunStore, key: str) -> list:
+    """[(sub, values, present)] of the columns "key.sub" the store made of a per-rank map."""
+    out = []
+    for name in store.extra:
+        if name.startswith(key + "."):
+            v, present = _col(np, store, name)
+            out.append((name[len(key) + 1 :], v, present))
+    return out
+
+
+def _rank_candidates(np, rule: Rule, store: RunStore, n: int):
+    """Records where one rank could be over threshold x the other ranks' median: the slowest over
+    the fastest (a median of the others is never under the fastest), and as much slower."""
+    ranks = [v for _sub, v, _present in _map_columns(np, store, rule.metric)]
+    if len(ranks) < 2:
+        return np.zeros(n, dtype=bool)
+    stacked = np.vstack([np.where(np.isfinite(v), v, np.nan) for v in ranks])
+    with np.errstate(invalid="ignore"):
+        hi, lo = np.fmax.reduce(stacked), np.fmin.reduce(stacked)
+        cand = (hi > rule.threshold * lo) & (hi - lo > rule.spike_floor)
+    evaluated = np.isfinite(stacked).sum(axis=0) >= 2
+    return _streaks(np, cand & evaluated, evaluated, rule.consecutive, np.zeros(n, dtype=bool))
 
 
 def _candidates(np, rule: Rule, cols: dict, n: int):

@@ -54,9 +54,7 @@ def test_the_fixtures_are_real_long_runs_of_both_configs(logs):
     # every single-process stability fault; `leak` (a memory fault, its alert judged on memory) has tests
     # of its own, and data-parallel faults need several processes
     stability = {
-        k: tuple(v)
-        for k, v in inject.EXPECTED_ALERTS.items()
-        if k != "leak" and k not in inject.DATA_PARALLEL_KINDS
+        k: tuple(v) for k, v in inject.EXPECTED_ALERTS.items() if k != "leak" and k not in inject.DATA_PARALLEL_KINDS
     }
     assert aq.EXPECTED == stability
     total = sum(p.stat().st_size for p in aq.FIXTURES.glob("*.gz"))

@@ -56,14 +56,16 @@ def odd_run(runs_dir) -> RunPaths:
         w.write({"step": 1501, "time": 1.0, "new_metric": 5, "kl": "text", "stage_s": {"rollout": 1}})
         w.write({"step": 1502.0, "time": 2.0, "kl": 0.1})  # a float step: not placeable
         w.write({"step": 1503, "flag": True, "kl": 2**63 - 1, "grad_norm": math.nan, "entropy": -0.0})
+        ranks = {"0": 0.1, "1": 0.3}  # a data-parallel run's per-rank maps
+        w.write({"step": 1504, "rank_compute_s": ranks, "rank_stage_s": {"1.rollout": 0.2}, "world_size": 2})
     return paths
 
 
 def test_side_file_gives_the_store_decoding_gives(odd_run):
     loaded = load_columns(odd_run, 1 << 60)
-    assert loaded is not None and loaded.rows == 1503 and loaded.skipped == 1
+    assert loaded is not None and loaded.rows == 1504 and loaded.skipped == 1
     assert loaded.end == odd_run.steps.stat().st_size
-    assert "new_metric" in loaded.store.extra
+    assert "new_metric" in loaded.store.extra and "rank_compute_s.1" in loaded.store.extra
     assert_same(loaded.store, decoded(odd_run))
 
 
@@ -73,7 +75,7 @@ def test_a_flipped_bit_in_the_side_file_ends_what_is_trusted(odd_run):
     data[len(data) // 2] ^= 0x10
     cols.write_bytes(bytes(data))
     loaded = load_columns(odd_run, 1 << 60)
-    assert loaded is not None and 0 < loaded.rows < 1503
+    assert loaded is not None and 0 < loaded.rows < 1504
     store, _alerts, _open, corrupt = history(odd_run)
     assert corrupt == 0
     assert_same(store, decoded(odd_run))  # the rest came from the log
@@ -215,3 +217,14 @@ def test_an_adapted_history_gets_the_array_evaluator_and_live_alerts_go_on_exact
     assert got == [_key(ev, a) for r in records for ev, a in engine.update(r)]
     assert got  # the unstable run fires alerts after the cut too
     assert len(bulk) == 1 and bulk[0] is not None  # the first batch took the array path
+
+
+def test_history_alerts_equal_a_full_streaming_pass_on_a_straggler(runs_dir):
+    """A data-parallel run's per-rank maps (columns "rank_compute_s.R" in the store) and the
+    straggler rule: rank 1 slow for stretches, short ones (under `consecutive`) included."""
+    records = []
+    for s in range(1, 3001):
+        slow = 0.3 if (500 <= s < 560 or 900 <= s < 903 or 2000 <= s < 2100) else 0.1
+        ranks = {"0": 0.1 + 0.001 * (s % 7), "1": slow, "2": 0.1}
+        records.append({"step": s, "kl": 0.1, "rank_compute_s": ranks, "rank_stage_s": {"1.rollout": slow}})
+    assert _compare(records) == 4  # fired and cleared twice; the 3-step blip fires nothing
