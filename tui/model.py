@@ -62,6 +62,7 @@ class HeaderInfo:
     age_s: float | None = None
     corrupt: int = 0
     loading: str = ""  # "history 40%" while the background load runs
+    phase: str = ""  # before the first step: what the trainer does ("warm start", "reward model")
     verdict: Verdict = field(default_factory=lambda: run_verdict([], "…", ""))  # the run's health
 
 
@@ -176,6 +177,13 @@ class RunModel:
         steps = cfg.get("steps") if isinstance(cfg, dict) else None
         return steps if isinstance(steps, int) and not isinstance(steps, bool) and 0 < steps < 1 << 63 else None
 
+    def phase(self, status: str) -> str:
+        """What a running trainer is doing before its first PPO step (run.json's `phase`)."""
+        ph = self.manifest.get("phase")
+        if len(self.store) or status != "running" or not isinstance(ph, str) or not ph or ph == "ppo":
+            return ""
+        return f"setup: {safe_text(ph, 40)}"
+
     def most_severe(self) -> Alert | None:
         return most_severe(self.open_alerts)
 
@@ -204,7 +212,10 @@ class RunModel:
         if status == "running" and age is not None and age > stall_after:
             status = "stalled"
         started, ended = self.started_at, finite_value(self.manifest.get("ended_at"))
-        elapsed = None if started is None else (ended if ended is not None else now) - started
+        if ended is None and status not in ("running", "stalled", "…"):
+            # a run that ended without saying when (killed, crashed): its time stops at its last record
+            ended = last_time if last_time is not None else started
+        elapsed = None if started is None else max(0.0, (ended if ended is not None else now) - started)
         return HeaderInfo(
             run_id=self.run_id,
             status=status,
@@ -215,6 +226,7 @@ class RunModel:
             age_s=age,
             corrupt=self.corrupt,
             loading=self.loading,
+            phase=self.phase(status),
             verdict=self.verdict(status),
         )
 
