@@ -49,6 +49,7 @@ from .glyphs import MODE, AsciiFilter, configure
 from .layout import TooSmall, layout_for
 from .model import RunModel
 from .samples import SamplesScreen
+from .wire import crop_both_ends
 from .screens import AlertListScreen, HelpScreen, MetricPickerScreen, RunPickerScreen, RunRow
 from .store import CHART_METRICS
 from .widgets.charts import EMA_WEIGHTS, ZOOM_STEPS, ChartView, DetailChart, MetricTile
@@ -123,6 +124,7 @@ class MonitorApp(App):
         super().__init__()
         if MODE.ascii:
             self._filters.append(AsciiFilter())  # nothing but ASCII reaches the terminal
+        crop_both_ends()  # a changed span is written alone, not from its widget's left edge (wire.py)
         self.target = Path(target)
         # one rate governs every frame: values at `fps`, charts and panels slower (frames.rates)
         fps, chart_fps, self.panel_interval = rates(fps, chart_fps)

@@ -325,7 +325,8 @@ class EventsPanel(Static):
         title = "events" if which == "all" else f"events: {which} only"
         if self.border_title != title:
             self.border_title = title
-        self.border_subtitle = "e: filter"
+        if self.border_subtitle != "e: filter":
+            self.border_subtitle = "e: filter"
         t = Text(no_wrap=True, overflow="ellipsis")
         if which != "all":
             events = [e for e in events if _kind(_field(e.get("event", "?"), 40)) == which]
