@@ -20,7 +20,6 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
 from textual.message import Message
 from textual.reactive import reactive
-from textual.widgets import Footer
 
 from protocol.alerts import Alert
 from protocol.health import acknowledge, load_acks
@@ -49,14 +48,15 @@ from .glyphs import MODE, AsciiFilter, configure
 from .layout import TooSmall, layout_for
 from .model import RunModel
 from .samples import SamplesScreen
-from .wire import crop_both_ends
 from .screens import AlertListScreen, HelpScreen, MetricPickerScreen, RunPickerScreen, RunRow
 from .store import CHART_METRICS
 from .widgets.charts import EMA_WEIGHTS, ZOOM_STEPS, ChartView, DetailChart, MetricTile
-from .widgets.panels import EVENT_FILTERS, AlertBanner, EventsPanel, ProfilerPanel, RunHeader
+from .widgets.panels import EVENT_FILTERS, AlertBanner, EventsPanel, KeyBar, ProfilerPanel, RunHeader
 from .widgets.verify import VerifyPanel
+from .wire import crop_both_ends
 
 GRID_COLS = 3
+WHOLE_RUN_SLOWER = 2
 
 
 class MonitorApp(App):
@@ -140,6 +140,7 @@ class MonitorApp(App):
         self._token = 0  # which open of a run the readers' messages belong to
         self.values = Throttle(self, fps, self._draw_values)
         self.charts = Throttle(self, chart_fps, self._draw_charts)
+        self._chart_interval = self.charts.interval  # whole-run views: twice this (frames.rates)
         self._panel_drawn_at = -1e9
         self.tile_metrics = list(CHART_METRICS)  # what each tile shows (m changes the selected one)
         self.layout_name = ""
@@ -179,7 +180,7 @@ class MonitorApp(App):
                 yield self.w_profiler
                 yield self.w_verify
                 yield self.w_events
-        yield Footer()
+        yield KeyBar(self.BINDINGS, id="keys")
 
     def on_mount(self) -> None:
         self.watch_selected(self.selected)
@@ -496,6 +497,8 @@ class MonitorApp(App):
         v = self.view
         v.smooth, v.time_axis, v.zoom, v.around_step = self.smooth, self.time_axis, self.zoom, self.around_step
         v.ema_weight, v.cursor = self.ema_weight, self.cursor
+        # a whole-run view changes little per record: it is drawn at half the chart rate
+        self.charts.interval = self._chart_interval * (WHOLE_RUN_SLOWER if self.zoom is None else 1)
         self.charts.soon()
 
     watch_smooth = watch_time_axis = watch_zoom = watch_around_step = _view_changed

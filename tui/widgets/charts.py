@@ -23,7 +23,7 @@ from ..glyphs import MODE, g
 from ..health import level_for, threshold_values
 from ..model import RunModel
 from ..store import COMPANIONS, Bucket, RunStore
-from .lines import Cell, cells_of, changed_span, segments, text_runs
+from .lines import Cell, cells_of, changed_spans, segments, text_runs
 
 LEVEL_STYLE = {"ok": "green", "warning": "yellow", "critical": "bold red", "none": "grey50"}
 # a tile's chart line by the state of its metric (no thresholds: calm cyan)
@@ -244,10 +244,10 @@ class StripWidget(Widget, can_focus=False):
     def _mark_changed(self, y: int, runs: Runs) -> None:
         """Mark dirty the span of line `y` whose cells differ from what was drawn there."""
         new = cells_of(runs)
-        span = changed_span(self._shown.get(y), new)
+        spans = changed_spans(self._shown.get(y), new)
         self._shown[y] = new
-        if span is not None:
-            self.refresh(Region(span[0], y, span[1] - span[0], 1))
+        if spans:
+            self.refresh(*(Region(x0, y, x1 - x0, 1) for x0, x1 in spans))
 
     def _forget_shown(self) -> None:
         self._shown = {}

@@ -82,7 +82,7 @@ class RunHeader(StripWidget):
         # 3 significant digits: the rate's jitter in the 4th would redraw the header every frame
         t.append(f"  {h.steps_per_s:.3g} steps/s" if h.steps_per_s else f"  {g('dash')} steps/s")
         if h.total_steps and h.steps_per_s and h.step is not None and h.status in ("running", "stalled"):
-            t.append(f"  ETA {_fmt_duration(max(0, h.total_steps - h.step) / h.steps_per_s)}")
+            t.append(f"  ETA {_fmt_eta(max(0, h.total_steps - h.step) / h.steps_per_s)}")
         if h.elapsed_s is not None:
             t.append(f"  elapsed {_fmt_duration(h.elapsed_s)}")
         if h.age_s is not None:
@@ -92,6 +92,18 @@ class RunHeader(StripWidget):
         if h.loading:
             t.append(f"  {g('loading')} {h.loading}", "grey62")
         return t
+
+
+def _fmt_eta(s: float) -> str:
+    """An estimate to the precision it has: '2h47m', '47m', '3:05' (seconds only under 10 min),
+    so that it does not change, and get sent again, on every frame."""
+    if not math.isfinite(s):
+        return "?"
+    if s >= 3600:
+        return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+    if s >= 600:
+        return f"{int(s // 60)}m"
+    return _fmt_duration(s)
 
 
 SEVERITY_ICON = {"critical": "⛔", "warning": "⚠"}
@@ -367,3 +379,22 @@ class EventsPanel(Static):
 def _field(v, max_len: int = 200) -> str:
     """An event's field as one safe line (strings, numbers, or whatever else the file held)."""
     return safe_text(v if isinstance(v, str) else str(v), max_len)
+
+
+class KeyBar(Static):
+    """The keys, on the last line: drawn once (Textual's Footer repaints itself whole on
+    changes that do not concern it, which costs a line of bytes each time over SSH)."""
+
+    def __init__(self, bindings, **kw):
+        super().__init__(**kw)
+        t = Text(no_wrap=True, overflow="ellipsis")
+        for b in bindings:
+            if getattr(b, "show", True) and b.description:
+                key = b.key.split(",")[0]
+                key = {"question_mark": "?"}.get(key, key)
+                t.append(f" {key} ", "bold")
+                t.append(f"{b.description} ")
+        self._keys = t
+
+    def on_mount(self) -> None:
+        self.update(self._keys)
