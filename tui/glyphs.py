@@ -56,13 +56,19 @@ MODE = _Mode()
 
 def utf8_locale(env: Mapping[str, str] | None = None) -> bool:
     """Whether the locale says UTF-8: the first of LC_ALL, LC_CTYPE, LANG that is set decides
-    (as setlocale does); none set counts as UTF-8 (most terminals today)."""
+    (as setlocale does); none set counts as UTF-8 (most terminals today).
+
+    Python itself turns a C locale into C.UTF-8 at start (PEP 538: it sets LC_CTYPE in the
+    environment), so LC_CTYPE=C.UTF-8 with LANG unset, C or POSIX is read as what the user
+    has: the C locale (LANG=C or POSIX)."""
     env = os.environ if env is None else env
+    ctype = env.get("LC_CTYPE", "").lower().replace("-", "")
+    if not env.get("LC_ALL") and ctype in ("c.utf8", "utf8") and env.get("LANG") in ("C", "POSIX"):
+        return False  # LANG=C, coerced by Python
     for k in ("LC_ALL", "LC_CTYPE", "LANG"):
         v = env.get(k)
         if v:
-            v = v.lower().replace("-", "")
-            return "utf8" in v
+            return "utf8" in v.lower().replace("-", "")
     return True
 
 
