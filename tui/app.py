@@ -20,6 +20,7 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
 from textual.message import Message
 from textual.reactive import reactive
+from textual.screen import Screen
 
 from protocol.alerts import Alert
 from protocol.health import acknowledge, load_acks
@@ -506,8 +507,8 @@ class MonitorApp(App):
 
     # -- layout: from the terminal's size (layout.py) ------------------------------------------
 
-    def on_resize(self, event) -> None:
-        self._apply_layout()
+    def get_default_screen(self) -> Screen:
+        return _MainScreen(id="_default")
 
     def _apply_layout(self) -> None:
         if not hasattr(self, "w_tiles") or not self.is_mounted(self.w_header):
@@ -597,6 +598,15 @@ class MonitorApp(App):
     def on_unmount(self) -> None:
         if self.follower is not None:
             self.follower.close()
+
+
+class _MainScreen(Screen):
+    """The monitor's screen: on a resize the app chooses the layout again (layout.py)."""
+
+    def on_resize(self, event) -> None:
+        app = self.app
+        if isinstance(app, MonitorApp):
+            app.call_after_refresh(app._apply_layout)
 
 
 def _critical_key(item: tuple[str, Alert]) -> tuple[object, object] | None:
