@@ -18,7 +18,7 @@ from protocol.alerts import DEFAULT_RULES, Alert, Rule, most_severe
 from protocol.catalogue import finite_value
 from protocol.events import alert_timeline
 from protocol.health import Verdict, fork_step, fork_suggestion, run_verdict, worst_severity
-from protocol.rundir import RunPaths
+from protocol.rundir import RunPaths, run_elapsed
 from protocol.text import safe_text
 
 from .adapted import header_suffix
@@ -211,11 +211,8 @@ class RunModel:
         status = self.status
         if status == "running" and age is not None and age > stall_after:
             status = "stalled"
-        started, ended = self.started_at, finite_value(self.manifest.get("ended_at"))
-        if ended is None and status not in ("running", "stalled", "…"):
-            # a run that ended without saying when (killed, crashed): its time stops at its last record
-            ended = last_time if last_time is not None else started
-        elapsed = None if started is None else max(0.0, (ended if ended is not None else now) - started)
+        live = status in ("running", "stalled", "…")  # "…": not read yet
+        elapsed = run_elapsed(self.manifest, "running" if live else status, last_time, now)
         return HeaderInfo(
             run_id=self.run_id,
             status=status,

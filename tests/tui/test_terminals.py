@@ -222,3 +222,26 @@ async def test_live_chart_grows_at_its_right_edge(runs_dir):
         ]
         assert changed and min(changed) >= 5 + 1 + 14, (before, after)  # label + the first 30 records' columns
     w.close()
+
+
+async def test_elapsed_and_status_agree_with_trainerd_status(runs_dir):
+    """One function decides (protocol.rundir.run_elapsed, effective_status): a run whose writer
+    died while 'running' is crashed in both, and its elapsed time stops at its last record."""
+    from trainerd.cli import run_status
+
+    paths = make_run(runs_dir, "died", 40)
+    m = rundir.read_manifest(paths)
+    m.update(status="running", ended_at=None)  # its writer is gone: no lock held
+    rundir.write_manifest(paths, m)
+    info = run_status(paths)
+    assert info["status"] == "crashed"
+    assert info["elapsed_s"] == pytest.approx(40 * 0.5, abs=0.01)  # started at T0, last record at T0 + 20
+    app = app_for(paths.root)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await loaded(app, pilot)
+        h = app.model.header_info(T0 + 10_000, 60.0)  # long after: the clock must not keep counting
+        assert h.status == "crashed"
+        assert h.elapsed_s == pytest.approx(info["elapsed_s"], abs=0.01)
+    assert rundir.run_elapsed({"started_at": T0, "ended_at": T0 + 5}, "finished", None, T0 + 99) == 5
+    assert rundir.run_elapsed({"started_at": T0}, "running", T0 + 3, T0 + 7) == 7
+    assert rundir.run_elapsed({"started_at": "yesterday"}, "running", None, T0) is None
