@@ -335,7 +335,7 @@ def cpu_report(work: Path, secs: str) -> None:
     r = run_child("--_open", str(idle_root), secs, "10")
     print(
         f"  CPU while a run writes 10 records/s: {r['cpu_frac']:.1%} of a core "
-        f"(default --fps 5, charts 1/s; following {r.get('live_run')}, at step {r.get('live_step')})"
+        f"(default --fps 5, charts 1/s, whole-run views 0.5/s; following {r.get('live_run')}, at step {r.get('live_step')})"
     )
     subprocess.run(f"rm -rf {idle_runs}/cpu-*", shell=True)
 
