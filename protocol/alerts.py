@@ -473,6 +473,12 @@ class AlertEngine:
     def most_severe(self) -> Alert | None:
         return most_severe(self.open.values())
 
+    @property
+    def quiet(self) -> bool:
+        """No alert open and no bad streak under way: what comes next depends only on the rolling
+        windows (a whole-history evaluator may skip records known to be good from here)."""
+        return not self.open and all(st.bad_run == 0 for st in self._state.values())
+
     # -- internals -------------------------------------------------------------------
 
     def _recovered(self, rule: Rule, value: float) -> bool:
@@ -547,29 +553,8 @@ class AlertEngine:
         urgent = urgent or waived
         compared: dict[str, float] = {}
         detail = ""
-        if rule.relative_to and ref is not None:
-            compared = {rule.metric: raw, rule.relative_to: ref}
-            shown = f"{'+-' if rule.kind == 'abs_above' else ''}{_fmt(threshold)}"
-            detail = (
-                f"{rule.metric} / {rule.relative_to} = {v:+.3g} ({rule.metric}={_fmt(raw)}, "
-                f"{rule.relative_to}={_fmt(compared[rule.relative_to])}; threshold {shown}"
-                f"{f' for {rule.consecutive} steps in a row' if rule.consecutive > 1 else ''})"
-            )
-        elif rule.consecutive > 1:
-            detail = f"{rule.metric}={_fmt(v)} (threshold {_fmt(threshold)}, crossed {rule.consecutive} steps in a row)"
-        if hard_only and rule.hard_threshold is not None:
-            after = f" after step {rule.warmup_steps}" if rule.warmup_steps else ""
-            steps = f" for {rule.consecutive} steps in a row" if rule.consecutive > 1 else ""
-            detail = (
-                f"{rule.metric}={_fmt(v)} (past the hard threshold {_fmt(rule.hard_threshold)}, no streak needed; "
-                f"{_fmt(rule.threshold)}{steps}{after})"
-            )
-        if waived and idle is not None:
-            compared[f"{rule.pushback}_before"], compared[str(rule.pushback)] = idle
-            detail = (
-                f"{rule.metric}={_fmt(v)} (threshold {_fmt(threshold)}, and {rule.pushback} is not rising: "
-                f"{_fmt(idle[0])} -> {_fmt(idle[1])}, nothing pushes back)"
-            )
+        if bad:  # put in words only when it is shown (a good step's verdict never is)
+            compared, detail = self._described(rule, v, raw, ref, threshold, hard_only, waived, idle)
         st = self._state[rule.name]
         if not bad and rule.spike_factor is not None and len(st.history) >= min(rule.window, 10):
             med = st.sorted_hist[len(st.sorted_hist) // 2]
@@ -596,6 +581,45 @@ class AlertEngine:
             if ref is not None:
                 compared[rule.critical_factor_of] = ref
         return _Verdict(bad, v, rule.metric, threshold, critical, compared, detail, urgent)
+
+    def _described(
+        self,
+        rule: Rule,
+        v: float,
+        raw: float,
+        ref: float | None,
+        threshold: float,
+        hard_only: bool,
+        waived: bool,
+        idle: tuple[float, float] | None,
+    ) -> tuple[dict[str, float], str]:
+        """What a bad threshold verdict compared, by name and in words."""
+        compared: dict[str, float] = {}
+        detail = ""
+        if rule.relative_to and ref is not None:
+            compared = {rule.metric: raw, rule.relative_to: ref}
+            shown = f"{'+-' if rule.kind == 'abs_above' else ''}{_fmt(threshold)}"
+            detail = (
+                f"{rule.metric} / {rule.relative_to} = {v:+.3g} ({rule.metric}={_fmt(raw)}, "
+                f"{rule.relative_to}={_fmt(compared[rule.relative_to])}; threshold {shown}"
+                f"{f' for {rule.consecutive} steps in a row' if rule.consecutive > 1 else ''})"
+            )
+        elif rule.consecutive > 1:
+            detail = f"{rule.metric}={_fmt(v)} (threshold {_fmt(threshold)}, crossed {rule.consecutive} steps in a row)"
+        if hard_only and rule.hard_threshold is not None:
+            after = f" after step {rule.warmup_steps}" if rule.warmup_steps else ""
+            steps = f" for {rule.consecutive} steps in a row" if rule.consecutive > 1 else ""
+            detail = (
+                f"{rule.metric}={_fmt(v)} (past the hard threshold {_fmt(rule.hard_threshold)}, no streak needed; "
+                f"{_fmt(rule.threshold)}{steps}{after})"
+            )
+        if waived and idle is not None:
+            compared[f"{rule.pushback}_before"], compared[str(rule.pushback)] = idle
+            detail = (
+                f"{rule.metric}={_fmt(v)} (threshold {_fmt(threshold)}, and {rule.pushback} is not rising: "
+                f"{_fmt(idle[0])} -> {_fmt(idle[1])}, nothing pushes back)"
+            )
+        return compared, detail
 
     def _evaluate_trends(self, rule: Rule, record: dict[str, Any]) -> _Verdict | None:
         """Judged on the window that includes this step (fed before evaluation, in update).

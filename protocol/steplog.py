@@ -25,6 +25,7 @@ from typing import IO, Any
 
 import msgpack
 
+from .columns import ColumnWriter, columns_path
 from .safeio import RunDirError, StrPath, open_run_fd, open_run_file
 
 MAX_PAYLOAD = 1 << 20  # a frame over 1 MiB is corrupt
@@ -55,21 +56,27 @@ class StepLogWriter:
     """Appends records, one `write` per frame, flushed to the OS at once (survives SIGKILL).
 
     `fdatasync` runs on a timer (`sync_interval_s`) and whenever `sync()` is called
-    (the trainer calls it at every checkpoint).
+    (the trainer calls it at every checkpoint). With `columns` (the default) it also keeps the
+    columnar side file `steps.cols` (protocol/columns.py): a row per frame, for readers that
+    load whole histories; a failure there never affects the log.
     """
 
-    def __init__(self, path: StrPath, sync_interval_s: float = 5.0, root: StrPath | None = None):
+    def __init__(self, path: StrPath, sync_interval_s: float = 5.0, root: StrPath | None = None, columns: bool = True):
         self.path = Path(path)
         self.root = root if root is not None else os.path.dirname(os.path.abspath(path))
         self.sync_interval_s = sync_interval_s
         self._fd = open_run_fd(self.root, path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._last_sync = time.monotonic()
+        size = os.fstat(self._fd).st_size
+        self.columns = ColumnWriter(columns_path(path), self.root, path, size) if columns else None
 
     def write(self, record: dict[str, Any]) -> None:
         frame = encode_frame(record)
         n = os.write(self._fd, frame)
         while n < len(frame):  # a short write is rare (signals, full pipes) but possible
             n += os.write(self._fd, frame[n:])
+        if self.columns is not None:
+            self.columns.append(record, frame)
         if time.monotonic() - self._last_sync >= self.sync_interval_s:
             self.sync()
 
@@ -84,6 +91,8 @@ class StepLogWriter:
             finally:
                 os.close(self._fd)
                 self._fd = -1
+                if self.columns is not None:
+                    self.columns.close()
 
     def __enter__(self) -> StepLogWriter:
         return self
@@ -108,13 +117,21 @@ class StepLogTailer:
     A file that shrank, was replaced, or whose already-read bytes changed (a resume
     truncated and rewrote it) is read again from the start (`stats.resets`).
     With `start_offset`, reading starts there and aligns to the next valid frame
-    without counting the bytes before it as corruption (used to show a run's tail first).
+    without counting the bytes before it as corruption (used to show a run's tail first);
+    with `at_frame` too, the offset is known to start a frame and bad bytes there count.
     If the file is refused (a symlink, a FIFO, outside the run dir `root`, default the
     file's directory), `poll` returns [] and `error` holds the one-line reason (None
     again once it opens); a missing file is just "nothing yet".
     """
 
-    def __init__(self, path: StrPath, start_offset: int = 0, with_offsets: bool = False, root: StrPath | None = None):
+    def __init__(
+        self,
+        path: StrPath,
+        start_offset: int = 0,
+        with_offsets: bool = False,
+        root: StrPath | None = None,
+        at_frame: bool = False,
+    ):
         self.path = Path(path)
         self.root = root if root is not None else os.path.dirname(os.path.abspath(path))
         self.error: str | None = None
@@ -123,7 +140,8 @@ class StepLogTailer:
         self._buf: bytes | bytearray = b""
         self._buf_start = start_offset  # file offset of _buf[0]
         self._ident: tuple[int, int] | None = None
-        self._aligning = start_offset > 0  # skipping to the first frame is not corruption
+        # skipping to the first frame is not corruption, unless start_offset is known to be a frame's start
+        self._aligning = start_offset > 0 and not at_frame
         self._in_resync = False  # the bad bytes being scanned were already counted
         self._seen_tail = b""  # last bytes consumed, to notice a rewrite of what was read
 

@@ -23,12 +23,12 @@ from protocol.rundir import RunDirError, RunPaths, effective_status, read_manife
 from protocol.steplog import StepLogTailer
 from protocol.text import safe_text
 
+from .fastload import load_columns
+from .history_alerts import evaluate_history
 from .store import RunStore, is_placeable
 
 TAIL_BYTES = 4 << 20  # read this much of a big log first (~5k records), the rest in the background
 BATCH_RECORDS = 5000  # records per batch applied to the UI
-# older history gets alerts evaluated only this far back (the engine costs ~65 us/record)
-HISTORY_ALERT_RECORDS = 100_000
 HISTORY_CHUNK = 5000  # records read between checks of should_stop (~30 ms)
 
 
@@ -194,36 +194,41 @@ class RunFeed:
                 b.manifest = self._manifest
 
 
-def load_history(paths: RunPaths, end_offset: int, should_stop=lambda: False, est_bytes_per_record: float = 700.0):
-    """The records before `end_offset`, as one older RunStore plus their alerts.
+def load_history(paths: RunPaths, end_offset: int, should_stop=lambda: False):
+    """The records before `end_offset`, as one older RunStore plus their alerts over all of it.
 
-    Yields progress fractions while reading; the last value yielded is the result tuple
-    (store, alerts, open_alerts_at_end, corrupt_frames). Ends early, yielding no result,
-    once `should_stop()` is true.
+    The step log's columnar side file gives the history in array operations where it is
+    trusted (tui/fastload.py); the rest is decoded from the log. Alerts are evaluated over
+    the whole history (tui/history_alerts.py: the streaming engine, run only where a rule
+    could fire). Yields progress fractions while reading; the last value yielded is the
+    result tuple (store, alerts, open_alerts_at_end, corrupt_frames). Ends early, yielding
+    no result, once `should_stop()` is true.
     """
-    older = RunStore()
-    engine = AlertEngine(load_run_rules(paths.root)[0])  # the rules the tail is evaluated with
-    alerts: list[tuple[str, Alert]] = []
-    alert_from = max(0, end_offset - int(HISTORY_ALERT_RECORDS * est_bytes_per_record))
-    t = StepLogTailer(paths.steps, with_offsets=True)
-    done = False
+    rules = load_run_rules(paths.root)[0]  # the rules the tail is evaluated with
+    fast = load_columns(paths, end_offset, should_stop)
+    if should_stop():
+        return
+    older, start = (fast.store, fast.end) if fast is not None else (RunStore(), 0)
+    yield min(1.0, start / max(1, end_offset))
+    t = StepLogTailer(paths.steps, start_offset=start, with_offsets=True, at_frame=True)
+    done = start >= end_offset
     while not done and not should_stop():
         batch = t.poll(HISTORY_CHUNK)
         if not batch:
             break
         recs = []
-        for start, _end, r in batch:
-            if start >= end_offset:
+        for first, _end, r in batch:
+            if first >= end_offset:
                 done = True
                 break
             recs.append(r)
-            if start >= alert_from and is_placeable(r):
-                alerts.extend((ev, snapshot(a)) for ev, a in engine.update(r))
-                if not len(recs) % 500 and should_stop():
-                    return  # quitting or another run opened: the alert engine is the slow part
         older.extend(RunStore.columnize(recs))
         yield min(1.0, t.offset / max(1, end_offset))
         time.sleep(0.001)  # let the UI thread have the GIL between chunks
     if should_stop():
         return
-    yield older, alerts, [snapshot(a) for a in engine.open.values()], t.stats.corrupt_frames
+    evaluated = evaluate_history(rules, older, should_stop)
+    if evaluated is None:
+        return
+    alerts, still_open = evaluated
+    yield older, alerts, still_open, t.stats.corrupt_frames

@@ -11,12 +11,14 @@ the messages of a run it has left.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
 
 from textual.message import Message
 
+from protocol.columns import columns_path
 from protocol.rundir import RunDirError, RunPaths, resolve_run
 
 from .adapted import AdaptedFeed, AdaptedPaths, adapted_target
@@ -193,16 +195,16 @@ class RunFollower:
                 batch = feed.poll()
                 if batch.cols:
                     self.tail_records += len(batch.cols["step"])
+                if not history_started and feed.first_offset is not None and feed.first_offset > 0:
+                    history_started = True  # before the tail is shown: it may load at once (_history)
+                    spawn(self._guarded, lambda: self._history(feed.first_offset), name="history")
                 if not batch.empty and not self._send(batch):
                     return False
                 if batch.pending and not self._send(feed.evaluate(batch)):
                     return False
                 if not history_started and feed.first_offset is not None:
                     history_started = True
-                    if feed.first_offset > 0:
-                        spawn(self._guarded, lambda: self._history(feed.first_offset), name="history")
-                    else:
-                        post(self.app, HistoryLoaded(self.token, None))
+                    post(self.app, HistoryLoaded(self.token, None))
                 if not batch.cols or len(batch.cols["step"]) + batch.cols["skipped"] < BATCH_RECORDS:
                     return True  # caught up
             return False
@@ -220,13 +222,14 @@ class RunFollower:
                     return
 
     def _history(self, end_offset: int) -> None:
-        """Load the records before the tail (after the tail's first screen: the GIL is shared)."""
-        while not self.first_screen.wait(0.05):
-            if self.stop.is_set():
-                return
-        per_record = self.tail_bytes / max(1, self.tail_records)
+        """Load the records before the tail: at once from a columnar side file (array work, a
+        fraction of a second), else after the tail's first screen (decoding holds the GIL)."""
+        if not os.path.exists(columns_path(self.paths.steps)):
+            while not self.first_screen.wait(0.05):
+                if self.stop.is_set():
+                    return
         last_report = 0.0
-        for item in load_history(self.paths, end_offset, self.stop.is_set, per_record):
+        for item in load_history(self.paths, end_offset, self.stop.is_set):
             if isinstance(item, float):
                 if time.monotonic() - last_report > 0.5:
                     last_report = time.monotonic()

@@ -1,0 +1,178 @@
+"""Whole histories from the columnar side file (steps.cols): the same store as decoding the log,
+and never a value the log does not hold (damaged side file, damaged log, resume, no side file)."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from pathlib import Path
+
+import pytest
+from tui_helpers import ROOT, make_run
+
+from protocol.alerts import DEFAULT_RULES, AlertEngine
+from protocol.columns import columns_path
+from protocol.rundir import RunPaths
+from protocol.steplog import StepLogWriter, read_steplog, truncate_after_step
+from tui.fastload import load_columns
+from tui.feed import load_history
+from tui.history_alerts import evaluate_history
+from tui.store import RunStore, is_placeable
+
+
+def decoded(paths: RunPaths) -> RunStore:
+    """The store the monitor builds by decoding every frame of the log (the reference)."""
+    s = RunStore()
+    s.extend(RunStore.columnize(read_steplog(paths.steps)[0]))
+    return s
+
+
+def assert_same(a: RunStore, b: RunStore) -> None:
+    assert list(a.steps) == list(b.steps)
+    assert bytes(a.times) == bytes(b.times)
+    assert set(a.columns) == set(b.columns)
+    for k, c in b.columns.items():
+        mine = a.columns[k]
+        assert bytes(mine.values) == bytes(c.values), k  # bit for bit: NaN payloads, -0.0, Inf
+        assert (list(mine.bmin), list(mine.bmax), list(mine.bflags)) == (list(c.bmin), list(c.bmax), list(c.bflags))
+        assert mine.present == c.present, k
+    for k, c in b.stages.items():
+        assert bytes(a.stages[k].values) == bytes(c.values), k
+        assert list(a.stages[k].bflags) == list(c.bflags)
+        assert a.stages[k].bsum == pytest.approx(c.bsum, rel=1e-9)
+
+
+def history(paths: RunPaths) -> tuple:
+    *_, last = load_history(paths, paths.steps.stat().st_size)
+    return last
+
+
+@pytest.fixture()
+def odd_run(runs_dir) -> RunPaths:
+    """A generated run plus records a schema change, non-numbers and a float step bring."""
+    paths = make_run(runs_dir, "odd", 1500, unstable=True)
+    with StepLogWriter(paths.steps) as w:
+        w.write({"step": 1501, "time": 1.0, "new_metric": 5, "kl": "text", "stage_s": {"rollout": 1}})
+        w.write({"step": 1502.0, "time": 2.0, "kl": 0.1})  # a float step: not placeable
+        w.write({"step": 1503, "flag": True, "kl": 2**63 - 1, "grad_norm": math.nan, "entropy": -0.0})
+    return paths
+
+
+def test_side_file_gives_the_store_decoding_gives(odd_run):
+    loaded = load_columns(odd_run, 1 << 60)
+    assert loaded is not None and loaded.rows == 1503 and loaded.skipped == 1
+    assert loaded.end == odd_run.steps.stat().st_size
+    assert "new_metric" in loaded.store.extra
+    assert_same(loaded.store, decoded(odd_run))
+
+
+def test_a_flipped_bit_in_the_side_file_ends_what_is_trusted(odd_run):
+    cols = Path(columns_path(odd_run.steps))
+    data = bytearray(cols.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    cols.write_bytes(bytes(data))
+    loaded = load_columns(odd_run, 1 << 60)
+    assert loaded is not None and 0 < loaded.rows < 1503
+    store, _alerts, _open, corrupt = history(odd_run)
+    assert corrupt == 0
+    assert_same(store, decoded(odd_run))  # the rest came from the log
+
+
+def test_a_damaged_log_frame_is_counted_and_never_shown_from_the_side_file(odd_run):
+    data = bytearray(odd_run.steps.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside some frame: its crc no longer matches
+    odd_run.steps.write_bytes(bytes(data))
+    store, _alerts, _open, corrupt = history(odd_run)
+    assert corrupt == 1
+    records, stats = read_steplog(odd_run.steps)
+    assert stats.corrupt_frames == 1
+    assert_same(store, decoded(odd_run))
+
+
+def test_resume_truncation_and_a_run_without_side_file(runs_dir):
+    paths = make_run(runs_dir, "resumed", 800)
+    truncate_after_step(paths.steps, 500)  # a resume from step 500's checkpoint
+    with StepLogWriter(paths.steps) as w:  # the resumed trainer writes steps 501.. again
+        for s in range(501, 701):
+            w.write({"step": s, "time": float(s), "kl": 0.05 + s * 1e-4})
+    loaded = load_columns(paths, 1 << 60)
+    assert loaded is not None and loaded.rows == 700
+    assert_same(loaded.store, decoded(paths))
+    Path(columns_path(paths.steps)).unlink()  # a run from before the side file
+    assert load_columns(paths, 1 << 60) is None
+    assert_same(history(paths)[0], decoded(paths))
+    with StepLogWriter(paths.steps):  # the next writer rebuilds it from the log
+        pass
+    loaded = load_columns(paths, 1 << 60)
+    assert loaded is not None and loaded.rows == 700
+
+
+# -- alerts over the whole history ----------------------------------------------------------
+
+
+def _key(event, a):
+    return (event, a.rule, a.severity, a.first_step, a.cleared_step if event == "alert_cleared" else a.step)
+
+
+def _compare(records, rules=DEFAULT_RULES) -> int:
+    records = [r for r in records if is_placeable(r)]
+    engine = AlertEngine(rules)
+    full = [_key(ev, a) for r in records for ev, a in engine.update(r)]
+    store = RunStore()
+    store.extend(RunStore.columnize(records))
+    got, still_open = evaluate_history(rules, store)
+    assert [_key(ev, a) for ev, a in got] == full
+    assert sorted(a.rule for a in still_open) == sorted(engine.open)
+    return len(full)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_history_alerts_equal_a_full_streaming_pass_on_generated_runs(runs_dir, seed):
+    for unstable in (False, True):
+        paths = make_run(runs_dir, f"g{seed}{unstable}", 3000, unstable=unstable, seed=seed)
+        n = _compare(read_steplog(paths.steps)[0])
+        assert n > 0 or not unstable
+
+
+def test_history_alerts_equal_a_full_streaming_pass_on_real_trainer_runs(tmp_path):
+    """The committed logs of real trainer runs: clean ones and every injected fault."""
+    fixtures = sorted((ROOT / "tests" / "fixtures" / "alert_quality").glob("*.msgpack.gz"))
+    assert len(fixtures) >= 10
+    fired = 0
+    for f in fixtures:
+        plain = tmp_path / f.stem
+        plain.write_bytes(gzip.decompress(f.read_bytes()))
+        fired += _compare(read_steplog(plain)[0])
+    assert fired > 20
+
+
+def test_a_side_file_that_cannot_be_written_never_costs_the_log(tmp_path):
+    """steps.cols a FIFO (or a directory): the log is written in full, nothing hangs."""
+    os.mkfifo(tmp_path / "steps.cols")
+    with StepLogWriter(tmp_path / "steps.msgpack") as w:
+        assert w.columns is not None and w.columns.broken
+        for s in range(1, 51):
+            w.write({"step": s, "kl": 0.1})
+    assert [r["step"] for r in read_steplog(tmp_path / "steps.msgpack")[0]] == list(range(1, 51))
+
+
+def test_a_torn_row_or_a_damaged_log_is_where_the_rebuilt_side_file_stops(runs_dir):
+    paths = make_run(runs_dir, "torn", 300)
+    cols = Path(columns_path(paths.steps))
+    with open(cols, "r+b") as f:  # a crash in the middle of the last row
+        f.truncate(cols.stat().st_size - 5)
+    with StepLogWriter(paths.steps) as w:  # the next writer drops the torn row, writes it again
+        w.write({"step": 301, "kl": 0.2})
+    loaded = load_columns(paths, 1 << 60)
+    assert loaded is not None and loaded.rows == 301
+    data = bytearray(paths.steps.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the log
+    paths.steps.write_bytes(bytes(data))
+    cols.unlink()
+    with StepLogWriter(paths.steps) as w:  # rebuilt from the log: up to the damaged frame only
+        assert w.columns is not None and w.columns.broken
+    loaded = load_columns(paths, 1 << 60)
+    assert loaded is not None and 100 < loaded.rows < 200
+    store, _alerts, _open, corrupt = history(paths)
+    assert corrupt == 1 and len(store) == 300  # 301 records, one lost to the flipped bit

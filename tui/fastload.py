@@ -1,0 +1,266 @@
+"""A run's whole history from the step log's columnar side file (`steps.cols`), with numpy.
+
+`load_columns` turns the side file's rows into a `RunStore` in array operations, checking
+every row against the step log first: the frames must follow each other from offset 0 as
+the rows say, the crc32 of the log's bytes up to each frame's end must be the one recorded
+(one running crc32 over the log, at C speed), and the row's own checksum must hold. The
+first row that fails ends what is trusted; the caller reads the log from there as before.
+So the monitor never shows a value the log does not hold, and a run without a side file (an
+older run, another framework's) is read exactly as before. Both files are read with pread,
+never mapped: a resume may truncate them while they are read. numpy is imported here only,
+lazily: the monitor's start-up does not pay for it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import zlib
+from array import array
+from dataclasses import dataclass
+
+from protocol.catalogue import STAGES
+from protocol.columns import (
+    MAGIC_U64,
+    MISSING_BITS,
+    NONNUM_BITS,
+    ROW_HEAD_WORDS,
+    K,
+    columns_path,
+    decode_header,
+)
+from protocol.rundir import RunPaths
+from protocol.safeio import open_run_file
+
+from .store import (
+    _NOT_EXTRA,
+    BLOCK,
+    FLAG_NAN,
+    FLAG_NEG_INF,
+    FLAG_POS_INF,
+    INT64,
+    MAX_EXTRA_COLUMNS,
+    SCALAR_FIELDS,
+    Column,
+    RunStore,
+)
+
+CHUNK_BYTES = 16 << 20  # rows checked and copied per pass: memory stays bounded
+
+
+@dataclass
+class Loaded:
+    store: RunStore  # the rows before `end` (placeable ones; see `skipped`)
+    end: int  # the log offset the trusted rows cover: read the log from here
+    rows: int  # trusted rows used
+    skipped: int  # rows without a step a chart can place
+
+
+def load_columns(paths: RunPaths, upto: int, should_stop=lambda: False) -> Loaded | None:
+    """The history before log offset `upto` from the side file, or None when there is none
+    (or numpy is missing, or its first row is not trusted)."""
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    try:
+        cols = open_run_file(paths.root, columns_path(paths.steps), "rb")
+        log = open_run_file(paths.root, paths.steps, "rb")
+    except OSError:
+        return None
+    with cols, log:
+        log_size = os.fstat(log.fileno()).st_size
+        if log_size == 0 or os.fstat(cols.fileno()).st_size == 0:
+            return None
+        # read with pread, never mapped: a resume may truncate either file while we read it
+        # (a mapped page past the new end would kill the process with SIGBUS)
+        return _load(np, cols.fileno(), log.fileno(), min(upto, log_size), should_stop)
+
+
+def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | None:
+    out: dict[tuple[str, str | None], array] = {}  # field -> float64 values of the trusted rows
+    n = 0  # trusted rows so far
+    prev_end, log_crc = 0, 0
+    pos = 0
+    size = os.fstat(cols_fd).st_size
+    k_all = np.array(K, dtype=np.uint64)
+    done = False
+    while not done and pos < size:
+        got = decode_header(os.pread(cols_fd, 16 + 64 * 1024 + 1032, pos), 0)
+        if got is None:
+            break
+        fields, head_len = got
+        w = ROW_HEAD_WORDS + len(fields)
+        width = 8 * w
+        kk = np.concatenate([k_all[:2], k_all[3:w]])
+        seg_fields = set(fields)
+        per_chunk = max(1, CHUNK_BYTES // width)
+        p = pos + head_len
+        while p + width <= size:
+            if should_stop():
+                return None
+            buf = os.pread(cols_fd, min(per_chunk, (size - p) // width) * width, p)
+            m = len(buf) // width
+            if not m:
+                done = True
+                break
+            rows = np.frombuffer(buf, dtype="<u8", count=m * w).reshape(m, w)
+            seg_end = np.flatnonzero(rows[:, 0] == MAGIC_U64)
+            if len(seg_end):  # the next segment starts here
+                rows = rows[: seg_end[0]]
+            ok, log_crc = _trusted(np, rows, kk, log_fd, prev_end, log_crc, upto)
+            if ok:
+                good = rows[:ok]
+                prev_end = int(good[-1, 0])
+                for j, f in enumerate(fields):
+                    if f[1] is not None and not (f[0] == "stage_s" and f[1] in STAGES):
+                        continue  # no chart shows it (per-stage memory, per-rank maps...)
+                    col = out.get(f)
+                    if col is None:
+                        col = out[f] = array("d")
+                        if n:
+                            col.frombytes(np.full(n, MISSING_BITS, dtype="<u8").tobytes())
+                    col.frombytes(np.ascontiguousarray(good[:, ROW_HEAD_WORDS + j]).tobytes())
+                for f, col in out.items():
+                    if f not in seg_fields:
+                        col.frombytes(np.full(ok, MISSING_BITS, dtype="<u8").tobytes())
+                n += ok
+            if ok < len(rows) or prev_end >= upto:
+                done = True
+                break
+            p += len(rows) * width
+            if len(seg_end):
+                pos = p
+                break
+        else:
+            break
+    if not n:
+        return None
+    store, skipped = _store_of(np, out, n)
+    return Loaded(store, prev_end, n, skipped)
+
+
+def _trusted(np, rows, kk, log_fd: int, prev_end: int, log_crc: int, upto: int) -> tuple[int, int]:
+    """How many leading rows hold: contiguous frames within the log, their own checksums, and the
+    log's crc32 up to each frame's end as recorded. Returns (rows, log crc after them)."""
+    if not len(rows):
+        return 0, log_crc
+    ends = rows[:, 0]
+    lens = rows[:, 1] & np.uint64(0xFFFFFFFF)
+    expect = np.empty_like(ends)
+    expect[0] = prev_end
+    expect[1:] = ends[:-1]
+    summed = np.concatenate([rows[:, :2], rows[:, 3:]], axis=1)
+    with np.errstate(over="ignore"):
+        checks = (summed * kk).sum(axis=1, dtype=np.uint64)
+    bad = (ends - lens - np.uint64(16) != expect) | (ends > np.uint64(upto))
+    bad |= (lens == 0) | (ends < lens + np.uint64(16)) | (checks != rows[:, 2])
+    first_bad = np.flatnonzero(bad)
+    m = int(first_bad[0]) if len(first_bad) else len(rows)
+    if not m:
+        return 0, log_crc
+    crcs = (rows[:m, 1] >> np.uint64(32)).tolist()
+    end_list = ends[:m].tolist()
+    data = os.pread(log_fd, end_list[-1] - prev_end, prev_end)  # the log bytes these rows cover
+
+    def crc_to(i: int) -> int:  # the log's crc32 up to row i's frame end
+        return zlib.crc32(memoryview(data)[: end_list[i] - prev_end], log_crc)
+
+    if len(data) == end_list[-1] - prev_end and crc_to(m - 1) == crcs[m - 1]:
+        return m, crcs[m - 1]
+    lo, hi = 0, m - 1  # the log changed somewhere: the last row whose crc still holds
+    best = -1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if end_list[mid] - prev_end <= len(data) and crc_to(mid) == crcs[mid]:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best + 1, (crcs[best] if best >= 0 else log_crc)
+
+
+def _store_of(np, out: dict, n: int) -> tuple[RunStore, int]:
+    """A RunStore from the side file's columns, as `RunStore.columnize` + `extend` would build it.
+    Consumes `out`: each column is converted in place and handed over, so a 1M-step history
+    is held once, not twice."""
+    step_col = out.pop(("step", None), None)
+    if step_col is None:
+        return RunStore(), n
+    step_bits = np.frombuffer(step_col, dtype="<u8")
+    step_f = step_bits.view("<f8")
+    placeable = np.isfinite(step_f) & (step_f >= INT64[0]) & (step_f <= INT64[1])
+    keep = None if placeable.all() else np.flatnonzero(placeable)
+    skipped = n - (n if keep is None else len(keep))
+
+    def take(f, absent_as_nan: bool = False) -> array:
+        """A field's values as the store keeps them: not-a-number as missing (or NaN)."""
+        col = out.pop(f, None)
+        if col is None:
+            fill = _NAN_BITS if absent_as_nan else MISSING_BITS
+            col = array("d", np.full(n, fill, dtype="<u8").tobytes())
+        b = np.frombuffer(col, dtype="<u8")
+        b[b == NONNUM_BITS] = MISSING_BITS  # present but not a number: shown as missing
+        if absent_as_nan:
+            b[b == MISSING_BITS] = _NAN_BITS
+        if keep is not None:
+            col = array("d", b[keep].tobytes())
+        del b
+        return col
+
+    s = RunStore()
+    s.steps = array("q", (step_f if keep is None else step_f[keep]).astype(np.int64).tobytes())
+    del step_bits, step_f, step_col
+    s.times = take(("time", None), absent_as_nan=True)
+    for k in SCALAR_FIELDS:
+        s.columns[k] = _column(np, take((k, None)), "d")
+    for st in STAGES:
+        f32 = np.frombuffer(take(("stage_s", st), absent_as_nan=True), dtype="<f8").astype(np.float32)
+        s.stages[st] = _column(np, array("f", f32.tobytes()), "f", True)
+    for f in list(out):
+        name, sub = f
+        if sub is not None or name in _NOT_EXTRA or len(s.extra) >= MAX_EXTRA_COLUMNS:
+            out.pop(f)
+            continue
+        c = _column(np, take(f), "d")
+        if c.present:
+            s.columns[name] = c
+            s.extra.append(name)
+    return s, skipped
+
+
+_NAN_BITS = struct.unpack("<Q", struct.pack("<d", math.nan))[0]
+
+
+def _f64(bits_: int) -> float:
+    return struct.unpack("<d", struct.pack("<Q", bits_))[0]
+
+
+def _column(np, values: array, typecode: str, sums: bool = False) -> Column:
+    """A store Column over `values` with its block summaries computed in bulk (as `Column.extend`
+    would). No numpy view of `values` outlives this call: the live feed appends to it later."""
+    c = Column(typecode, sums)
+    c.values = values
+    v64 = np.frombuffer(values, dtype="<f8" if typecode == "d" else "<f4").astype(np.float64)
+    if typecode == "d":
+        missing = v64.view("<u8") == MISSING_BITS
+        c.present = int(len(v64) - missing.sum())
+    else:
+        missing = np.zeros(len(v64), dtype=bool)
+        c.present = 0
+    nb = len(v64) // BLOCK
+    if nb:
+        blk = v64[: nb * BLOCK].reshape(nb, BLOCK)
+        fin = np.isfinite(blk)
+        c.bmin = array("d", np.where(fin, blk, math.inf).min(axis=1).tobytes())
+        c.bmax = array("d", np.where(fin, blk, -math.inf).max(axis=1).tobytes())
+        nan = np.isnan(blk) & ~missing[: nb * BLOCK].reshape(nb, BLOCK)
+        flags = (
+            nan.any(axis=1) * FLAG_NAN
+            + (blk == math.inf).any(axis=1) * FLAG_POS_INF
+            + (blk == -math.inf).any(axis=1) * FLAG_NEG_INF
+        )
+        c.bflags = array("b", flags.astype(np.int8).tobytes())
+        if sums:
+            c.bsum = array("d", np.where(fin, blk, 0.0).sum(axis=1).tobytes())
+    return c
