@@ -128,6 +128,7 @@ class MonitorApp(App):
         crop_both_ends()  # a changed span is written alone, not from its widget's left edge (wire.py)
         self.target = Path(target)
         # one rate governs every frame: values at `fps`, charts and panels slower (frames.rates)
+        chart_fps_asked = chart_fps
         fps, chart_fps, self.panel_interval = rates(fps, chart_fps)
         self.set_reactive(MonitorApp.ema_weight, ema_weight)
         self.stall_after = stall_after
@@ -141,7 +142,9 @@ class MonitorApp(App):
         self._token = 0  # which open of a run the readers' messages belong to
         self.values = Throttle(self, fps, self._draw_values)
         self.charts = Throttle(self, chart_fps, self._draw_charts)
-        self._chart_interval = self.charts.interval  # whole-run views: twice this (frames.rates)
+        self._chart_interval = self.charts.interval
+        # whole-run views at half the chart rate, unless the chart rate was asked for (--chart-fps)
+        self._whole_run_slower = WHOLE_RUN_SLOWER if chart_fps_asked is None else 1
         self._panel_drawn_at = -1e9
         self.tile_metrics = list(CHART_METRICS)  # what each tile shows (m changes the selected one)
         self.layout_name = ""
@@ -499,7 +502,7 @@ class MonitorApp(App):
         v.smooth, v.time_axis, v.zoom, v.around_step = self.smooth, self.time_axis, self.zoom, self.around_step
         v.ema_weight, v.cursor = self.ema_weight, self.cursor
         # a whole-run view changes little per record: it is drawn at half the chart rate
-        self.charts.interval = self._chart_interval * (WHOLE_RUN_SLOWER if self.zoom is None else 1)
+        self.charts.interval = self._chart_interval * (self._whole_run_slower if self.zoom is None else 1)
         self.charts.soon()
 
     watch_smooth = watch_time_axis = watch_zoom = watch_around_step = _view_changed
@@ -529,14 +532,16 @@ class MonitorApp(App):
             self.w_too_small.show(w, h)
         self.layout_name = lay.name
         self._page_tiles()
-        self.charts.soon()
 
     def _page_tiles(self) -> None:
         """A short terminal shows one row of tiles: the row of the selected one."""
         short = layout_for(*self.size).short
         page = self.selected // GRID_COLS
+        shown_before = [t.display for t in self.w_tiles]
         for k, tile in enumerate(self.w_tiles):
             tile.display = not short or k // GRID_COLS == page
+        if [t.display for t in self.w_tiles] != shown_before:
+            self.charts.soon()  # hidden tiles are not drawn: the ones shown now are behind
         if short:
             n = (len(self.w_tiles) + GRID_COLS - 1) // GRID_COLS
             self.w_detail.border_subtitle = f"tiles {page + 1}/{n}: arrows page"
