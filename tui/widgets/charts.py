@@ -261,11 +261,19 @@ COMPANION_LABEL = {"kl_target": ("kl_target", "target", "tgt"), "gold_reward_mea
 
 
 def value_label(
-    metric: str, value: float | None, comp: str | None, comp_value: float | None, level: str, width: int
+    metric: str,
+    value: float | None,
+    comp: str | None,
+    comp_value: float | None,
+    level: str,
+    width: int,
+    pad_to: int = 0,
 ) -> Text:
     """The value line of a tile, made to fit `width` cells: the unit is shortened, then dropped,
-    the companion's name shortened, before anything is cut. The value itself always shows."""
-    val = fmt_value(value)
+    the companion's name shortened, before anything is cut. The value itself always shows.
+    `pad_to`: the value takes at least this many cells, so that a value one character longer
+    or shorter does not move (and resend) the rest of the line."""
+    val = fmt_value(value).ljust(pad_to)
     warn = value is not None and not math.isfinite(value)
     unit = METRICS[metric].unit if metric in METRICS else ""
     unit = "" if unit == "fraction" else unit
@@ -315,12 +323,14 @@ class MetricTile(StripWidget):
         self.metric = metric
         self.border_title = metric
         self.chart_version = 0  # bumped by the app when the chart should be drawn again
+        self._value_w = 0
         self._body_key = None
         self._body: list[Runs] = []
 
     def set_metric(self, metric: str) -> None:
         if metric != self.metric:
             self.metric = metric
+            self._value_w = 0
             self.border_title = metric
             self.chart_version += 1
             self._forget_shown()
@@ -346,7 +356,9 @@ class MetricTile(StripWidget):
         cval = store.value(comp) if comp else None
         level = level_for(self.metric, value, self.model.open_alerts, self.model.rules)
         word = LEVEL_WORD.get(level, "") if not MODE.color else ""
-        head = value_label(self.metric, value, comp, cval, level, max(1, width - len(word)))
+        # the widest value shown so far (up to 9 cells) sets where the unit starts
+        self._value_w = max(self._value_w, min(9, len(fmt_value(value))))
+        head = value_label(self.metric, value, comp, cval, level, max(1, width - len(word)), self._value_w)
         if word:
             head = Text(word, "bold") + head
         return head
