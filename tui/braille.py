@@ -120,15 +120,16 @@ def draw_runs(spec: ChartSpec) -> list[Runs]:
             bot = int(round((hi - b.lo) * scale))
             bot = top_row if bot > top_row else 0 if bot < 0 else bot
             last = ypix(b.last) if b.last == b.last and b.last not in (math.inf, -math.inf) else top
-            if ln.band is not None and bot > top:
-                # the bucket's range, dim: a noisy whole-run view is a band, not a solid block
-                for cy in range(top >> 2, (bot >> 2) + 1):
-                    r0 = top - (cy << 2) if top > cy << 2 else 0
-                    r1 = bot - (cy << 2) if bot < (cy << 2) + 3 else 3
-                    dots[cy][cx] |= _SPAN[sub][r0][r1]
+            if ln.band is not None and bot > top + 1:
+                # a column of many records: its min and max as dim dots (the band's edges), and
+                # the line through the middle of the range; a noisy whole-run view is then an
+                # envelope around a line, not a solid block
+                for r in (top, bot):
+                    cy = r >> 2
+                    dots[cy][cx] |= _SPAN[sub][r & 3][r & 3]
                     if colour[cy][cx] is None:
                         colour[cy][cx] = ln.band
-                top = bot = last  # and the line through the buckets' last values
+                top = bot = last = (top + bot) >> 1
             if prev is not None:  # join to the previous column
                 if prev < top:
                     top = prev
