@@ -46,7 +46,7 @@ from .follow import (
 )
 from .frames import Throttle, rates
 from .glyphs import MODE, AsciiFilter, configure
-from .layout import TooSmall, layout_for
+from .layout import TooSmall, layout_for, screen_classes, tiles_shown
 from .model import RunModel
 from .samples import SamplesScreen
 from .screens import AlertListScreen, HelpScreen, MetricPickerScreen, RunPickerScreen, RunRow
@@ -516,37 +516,22 @@ class MonitorApp(App):
     def _apply_layout(self) -> None:
         if not hasattr(self, "w_tiles") or not self.is_mounted(self.w_header):
             return
-        w, h = self.size
-        lay = layout_for(w, h)
-        screen = self.w_header.screen
-        panels = self.panels_shown if self.panels_shown is not None else not lay.narrow
-        for cls, on in (
-            ("-tiny", lay.tiny),
-            ("-short", lay.short),
-            ("-no-panels", not panels),
-            ("-panels-only", panels and lay.narrow),
-            ("-no-detail", not self.detail_shown),
-        ):
-            screen.set_class(on, cls)
+        lay = layout_for(*self.size)
+        for cls, on in screen_classes(lay, self.panels_shown, self.detail_shown).items():
+            self.w_header.screen.set_class(on, cls)
         if lay.tiny:
-            self.w_too_small.show(w, h)
+            self.w_too_small.show(*self.size)
         self.layout_name = lay.name
         self._page_tiles()
 
     def _page_tiles(self) -> None:
-        """A short terminal shows one row of tiles: the row of the selected one."""
-        short = layout_for(*self.size).short
-        page = self.selected // GRID_COLS
-        shown_before = [t.display for t in self.w_tiles]
-        for k, tile in enumerate(self.w_tiles):
-            tile.display = not short or k // GRID_COLS == page
-        if [t.display for t in self.w_tiles] != shown_before:
+        shown, note = tiles_shown(len(self.w_tiles), self.selected, layout_for(*self.size).short, GRID_COLS)
+        if shown != [t.display for t in self.w_tiles]:
+            for tile, on in zip(self.w_tiles, shown):
+                tile.display = on
             self.charts.soon()  # hidden tiles are not drawn: the ones shown now are behind
-        if short:
-            n = (len(self.w_tiles) + GRID_COLS - 1) // GRID_COLS
-            self.w_detail.border_subtitle = f"tiles {page + 1}/{n}: arrows page"
-        else:
-            self.w_detail.border_subtitle = ""
+        if self.w_detail.border_subtitle != note:  # setting it repaints the border, even unchanged
+            self.w_detail.border_subtitle = note
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())

@@ -50,3 +50,24 @@ class TooSmall(Static):
                 "bold",
             )
         )
+
+
+def screen_classes(lay: Layout, panels_shown: bool | None, detail_shown: bool) -> dict[str, bool]:
+    """The classes of the main screen (monitor.tcss): `panels_shown` None = as the size suits."""
+    panels = panels_shown if panels_shown is not None else not lay.narrow
+    return {
+        "-tiny": lay.tiny,
+        "-short": lay.short,
+        "-no-panels": not panels,
+        "-panels-only": panels and lay.narrow,
+        "-no-detail": not detail_shown,
+    }
+
+
+def tiles_shown(n: int, selected: int, short: bool, cols: int) -> tuple[list[bool], str]:
+    """Which of `n` tiles are shown, and the page note: a short terminal shows the row of the
+    selected tile only."""
+    page = selected // cols
+    pages = (n + cols - 1) // cols
+    shown = [not short or k // cols == page for k in range(n)]
+    return shown, (f"tiles {page + 1}/{pages}: arrows page" if short else "")
