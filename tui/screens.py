@@ -103,31 +103,47 @@ class AlertListScreen(ModalScreen[Alert | None]):
                 Text("Alerts (Enter: jump the charts to its step, w: samples of its step, Esc: close)", "bold")
             )
             yield DataTable(id="alert-table", cursor_type="row", zebra_stripes=True)
+            yield Static(id="alert-explanation")
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        cols = (("step", 8), ("event", 15), ("now", 7), ("severity", 8), ("rule", 20), ("metric", 18), ("value", 9))
+        # a narrow terminal: no metric and value columns, and the highlighted alert's explanation
+        # in full under the table instead of in a column too narrow to read
+        narrow = self.narrow = self.app.size.width < 120
+        cols = [("step", 8), ("event", 15), ("now", 7), ("severity", 8), ("rule", 20)]
+        if not narrow:
+            cols += [("metric", 18), ("value", 9)]
         for name, width in cols:
             table.add_column(name, width=width)
-        table.add_column("explanation", width=max(30, self.app.size.width - 110))
+        if not narrow:
+            used = sum(w + 2 for _n, w in cols) + 10  # cell padding, the dialog's border and padding
+            table.add_column("explanation", width=max(30, self.app.size.width * 9 // 10 - used))
         still_open = {(k[0], k[1]) for k in self.open_keys}
         for i, (ev, a) in enumerate(reversed(self.alerts)):
             sev_style = {"critical": "bold red", "warning": "yellow"}.get(a.severity, "")
-            table.add_row(  # Text cells: a str cell would be read as markup
+            cells = [  # Text cells: a str cell would be read as markup
                 Text(f"{self.step_of(ev, a):,}"),
                 Text(ev),
                 Text("open", "bold") if (a.rule, a.first_step) in still_open else Text("cleared", "green"),
                 Text(safe_text(a.severity, 20), sev_style),
                 Text(safe_text(a.rule, 60)),
-                Text(safe_text(a.metric, 60)),
-                Text(fmt_value(a.value)),
-                Text(safe_text(a.explanation, 2000)),  # in full: the row is as tall as it needs
-                key=str(len(self.alerts) - 1 - i),
-                height=None,
-            )
+            ]
+            if not narrow:
+                cells += [Text(safe_text(a.metric, 60)), Text(fmt_value(a.value))]
+                cells.append(Text(safe_text(a.explanation, 2000)))  # in full: the row is as tall as it needs
+            table.add_row(*cells, key=str(len(self.alerts) - 1 - i), height=None)
         if not self.alerts:
-            table.add_row(Text("—"), Text("no alerts so far"), "", "", "", "", "", "")
+            table.add_row(Text("—"), Text("no alerts so far"), *[""] * (len(table.columns) - 2))
+        self.query_one("#alert-explanation").display = narrow
         table.focus()
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        key = event.row_key.value
+        if getattr(self, "narrow", False) and key is not None and key.isdigit():
+            ev, a = self.alerts[int(key)]
+            text = Text(f"{safe_text(a.metric, 60)} {fmt_value(a.value)}: ", "bold")
+            text.append(safe_text(a.explanation, 2000))
+            self.query_one("#alert-explanation", Static).update(text)
 
     @staticmethod
     def step_of(ev: str, a: Alert) -> int:
