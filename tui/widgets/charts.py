@@ -356,9 +356,12 @@ class MetricTile(StripWidget):
         cval = store.value(comp) if comp else None
         level = level_for(self.metric, value, self.model.open_alerts, self.model.rules)
         word = LEVEL_WORD.get(level, "") if not MODE.color else ""
-        # the widest value shown so far (up to 9 cells) sets where the unit starts
-        self._value_w = max(self._value_w, min(9, len(fmt_value(value))))
-        head = value_label(self.metric, value, comp, cval, level, max(1, width - len(word)), self._value_w)
+        # a value one character shorter than the widest shown so far keeps its width: the usual
+        # jitter (0.09871 / 0.1271) then does not move, and resend, the rest of the line
+        shown = fmt_value(value)
+        self._value_w = max(self._value_w, len(shown))
+        pad = min(self._value_w, len(shown) + 1)
+        head = value_label(self.metric, value, comp, cval, level, max(1, width - len(word)), pad)
         if word:
             head = Text(word, "bold") + head
         return head
