@@ -37,7 +37,8 @@ from typing import Any
 from .catalogue import METRICS
 
 SEVERITIES = ("info", "warning", "critical")
-KINDS = ("above", "below", "abs_above", "non_finite", "diverging_trends", "rising_together")
+KINDS = ("above", "below", "abs_above", "non_finite", "diverging_trends", "rising_together", "growing")
+TREND_KINDS = ("diverging_trends", "rising_together", "growing")  # judged on rolling windows of `metrics`
 
 
 class AlertConfigError(Exception):
@@ -71,6 +72,9 @@ class Rule:
     critical_factor: float = 0.0
     critical_consecutive: int = 5
     only_without: str | None = None  # skip the rule on records that carry this metric
+    # kind "growing": the metric's trend over `window` steps must also be this straight (Pearson r
+    # with the step), so a single jump or noise is not a leak; `threshold` is the growth over the window
+    trend_r: float = 0.9
     enabled: bool = True
 
 
@@ -214,6 +218,36 @@ DEFAULT_RULES: tuple[Rule, ...] = (
         consecutive=5,
         clear_consecutive=5,
         only_without="gold_reward_mean",
+    ),
+    Rule(
+        "memory_leak",
+        "rss_bytes",
+        "growing",
+        float(64 << 20),
+        "warning",
+        "memory grows step over step (a leak): something keeps tensors from every step alive, e.g. a loss "
+        "or a rollout appended to a list without .detach() (it holds the whole autograd graph) or a cache "
+        "that is never cleared; find what holds them with `trainerd memory RUN`, or a CUDA memory snapshot",
+        # the end-of-step memory (rss; on a GPU also the step's CUDA peak) rose by more than 64 MiB over
+        # the last 20 steps, in a straight line (r > 0.9): allocator warm-up in the first steps and
+        # one-off jumps (a checkpoint, the profiler window) are not leaks
+        metrics=("rss_bytes", "cuda_max_allocated_bytes"),
+        window=20,
+        warmup_steps=10,
+        consecutive=3,
+        clear_consecutive=5,
+    ),
+    Rule(
+        "memory_near_limit",
+        "peak_rss_bytes",
+        "above",
+        0.9,
+        "warning",
+        "the trainer's peak memory is over 90% of memory_limit: the next larger batch, longer response or "
+        "checkpoint may not fit; see `trainerd memory RUN --suggest --budget SIZE` for the knobs that shrink "
+        "it (micro_batch_size, gradient_checkpointing, ...)",
+        relative_to="memory_limit_bytes",  # only runs with a memory_limit carry it
+        clear_threshold=0.85,
     ),
 )
 
@@ -400,7 +434,7 @@ class AlertEngine:
             if warming and rule.hard_threshold is None:
                 self._feed_history(rule, record)
                 continue
-            trend_rule = rule.kind in ("diverging_trends", "rising_together")
+            trend_rule = rule.kind in TREND_KINDS
             if trend_rule:
                 self._feed_history(rule, record)
             res = self._evaluate(rule, record, warming, idle)
@@ -482,7 +516,7 @@ class AlertEngine:
     # -- internals -------------------------------------------------------------------
 
     def _recovered(self, rule: Rule, value: float) -> bool:
-        if rule.kind in ("non_finite", "diverging_trends", "rising_together"):
+        if rule.kind in ("non_finite", *TREND_KINDS):
             return True
         ct = rule.threshold if rule.clear_threshold is None else rule.clear_threshold
         if not math.isfinite(value):
@@ -505,8 +539,8 @@ class AlertEngine:
                 if len(st.history) > rule.window:
                     old = st.history.popleft()
                     st.sorted_hist.pop(_index(st.sorted_hist, old))
-        if rule.kind in ("diverging_trends", "rising_together"):
-            for m in rule.metrics:
+        if rule.kind in TREND_KINDS:
+            for m in rule.metrics or (rule.metric,):
                 v = _num(record.get(m))
                 if v is not None and math.isfinite(v):
                     trend = st.trends.get(m)
@@ -530,6 +564,8 @@ class AlertEngine:
                 if not math.isfinite(v):
                     return _Verdict(True, v, m, rule.threshold, critical=True, detail=f"{m}={_fmt(v)} (not finite)")
             return _Verdict(False, 0.0, rule.metric, rule.threshold) if seen else None
+        if rule.kind == "growing":
+            return self._evaluate_growth(rule, record)
         if rule.kind in ("diverging_trends", "rising_together"):
             return self._evaluate_trends(rule, record)
         v = _num(record.get(rule.metric))
@@ -656,6 +692,41 @@ class AlertEngine:
             detail = f"{', '.join(parts)} over the last {rule.window} steps (fires when every r > +{_fmt(t)})"
         return _Verdict(bad, value, rule.metric, t, False, compared, detail)
 
+    def _evaluate_growth(self, rule: Rule, record: dict[str, Any]) -> _Verdict | None:
+        """Kind "growing" (a leak): for each of the rule's metrics present in the record, the
+        growth over its last `window` values (least-squares slope x (window - 1)) and how straight
+        it is (Pearson r with the step). Bad when some metric grew by more than `threshold` with
+        r > `trend_r`; the value is the largest such growth (else the largest growth seen)."""
+        st = self._state[rule.name]
+        present = [m for m in rule.metrics or (rule.metric,) if _num(record.get(m)) is not None]
+        if not present:
+            return None
+        seen: list[tuple[bool, float, str, float, float]] = []  # (bad, growth, metric, r, slope)
+        compared: dict[str, float] = {}
+        for m in present:
+            w = st.trends.get(m)
+            if w is None or len(w) < rule.window:
+                continue
+            slope, r = w.slope(), w.r()
+            growth = slope * (len(w) - 1)
+            compared[f"{m}_growth"], compared[f"{m}_trend_r"] = growth, r
+            seen.append((r > rule.trend_r and growth > rule.threshold, growth, m, r, slope))
+        if not seen:
+            return _Verdict(False, 0.0, present[0], rule.threshold)
+        bad, growth, m, r, slope = max(seen, key=lambda t: (t[0], t[1]))
+        detail = (
+            f"{m} grew by {_fmt_bytes(growth)} over the last {rule.window} steps ({_fmt_bytes(slope)}/step, "
+            f"trend r={r:+.2f}; fires over {_fmt_bytes(rule.threshold)} with r > {_fmt(rule.trend_r)})"
+        )
+        return _Verdict(bad, growth, m, rule.threshold, False, compared, detail)
+
+
+def _fmt_bytes(n: float) -> str:
+    """Bytes in MiB or GiB (the memory rules' values are bytes)."""
+    if not math.isfinite(n):
+        return _fmt(n)
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
+
 
 def _index(sorted_list: list, value: float) -> int:
     from bisect import bisect_left
@@ -664,7 +735,15 @@ def _index(sorted_list: list, value: float) -> int:
 
 
 _RULE_FIELDS = {f.name: f for f in fields(Rule)}
-_FLOAT_KEYS = {"threshold", "clear_threshold", "hard_threshold", "spike_factor", "spike_floor", "critical_factor"}
+_FLOAT_KEYS = {
+    "threshold",
+    "clear_threshold",
+    "hard_threshold",
+    "spike_factor",
+    "spike_floor",
+    "critical_factor",
+    "trend_r",
+}
 _INT_KEYS = {"consecutive", "clear_consecutive", "warmup_steps", "window", "critical_consecutive"}
 
 
@@ -759,7 +838,7 @@ def _validate(source: str, r: Rule) -> None:
         raise AlertConfigError(f"{where}: consecutive and clear_consecutive must be at least 1")
     if r.kind in ("diverging_trends", "rising_together") and len(r.metrics) < 2:
         raise AlertConfigError(f"{where}: kind {r.kind} needs at least two metrics")
-    if r.kind in ("diverging_trends", "rising_together") and r.window < 3:
+    if r.kind in TREND_KINDS and r.window < 3:
         raise AlertConfigError(f"{where}.window must be at least 3")
 
 

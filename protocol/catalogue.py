@@ -157,6 +157,16 @@ METRICS: dict[str, Metric] = {
             required=False,
         ),
         _M(
+            "memory_limit_bytes",
+            "bytes",
+            "memory",
+            "int",
+            False,
+            "none",
+            "the run's memory_limit (config), which the memory_near_limit alert compares peak_rss_bytes with",
+            required=False,
+        ),
+        _M(
             "cuda_max_allocated_bytes",
             "bytes",
             "memory",

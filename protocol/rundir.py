@@ -444,12 +444,33 @@ def pid_alive(pid: object) -> bool:
     return True
 
 
+_WRITER_ELSEWHERE: dict[Path, Callable[[Path], str]] = {}
+
+
+def register_writer_elsewhere(root: StrPath, status: Callable[[Path], str]) -> None:
+    """Runs under `root` are local copies of runs written on another host (the monitor's
+    mirror of an ssh:// run): a lock there says nothing, so `status(run_dir)` decides whether
+    a 'running' run still runs (its writer's heartbeat, judged by the writer host's clock)."""
+    _WRITER_ELSEWHERE[Path(os.path.realpath(root))] = status
+
+
+def _writer_elsewhere(paths: RunPaths) -> Callable[[Path], str] | None:
+    if not _WRITER_ELSEWHERE:
+        return None
+    here = Path(os.path.realpath(paths.root))
+    for root, status in _WRITER_ELSEWHERE.items():
+        if here.parent == root:
+            return status
+    return None
+
+
 def effective_status(manifest: Mapping[str, Any], paths: RunPaths) -> str:
     """The manifest's status, except that a 'running' run whose writer lock is free is 'crashed'.
 
     Liveness comes from the lock only (a held flock on `trainerd.lock`), never from the
     manifest's pid: the kernel drops the lock when the writer dies, whereas a pid can be
-    reused. `paths` is required. A status that is not a string is 'unknown'.
+    reused. `paths` is required. A status that is not a string is 'unknown'. A copy of a run
+    written elsewhere (`register_writer_elsewhere`) is judged by its writer's heartbeat.
     """
     if not isinstance(paths, RunPaths):
         raise TypeError("effective_status(manifest, paths) needs the run's RunPaths")
@@ -457,6 +478,9 @@ def effective_status(manifest: Mapping[str, Any], paths: RunPaths) -> str:
     if not isinstance(status, str):
         return "unknown"
     if status == "running":
+        elsewhere = _writer_elsewhere(paths)
+        if elsewhere is not None:
+            return elsewhere(Path(os.path.abspath(paths.root)))
         return "running" if is_locked(paths) else "crashed"
     return status
 

@@ -6,6 +6,7 @@
     trainerd resume RUN [--foreground] [--force] [--notify CMD]
     trainerd fork RUN --from-step K [--set KEY=VALUE ...] [--config FILE] [--run-id ID] [--runs-dir DIR]
     trainerd verify {m1|m2|m3|all} [RUN] [--json]    trainerd report RUN    trainerd profile RUN
+    trainerd memory RUN [--json] [--suggest] [--budget SIZE]
 
 RUN is a run dir or a runs dir (its `latest`); default `runs`. Every error a user can cause
 is one line on stderr and a non-zero exit (see `main`). torch is imported only by the
@@ -50,7 +51,7 @@ from protocol.rundir import (
 )
 from protocol.safeio import open_run_file
 from protocol.text import safe_text
-from trainerd.config import TrainConfig, load_config
+from trainerd.config import TrainConfig, load_config, parse_size
 from trainerd.errors import ConfigError, TrainerdError, UserError
 from trainerd.run.daemon import DaemonError, install_stop_signals, one_line, request_stop, spawn_detached, wait_for_end
 from trainerd.run.safety import check_writer_files
@@ -479,6 +480,7 @@ _MODULES = {
     "verify_m3": "trainerd.verify.m3",
     "report": "trainerd.tools.report",
     "profiler": "trainerd.tools.profiler",
+    "memory": "trainerd.run.memory",
 }
 
 
@@ -563,11 +565,13 @@ def _summary(result: dict) -> str:
 
 
 @cli.command()
-@click.argument("run")
-@click.option("--format", "fmt", type=click.Choice(["text", "md", "json"]), default="text", show_default=True)
-def report(run, fmt):
-    """Offline stability report of RUN."""
-    return _module("report", "report").run(run, fmt)
+@click.argument("runs", nargs=-1, required=True, metavar="RUN...")
+@click.option("--format", "fmt", type=click.Choice(["text", "md", "json", "html"]), default="text", show_default=True)
+@click.option("--plots", type=click.Path(file_okay=False), default=None, help="Also write PNGs and report.md to DIR.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the report to FILE.")
+def report(runs, fmt, plots, output):
+    """Offline stability report of RUN (several: compared; html and --plots overlay them)."""
+    return _module("report", "report").run(list(runs), fmt, plots=plots, output=output)
 
 
 @cli.command()
@@ -575,6 +579,19 @@ def report(run, fmt):
 def profile(run):
     """Where the time of RUN goes (from its profile/ artifacts)."""
     return _module("profiler", "profile").profile_report(run)
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--json", "as_json", is_flag=True, help="the breakdown as JSON")
+@click.option("--suggest", is_flag=True, help="the knobs that bring the peak under the budget")
+@click.option("--budget", default=None, metavar="SIZE", help="e.g. 16GiB (implies --suggest; default: memory_limit)")
+def memory(run, as_json, suggest, budget):
+    """Where the memory of RUN goes, per stage, model and kind, and the knobs that shrink it."""
+    if budget is not None:
+        parse_size(budget, "--budget")  # a bad size or run is one line before torch is imported
+    _run_paths(run)
+    return _module("memory", "memory").memory_command(run, as_json, suggest, budget)
 
 
 # -- the top-level handler: one line per error, never a traceback --------------------------------------

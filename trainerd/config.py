@@ -62,6 +62,7 @@ class TrainConfig:
     dtype: str = knob("fp32", choices=("fp32", "bf16", "fp16"))  # hf: autocast dtype; fp16 uses a GradScaler (CUDA)
     gradient_checkpointing: bool = False  # hf: recompute activations in the backward pass
     micro_batch_size: int = knob(0, 0, MAX_INT)  # gradient accumulation within a minibatch (0: none)
+    memory_limit: str | None = None  # e.g. "16GiB": the memory_near_limit alert fires past 90% of it
 
     # -- task (see rl/task.py) --------------------------------------------------------------
     n_letters: int = knob(12, 2, 26)  # alphabet size of prompts and responses (a..z)
@@ -139,6 +140,8 @@ class TrainConfig:
                 raise ConfigError('config dtype must be fp32 with model = "synthetic"')
         if self.profile_steps is not None:
             parse_profile_steps(self.profile_steps)
+        if self.memory_limit is not None:
+            parse_size(self.memory_limit, "config memory_limit")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"config device must be auto, cpu or cuda[:N], got {self.device!r}")
         _check_device(self.device)
@@ -221,6 +224,23 @@ def available_memory_bytes() -> int | None:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3}
+_UNITS.update({"t": 1000**4, "tb": 1000**4, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+def parse_size(spec: str | int, what: str = "size") -> int:
+    """'16GiB', '512MiB', '2.5GB', '1000000' -> bytes (KiB/MiB/GiB/TiB are powers of 2, kB/MB/GB/TB
+    of 10). The one parser of a memory size (config memory_limit, `trainerd memory --budget`)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(spec))
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(f"{what} must be a positive size like 16GiB, 512MiB or 2GB, got {spec!r}")
+    n = float(m.group(1)) * _UNITS[unit]
+    if n > 2**62:
+        raise ConfigError(f"{what} is too large: {spec!r}")
+    return int(n)
 
 
 def parse_profile_steps(spec: str) -> tuple[int, int]:

@@ -20,7 +20,10 @@ from protocol.rundir import RunPaths
 from protocol.text import safe_text
 
 from .feed import Batch, snapshot
+from .history_alerts import evaluate_history
 from .store import RunStore, is_placeable
+
+BULK_RECORDS = 5000  # a first batch this big (a whole history) gets the array alert evaluator
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class AdaptedFeed:
         self.paths = paths
         self.source = source
         self.engine = AlertEngine()
+        self._evaluated = False  # the engine has seen records
         self.first_offset: int | None = None
         self.skipped = 0
         self._sig: tuple | None = None
@@ -98,9 +102,35 @@ class AdaptedFeed:
         out = Batch(arrived=batch.arrived)
         if batch.pending:
             out.evaluated_step = batch.pending[-1].get("step")
-        for r in batch.pending:
-            out.alerts.extend((ev, snapshot(a)) for ev, a in self.engine.update(r))
+        bulk = None
+        if not self._evaluated and len(batch.pending) >= BULK_RECORDS and batch.cols is not None:
+            bulk = self._bulk(batch)  # a whole history at once: the array evaluator
+        if bulk is not None:
+            out.alerts = bulk
+        else:
+            for r in batch.pending:
+                out.alerts.extend((ev, snapshot(a)) for ev, a in self.engine.update(r))
+        self._evaluated = True
         batch.pending = []
         out.open_alerts = [dataclasses.replace(a) for a in self.engine.open.values()]
         out.alerts_only = True
         return out
+
+    def _bulk(self, batch: Batch):
+        """The alerts of a first, big batch from `evaluate_history`, and a live engine that goes on
+        from where it ends: one fed the batch's last records is the full stream's when it is
+        quiet there and no alert is open at the end. None when that does not hold (stream it)."""
+        store = RunStore()
+        store.extend(batch.cols)
+        got = evaluate_history(self.engine.rules, store)
+        if got is None or got[1]:
+            return None
+        rules = self.engine.rules
+        lead = 4 * (max((r.window for r in rules), default=0) + 10)
+        engine = AlertEngine(rules)
+        for r in batch.pending[-lead:]:
+            engine.update(r)
+        if not engine.quiet:
+            return None
+        self.engine = engine
+        return [(ev, snapshot(a)) for ev, a in got[0]]

@@ -57,6 +57,20 @@ from protocol.text import safe_text
 @click.option(
     "--no-bell", is_flag=True, help="never ring the terminal bell (by default: once on each new critical alert)"
 )
+@click.option(
+    "--remote-poll",
+    type=click.FloatRange(0.1, 60),
+    default=1.0,
+    show_default=True,
+    help="ssh:// runs: seconds between the remote side's looks at the run's files",
+)
+@click.option(
+    "--diff",
+    "diff_with",
+    metavar="OTHER",
+    help="print the settings (config, seed, determinism, versions, host) that differ between PATH "
+    "and OTHER, then exit: 0 the same, 1 different",
+)
 def cli(
     path: str | None,
     fps: float | None,
@@ -66,11 +80,32 @@ def cli(
     smooth: float,
     stall_after: float,
     no_bell: bool,
+    remote_poll: float,
+    diff_with: str | None,
 ) -> None:
     """Watch an RLHF run live. PATH: a run dir or a runs dir (default runs/latest), or another
     framework's run: a TensorBoard log dir, veRL's file-logger JSONL, a metrics JSONL/CSV with
-    an rlhf-map.toml mapping."""
+    an rlhf-map.toml mapping; or a remote one, ssh://[user@]host[:port]/path (/~/path: under
+    the remote home), read through your own ssh (RLHF_SSH replaces the command)."""
     target = path or os.path.join("runs", "latest")
+    if diff_with is not None:
+        from .compare import diff_runs
+
+        rc, text = diff_runs(target, diff_with)
+        click.echo(f"rlhf-tui: {text}" if rc == 2 else text, err=rc == 2)
+        sys.exit(rc)
+    remote = None
+    if target.startswith("ssh://"):
+        from .remote import RemoteError, open_remote
+
+        try:
+            remote = open_remote(target, interval=remote_poll, progress=_mirroring)
+        except RemoteError as e:
+            click.echo(f"rlhf-tui: {safe_text(str(e), 300)}", err=True)
+            sys.exit(2)
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\033[K")  # the copying line, if there was one
+        target = str(remote.local_target())
     problem = check_target(target)
     if problem:
         click.echo(f"rlhf-tui: {problem}", err=True)
@@ -87,14 +122,28 @@ def cli(
         bell=not no_bell,
         ascii=True if ascii_ else None,
         ema_weight=smooth,
+        **({"clock": remote.clock} if remote is not None else {}),
     )
+    if remote is not None:
+        from .remote import attach
+
+        attach(app, remote)
     _exit_when_terminal_goes(app)
     app.run()
+    if remote is not None:
+        remote.close()
     # The terminal is restored and nothing is left to write: leave without the interpreter's
     # teardown (~0.3 s of freeing modules), and without waiting for a reader thread.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(app.return_code or 0)
+
+
+def _mirroring(have: int, total: int) -> None:
+    if not sys.stderr.isatty():
+        return
+    sys.stderr.write(f"\rrlhf-tui: copying the remote step log: {have / 1e6:.1f} of {total / 1e6:.1f} MB")
+    sys.stderr.flush()
 
 
 def check_target(target: str) -> str:

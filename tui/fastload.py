@@ -46,7 +46,7 @@ from .store import (
     RunStore,
 )
 
-CHUNK_BYTES = 16 << 20  # rows checked and copied per pass: memory stays bounded
+CHUNK_BYTES = 4 << 20  # side-file bytes checked and copied per pass: memory stays bounded
 
 
 @dataclass
@@ -64,6 +64,7 @@ def load_columns(paths: RunPaths, upto: int, should_stop=lambda: False) -> Loade
         import numpy as np
     except ImportError:
         return None
+    _big_blocks_mapped()
     try:
         cols = open_run_file(paths.root, columns_path(paths.steps), "rb")
         log = open_run_file(paths.root, paths.steps, "rb")
@@ -78,8 +79,27 @@ def load_columns(paths: RunPaths, upto: int, should_stop=lambda: False) -> Loade
         return _load(np, cols.fileno(), log.fileno(), min(upto, log_size), should_stop)
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _big_blocks_mapped() -> None:
+    """Have glibc map every block over 256 KiB, and unmap it when freed.
+
+    By default glibc raises that bar each time a big block is freed (up to 32 MiB), so the
+    columns that grow while a history loads land in the heap, their old copies stay there,
+    and a 1M-step load peaked ~75 MB higher. Elsewhere (musl, macOS) nothing is done.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 256 << 10)
+    except (OSError, AttributeError):
+        pass
+
+
 def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | None:
     out: dict[tuple[str, str | None], array] = {}  # field -> float64 values of the trusted rows
+    peaks: dict[str, float] = {}  # the last trusted row's per-stage peak memory
     n = 0  # trusted rows so far
     prev_end, log_crc = 0, 0
     pos = 0
@@ -114,17 +134,28 @@ def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | Non
                 good = rows[:ok]
                 prev_end = int(good[-1, 0])
                 for j, f in enumerate(fields):
-                    if f[1] is not None and not (f[0] == "stage_s" and f[1] in STAGES):
+                    if f[0] == "stage_peak_bytes" and f[1] in STAGES:  # the profiler panel: the last step's
+                        last = float(good[-1:, ROW_HEAD_WORDS + j].view("<f8")[0])
+                        if math.isfinite(last):
+                            peaks[f[1]] = last
+                        else:
+                            peaks.pop(f[1], None)
+                    stage = f[0] == "stage_s" and f[1] in STAGES
+                    if f[1] is not None and not stage:
                         continue  # no chart shows it (per-stage memory, per-rank maps...)
                     col = out.get(f)
                     if col is None:
-                        col = out[f] = array("d")
+                        col = out[f] = array("f" if stage else "d")
                         if n:
-                            col.frombytes(np.full(n, MISSING_BITS, dtype="<u8").tobytes())
-                    col.frombytes(np.ascontiguousarray(good[:, ROW_HEAD_WORDS + j]).tobytes())
+                            col.frombytes(_raw(_absent(np, n, stage)))
+                    v = good[:, ROW_HEAD_WORDS + j].copy()
+                    if stage:  # drawn only: float32 as the store keeps them, not-a-number as NaN
+                        v[(v == MISSING_BITS) | (v == NONNUM_BITS)] = _NAN_BITS
+                        v = v.view("<f8").astype(np.float32)
+                    col.frombytes(_raw(v))
                 for f, col in out.items():
                     if f not in seg_fields:
-                        col.frombytes(np.full(ok, MISSING_BITS, dtype="<u8").tobytes())
+                        col.frombytes(_raw(_absent(np, ok, col.typecode == "f")))
                 n += ok
             if ok < len(rows) or prev_end >= upto:
                 done = True
@@ -138,6 +169,7 @@ def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | Non
     if not n:
         return None
     store, skipped = _store_of(np, out, n)
+    store.stage_peaks = peaks
     return Loaded(store, prev_end, n, skipped)
 
 
@@ -198,25 +230,29 @@ def _store_of(np, out: dict, n: int) -> tuple[RunStore, int]:
         col = out.pop(f, None)
         if col is None:
             fill = _NAN_BITS if absent_as_nan else MISSING_BITS
-            col = array("d", np.full(n, fill, dtype="<u8").tobytes())
+            col = _array("d", np.full(n, fill, dtype="<u8"))
         b = np.frombuffer(col, dtype="<u8")
         b[b == NONNUM_BITS] = MISSING_BITS  # present but not a number: shown as missing
         if absent_as_nan:
             b[b == MISSING_BITS] = _NAN_BITS
         if keep is not None:
-            col = array("d", b[keep].tobytes())
+            col = _array("d", b[keep])
         del b
         return col
 
     s = RunStore()
-    s.steps = array("q", (step_f if keep is None else step_f[keep]).astype(np.int64).tobytes())
+    s.steps = _array("q", (step_f if keep is None else step_f[keep]).astype(np.int64))
     del step_bits, step_f, step_col
     s.times = take(("time", None), absent_as_nan=True)
     for k in SCALAR_FIELDS:
         s.columns[k] = _column(np, take((k, None)), "d")
     for st in STAGES:
-        f32 = np.frombuffer(take(("stage_s", st), absent_as_nan=True), dtype="<f8").astype(np.float32)
-        s.stages[st] = _column(np, array("f", f32.tobytes()), "f", True)
+        col = out.pop(("stage_s", st), None)
+        if col is None:
+            col = _array("f", _absent(np, n, True))
+        if keep is not None:
+            col = _array("f", np.frombuffer(col, dtype="<f4")[keep])
+        s.stages[st] = _column(np, col, "f", True)
     for f in list(out):
         name, sub = f
         if sub is not None or name in _NOT_EXTRA or len(s.extra) >= MAX_EXTRA_COLUMNS:
@@ -232,6 +268,23 @@ def _store_of(np, out: dict, n: int) -> tuple[RunStore, int]:
 _NAN_BITS = struct.unpack("<Q", struct.pack("<d", math.nan))[0]
 
 
+def _absent(np, n: int, stage: bool) -> bytes:
+    """n values of a field the rows lack: MISSING (a stage time: NaN, float32)."""
+    return np.full(n, math.nan, dtype=np.float32) if stage else np.full(n, MISSING_BITS, "<u8")
+
+
+def _array(typecode: str, values) -> array:
+    """An array.array holding a contiguous numpy array's values (one copy, no bytes in between)."""
+    a = array(typecode)
+    a.frombytes(_raw(values))
+    return a
+
+
+def _raw(values) -> memoryview:
+    """A contiguous numpy array's bytes, without copying them."""
+    return memoryview(values).cast("B")
+
+
 def _f64(bits_: int) -> float:
     return struct.unpack("<d", struct.pack("<Q", bits_))[0]
 
@@ -241,7 +294,7 @@ def _column(np, values: array, typecode: str, sums: bool = False) -> Column:
     would). No numpy view of `values` outlives this call: the live feed appends to it later."""
     c = Column(typecode, sums)
     c.values = values
-    v64 = np.frombuffer(values, dtype="<f8" if typecode == "d" else "<f4").astype(np.float64)
+    v64 = np.frombuffer(values, dtype="<f8") if typecode == "d" else np.frombuffer(values, "<f4").astype(np.float64)
     if typecode == "d":
         missing = v64.view("<u8") == MISSING_BITS
         c.present = int(len(v64) - missing.sum())
@@ -249,18 +302,20 @@ def _column(np, values: array, typecode: str, sums: bool = False) -> Column:
         missing = np.zeros(len(v64), dtype=bool)
         c.present = 0
     nb = len(v64) // BLOCK
-    if nb:
-        blk = v64[: nb * BLOCK].reshape(nb, BLOCK)
+    step = 1024  # blocks summarised per pass: a few MB of temporaries, whatever the run's length
+    for b0 in range(0, nb, step):
+        b1 = min(nb, b0 + step)
+        blk = v64[b0 * BLOCK : b1 * BLOCK].reshape(b1 - b0, BLOCK)
         fin = np.isfinite(blk)
-        c.bmin = array("d", np.where(fin, blk, math.inf).min(axis=1).tobytes())
-        c.bmax = array("d", np.where(fin, blk, -math.inf).max(axis=1).tobytes())
-        nan = np.isnan(blk) & ~missing[: nb * BLOCK].reshape(nb, BLOCK)
+        c.bmin.frombytes(_raw(np.where(fin, blk, math.inf).min(axis=1)))
+        c.bmax.frombytes(_raw(np.where(fin, blk, -math.inf).max(axis=1)))
+        nan = np.isnan(blk) & ~missing[b0 * BLOCK : b1 * BLOCK].reshape(b1 - b0, BLOCK)
         flags = (
             nan.any(axis=1) * FLAG_NAN
             + (blk == math.inf).any(axis=1) * FLAG_POS_INF
             + (blk == -math.inf).any(axis=1) * FLAG_NEG_INF
         )
-        c.bflags = array("b", flags.astype(np.int8).tobytes())
-        if sums:
-            c.bsum = array("d", np.where(fin, blk, 0.0).sum(axis=1).tobytes())
+        c.bflags.frombytes(_raw(flags.astype(np.int8)))
+        if sums and c.bsum is not None:
+            c.bsum.frombytes(_raw(np.where(fin, blk, 0.0).sum(axis=1)))
     return c

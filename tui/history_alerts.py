@@ -24,7 +24,7 @@ from protocol.columns import MISSING_BITS
 from .store import RunStore
 
 TREND_MARGIN = 0.02  # the vectorised trend r may differ from the engine's in the last digits
-TREND_KINDS = ("diverging_trends", "rising_together")
+TREND_KINDS = ("diverging_trends", "rising_together", "growing")
 
 
 def evaluate_history(rules, store: RunStore, should_stop=lambda: False):
@@ -130,6 +130,8 @@ def _candidates(np, rule: Rule, cols: dict, n: int):
             if v is not None:
                 cand |= present & ~np.isfinite(v)
         return cand & ~skip, None
+    if rule.kind == "growing":
+        return _growth_candidates(np, rule, cols, n, skip)
     if rule.kind in TREND_KINDS:
         return _trend_candidates(np, rule, cols, n, skip)
     v, present = cols.get(rule.metric, (None, None))
@@ -157,7 +159,7 @@ def _candidates(np, rule: Rule, cols: dict, n: int):
             return ~skip, None  # a kind this module does not know: stream every record
     fed = None
     if rule.spike_factor is not None:
-        fed = np.flatnonzero(fin)
+        fed = np.flatnonzero(fin).astype(np.int32)
         cand |= _spike_candidates(np, rule, v[fed], fed, n)
     cand &= fin
     urgent = cand if rule.pushback else np.zeros(n, dtype=bool)  # a controller that stops pushing: no streak
@@ -210,7 +212,8 @@ def _spike_candidates(np, rule: Rule, y, fed, n: int):
         win = sliding_window_view(y, w)
         full = win.min(axis=1) if rule.kind != "below" else win.max(axis=1)
         prev[w:] = full[: m - w]
-    enough = np.arange(m) >= min(w, 10)  # the engine needs this many values for a median
+    enough = np.ones(m, dtype=bool)
+    enough[: min(w, 10)] = False  # the engine needs this many values for a median
     with np.errstate(invalid="ignore"):
         if rule.kind == "below":
             hit = y < prev / f
@@ -235,12 +238,12 @@ def _trend_candidates(np, rule: Rule, cols: dict, n: int, skip):
         all_present &= present
         finite = np.isfinite(v) & ~skip
         all_fed &= finite
-        fed = np.flatnonzero(finite)
-        r_fed = _rolling_r(np, v[fed], w)  # r of the window ending at each fed value (NaN: not full)
-        count = np.cumsum(finite)  # fed values up to and including each record
-        r = np.full(n, np.nan)
+        r_fed = _rolling_r(np, v[finite], w)  # r of the window ending at each fed value (NaN: not full)
+        count = np.cumsum(finite, dtype=np.int32)  # fed values up to and including each record
+        r = np.full(n, np.nan, dtype=np.float32)  # a screen with a margin: float32 is plenty
         has = count > 0
         r[has] = r_fed[count[has] - 1]
+        del r_fed, count, has
         rs.append(r)
     with np.errstate(invalid="ignore"):
         if rule.kind == "diverging_trends":
@@ -249,29 +252,77 @@ def _trend_candidates(np, rule: Rule, cols: dict, n: int, skip):
             value = np.minimum.reduce(rs)
         cand = value > rule.threshold - TREND_MARGIN
     cand = _streaks(np, cand & all_present, all_present, rule.consecutive, np.zeros(n, dtype=bool))
-    return cand, np.flatnonzero(all_fed)  # a lead-in over these fills every window
+    return cand, np.flatnonzero(all_fed).astype(np.int32)  # a lead-in over these fills every window
 
 
-def _rolling_r(np, y, w: int):
-    """Pearson r of each full window of w values against their position (NaN before the first)."""
+def _rolling_r(np, y, w: int, block: int = 1 << 16):
+    """Pearson r of each full window of w values against their position (NaN before the first).
+    Computed a block of windows at a time from cumulative sums of the block's values, centred
+    on their mean: memory stays small and the sums short enough to keep their digits."""
+    m = len(y)
+    out = np.full(m, np.nan, dtype=np.float32)
+    if m < w or w < 3:
+        return out
+    sxx = w * (w * w - 1) / 12.0
+    for a0 in range(w - 1, m, block):
+        a1 = min(m, a0 + block)
+        seg = y[a0 - w + 1 : a1]
+        z = seg - seg.mean()
+        c1 = np.concatenate([[0.0], np.cumsum(z)])
+        c2 = np.concatenate([[0.0], np.cumsum(z * z)])
+        ci = np.concatenate([[0.0], np.cumsum(np.arange(len(seg)) * z)])
+        e = np.arange(w - 1, len(seg))  # window ends (inclusive), in the block
+        s = e - w + 1
+        sy = c1[e + 1] - c1[s]
+        syy = c2[e + 1] - c2[s] - sy * sy / w
+        sxy = ci[e + 1] - ci[s] - s * sy - (w - 1) / 2.0 * sy  # positions 0..w-1 within the window
+        with np.errstate(all="ignore"):
+            r = sxy / np.sqrt(sxx * np.maximum(syy, 0.0))
+        out[a0:a1] = np.where(np.isfinite(r), np.clip(r, -1.0, 1.0), 1.0)  # flat: let the engine judge
+    return out
+
+
+def _growth_candidates(np, rule: Rule, cols: dict, n: int, skip):
+    """Kind "growing" (a leak): records where some metric's window could show a growth past the
+    threshold along a line straighter than trend_r (both within a margin)."""
+    w = rule.window
+    cand = np.zeros(n, dtype=bool)
+    evaluated = np.zeros(n, dtype=bool)
+    any_fed = np.zeros(n, dtype=bool)
+    for m in rule.metrics or (rule.metric,):
+        v, present = cols.get(m, (None, None))
+        if v is None:
+            continue
+        evaluated |= present & ~skip
+        finite = np.isfinite(v) & ~skip
+        any_fed |= finite
+        fed = np.flatnonzero(finite)
+        r_fed = _rolling_r(np, v[fed], w)
+        g_fed = _rolling_growth(np, v[fed], w)
+        count = np.cumsum(finite)
+        has = count > 0
+        r, g = np.full(n, np.nan), np.full(n, np.nan)
+        r[has], g[has] = r_fed[count[has] - 1], g_fed[count[has] - 1]
+        bar = rule.threshold - 1e-6 * max(1.0, abs(rule.threshold))
+        with np.errstate(invalid="ignore"):
+            cand |= (r > rule.trend_r - TREND_MARGIN) & (g > bar)
+    cand = _streaks(np, cand & evaluated, evaluated, rule.consecutive, np.zeros(n, dtype=bool))
+    return cand, np.flatnonzero(any_fed)
+
+
+def _rolling_growth(np, y, w: int):
+    """Least-squares slope x (w - 1) of each full window of w values (NaN before the first)."""
     m = len(y)
     out = np.full(m, np.nan)
     if m < w or w < 3:
         return out
-    # centred per window through cumulative sums of values shifted by the series' mean
     z = y - (y.mean() if m else 0.0)
     c1 = np.concatenate([[0.0], np.cumsum(z)])
-    c2 = np.concatenate([[0.0], np.cumsum(z * z)])
     ci = np.concatenate([[0.0], np.cumsum(np.arange(m) * z)])
-    a = np.arange(w - 1, m)  # window end (inclusive)
+    a = np.arange(w - 1, m)
     s = a - w + 1
     sy = c1[a + 1] - c1[s]
-    syy = c2[a + 1] - c2[s] - sy * sy / w
-    siy = ci[a + 1] - ci[s] - s * sy  # positions 0..w-1 within the window
+    siy = ci[a + 1] - ci[s] - s * sy
     sxx = w * (w * w - 1) / 12.0
-    sxy = siy - (w - 1) / 2.0 * sy
-    with np.errstate(all="ignore"):
-        r = sxy / np.sqrt(sxx * np.maximum(syy, 0.0))
-    r = np.where(np.isfinite(r), np.clip(r, -1.0, 1.0), 1.0)  # a flat window: let the engine judge it
-    out[w - 1 :] = r
+    out[w - 1 :] = (siy - (w - 1) / 2.0 * sy) / sxx * (w - 1)
     return out

@@ -70,6 +70,7 @@ class RunModel:
     def __init__(self):
         self.store = RunStore()
         self.acked: set[str] = set()  # the user's acknowledged alerts (all runs; protocol.health)
+        self.link = ""  # an ssh:// run's link when it is down ("link ... down since ..."), else ""
         self.reset(None)
 
     def reset(self, paths: RunPaths | None) -> None:
@@ -189,7 +190,7 @@ class RunModel:
 
     def notice(self) -> str:
         """One line on what could not be read, "" when everything could."""
-        parts = []
+        parts = [self.link] if self.link else []
         if self.rules_note:
             parts.append(safe_text(self.rules_note, 200))
         if self.problem:

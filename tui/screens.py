@@ -44,7 +44,7 @@ HELP = """\
   w             samples: what the policy wrote (latest first; from the alert list, that step's)
   c             acknowledge the alerts the banner holds against the run (open or cleared);
                 until then a run that had a critical alert stays red, even after it cleared
-  r             run picker (Enter opens a run; forks under their parent)
+  r             run picker (Enter opens a run; forks under their parent; d: settings diff)
   1 2 3         run trainerd verify m1 / m2 / m3 on this run;  x cancels
   ?             this help;  q quit
 [b]Reading the screen[/b]
@@ -186,7 +186,7 @@ class RunPickerScreen(ModalScreen["RunRow | None"]):
     """The runs of a runs dir, newest first; listed by a reader thread (a run's events are read
     for its open alerts), the table fills in when the list arrives."""
 
-    BINDINGS = [Binding("escape,r,q", "dismiss", "close")]
+    BINDINGS = [Binding("escape,r,q", "dismiss", "close"), Binding("d", "diff", "settings diff")]
 
     class Listed(Message):
         def __init__(self, rows: list[RunRow], error: str = ""):
@@ -202,7 +202,13 @@ class RunPickerScreen(ModalScreen["RunRow | None"]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Static(Text(f"Runs in {safe_text(str(self.runs_dir))} (Enter: open, Esc: close)", "bold"))
+            yield Static(
+                Text(
+                    f"Runs in {safe_text(str(self.runs_dir))} (Enter: open, d: settings diff with the run "
+                    "on screen, Esc: close)",
+                    "bold",
+                )
+            )
             yield DataTable(id="run-table", cursor_type="row", zebra_stripes=True)
 
     def on_mount(self) -> None:
@@ -252,6 +258,15 @@ class RunPickerScreen(ModalScreen["RunRow | None"]):
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         key = event.row_key.value
         self.dismiss(self.rows[int(key)] if key is not None and key.isdigit() else None)
+
+    def action_diff(self) -> None:
+        """The settings that differ between the run on screen and the highlighted one."""
+        from .compare_screen import DiffScreen
+
+        i = self.query_one(DataTable).cursor_row
+        current = next((r for r in self.rows if r.current), None)
+        if current is not None and 0 <= i < len(self.rows):
+            self.app.push_screen(DiffScreen(current.paths.root, self.rows[i].paths.root))
 
 
 @dataclass

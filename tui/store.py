@@ -184,6 +184,7 @@ class RunStore:
         self.times = array("d")
         self.columns: dict[str, Column] = {k: Column("d") for k in SCALAR_FIELDS}
         self.stages: dict[str, Column] = {s: Column("f", sums=True) for s in STAGES}
+        self.stage_peaks: dict[str, float] = {}  # the last record's per-stage peak memory (bytes)
         self.extra: list[str] = []  # extra column names, in order of first appearance
 
     def _add_column(self, key: str) -> Column | None:
@@ -247,6 +248,9 @@ class RunStore:
             st = st if isinstance(st, dict) else {}
             for s in STAGES:
                 out["stage:" + s].append(number(st.get(s), math.nan))
+            sp = r.get("stage_peak_bytes")
+            if isinstance(sp, dict):  # the profiler panel shows the last step's per-stage peaks
+                out["stage_peaks"] = {s: number(sp.get(s), math.nan) for s in STAGES if s in sp}
         out["present"] = present
         out["skipped"] = skipped
         out["extra"] = extra
@@ -263,6 +267,8 @@ class RunStore:
         for k in extra:
             if k not in self.columns:
                 self._add_column(k)
+        if cols.get("stage_peaks"):
+            self.stage_peaks = cols["stage_peaks"]
         n = len(self.steps)
         self.steps.extend(steps)
         self.times.extend(cols["time"])

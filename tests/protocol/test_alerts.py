@@ -319,6 +319,8 @@ def test_every_default_rule_fires_and_alerts_carry_their_fields():
         "reward_hacking_proxy": [
             healthy(s, reward_mean=0.1 * s, kl=0.001 * s, response_length_mean=s * 1.0) for s in range(1, 40)
         ],
+        "memory_leak": [healthy(s, rss_bytes=(400 + 16 * s) << 20) for s in range(1, 30)],
+        "memory_near_limit": [healthy(1, peak_rss_bytes=950 << 20, memory_limit_bytes=1000 << 20)],
     }
     assert set(scenarios) == {r.name for r in DEFAULT_RULES}
     for name, recs in scenarios.items():

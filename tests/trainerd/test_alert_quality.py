@@ -51,7 +51,9 @@ def test_the_fixtures_are_real_long_runs_of_both_configs(logs):
     kinds = {aq.parse_inject_id(n)[0] for n in injected}
     assert kinds == set(aq.EXPECTED), kinds
     assert set(USUAL) <= set(injected)
-    assert aq.EXPECTED == {k: tuple(v) for k, v in inject.EXPECTED_ALERTS.items()}
+    # every stability fault; `leak` (a memory fault, its alert judged on memory) has tests of its own
+    stability = {k: tuple(v) for k, v in inject.EXPECTED_ALERTS.items() if k != "leak"}
+    assert aq.EXPECTED == stability
     total = sum(p.stat().st_size for p in aq.FIXTURES.glob("*.gz"))
     assert total < 3_000_000, total
 

@@ -432,7 +432,7 @@ def test_bad_inject_is_one_clear_line(tmp_path):
     assert p.returncode != 0
     assert p.stderr.strip().splitlines() == [
         "trainerd start: unknown injection 'nanx' in --inject 'nanx@3' "
-        "(kinds: kl_blowup, entropy_collapse, grad_explode, nan, reward_hack)"
+        "(kinds: kl_blowup, entropy_collapse, grad_explode, nan, reward_hack, leak)"
     ]
 
 

@@ -176,3 +176,42 @@ def test_a_torn_row_or_a_damaged_log_is_where_the_rebuilt_side_file_stops(runs_d
     assert loaded is not None and 100 < loaded.rows < 200
     store, _alerts, _open, corrupt = history(paths)
     assert corrupt == 1 and len(store) == 300  # 301 records, one lost to the flipped bit
+
+
+class _Source:
+    """An adapted run's source (adapters.sources.Source's interface) over given records."""
+
+    format = "test"
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+
+    def poll(self):
+        return self.batches.pop(0) if self.batches else []
+
+    def manifest(self):
+        adapter = {"label": "test", "missing": [], "extra": []}
+        return {"status": "live", "adapter": adapter, "started_at": 0.0}
+
+
+def test_an_adapted_history_gets_the_array_evaluator_and_live_alerts_go_on_exactly(runs_dir):
+    from tui.adapted import BULK_RECORDS, AdaptedFeed, AdaptedPaths
+
+    paths = make_run(runs_dir, "adapted", 12000, unstable=True, seed=3)  # a gradient spike before the cut
+    records = read_steplog(paths.steps)[0]
+    probe = AlertEngine(DEFAULT_RULES)
+    quiet = [i + 1 for i, r in enumerate(records) if probe.update(r) is not None and probe.quiet]
+    cut = next(i for i in quiet if i >= 6000)  # where nothing is open and no streak runs
+    assert cut >= BULK_RECORDS
+    feed = AdaptedFeed(AdaptedPaths(paths.root, "test"), _Source([records[:cut], records[cut:]]))
+    bulk = []
+    real_bulk = feed._bulk
+    feed._bulk = lambda batch: bulk.append(real_bulk(batch)) or bulk[-1]  # type: ignore[method-assign]
+    got = []
+    for _ in range(2):
+        batch = feed.poll()
+        got += [_key(ev, a) for ev, a in feed.evaluate(batch).alerts]
+    engine = AlertEngine(DEFAULT_RULES)
+    assert got == [_key(ev, a) for r in records for ev, a in engine.update(r)]
+    assert got  # the unstable run fires alerts after the cut too
+    assert len(bulk) == 1 and bulk[0] is not None  # the first batch took the array path

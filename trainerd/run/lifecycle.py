@@ -64,6 +64,7 @@ RESUME_OVERRIDABLE = {
     "samples_every",
     "tb_flush_every",
     "notify",
+    "memory_limit",
 }
 
 

@@ -596,6 +596,8 @@ class Trainer:
         stage_peaks = mem.step_peaks()
         if stage_peaks is not None:
             rec["stage_peak_bytes"] = stage_peaks
+        if self.cfg.memory_limit is not None:  # for the memory_near_limit alert
+            rec["memory_limit_bytes"] = config_mod.parse_size(self.cfg.memory_limit)
         if self.device.type == "cuda":
             peaks = [int(torch.cuda.max_memory_allocated(self.device)), *map(int, (stage_peaks or {}).values())]
             rec["cuda_max_allocated_bytes"] = max(peaks)

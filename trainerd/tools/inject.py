@@ -17,6 +17,9 @@ users and tests can watch the matching alert fire on a real run:
 |                  | preference flipped, as if a data bug swapped its labels): the   |                  |
 |                  | policy raises this reward by giving answers the gold rule       |                  |
 |                  | scores lower, so reward_mean rises while gold_reward_mean falls |                  |
+| leak             | from STEP: every step keeps LEAK_BYTES of tensors alive (a list | memory_leak      |
+|                  | that is appended to and never cleared, as a loss or a rollout   |                  |
+|                  | kept without .detach() would): memory grows step over step      |                  |
 
 The trainer calls the hooks (docs/DESIGN.md):
 `.apply_config(cfg)` once before building anything, `.reward_model(rm, task) -> rm` once
@@ -34,14 +37,15 @@ from dataclasses import dataclass, field
 
 from trainerd.config import ConfigError
 
-KINDS = ("kl_blowup", "entropy_collapse", "grad_explode", "nan", "reward_hack")
-DEFAULT_STEP = {"kl_blowup": 5, "entropy_collapse": 10, "grad_explode": 10, "nan": 10, "reward_hack": 1}
+KINDS = ("kl_blowup", "entropy_collapse", "grad_explode", "nan", "reward_hack", "leak")
+DEFAULT_STEP = {"kl_blowup": 5, "entropy_collapse": 10, "grad_explode": 10, "nan": 10, "reward_hack": 1, "leak": 10}
 EXPECTED_ALERTS = {
     "kl_blowup": ("kl_runaway", "kl_control"),
     "entropy_collapse": ("entropy_collapse",),
     "grad_explode": ("exploding_gradients",),
     "nan": ("non_finite",),
     "reward_hack": ("reward_hacking",),
+    "leak": ("memory_leak",),
 }
 DESCRIPTIONS = {
     "kl_blowup": "learning rate x10 and the KL coefficient held at 0: nothing holds KL back, it runs away",
@@ -50,11 +54,13 @@ DESCRIPTIONS = {
     "nan": "a NaN enters the loss",
     "reward_hack": "the reward model is replaced by a corrupted one (preference flipped, as if its labels "
     "were swapped): reward rises while the gold score falls",
+    "leak": "every step keeps 16 MiB of tensors alive (appended to a list never cleared): memory grows step over step",
 }
 
 KL_BLOWUP_LR_FACTOR = 10.0
 SHARPEN = 100.0
 GRAD_FACTOR = 1e5
+LEAK_BYTES = 16 << 20  # held per step by `leak`: ~4x the 64 MiB-per-20-steps bar of memory_leak
 
 
 class InjectionError(ConfigError):
@@ -69,6 +75,7 @@ class Injection:
     # one-shot actions already done in this process
     current_step: int | None = field(default=None, repr=False)
     _done: set = field(default_factory=set, repr=False)
+    held: list = field(default_factory=list, repr=False)  # leak: what it holds on to
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Injection) and (self.kind, self.step) == (other.kind, other.step)
@@ -153,9 +160,14 @@ class Injection:
 
     def on_loss(self, step: int, loss):
         """nan: a NaN enters every loss of step STEP (multiplied in, so that backward carries it
-        into every gradient, as an overflow in the log-probs or the ratio would)."""
+        into every gradient, as an overflow in the log-probs or the ratio would). leak: from STEP,
+        once per step, LEAK_BYTES of tensors on the loss's device are kept (written, so resident)."""
         if self.kind == "nan" and step == self.step:
             return loss * math.nan
+        if self.kind == "leak" and step >= self.step and self._once(("leak", step)):
+            import torch
+
+            self.held.append((loss.detach(), torch.ones(LEAK_BYTES // 4, device=loss.device)))
         return loss
 
     def on_grads(self, step: int, model) -> None:

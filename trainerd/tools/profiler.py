@@ -65,7 +65,7 @@ SUMMARY_COLUMNS = [
     "seconds",  # mean per profiled step, from the always-on stage timers (record["stage_s"])
     "share",  # of the step: seconds / sum over all stages (so the shares sum to 1)
     "ms_per_token",  # stage time over the window's tokens (record["tokens"])
-    "peak_memory_bytes",  # highest per-step memory of the window (see _peak_memory)
+    "peak_memory_bytes",  # the stage's peak over the window (record["stage_peak_bytes"]; see _peak_memory)
     "memory_kind",  # rss | cuda_max_allocated | "" when the records carry none
     "trace_seconds",  # mean per profiled step of the stage's record_function ranges; "" if none
     "profiled_steps",
@@ -227,9 +227,10 @@ def _window_fields(record: dict) -> dict:
     """The record fields summary.csv needs (a copy: the loop may reuse its dicts)."""
     keep = ("step", "tokens", "step_time_s", "rss_bytes", "cuda_max_allocated_bytes")
     out = {k: record[k] for k in keep if k in record}
-    stage_s = record.get("stage_s")
-    if isinstance(stage_s, dict):
-        out["stage_s"] = dict(stage_s)
+    for k in ("stage_s", "stage_peak_bytes"):
+        v = record.get(k)
+        if isinstance(v, dict):
+            out[k] = dict(v)
     return out
 
 
@@ -433,12 +434,23 @@ def op_stats_rows(analysis: TraceAnalysis) -> tuple[list[str], list[list]]:
     return columns, rows
 
 
-def _peak_memory(records: list[dict]) -> tuple[int | None, str]:
-    """The window's peak memory: CUDA max allocated on a GPU, else resident set size.
+def _stage_peaks(records: list[dict]) -> dict[str, int]:
+    """Each stage's peak over the window, from the records' per-stage peaks (`stage_peak_bytes`:
+    the RSS high-water mark of the stage on CPU, CUDA max allocated on a GPU)."""
+    out: dict[str, int] = {}
+    for r in records:
+        sp = r.get("stage_peak_bytes")
+        if isinstance(sp, dict):
+            for s, v in sp.items():
+                if _is_num(v) and math.isfinite(float(v)):
+                    out[s] = max(out.get(s, 0), int(v))
+    return out
 
-    Step records carry one memory figure per step, not per stage (per-stage peaks would
-    need profile_memory, which roughly doubles step time), so every stage row shows the
-    window's peak step.
+
+def _peak_memory(records: list[dict]) -> tuple[int | None, str]:
+    """The window's peak memory: CUDA max allocated on a GPU, else resident set size. A stage
+    row shows its own peak (`_stage_peaks`) where the records carry one, else this one (the
+    stage `other` and records from before per-stage peaks).
     """
     for key, kind in (("cuda_max_allocated_bytes", "cuda_max_allocated"), ("rss_bytes", "rss")):
         vals = [r[key] for r in records if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
@@ -459,6 +471,7 @@ def summary_rows(records: list[dict], analysis: TraceAnalysis | None) -> list[li
                 sums[s] += float(v)
     tokens = sum(int(r["tokens"]) for r in stage_records if _is_num(r.get("tokens")))
     peak, kind = _peak_memory(records)
+    stage_peaks = _stage_peaks(records)
     trace_sums: dict[str, float] = {}
     trace_steps = max(1, len(analysis.steps)) if analysis is not None else 1
     if analysis is not None:
@@ -472,7 +485,8 @@ def summary_rows(records: list[dict], analysis: TraceAnalysis | None) -> list[li
         ms_per_token = sums[s] * 1000.0 / tokens if tokens > 0 else 0.0
         trace_s = _r(trace_sums[s] / trace_steps, 6) if s in trace_sums else ""
         rows.append(
-            [s, _r(seconds, 6), _r(share, 6), _r(ms_per_token, 6), "" if peak is None else peak, kind, trace_s, n]
+            [s, _r(seconds, 6), _r(share, 6), _r(ms_per_token, 6), stage_peaks.get(s, "" if peak is None else peak)]
+            + [kind, trace_s, n]
         )
     return rows
 

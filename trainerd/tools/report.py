@@ -1,4 +1,4 @@
-"""`trainerd report RUN [--format text|md|json]`: an offline stability report.
+"""`trainerd report RUN... [--format text|md|json|html] [--plots DIR] [-o FILE]`: an offline stability report.
 
 Reads the run directory only (through `protocol`): run.json, steps.msgpack (or the
 steps.jsonl mirror when the framed log is missing), events.jsonl. Never imports torch.
@@ -11,6 +11,9 @@ What it says:
   non-finite value, whichever is earlier);
 - correlations between kl, reward_mean, gold_reward_mean, entropy, response_length_mean;
 - the stage breakdown from `stage_s` (mean seconds per step and share of the step).
+`--format html` and `--plots DIR` add the figures (trainerd/tools/figures.py, the `analysis`
+extra): one self-contained HTML file, or PNGs and a Markdown report in DIR. Several RUNs: one
+report after the other (JSON: a list); in the figures, overlaid.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from protocol.rundir import RunDirError, RunPaths, effective_status, read_events
 from protocol.steplog import read_steplog
 from protocol.text import safe_text
 
-FORMATS = ("text", "md", "json")
+FORMATS = ("text", "md", "json", "html")
 CORR_METRICS = ("kl", "reward_mean", "gold_reward_mean", "entropy", "response_length_mean")
 _CORR_SHORT = {
     "kl": "kl",
@@ -268,33 +271,47 @@ def stage_breakdown(records: list[dict]) -> list[dict] | None:
     return [{"stage": s, "mean_s": means[s], "share": shares[s]} for s in names]
 
 
+def run_rules(paths: RunPaths, info: dict) -> tuple[tuple, str | None]:
+    """(rules, note) a run is evaluated with: its saved rules (alerts.json), else the defaults
+    (always for another framework's run); the note says why the saved ones were not used."""
+    return load_run_rules(paths.root) if not info.get("adapter") else (DEFAULT_RULES, None)
+
+
+def alert_events(paths: RunPaths, records: list[dict], info: dict, events: list[dict]) -> tuple[list[dict], str]:
+    """(alert events, where they come from): events.jsonl's, else replayed over the records."""
+    if info["events_file"]:
+        return events, "events.jsonl"
+    rules, note = run_rules(paths, info)
+    saved = rules is not DEFAULT_RULES
+    alert_source = f"replayed with the {'run' if saved else 'default'} rules (no events.jsonl)"
+    return replay_alerts(records, rules), alert_source + (f"; {note}" if note else "")
+
+
+def injection_of(manifest: dict) -> str | None:
+    """The fault injected into a run (`kl_blowup@5`), from its manifest; None for a clean run."""
+    cfg = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    inj = manifest.get("injection") or cfg.get("inject")
+    if isinstance(inj, dict):
+        inj = inj.get("spec") or f"{inj.get('kind')}@{inj.get('step')}"
+    return str(inj) if inj not in ({}, "", None) else None
+
+
 def build(run: str) -> dict:
     paths, manifest, records, info, events = load_run(run)
     records.sort(key=lambda r: r["step"])
     last_step = records[-1]["step"] if records else None
     fields = metric_names(records)
-    alert_source = "events.jsonl"
-    if not info["events_file"]:
-        rules, note = load_run_rules(paths.root) if not info.get("adapter") else (DEFAULT_RULES, None)
-        saved = rules is not DEFAULT_RULES
-        events = replay_alerts(records, rules)
-        alert_source = f"replayed with the {'run' if saved else 'default'} rules (no events.jsonl)"
-        if note:
-            alert_source += f"; {note}"
+    events, alert_source = alert_events(paths, records, info, events)
     timeline = alert_timeline(events, last_step)
     samples, samples_note = load_samples(paths) if not info.get("adapter") else ([], None)
     for ep in timeline:
         ep["samples"] = samples_near(samples, ep.get("fired_step"))
-    cfg = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
-    inj = manifest.get("injection") or cfg.get("inject")
-    if isinstance(inj, dict):
-        inj = inj.get("spec") or f"{inj.get('kind')}@{inj.get('step')}"
     return {
         "run": str(paths.root),
         "run_id": paths.run_id,
         "status": effective_status(manifest, paths),
         "seed": manifest.get("seed"),
-        "injection": inj if inj not in ({}, "", None) else None,
+        "injection": injection_of(manifest),
         "steps": len(records),
         "first_step": records[0]["step"] if records else None,
         "last_step": last_step,
@@ -564,23 +581,76 @@ def render_json(d: dict) -> str:
     return json.dumps(_json_safe(d), indent=2, allow_nan=False) + "\n"
 
 
-def run(run: str, fmt: str = "text") -> int:
-    """Print the report of RUN in `fmt`; exit code (2: a run or format the report cannot use)."""
+ANALYSIS_EXTRA = "pip install 'rlhf-kit[analysis]'"
+
+
+def _say(msg: str) -> int:
+    print(f"trainerd report: {safe_text(msg)}", file=sys.stderr)
+    return 2
+
+
+def run(run, fmt: str = "text", plots: str | None = None, output: str | None = None) -> int:
+    """Print the report of RUN (a path, or a list of paths: several runs) in `fmt`; with `plots`,
+    also write the figures as PNG and a Markdown report to that folder; with `output`, write the
+    report to that file instead of stdout. Exit code (2: a run, format or path it cannot use)."""
+    runs = [str(run)] if isinstance(run, (str, os.PathLike)) else [str(r) for r in run]
     if fmt not in FORMATS:
-        print(f"trainerd report: unknown format {safe_text(repr(fmt))} (choose {', '.join(FORMATS)})", file=sys.stderr)
-        return 2
+        return _say(f"unknown format {repr(fmt)} (choose {', '.join(FORMATS)})")
+    if not runs:
+        return _say("no run given")
+    if fmt == "html" and output is None and sys.stdout.isatty():
+        return _say("--format html writes a file: give -o FILE.html (or redirect stdout)")
+    if output is not None:  # a path it cannot write is said before the work, not after
+        try:
+            with open(output, "a", encoding="utf-8"):
+                pass
+        except OSError as e:
+            return _say(f"cannot write the report: {_os_error(e)}")
     try:
-        d = build(str(run))
+        if fmt == "html" or plots is not None:
+            text = _with_figures(runs, fmt, plots)
+        else:
+            ds = [build(r) for r in runs]
+            if fmt == "json":
+                text = render_json(ds[0]) if len(ds) == 1 else json.dumps([_json_safe(d) for d in ds], indent=2) + "\n"
+            else:
+                text = "\n".join({"text": render_text, "md": render_md}[fmt](d) for d in ds)
     except ReportError as e:
-        print(f"trainerd report: {safe_text(e)}", file=sys.stderr)
-        return 2
-    text = {"text": render_text, "md": render_md, "json": render_json}[fmt](d)
+        return _say(str(e))
+    if output is not None:
+        try:
+            with open(output, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            return _say(f"cannot write the report: {_os_error(e)}")
+        return 0
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:  # `trainerd report RUN | head`
         return 0
     return 0
+
+
+def _with_figures(runs: list[str], fmt: str, plots: str | None) -> str:
+    """The report of runs that needs figures (trainerd.tools.figures, the `analysis` extra)."""
+    try:
+        from trainerd.tools import analysis, figures
+    except ModuleNotFoundError as e:
+        raise ReportError(
+            f"--format html and --plots need pandas and matplotlib ({e.name} is not installed): {ANALYSIS_EXTRA}"
+        ) from None
+    loaded = analysis.load_runs(runs)
+    done = None
+    if plots is not None:
+        done = figures.export(loaded, plots, keep=fmt == "html")
+        print(f"trainerd report: {len(done.files)} figures and report.md in {safe_text(done.folder)}", file=sys.stderr)
+    if fmt == "html":
+        return figures.render_html(loaded, rendered=done.plots if done else None)
+    if fmt == "json":
+        ds = [build(r) for r in runs]
+        return render_json(ds[0]) if len(ds) == 1 else json.dumps([_json_safe(d) for d in ds], indent=2) + "\n"
+    return "\n".join({"text": render_text, "md": render_md}[fmt](build(r)) for r in runs)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -224,10 +224,16 @@ class ProfilerPanel(Static):
         shares = stage_shares(last)
         timed = {s: v for s, v in last.items() if math.isfinite(v)}
         slowest = max(timed, key=timed.get) if timed and any(shares.values()) else None
-        spark_w = max(4, width - self.LEAD - self.RANGE)
+        peaks = getattr(store, "stage_peaks", None) or {}  # last step's peak memory per stage, if recorded
+        peak_w = 10 if peaks else 0
+        spark_w = max(4, width - self.LEAD - self.RANGE - peak_w)
         sparks = share_sparklines(store, spark_w)
         t.append(
-            f"{'stage':<14}{'ms':>8} {'share':>6}  " + "share over the run"[: spark_w + self.RANGE] + "\n", "grey62"
+            f"{'stage':<14}{'ms':>8} {'share':>6}  "
+            + (f"{'peak MiB':>8}  " if peaks else "")
+            + "share over the run"[: spark_w + self.RANGE]
+            + "\n",
+            "grey62",
         )
         for s in STAGES:
             v = last[s]
@@ -236,6 +242,9 @@ class ProfilerPanel(Static):
             t.append(f"{s:<14}", style)
             t.append(f"{v * 1000:>8.1f} " if math.isfinite(v) else f"{'—':>8} ")
             t.append(f"{share:>6.0%}  " if share == share else f"{'—':>6}  ")
+            if peaks:
+                p = peaks.get(s, math.nan)
+                t.append(f"{p / 2**20:>8.0f}  " if math.isfinite(p) else f"{'—':>8}  ", "grey70")
             line, rng = sparks[s]
             t.append(line, "yellow" if s == slowest else "cyan")
             t.append(rng.rjust(self.RANGE), "grey62")

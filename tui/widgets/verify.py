@@ -168,6 +168,13 @@ class VerifyPanel(Vertical):
         if self._proc is not None:
             self._say(Text("a check is already running (x to cancel it)", "yellow"))
             return
+        remote = getattr(self.app, "remote", None)  # an ssh:// run: the check runs there (tui/remote.py)
+        if remote is not None:
+            self._cancel_requested = False
+            self.query_one("#verify-cancel", Button).disabled = False
+            self._say(Text(f"{check.upper()} ({CHECKS.get(check, '')}) on {remote.target.host}…", "cyan"))
+            self.run_check("ssh", check, "", remote)
+            return
         exe = find_trainerd()
         if exe is None:
             self.last_result = {"check": check, "rc": None, "data": None, "missing": True}
@@ -209,8 +216,14 @@ class VerifyPanel(Vertical):
         threading.Thread(target=last_resort, daemon=True).start()
 
     @work(thread=True, exclusive=True, group="verify")
-    def run_check(self, exe: str, check: str, run_dir: str) -> None:
+    def run_check(self, exe: str, check: str, run_dir: str, remote=None) -> None:
         cmd = [exe, "verify", check, "--json", run_dir]
+        if remote is not None:
+            if not remote.has_trainerd():
+                note = f"trainerd is not installed on {remote.target.host} (not on its PATH): the checks run there"
+                self.app.call_from_thread(self._finish_note, check, Text(note, "bold yellow"))
+                return
+            cmd = remote.verify_command(check)
         try:
             proc = subprocess.Popen(
                 cmd,
@@ -246,6 +259,11 @@ class VerifyPanel(Vertical):
             or (isinstance(data, dict) and data.get("status") == "cancelled")
         )
         self.app.call_from_thread(self._finish, check, rc, data, lines, cancelled)
+
+    def _finish_note(self, check: str, note: Text) -> None:
+        self.query_one("#verify-cancel", Button).disabled = True
+        self._say(note)
+        self.last_result = {"check": check, "rc": None, "data": None, "missing": True}
 
     def _progress(self, check: str, lines: list[str]) -> None:
         head = "cancelling…" if self._cancel_requested else "running… (x cancels)"
