@@ -172,8 +172,10 @@ async def test_latest_moving_to_a_run_named_like_markup(runs_dir):
 
 @pytest.mark.timeout(60)
 async def test_quit_while_a_long_history_loads(tmp_path):
-    """The history is read in chunks that check a stop flag, by a thread nobody waits for."""
+    """The history is read in chunks that check a stop flag, by a thread nobody waits for. A run
+    without its side file (an older run, another writer): the slow path, decoding the log."""
     paths = make_run(tmp_path / "runs", "long", 30_000)
+    (paths.root / "steps.cols").unlink()
     app = app_for(paths.root, tail_bytes=64 << 10)  # ~100 records on the first screen, the rest later
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.model.loading, timeout=20, what="the history load")

@@ -227,12 +227,13 @@ class ProfilerPanel(Static):
         slowest = max(timed, key=timed.get) if timed and any(shares.values()) else None
         peaks = getattr(store, "stage_peaks", None) or {}  # last step's peak memory per stage, if recorded
         peak_w = 10 if peaks else 0
-        spark_w = max(4, width - self.LEAD - self.RANGE - peak_w)
-        sparks = share_sparklines(store, spark_w)
+        spark_w = width - self.LEAD - self.RANGE - peak_w
+        history = spark_w >= 4  # room for the share-over-the-run column; else the numbers alone
+        sparks = share_sparklines(store, spark_w) if history else {}
         t.append(
             f"{'stage':<14}{'ms':>8} {'share':>6}  "
             + (f"{'peak MiB':>8}  " if peaks else "")
-            + "share over the run"[: spark_w + self.RANGE]
+            + ("share over the run"[: spark_w + self.RANGE] if history else "")
             + "\n",
             "grey62",
         )
@@ -246,9 +247,10 @@ class ProfilerPanel(Static):
             if peaks:
                 p = peaks.get(s, math.nan)
                 t.append(f"{p / 2**20:>8.0f}  " if math.isfinite(p) else f"{'—':>8}  ", "grey70")
-            line, rng = sparks[s]
-            t.append(line, "yellow" if s == slowest else "cyan")
-            t.append(rng.rjust(self.RANGE), "grey62")
+            if history:
+                line, rng = sparks[s]
+                t.append(line, "yellow" if s == slowest else "cyan")
+                t.append(rng.rjust(self.RANGE), "grey62")
             t.append("\n")
         tps = store.value("tokens_per_second")
         st = store.value("step_time_s")
