@@ -146,6 +146,7 @@ class MonitorApp(App):
         # whole-run views at half the chart rate, unless the chart rate was asked for (--chart-fps)
         self._whole_run_slower = WHOLE_RUN_SLOWER if chart_fps_asked is None else 1
         self._panel_drawn_at = -1e9
+        self._panel_late = False  # a redraw of the profiler is scheduled
         self.tile_metrics = list(CHART_METRICS)  # what each tile shows (m changes the selected one)
         self.layout_name = ""
         # what is on screen (tests and benchmarks read these)
@@ -383,13 +384,20 @@ class MonitorApp(App):
                 tile.redraw_chart()
         if self.detail_shown:
             self.w_detail.redraw_chart()
-        # the profiler's text is drawn whole: at a slower rate than the charts (frames.rates)
+        # the profiler's text is drawn whole: at a slower rate than the charts (frames.rates), and
+        # once more when that interval is up, so the last records show even when no more arrive
         now = time.monotonic()
         if now - self._panel_drawn_at >= self.panel_interval or self.chart_step is None:
-            self._panel_drawn_at = now
-            self.w_profiler.show(self.model.store, self.w_profiler.content_size.width)
+            self._draw_profiler()
+        elif not self._panel_late:
+            self._panel_late = True
+            self.set_timer(self._panel_drawn_at + self.panel_interval - now, self._draw_profiler)
         self.chart_step = self.model.store.last_step
         self._check_first_screen()
+
+    def _draw_profiler(self) -> None:
+        self._panel_drawn_at, self._panel_late = time.monotonic(), False
+        self.w_profiler.show(self.model.store, self.w_profiler.content_size.width)
 
     def _check_first_screen(self) -> None:
         """Once values and charts show the same records, the history may load (the GIL is shared)."""

@@ -45,6 +45,8 @@ async def test_rank_view_names_the_slow_rank_and_stage_and_the_alert_fires(runs_
             w.write(step, **rank_fields(0.3 if step >= 8 else 0.0))
         await wait_for(pilot, lambda: app.chart_step == 15, what="the ranks' steps on screen")
         panel = app.query_one(ProfilerPanel)
+        # the profiler panel redraws every few seconds (light on an SSH link)
+        await wait_for(pilot, lambda: "compute" in rendered(panel), timeout=20, what="the rank view")
         text = rendered(panel)
         await wait_for(pilot, lambda: panel.size.height >= len(text.splitlines()), what="room for every rank")
         assert "compute" in text and "rollout +300 ms" in text, text
