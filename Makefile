@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 RUNS ?= runs
 # `make demo INJECT=kl_blowup@20` starts a run with a fault injected, to see alerts fire.
 INJECT ?=
+# PPO steps of the demo run: ~1500 are a few minutes on a laptop, long enough to watch it live
+# (the smoke preset alone, 60 steps, is over in seconds). `make demo STEPS=60` for the short one.
+STEPS ?= 1500
 # One intra-op thread: on 2-core boxes two threads make small ops ~100x slower, and the
 # thread count is part of the determinism settings (results differ bitwise between counts).
 export OMP_NUM_THREADS ?= 1
@@ -46,7 +49,7 @@ tui: install
 	$(BIN)/rlhf-tui $(RUNS)
 
 demo: install
-	$(BIN)/trainerd start --smoke --runs-dir $(RUNS) $(if $(INJECT),--inject $(INJECT))
+	$(BIN)/trainerd start --smoke --steps $(STEPS) --runs-dir $(RUNS) $(if $(INJECT),--inject $(INJECT))
 	$(BIN)/rlhf-tui $(RUNS)
 
 verify: verify_m1 verify_m2 verify_m3

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import jsonl
-from .catalogue import SCHEMA_VERSION
+from .catalogue import SCHEMA_VERSION, finite_value
 from .safeio import (
     RunDirError,
     RunFileError,
@@ -483,6 +483,20 @@ def effective_status(manifest: Mapping[str, Any], paths: RunPaths) -> str:
             return elsewhere(Path(os.path.abspath(paths.root)))
         return "running" if is_locked(paths) else "crashed"
     return status
+
+
+def run_elapsed(manifest: Mapping[str, Any], status: str, last_record_time: float | None, now: float) -> float | None:
+    """How long the run has run, in seconds (None without a usable `started_at`): to its
+    `ended_at`, else to now while it runs, else (it ended without saying when: killed,
+    crashed) to its last record. `trainerd status` and the monitor both show this."""
+    started = finite_value(manifest.get("started_at"))
+    if started is None:
+        return None
+    end = finite_value(manifest.get("ended_at"))
+    if end is None:
+        live = status in ("running", "stalled")
+        end = now if live else finite_value(last_record_time) if last_record_time is not None else started
+    return max(0.0, (end if end is not None else started) - started)
 
 
 def resolve_run(path: StrPath) -> RunPaths:

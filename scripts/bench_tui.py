@@ -9,6 +9,8 @@ Targets: 1M steps first screen < 3 s and < 400 MB; the whole history (every fiel
 over all of it) of 100k steps < 0.5 s and of 1M < 3 s, against reading the log alone as the
 baseline; alerts over 1M steps < 1 s; quitting while it loads < 0.5 s; p95 latency < 300 ms;
 idle CPU < 2%, following 10 records/s < 3%; >= 30x TensorBoard's EventAccumulator.
+Link: the bytes the real `rlhf-tui` writes to its terminal (a pty of 160x48, and 80x24) while
+a run writes 10 records/s, default settings: at most 5 kB/s.
 """
 
 from __future__ import annotations
@@ -210,6 +212,86 @@ def tb_compare(work: Path, steps: int) -> tuple[float, float, int]:
     return ours, theirs, n
 
 
+# -- bytes on the link: the real monitor under a pty ------------------------------------
+
+
+def link_bytes(work: Path, size: tuple[int, int], secs: float, extra: tuple[str, ...] = ()) -> dict:
+    """Bytes per second the monitor writes to its terminal while a run writes 10 records/s:
+    what an SSH connection carries from the server. The monitor runs as a user starts it
+    (`python -m tui.cli RUNS`) on a pty of `size`; after a warm-up (first screen, history),
+    every byte read from the pty's master for `secs` seconds is counted."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    runs = work / f"link-{os.getpid()}"
+    subprocess.run(["rm", "-rf", str(runs)])
+    runs.mkdir(parents=True)
+    writer = subprocess.Popen(
+        GEN + ["--steps", "100000", "--rate", "10", "--runs-dir", str(runs), "--run-id", "live", "--no-jsonl"],
+        stdout=subprocess.DEVNULL,
+    )
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", size[1], size[0], 0, 0))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TERM="xterm-256color", LANG="C.UTF-8", COLUMNS="", LINES="")
+    env.pop("COLUMNS")
+    env.pop("LINES")
+    env.pop("NO_COLOR", None)
+    time.sleep(1.0)  # the run exists
+    tui = subprocess.Popen(
+        [sys.executable, "-m", "tui.cli", str(runs), *extra],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    os.close(slave)
+    counted = 0
+    warm = 6.0
+    t0 = time.monotonic()
+    try:
+        while True:
+            now = time.monotonic()
+            if now - t0 > warm + secs:
+                break
+            r, _, _ = select.select([master], [], [], 0.2)
+            if r:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                if now - t0 >= warm:
+                    counted += len(data)
+    finally:
+        writer.terminate()
+        writer.wait()
+        tui.terminate()
+        try:
+            tui.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            tui.kill()
+            tui.wait()
+        os.close(master)
+        subprocess.run(["rm", "-rf", str(runs)])
+    return {"bytes_per_s": counted / secs, "size": size}
+
+
+def link_report(work: Path, secs: float) -> None:
+    for size in ((160, 48), (80, 24)):
+        r = link_bytes(work, size, secs)
+        bps = r["bytes_per_s"]
+        print(
+            f"  link at {size[0]}x{size[1]}, a run writing 10 records/s, default settings: "
+            f"{bps / 1000:.1f} kB/s to the terminal  {verdict(bps <= 5000) if size == (160, 48) else ''}"
+        )
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
@@ -218,7 +300,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default=os.environ.get("TUI_BENCH_DIR", "/tmp/rlhf-tui-bench"))
     ap.add_argument("--quick", action="store_true", help="100k run only, shorter CPU windows")
-    ap.add_argument("--only", default="open,latency,cpu,tb", help="comma-separated parts to run")
+    ap.add_argument("--only", default="open,latency,cpu,link,tb", help="comma-separated parts to run")
     ap.add_argument("--_open", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--_quit", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -270,6 +352,8 @@ def main() -> int:
         latency_report(work)
     if "cpu" in only:
         cpu_report(work, "5" if args.quick else "10")
+    if "link" in only:
+        link_report(work, 10 if args.quick else 20)
     if "tb" in only:
         tb_report(work)
     return 0
@@ -331,8 +415,8 @@ def cpu_report(work: Path, secs: str) -> None:
     r = run_child("--_open", str(idle_root), secs, "10")
     print(
         f"  CPU while a run writes 10 records/s: {r['cpu_frac']:.1%} of a core "
-        f"(default --fps 5, charts 1/s; following {r.get('live_run')}, at step {r.get('live_step')})  "
-        f"{verdict(r['cpu_frac'] < 0.03)} (target < 3%)"
+        f"(default --fps 5, charts 1/s, whole-run views 0.5/s; following {r.get('live_run')}, "
+        f"at step {r.get('live_step')})  {verdict(r['cpu_frac'] < 0.03)} (target < 3%)"
     )
     subprocess.run(f"rm -rf {idle_runs}/cpu-*", shell=True)
 

@@ -164,6 +164,9 @@ def generate(
     quiet: bool = False,
 ) -> Path:
     paths = rundir.create_run(runs_dir, run_id, prefix="gen")
+    # a run written in real time is live: its writer holds the lock, as the trainer does
+    # (else the monitor and `trainerd status` rightly call it crashed)
+    lock = rundir.RunLock(paths).acquire() if rate > 0 else None
     config = {"preset": "gen_run", "steps": steps, "seed": seed, "rate": rate, "unstable": unstable}
     manifest = rundir.new_manifest(
         paths, config, seed, {"generator": "scripts/gen_run.py"}, {"python": sys.version.split()[0], "kit": "0.1.0"}
@@ -226,6 +229,8 @@ def generate(
             tbw.close()
     rundir.update_manifest(paths, last_step=steps, status=status, ended_at=time.time())
     rundir.append_event(paths, status, step=steps)
+    if lock is not None:
+        lock.release()
     return paths.root
 
 

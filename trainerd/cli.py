@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from protocol.rundir import (
     read_events,
     read_manifest,
     resolve_run,
+    run_elapsed,
     switch_latest,
     write_manifest,
 )
@@ -360,6 +362,8 @@ def run_status(paths: RunPaths) -> dict:
         st = finite_value(recs[0].get("step_time_s"))
         if st is not None and st > 0:
             rate = finite_value(1.0 / st)
+    last_time = finite_value(recs[-1].get("time")) if recs else None
+    elapsed = run_elapsed(m, status, last_time, time.time())  # the monitor's header shows the same
     eta = None
     if rate and _is_step(total) and status == "running":
         eta = finite_value((total - step) / rate)
@@ -388,6 +392,7 @@ def run_status(paths: RunPaths) -> dict:
         "last_checkpoint": m.get("last_checkpoint"),
         "started_at": m.get("started_at"),
         "ended_at": m.get("ended_at"),
+        "elapsed_s": elapsed,
         "open_alerts": [
             {k: a.get(k) for k in ("rule", "severity", "metric", "value", "threshold", "first_step", "message")}
             for a in open_alerts(events)
@@ -428,7 +433,7 @@ def status(run, as_json):
     of_total = f"/{t(info['steps_total'], 40)}" if info["steps_total"] is not None else ""  # adapted runs: unknown
     click.echo(
         f"{t(info['run_id'])}: {t(info['status'], 200)}  step {info['step']}{of_total}  {rate}  "
-        f"ETA {_fmt_secs(info['eta_s'])}"
+        f"ETA {_fmt_secs(info['eta_s'])}  elapsed {_fmt_secs(info['elapsed_s'])}"
     )
     click.echo(f"  dir {t(info['run_dir'])}  last checkpoint {t(info['last_checkpoint'] or '-', 400)}")
     if info["resume_check"]:

@@ -3,6 +3,7 @@
 readers (follow.py, threads) --messages--> app --apply--> RunModel (model.py)
 app --two frame rates (frames.py)--> widgets, which were handed the model and the ChartView
 keys --> reactive view settings --> charts drawn again at once
+terminal size --> layout classes (layout.py) --> monitor.tcss
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
 from textual.message import Message
 from textual.reactive import reactive
-from textual.widgets import Footer
+from textual.screen import Screen
 
 from protocol.alerts import Alert
 from protocol.health import acknowledge, load_acks
@@ -43,17 +44,20 @@ from .follow import (
     resolve_target,
     spawn,
 )
-from .frames import Throttle
+from .frames import Throttle, rates
+from .glyphs import MODE, AsciiFilter, configure
+from .layout import TooSmall, layout_for, screen_classes, tiles_shown
 from .model import RunModel
 from .samples import SamplesScreen
-from .screens import AlertListScreen, HelpScreen, RunPickerScreen, RunRow
+from .screens import AlertListScreen, HelpScreen, MetricPickerScreen, RunPickerScreen, RunRow
 from .store import CHART_METRICS
-from .widgets.charts import ZOOM_STEPS, ChartView, DetailChart, MetricTile
-from .widgets.panels import AlertBanner, EventsPanel, ProfilerPanel, RunHeader
+from .widgets.charts import EMA_WEIGHTS, ZOOM_STEPS, ChartView, DetailChart, MetricTile
+from .widgets.panels import EVENT_FILTERS, AlertBanner, EventsPanel, KeyBar, ProfilerPanel, RunHeader
 from .widgets.verify import VerifyPanel
+from .wire import crop_both_ends
 
 GRID_COLS = 3
-CHART_FPS = 1.0
+WHOLE_RUN_SLOWER = 2
 
 
 class MonitorApp(App):
@@ -70,6 +74,16 @@ class MonitorApp(App):
         Binding("right,l", "move(1)", "", show=False),
         Binding("up,k", f"move({-GRID_COLS})", "", show=False),
         Binding("down,j", f"move({GRID_COLS})", "", show=False),
+        Binding("m", "pick_metric", "metric"),
+        Binding("left_square_bracket", "cursor(-1)", "", show=False),
+        Binding("right_square_bracket", "cursor(1)", "", show=False),
+        Binding("left_curly_bracket", "cursor(-10)", "", show=False),
+        Binding("right_curly_bracket", "cursor(10)", "", show=False),
+        Binding("backslash", "cursor_off", "", show=False),
+        Binding("e", "event_filter", "events"),
+        Binding("p", "toggle_panels", "panels"),
+        Binding("d", "toggle_detail", "", show=False),
+        Binding("S", "ema_weight", "", show=False),
         Binding("s", "toggle('smooth')", "EMA"),
         Binding("t", "toggle('time_axis')", "x axis"),
         Binding("z", "zoom", "zoom"),
@@ -81,7 +95,13 @@ class MonitorApp(App):
     ]
 
     # the view settings: the keys change these, their watchers draw the charts again
-    selected: reactive[int] = reactive(0, init=False)  # index in CHART_METRICS
+    selected: reactive[int] = reactive(0, init=False)  # index of the selected tile
+    detail_metric: reactive[str] = reactive("kl", init=False)  # what the detail chart shows
+    cursor: reactive[int | None] = reactive(None, init=False)  # the detail chart's value cursor
+    ema_weight: reactive[float] = reactive(0.9, init=False)
+    event_filter: reactive[str] = reactive("all", init=False)
+    panels_shown: reactive[bool | None] = reactive(None, init=False)  # None: as the size suits
+    detail_shown: reactive[bool] = reactive(True, init=False)
     smooth: reactive[bool] = reactive(False, init=False)
     time_axis: reactive[bool] = reactive(False, init=False)
     zoom: reactive[int | None] = reactive(None, init=False)
@@ -97,12 +117,20 @@ class MonitorApp(App):
         tail_bytes: int = TAIL_BYTES,
         live: bool = True,
         bell: bool = True,
+        ascii: bool | None = None,
+        ema_weight: float = 0.9,
     ):
+        # before App.__init__, which takes NO_COLOR out of the environment
+        configure(ascii)
         super().__init__()
+        if MODE.ascii:
+            self._filters.append(AsciiFilter())  # nothing but ASCII reaches the terminal
+        crop_both_ends()  # a changed span is written alone, not from its widget's left edge (wire.py)
         self.target = Path(target)
-        fps = max(0.2, fps)
-        # charts redraw slower than the values: by default 1 a second (or `fps` if lower)
-        chart_fps = min(fps, max(0.2, chart_fps if chart_fps is not None else CHART_FPS))
+        # one rate governs every frame: values at `fps`, charts and panels slower (frames.rates)
+        chart_fps_asked = chart_fps
+        fps, chart_fps, self.panel_interval = rates(fps, chart_fps)
+        self.set_reactive(MonitorApp.ema_weight, ema_weight)
         self.stall_after = stall_after
         self.clock = clock  # injected so snapshots are deterministic
         self.tail_bytes = tail_bytes
@@ -114,6 +142,12 @@ class MonitorApp(App):
         self._token = 0  # which open of a run the readers' messages belong to
         self.values = Throttle(self, fps, self._draw_values)
         self.charts = Throttle(self, chart_fps, self._draw_charts)
+        self._chart_interval = self.charts.interval
+        # whole-run views at half the chart rate, unless the chart rate was asked for (--chart-fps)
+        self._whole_run_slower = WHOLE_RUN_SLOWER if chart_fps_asked is None else 1
+        self._panel_drawn_at = -1e9
+        self.tile_metrics = list(CHART_METRICS)  # what each tile shows (m changes the selected one)
+        self.layout_name = ""
         # what is on screen (tests and benchmarks read these)
         self.drawn_step: int | None = None  # last step of a value frame, and when
         self.drawn_at = 0.0
@@ -137,7 +171,9 @@ class MonitorApp(App):
         self.w_verify = VerifyPanel(id="verify")
         self.w_verify.border_title = "checks"
         self.w_events = EventsPanel(id="events")
+        self.w_too_small = TooSmall(id="too-small")
         yield self.w_header
+        yield self.w_too_small
         yield self.w_banner
         with Horizontal(id="body"):
             with Vertical(id="left"):
@@ -148,10 +184,11 @@ class MonitorApp(App):
                 yield self.w_profiler
                 yield self.w_verify
                 yield self.w_events
-        yield Footer()
+        yield KeyBar(self.BINDINGS, id="keys")
 
     def on_mount(self) -> None:
         self.watch_selected(self.selected)
+        self._apply_layout()
         spawn(resolve_target, self, self.target, name="open")
         spawn(self._read_acks, name="acks")
         self.set_interval(1.0, self._tick)
@@ -278,12 +315,16 @@ class MonitorApp(App):
         if everything or parts & {"alerts", "header"}:
             self._draw_health()
         if everything or "events" in parts:
-            self.w_events.show(m.events, self.w_events.content_size.height or 10, m.started_at)
+            self._draw_events()
         if everything or self.chart_step is None and len(m.store):
             self.charts.soon()
         elif parts & {"data", "alerts"}:
             self.charts.request()
         self.values.request()
+
+    def _draw_events(self) -> None:
+        m = self.model
+        self.w_events.show(m.events, self.w_events.content_size.height or 10, m.started_at, self.event_filter)
 
     def _draw_health(self) -> None:
         """The header and the banner: both from the run's verdict (unchanged text draws nothing)."""
@@ -291,6 +332,10 @@ class MonitorApp(App):
         self._want_checkpoints(h.verdict)
         self.w_header.show(h)
         self.w_banner.show(h, self.model)
+        live = self.live and h.status == "running"
+        if live != self.view.live:  # a live run's charts grow at their right edge (ChartView.window)
+            self.view.live = live
+            self.charts.soon()
 
     # -- checkpoints, for the fork the banner suggests: listed off the UI thread ------------------
 
@@ -334,9 +379,15 @@ class MonitorApp(App):
 
     def _draw_charts(self) -> None:
         for tile in self.w_tiles:
-            tile.redraw_chart()
-        self.w_detail.redraw_chart()
-        self.w_profiler.show(self.model.store, self.w_profiler.content_size.width)
+            if tile.display:
+                tile.redraw_chart()
+        if self.detail_shown:
+            self.w_detail.redraw_chart()
+        # the profiler's text is drawn whole: at a slower rate than the charts (frames.rates)
+        now = time.monotonic()
+        if now - self._panel_drawn_at >= self.panel_interval or self.chart_step is None:
+            self._panel_drawn_at = now
+            self.w_profiler.show(self.model.store, self.w_profiler.content_size.width)
         self.chart_step = self.model.store.last_step
         self._check_first_screen()
 
@@ -364,7 +415,7 @@ class MonitorApp(App):
     # -- keys -----------------------------------------------------------------------------
 
     def action_move(self, delta: int) -> None:
-        self.selected = (self.selected + delta) % len(CHART_METRICS)
+        self.selected = (self.selected + delta) % len(self.w_tiles)
 
     def action_toggle(self, setting: str) -> None:
         setattr(self, setting, not getattr(self, setting))
@@ -376,25 +427,119 @@ class MonitorApp(App):
     def action_follow(self) -> None:
         self.around_step = None
 
+    def action_ema_weight(self) -> None:
+        i = EMA_WEIGHTS.index(self.ema_weight) if self.ema_weight in EMA_WEIGHTS else -1
+        self.ema_weight = EMA_WEIGHTS[(i + 1) % len(EMA_WEIGHTS)]
+        self.smooth = True
+        self.notify(f"EMA smoothing factor {self.ema_weight:g}", markup=False, timeout=2)
+
+    def action_cursor(self, delta: int) -> None:
+        cw = self.w_detail.plot_width()
+        if self.cursor is None:
+            self.cursor = cw - 1 if delta < 0 else 0
+        else:
+            self.cursor = max(0, min(cw - 1, self.cursor + delta))
+
+    def action_cursor_off(self) -> None:
+        self.cursor = None
+
+    def on_detail_chart_cursor_at(self, msg: DetailChart.CursorAt) -> None:
+        self.cursor = msg.column
+
+    def on_metric_tile_clicked(self, msg: MetricTile.Clicked) -> None:
+        if msg.tile in self.w_tiles:
+            self.selected = self.w_tiles.index(msg.tile)
+
+    def action_event_filter(self) -> None:
+        i = EVENT_FILTERS.index(self.event_filter) if self.event_filter in EVENT_FILTERS else 0
+        self.event_filter = EVENT_FILTERS[(i + 1) % len(EVENT_FILTERS)]
+
+    def watch_event_filter(self) -> None:
+        self._draw_events()
+
+    def action_toggle_panels(self) -> None:
+        shown = self.panels_shown if self.panels_shown is not None else not layout_for(*self.size).narrow
+        self.panels_shown = not shown
+
+    def action_toggle_detail(self) -> None:
+        self.detail_shown = not self.detail_shown
+
+    def watch_panels_shown(self) -> None:
+        self._apply_layout()
+
+    def watch_detail_shown(self) -> None:
+        self._apply_layout()
+        self.charts.soon()
+
+    def action_pick_metric(self) -> None:
+        store = self.model.store
+        names = [k for k in store.columns if store.columns[k].present]
+        if not names:
+            self.notify("no metrics yet", markup=False)
+            return
+        self.push_screen(MetricPickerScreen(names, self.detail_metric), self._metric_picked)
+
+    def _metric_picked(self, name: str | None) -> None:
+        if name is not None:
+            self.tile_metrics[self.selected] = name
+            self.w_tiles[self.selected].set_metric(name)
+            self.detail_metric = name
+            self.charts.soon()
+
     def watch_selected(self, selected: int) -> None:
         for k, tile in enumerate(self.w_tiles):
             tile.selected = k == selected
-        self.w_detail.metric = CHART_METRICS[selected]
+        self.detail_metric = self.tile_metrics[selected]
+        self._page_tiles()
+        self._view_changed()
+
+    def watch_detail_metric(self, metric: str) -> None:
+        self.w_detail.metric = metric
         self._view_changed()
 
     def _view_changed(self) -> None:
         v = self.view
         v.smooth, v.time_axis, v.zoom, v.around_step = self.smooth, self.time_axis, self.zoom, self.around_step
+        v.ema_weight, v.cursor = self.ema_weight, self.cursor
+        # a whole-run view changes little per record: it is drawn at half the chart rate
+        self.charts.interval = self._chart_interval * (self._whole_run_slower if self.zoom is None else 1)
         self.charts.soon()
 
     watch_smooth = watch_time_axis = watch_zoom = watch_around_step = _view_changed
+    watch_ema_weight = watch_cursor = _view_changed
+
+    # -- layout: from the terminal's size (layout.py) ------------------------------------------
+
+    def get_default_screen(self) -> Screen:
+        return _MainScreen(id="_default")
+
+    def _apply_layout(self) -> None:
+        if not hasattr(self, "w_tiles") or not self.is_mounted(self.w_header):
+            return
+        lay = layout_for(*self.size)
+        for cls, on in screen_classes(lay, self.panels_shown, self.detail_shown).items():
+            self.w_header.screen.set_class(on, cls)
+        if lay.tiny:
+            self.w_too_small.show(*self.size)
+        self.layout_name = lay.name
+        self._page_tiles()
+
+    def _page_tiles(self) -> None:
+        shown, note = tiles_shown(len(self.w_tiles), self.selected, layout_for(*self.size).short, GRID_COLS)
+        if shown != [t.display for t in self.w_tiles]:
+            for tile, on in zip(self.w_tiles, shown):
+                tile.display = on
+            self.charts.soon()  # hidden tiles are not drawn: the ones shown now are behind
+        if self.w_detail.border_subtitle != note:  # setting it repaints the border, even unchanged
+            self.w_detail.border_subtitle = note
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
     def action_alerts(self) -> None:
         m = self.model
-        self.push_screen(AlertListScreen(list(m.alert_history), m.paths, self.live), self.jump_to_alert)
+        still_open = {(a.rule, a.first_step) for a in m.open_alerts}
+        self.push_screen(AlertListScreen(list(m.alert_history), m.paths, self.live, still_open), self.jump_to_alert)
 
     def action_samples(self) -> None:
         """What the policy wrote: the run's latest samples (samples.jsonl, read by a thread)."""
@@ -402,10 +547,15 @@ class MonitorApp(App):
             self.push_screen(SamplesScreen(self.model.paths, live=self.live))
 
     def jump_to_alert(self, alert: Alert | None) -> None:
+        """The detail chart shows the alert's own metric around its first step (the tile that
+        tells its story is selected, if one does)."""
         if alert is not None:
             i = self.model.selected_chart(alert)
-            if i is not None:
+            if i is not None and self.tile_metrics[i] == CHART_METRICS[i]:
                 self.selected = i
+            col = self.model.store.columns.get(alert.metric)
+            if col is not None and col.present:
+                self.detail_metric = alert.metric
             self.around_step = alert.first_step
 
     def action_runs(self) -> None:
@@ -438,6 +588,15 @@ class MonitorApp(App):
     def on_unmount(self) -> None:
         if self.follower is not None:
             self.follower.close()
+
+
+class _MainScreen(Screen):
+    """The monitor's screen: on a resize the app chooses the layout again (layout.py)."""
+
+    def on_resize(self, event) -> None:
+        app = self.app
+        if isinstance(app, MonitorApp):
+            app.call_after_refresh(app._apply_layout)
 
 
 def _critical_key(item: tuple[str, Alert]) -> tuple[object, object] | None:

@@ -22,6 +22,7 @@ class Line:
     buckets: list[Bucket | None]  # one per dot column; None = no data there
     style: str
     markers: bool = True  # draw NaN/Inf markers for this line
+    band: str | None = None  # a bucket's min..max drawn in this style, its last value as the line
 
 
 @dataclass
@@ -37,6 +38,8 @@ class ChartSpec:
     lines: list[Line]
     hlines: list[HLine] = field(default_factory=list)
     y_range: tuple[float, float] | None = None
+    ascii: bool = False  # one ASCII character per cell instead of braille dots
+    cursor: int | None = None  # a cell column drawn as the value cursor
 
 
 def finite_range(lines: list[Line]) -> tuple[float, float] | None:
@@ -117,6 +120,16 @@ def draw_runs(spec: ChartSpec) -> list[Runs]:
             bot = int(round((hi - b.lo) * scale))
             bot = top_row if bot > top_row else 0 if bot < 0 else bot
             last = ypix(b.last) if b.last == b.last and b.last not in (math.inf, -math.inf) else top
+            if ln.band is not None and bot > top + 1:
+                # a column of many records: its min and max as dim dots (the band's edges), and
+                # the line through the middle of the range; a noisy whole-run view is then an
+                # envelope around a line, not a solid block
+                for r in (top, bot):
+                    cy = r >> 2
+                    dots[cy][cx] |= _SPAN[sub][r & 3][r & 3]
+                    if colour[cy][cx] is None:
+                        colour[cy][cx] = ln.band
+                top = bot = last = (top + bot) >> 1
             if prev is not None:  # join to the previous column
                 if prev < top:
                     top = prev
@@ -137,12 +150,16 @@ def draw_runs(spec: ChartSpec) -> list[Runs]:
     for cy in range(h):
         # one span per run of equally styled cells: per-cell spans make Textual's compositing slow
         row_dots, row_colour, hstyle = dots[cy], colour[cy], hrows.get(cy)
-        blank = ("╌", hstyle) if hstyle else (" ", None)
-        cells = [(_BRAILLE[d], c) if d else blank for d, c in zip(row_dots, row_colour)]
+        glyphs = _ASCII if spec.ascii else _BRAILLE
+        blank = ("-" if spec.ascii else "╌", hstyle) if hstyle else (" ", None)
+        cells = [(glyphs[d], c) if d else blank for d, c in zip(row_dots, row_colour)]
         if marks:
             for (my, mx), m in marks.items():
                 if my == cy:
-                    cells[mx] = m
+                    cells[mx] = (_ASCII_MARK.get(m[0], m[0]), m[1]) if spec.ascii else m
+        if spec.cursor is not None and 0 <= spec.cursor < w:
+            ch, st = cells[spec.cursor]
+            cells[spec.cursor] = ("|" if spec.ascii else "│", "reverse") if ch == " " else (ch, "reverse")
         row: Runs = []
         run_chars: list[str] = []
         run_style: str | None = None
@@ -159,6 +176,20 @@ def draw_runs(spec: ChartSpec) -> list[Runs]:
 
 
 _BRAILLE = [chr(0x2800 + i) for i in range(256)]
+
+
+def _ascii_of(d: int) -> str:
+    """A braille cell's dots as one ASCII character, by which of its 4 rows hold dots."""
+    rows = [r for r in range(4) if d & (_DOT[0][r] | _DOT[1][r])]
+    if not rows:
+        return " "
+    if rows[-1] - rows[0] >= 2:
+        return "|"
+    return {0: "'", 1: "-", 2: "-", 3: "."}[rows[0]] if rows[0] == rows[-1] else {0: "'", 1: "-", 2: "."}[rows[0]]
+
+
+_ASCII = [_ascii_of(i) for i in range(256)]
+_ASCII_MARK = {"▲": "^", "▼": "v", "N": "N"}
 # _SPAN[sub][r0][r1]: the dots of rows r0..r1 (0..3) in dot column sub of a cell
 _SPAN = [[[sum(_DOT[sub][r] for r in range(r0, r1 + 1)) for r1 in range(4)] for r0 in range(4)] for sub in range(2)]
 

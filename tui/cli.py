@@ -18,16 +18,34 @@ from protocol.text import safe_text
 @click.option(
     "--fps",
     type=click.FloatRange(0.2, 30),
-    default=5.0,
-    show_default=True,
-    help="at most this many redraws a second of the values (lower it on slow links)",
+    default=None,
+    help="frames a second of the values (default 5); charts redraw at a fifth of it and the "
+    "profiler every 5 s or slower: this one number sets how much goes over the link",
+)
+@click.option(
+    "--slow-link",
+    is_flag=True,
+    help="for a slow SSH link: --fps 1 (values once a second, charts every 5 s)",
 )
 @click.option(
     "--chart-fps",
     type=click.FloatRange(0.2, 30),
-    default=1.0,
+    default=None,
+    help="override: chart frames a second (default --fps / 5; never more than --fps)",
+)
+@click.option(
+    "--ascii",
+    "ascii_",
+    is_flag=True,
+    default=None,
+    help="ASCII only, borders and charts included (automatic when the locale is not UTF-8)",
+)
+@click.option(
+    "--smooth",
+    type=click.FloatRange(0, 0.999),
+    default=0.9,
     show_default=True,
-    help="at most this many chart redraws a second (never more than --fps)",
+    help="EMA factor of the smoothed detail line (s toggles it, S cycles it)",
 )
 @click.option(
     "--stall-after",
@@ -55,8 +73,11 @@ from protocol.text import safe_text
 )
 def cli(
     path: str | None,
-    fps: float,
-    chart_fps: float,
+    fps: float | None,
+    slow_link: bool,
+    chart_fps: float | None,
+    ascii_: bool | None,
+    smooth: float,
     stall_after: float,
     no_bell: bool,
     remote_poll: float,
@@ -91,12 +112,16 @@ def cli(
         sys.exit(2)
     from .app import MonitorApp  # after the path check: a bad path answers at once
 
+    if fps is None:
+        fps = 1.0 if slow_link else 5.0
     app = MonitorApp(
         target,
         fps=fps,
         chart_fps=chart_fps,
         stall_after=stall_after,
         bell=not no_bell,
+        ascii=True if ascii_ else None,
+        ema_weight=smooth,
         **({"clock": remote.clock} if remote is not None else {}),
     )
     if remote is not None:

@@ -63,3 +63,17 @@ class Throttle:
         self._queued = 0
         self.last = time.monotonic()
         self.draw()
+
+
+CHARTS_PER_VALUE_FRAME = 5  # charts redraw at a fifth of the value rate
+PANEL_INTERVAL_S = 5.0  # the profiler's whole-text panel at most this often
+
+
+def rates(fps: float, chart_fps: float | None = None) -> tuple[float, float, float]:
+    """One `--fps` governs every frame: (value frames/s, chart frames/s, seconds between
+    profiler panel frames). Charts run at fps/5 (at least one frame every 5 s), never faster
+    than the values; `chart_fps` overrides that (still capped by `fps`)."""
+    fps = max(0.2, fps)
+    charts = chart_fps if chart_fps is not None else fps / CHARTS_PER_VALUE_FRAME
+    charts = min(fps, max(0.2, charts))
+    return fps, charts, max(PANEL_INTERVAL_S, 1.0 / charts)

@@ -18,7 +18,7 @@ from protocol.alerts import DEFAULT_RULES, Alert, Rule, most_severe
 from protocol.catalogue import finite_value
 from protocol.events import alert_timeline
 from protocol.health import Verdict, fork_step, fork_suggestion, run_verdict, worst_severity
-from protocol.rundir import RunPaths
+from protocol.rundir import RunPaths, run_elapsed
 from protocol.text import safe_text
 
 from .adapted import header_suffix
@@ -62,6 +62,7 @@ class HeaderInfo:
     age_s: float | None = None
     corrupt: int = 0
     loading: str = ""  # "history 40%" while the background load runs
+    phase: str = ""  # before the first step: what the trainer does ("warm start", "reward model")
     verdict: Verdict = field(default_factory=lambda: run_verdict([], "…", ""))  # the run's health
 
 
@@ -177,6 +178,13 @@ class RunModel:
         steps = cfg.get("steps") if isinstance(cfg, dict) else None
         return steps if isinstance(steps, int) and not isinstance(steps, bool) and 0 < steps < 1 << 63 else None
 
+    def phase(self, status: str) -> str:
+        """What a running trainer is doing before its first PPO step (run.json's `phase`)."""
+        ph = self.manifest.get("phase")
+        if len(self.store) or status != "running" or not isinstance(ph, str) or not ph or ph == "ppo":
+            return ""
+        return f"setup: {safe_text(ph, 40)}"
+
     def most_severe(self) -> Alert | None:
         return most_severe(self.open_alerts)
 
@@ -204,8 +212,8 @@ class RunModel:
         status = self.status
         if status == "running" and age is not None and age > stall_after:
             status = "stalled"
-        started, ended = self.started_at, finite_value(self.manifest.get("ended_at"))
-        elapsed = None if started is None else (ended if ended is not None else now) - started
+        live = status in ("running", "stalled", "…")  # "…": not read yet
+        elapsed = run_elapsed(self.manifest, "running" if live else status, last_time, now)
         return HeaderInfo(
             run_id=self.run_id,
             status=status,
@@ -216,6 +224,7 @@ class RunModel:
             age_s=age,
             corrupt=self.corrupt,
             loading=self.loading,
+            phase=self.phase(status),
             verdict=self.verdict(status),
         )
 

@@ -10,10 +10,11 @@ from pathlib import Path
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import DataTable, Static
+from textual.widgets import DataTable, OptionList, Static
+from textual.widgets.option_list import Option
 
 from protocol.alerts import Alert
 from protocol.catalogue import finite_value
@@ -23,14 +24,22 @@ from protocol.text import safe_text
 
 from .braille import fmt_value
 from .follow import one_line, post, spawn
+from .glyphs import MODE, to_ascii
 
 HELP = """\
 [b]Keys[/b]
-  ←↑↓→ / hjkl   select a metric (its detail chart is below the grid)
-  s             raw / EMA-smoothed detail line
+  ←↑↓→ / hjkl   select a tile (its detail chart is below the grid); a click selects it too;
+                on a small terminal the grid shows one row of tiles: moving pages through them
+  m             chart any metric of the run (the catalogue's and a framework's own) in the
+                selected tile and the detail chart
+  [ ]  { }      value cursor on the detail chart (a click puts it there): reads step, time,
+                value;  \\ hides it
+  s             raw / EMA-smoothed detail line;  S  the EMA factor (0.6 → 0.8 → 0.9 → 0.95 → 0.99)
   t             x axis: step / wall time
   z             zoom: whole run → last 10k → 1k → 200 steps
   f             follow the live end again (after jumping to an alert)
+  e             events shown: all (checkpoints collapsed) → lifecycle → alerts → checkpoints
+  p             side panels (profiler, checks, events) shown / hidden;  d  detail chart
   a             alert list (Enter jumps the charts to the alert's step, w shows its samples)
   w             samples: what the policy wrote (latest first; from the alert list, that step's)
   c             acknowledge the alerts the banner holds against the run (open or cleared);
@@ -39,7 +48,9 @@ HELP = """\
   1 2 3         run trainerd verify m1 / m2 / m3 on this run;  x cancels
   ?             this help;  q quit
 [b]Reading the screen[/b]
-  values are green / yellow / red against the alert thresholds;
+  values and tile charts are green / yellow / red against the alert thresholds (cyan: none;
+  with NO_COLOR the value says WARN / CRIT); the numbers left of a tile's chart are its y scale;
+  a whole-run chart draws each column's min..max as a grey band and its last value as the line;
   [white on red]N[/] marks a NaN, [red]▲[/] / [red]▼[/] an ±Inf; ▲ under the detail chart marks an alert;
   the banner is the run's verdict: the open alert that came first (the likely cause, with
   its full explanation) and the others as its likely consequences; an alert that cleared
@@ -52,12 +63,16 @@ HELP = """\
 """
 
 
+def _ascii_help() -> str:
+    return to_ascii(HELP).replace("?-?", "<-^v->")
+
+
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,question_mark,q", "dismiss", "close")]
 
     def compose(self) -> ComposeResult:
-        with Vertical(id="dialog"):
-            yield Static(Text.from_markup(HELP), id="help-text")
+        with VerticalScroll(id="dialog"):  # a small terminal scrolls it: every key is reachable
+            yield Static(Text.from_markup(_ascii_help() if MODE.ascii else HELP), id="help-text")
 
 
 class AlertListScreen(ModalScreen[Alert | None]):
@@ -69,11 +84,18 @@ class AlertListScreen(ModalScreen[Alert | None]):
         Binding("w", "samples", "samples of its step"),
     ]
 
-    def __init__(self, alerts: list[tuple[str, Alert]], paths: RunPaths | None = None, live: bool = True):
+    def __init__(
+        self,
+        alerts: list[tuple[str, Alert]],
+        paths: RunPaths | None = None,
+        live: bool = True,
+        open_keys: set[tuple[object, object]] | None = None,
+    ):
         super().__init__()
         self.alerts = alerts
         self.paths = paths
         self.live = live
+        self.open_keys = open_keys or set()  # (rule, first step) of the alerts open now
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
@@ -81,33 +103,55 @@ class AlertListScreen(ModalScreen[Alert | None]):
                 Text("Alerts (Enter: jump the charts to its step, w: samples of its step, Esc: close)", "bold")
             )
             yield DataTable(id="alert-table", cursor_type="row", zebra_stripes=True)
+            yield Static(id="alert-explanation")
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        for name, width in (("step", 8), ("event", 15), ("severity", 8), ("rule", 20), ("metric", 18), ("value", 9)):
+        # a narrow terminal: no metric and value columns, and the highlighted alert's explanation
+        # in full under the table instead of in a column too narrow to read
+        narrow = self.narrow = self.app.size.width < 120
+        cols = [("step", 8), ("event", 15), ("now", 7), ("severity", 8), ("rule", 20)]
+        if not narrow:
+            cols += [("metric", 18), ("value", 9)]
+        for name, width in cols:
             table.add_column(name, width=width)
-        table.add_column("explanation", width=max(30, self.app.size.width - 120))
+        if not narrow:
+            used = sum(w + 2 for _n, w in cols) + 10  # cell padding, the dialog's border and padding
+            table.add_column("explanation", width=max(30, self.app.size.width * 9 // 10 - used))
+        still_open = {(k[0], k[1]) for k in self.open_keys}
         for i, (ev, a) in enumerate(reversed(self.alerts)):
             sev_style = {"critical": "bold red", "warning": "yellow"}.get(a.severity, "")
-            table.add_row(  # Text cells: a str cell would be read as markup
+            cells = [  # Text cells: a str cell would be read as markup
                 Text(f"{self.step_of(ev, a):,}"),
                 Text(ev),
+                Text("open", "bold") if (a.rule, a.first_step) in still_open else Text("cleared", "green"),
                 Text(safe_text(a.severity, 20), sev_style),
                 Text(safe_text(a.rule, 60)),
-                Text(safe_text(a.metric, 60)),
-                Text(fmt_value(a.value)),
-                Text(safe_text(a.explanation, 2000)),  # in full: the row is as tall as it needs
-                key=str(len(self.alerts) - 1 - i),
-                height=None,
-            )
+            ]
+            if not narrow:
+                cells += [Text(safe_text(a.metric, 60)), Text(fmt_value(a.value))]
+                cells.append(Text(safe_text(a.explanation, 2000)))  # in full: the row is as tall as it needs
+            table.add_row(*cells, key=str(len(self.alerts) - 1 - i), height=None)
         if not self.alerts:
-            table.add_row(Text("—"), Text("no alerts so far"), "", "", "", "", "")
+            table.add_row(Text("—"), Text("no alerts so far"), *[""] * (len(table.columns) - 2))
+        self.query_one("#alert-explanation").display = narrow
         table.focus()
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        key = event.row_key.value
+        if getattr(self, "narrow", False) and key is not None and key.isdigit():
+            ev, a = self.alerts[int(key)]
+            text = Text(f"{safe_text(a.metric, 60)} {fmt_value(a.value)}: ", "bold")
+            text.append(safe_text(a.explanation, 2000))
+            self.query_one("#alert-explanation", Static).update(text)
 
     @staticmethod
     def step_of(ev: str, a: Alert) -> int:
-        """The step an event happened at: cleared at its clear step, fired at its first step."""
-        return a.cleared_step if ev == "alert_cleared" and a.cleared_step else a.first_step
+        """The step an event happened at, as the events panel says it: cleared at its clear
+        step, fired (or escalated) at the step the rule fired, not the first bad step."""
+        if ev == "alert_cleared" and a.cleared_step:
+            return a.cleared_step
+        return a.step if isinstance(a.step, int) else a.first_step
 
     def _selected(self) -> tuple[str, Alert] | None:
         table = self.query_one(DataTable)
@@ -367,3 +411,39 @@ def list_runs(runs_dir: Path, current: Path | None, should_stop=lambda: False) -
             )
         )
     return _lineage_order(rows)
+
+
+class MetricPickerScreen(ModalScreen[str | None]):
+    """Every metric the run has (the catalogue's, then another framework's own names): Enter
+    charts it in the selected tile and the detail chart."""
+
+    BINDINGS = [Binding("escape,m,q", "dismiss", "close")]
+
+    def __init__(self, names: list[str], current: str):
+        super().__init__()
+        self.names, self.current = names, current
+
+    def compose(self) -> ComposeResult:
+        from protocol.catalogue import METRICS
+
+        with Vertical(id="dialog"):
+            yield Static(Text("Chart which metric? (Enter: chart it in the selected tile, Esc: close)", "bold"))
+            opts = []
+            for n in self.names:
+                m = METRICS.get(n)
+                label = Text(safe_text(n, 60), "bold" if n == self.current else "")
+                if m is not None:
+                    label.append(f"  {safe_text(m.unit, 20)}  {safe_text(m.description, 120)}", "grey62")
+                else:
+                    label.append("  (this run's own name)", "grey62")
+                opts.append(Option(label, id=n))
+            yield OptionList(*opts, id="metric-list")
+
+    def on_mount(self) -> None:
+        ol = self.query_one(OptionList)
+        if self.current in self.names:
+            ol.highlighted = self.names.index(self.current)
+        ol.focus()
+
+    def on_option_list_option_selected(self, event) -> None:
+        self.dismiss(event.option.id)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -26,8 +27,13 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 WRITER = ["trainerd", "start", "--smoke", "--foreground", "--runs-dir", "{runs}"]
 GEN_RUN = [sys.executable, str(ROOT / "scripts" / "gen_run.py")]
-TMUX = shutil.which("tmux") or "/usr/bin/tmux"
-HAVE_TMUX = Path(TMUX).exists()
+TMUX_BIN = shutil.which("tmux") or "/usr/bin/tmux"
+HAVE_TMUX = Path(TMUX_BIN).exists()
+# a tmux server of our own: a server someone else started has its own environment (commands
+# would not get ours), and killing sessions or the server must never touch anyone else's
+SOCKET = f"rlhf-tui-test-{os.getpid()}"
+TMUX = TMUX_BIN  # kept for the name; every call goes through _tmux() with the socket
+
 STEP_RE = r"step (\d[\d,]*)/(\d[\d,]*)"
 # a row of the samples view: step, reason, pick, reward, gold, KL, length, prompt, response
 NUM = r"-?\d[\d.e+-]*"
@@ -61,16 +67,36 @@ def _env() -> dict:
     return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
 
+def _tmux(*args: str) -> list[str]:
+    return [TMUX_BIN, "-L", SOCKET, *args]
+
+
+def _with_env(cmd: str, **extra: str) -> str:
+    """`cmd` run with this test's environment spelled out: a tmux server does not pass the
+    client's environment to the commands it runs."""
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LANG": "C.UTF-8", "TERM": "xterm-256color", **extra}
+    return (
+        "env -u LC_ALL -u LC_CTYPE -u NO_COLOR " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + cmd
+    )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _own_tmux_server():
+    yield
+    if HAVE_TMUX:
+        subprocess.run(_tmux("kill-server"), capture_output=True)  # our socket only
+
+
 class Pane:
     def __init__(self, session: str):
         self.session = session
 
     def capture(self) -> str:
-        out = subprocess.run([TMUX, "capture-pane", "-p", "-t", self.session], capture_output=True, text=True)
+        out = subprocess.run(_tmux("capture-pane", "-p", "-t", self.session), capture_output=True, text=True)
         return out.stdout
 
     def send(self, *keys: str) -> None:
-        subprocess.run([TMUX, "send-keys", "-t", self.session, *keys], check=True)
+        subprocess.run(_tmux("send-keys", "-t", self.session, *keys), check=True)
 
     def wait_for(self, pattern: str, timeout: float = 15.0) -> re.Match:
         deadline = time.monotonic() + timeout
@@ -84,11 +110,11 @@ class Pane:
         raise AssertionError(f"{pattern!r} never appeared; screen:\n{screen}")
 
 
-def _start_tui(session: str, target: Path, size=(160, 50)) -> Pane:
+def _start_tui(session: str, target: Path, size=(160, 50), **env: str) -> Pane:
     # the shell stays after the monitor exits, so its exit code can be read off the screen
-    cmd = " ".join(_tui_command() + [str(target)]) + "; echo TUI-EXITED rc=$?; sleep 30"
+    cmd = _with_env(" ".join(_tui_command() + [str(target)]), **env) + "; echo TUI-EXITED rc=$?; sleep 30"
     subprocess.run(
-        [TMUX, "new-session", "-d", "-s", session, "-x", str(size[0]), "-y", str(size[1]), f"cd {ROOT} && {cmd}"],
+        _tmux("new-session", "-d", "-s", session, "-x", str(size[0]), "-y", str(size[1]), f"cd {ROOT} && {cmd}"),
         check=True,
         env=_env(),
     )
@@ -164,8 +190,9 @@ def test_live_trainer_run_in_tmux(tmp_path, need_tmux):
         screen = pane.capture()
         for metric in ("kl", "entropy", "reward_mean", "grad_norm"):
             assert re.search(rf"─ {metric} ─", screen), f"no {metric} tile:\n{screen}"
-        assert re.search(r"│-?\d[\d,.]*(e[+-]\d+)? nats/token\s+(kl_target|target|tgt) 0\.1", screen), screen
-        assert re.search(r"│-?\d[\d,.]*(e[+-]\d+)? tokens/s", screen), screen
+        # (a value may be padded by a space: a one-character shorter value keeps its width)
+        assert re.search(r"│-?\d[\d,.]*(e[+-]\d+)?\s+nats(/token)?\s+(kl_target|target|tgt) 0\.1", screen), screen
+        assert re.search(r"│-?\d[\d,.]*(e[+-]\d+)?\s+tokens/s", screen), screen
         assert "where the time goes" in screen and re.search(r"policy_update\s+\d+\.\d", screen), screen
         assert re.search(r"slowest: \w+", screen), screen
         assert "finished" in screen  # the lifecycle event in the events panel
@@ -177,7 +204,7 @@ def test_live_trainer_run_in_tmux(tmp_path, need_tmux):
         pane.send("q")
         pane.wait_for(r"TUI-EXITED rc=0", timeout=10)
     finally:
-        subprocess.run([TMUX, "kill-session", "-t", session], capture_output=True)
+        subprocess.run(_tmux("kill-session", "-t", session), capture_output=True)
         _stop(writer)
         log.close()
 
@@ -206,7 +233,17 @@ def test_exits_when_its_terminal_goes_away(tmp_path, need_tmux):
     )
     session = f"hup-{uuid.uuid4().hex[:8]}"
     subprocess.run(
-        [TMUX, "new-session", "-d", "-s", session, "-x", "120", "-y", "40", " ".join(_tui_command() + [str(runs)])],
+        _tmux(
+            "new-session",
+            "-d",
+            "-s",
+            session,
+            "-x",
+            "120",
+            "-y",
+            "40",
+            _with_env(" ".join(_tui_command() + [str(runs)])),
+        ),
         check=True,
         env=_env(),
         cwd=ROOT,
@@ -215,10 +252,10 @@ def test_exits_when_its_terminal_goes_away(tmp_path, need_tmux):
     pane.wait_for(r"step 50/50")
     pid = int(
         subprocess.run(
-            [TMUX, "display", "-p", "-t", session, "#{pane_pid}"], capture_output=True, text=True
+            _tmux("display", "-p", "-t", session, "#{pane_pid}"), capture_output=True, text=True
         ).stdout.strip()
     )
-    subprocess.run([TMUX, "kill-session", "-t", session], check=True)
+    subprocess.run(_tmux("kill-session", "-t", session), check=True)
     deadline = time.monotonic() + 8
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -285,7 +322,7 @@ def test_quit_is_immediate_while_the_history_loads(tmp_path, need_tmux):
         assert "TUI-EXITED rc=0" in pane.capture()
         assert took < 1.0, f"quitting took {took:.2f} s"
     finally:
-        subprocess.run([TMUX, "kill-session", "-t", session], capture_output=True)
+        subprocess.run(_tmux("kill-session", "-t", session), capture_output=True)
 
 
 @pytest.mark.timeout(180)
@@ -326,8 +363,61 @@ def test_live_trl_tensorboard_run_in_tmux(tmp_path, need_tmux):
         pane.send("q")
         pane.wait_for(r"TUI-EXITED rc=0", timeout=10)
     finally:
-        subprocess.run([TMUX, "kill-session", "-t", session], capture_output=True)
+        subprocess.run(_tmux("kill-session", "-t", session), capture_output=True)
         if trl.poll() is None:
             trl.kill()
             trl.wait()
         log.close()
+
+
+@pytest.mark.timeout(90)
+def test_small_plain_terminal_80x24_in_tmux(tmp_path, need_tmux):
+    """A live run watched at 80x24 with LANG=C: every byte on the screen is ASCII (borders and
+    charts too), three tiles with values, the banner, the keys; arrows page the tiles; the
+    help is complete (it scrolls); q quits at once."""
+    runs = tmp_path / "runs"
+    writer = subprocess.Popen(
+        GEN_RUN + ["--steps", "400", "--rate", "10", "--runs-dir", str(runs), "--no-jsonl"],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+    )
+    session = f"small-{uuid.uuid4().hex[:8]}"
+    try:
+        deadline = time.monotonic() + 20
+        while not (runs / "latest" / "run.json").exists():
+            assert time.monotonic() < deadline, "the generator never made its run"
+            time.sleep(0.1)
+        pane = _start_tui(session, runs, size=(80, 24), LANG="C")
+        first = int(pane.wait_for(STEP_RE, timeout=20).group(1).replace(",", ""))
+        pane.wait_for(r"\+- kl -", timeout=10)
+        deadline = time.monotonic() + 10
+        while True:  # the step climbs while the run writes
+            m = re.search(STEP_RE, pane.capture())
+            if m and int(m.group(1).replace(",", "")) > first + 5:
+                break
+            assert time.monotonic() < deadline, pane.capture()
+            time.sleep(0.2)
+        screen = pane.capture()
+        assert screen.isascii(), sorted({c for c in screen if not c.isascii()})
+        assert "RUNNING" in screen and "+- entropy -" in screen and "+- reward_mean -" in screen, screen
+        assert re.search(r"\|-?\d[\d,.]*(e[+-]\d+)? nats", screen), screen  # a value on a tile
+        assert "tiles 1/3" in screen
+        pane.send("j")
+        pane.wait_for(r"\+- advantage_mean -", timeout=5)
+        assert "tiles 2/3" in pane.capture()
+        pane.send("?")
+        pane.wait_for(r"Keys", timeout=5)
+        pane.send("End")  # the help scrolls to its end on a small terminal
+        pane.wait_for(r"Alerts are evaluated here", timeout=5)
+        assert pane.capture().isascii()
+        pane.send("Escape")
+        time.sleep(0.3)
+        t = time.monotonic()
+        pane.send("q")
+        pane.wait_for(r"TUI-EXITED rc=0", timeout=5)
+        assert time.monotonic() - t < 2.0
+    finally:
+        subprocess.run(_tmux("kill-session", "-t", session), capture_output=True)
+        writer.terminate()
+        writer.wait()

@@ -297,7 +297,7 @@ async def test_the_runs_own_rules_decide_alerts_and_chart_colours(runs_dir):
         assert "kl_runaway" not in banner(app)
         assert thresholds_for("entropy", app.model.rules)[0][2] == 5.0
         tile = app.query_one("#tile-entropy")
-        assert tile._head_state(30)[1][3] != "ok"  # coloured against the run's bar, not 0.1
+        assert tile.level() != "ok"  # coloured against the run's bar, not 0.1
         assert thresholds_for("kl", app.model.rules) == []  # no runaway line on KL's chart
 
     (paths.root / "alerts.json").write_text("{not json")

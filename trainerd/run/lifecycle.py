@@ -170,12 +170,15 @@ def _fresh_start(
         update_manifest(paths, setup=setup)
         log(f"loaded {cfg.policy_path} ({n_params:,} parameters) in {setup['setup_s']:.1f}s")
     else:
+        # the phase shows in the monitor's header while no step has been written yet
+        update_manifest(paths, phase="warm start")
         sft = warm_start(c, cfg, device, log)
         c.ref.load_state_dict(c.policy.lm.state_dict())  # the reference = the warm-started policy
+        update_manifest(paths, phase="reward model")
         rm_info = train_reward_model(c.rm, c.task, cfg.rm_steps, cfg.rm_batch_size, cfg.rm_lr, device, log)
         c.scorer = injection.reward_model(c.rm, c.task) or c.rm
         setup = {**sft, **rm_info, "setup_s": time.perf_counter() - t0}
-        update_manifest(paths, setup=setup)
+        update_manifest(paths, setup=setup, phase="ppo")
         log(
             f"warm start and reward model done in {setup['setup_s']:.1f}s "
             f"(RM held-out accuracy {rm_info['rm_heldout_accuracy']:.3f})"

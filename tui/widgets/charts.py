@@ -6,10 +6,11 @@ import math
 from bisect import bisect_left
 from dataclasses import dataclass
 
-from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
+from textual import events
 from textual.geometry import Region
+from textual.message import Message
 from textual.reactive import reactive
 from textual.strip import Strip
 from textual.widget import Widget
@@ -18,11 +19,19 @@ from protocol.alerts import DEFAULT_RULES
 from protocol.catalogue import METRICS
 
 from ..braille import ChartSpec, HLine, Line, Runs, draw_runs, ema, finite_range, fmt_value, padded
+from ..glyphs import MODE, g
 from ..health import level_for, threshold_values
 from ..model import RunModel
 from ..store import COMPANIONS, Bucket, RunStore
+from .lines import Cell, cells_of, changed_spans, segments, text_runs
 
 LEVEL_STYLE = {"ok": "green", "warning": "yellow", "critical": "bold red", "none": "grey50"}
+# a tile's chart line by the state of its metric (no thresholds: calm cyan)
+LINE_STYLE = {"ok": "green", "warning": "yellow", "critical": "red", "none": "bright_cyan"}
+BAND_STYLE = "grey39"
+# NO_COLOR: the state as a word before the value as well
+LEVEL_WORD = {"warning": "WARN ", "critical": "CRIT "}
+EMA_WEIGHTS = (0.6, 0.8, 0.9, 0.95, 0.99)
 SEVERITY_STYLE = {"info": "cyan", "warning": "yellow", "critical": "red"}
 ZOOM_STEPS = (None, 10_000, 1000, 200)  # whole run, then the last N steps
 
@@ -36,24 +45,74 @@ class ChartView:
     around_step: int | None = None  # set when jumping to an alert: the window centres here
     smooth: bool = False
     time_axis: bool = False
+    ema_weight: float = 0.9  # TensorBoard's smoothing factor
+    live: bool = False  # a live run: windows grow at the right edge instead of moving
+    cursor: int | None = None  # the detail chart's value cursor, a cell column of its plot
 
     def rows(self, store: RunStore) -> tuple[int, int]:
         if self.around_step is not None:
             return store.index_range(self.zoom or 200, self.around_step)
         return store.index_range(self.zoom)
 
+    def window(self, store: RunStore, dots: int) -> tuple[int, int, int | None]:
+        """Rows [a, b) shown on `dots` dot columns, and how many rows the full width spans
+        (None: [a, b) is stretched over the width). On a live run the window is anchored, so
+        a new record changes the last column only: a last-N view jumps forward by N/4 when
+        full; a whole-run view puts 1, 2, 5, 10... rows in a column and rescales when full."""
+        a, b = self.rows(store)
+        if not self.live or self.around_step is not None or self.time_axis or dots < 2:
+            return a, b, None
+        n = len(store)
+        if self.zoom is not None:
+            if n <= self.zoom:
+                return 0, n, self.zoom
+            step = max(1, self.zoom // 4)
+            a = ((n - self.zoom) // step + 1) * step
+            return a, n, self.zoom
+        if n <= dots:
+            return 0, n, dots
+        return 0, n, _ladder(-(-n // dots)) * dots
+
     def describe(self) -> str:
         z = "whole run" if self.zoom is None else f"last {self.zoom:,}"
         if self.around_step is not None:
             z = f"{self.zoom or 200:,} around step {self.around_step:,}"
-        return f"{z} · {'EMA' if self.smooth else 'raw'} · x={'time' if self.time_axis else 'step'}"
+        d = g("dot")
+        smooth = f"EMA {self.ema_weight:g}" if self.smooth else "raw"
+        return f"{z} {d} {smooth} {d} x={'time' if self.time_axis else 'step'}"
 
 
-def buckets_for(store: RunStore, key: str, a: int, b: int, n: int, time_axis: bool) -> list[Bucket | None]:
+def _ladder(x: int) -> int:
+    """The smallest of 1, 2, 5, 10, 20, 50... that is >= x."""
+    m = 1
+    while True:
+        for k in (1, 2, 5):
+            if k * m >= x:
+                return k * m
+        m *= 10
+
+
+def buckets_for(
+    store: RunStore, key: str, a: int, b: int, n: int, time_axis: bool, span: int | None = None
+) -> list[Bucket | None]:
     """Rows [a, b) of `key` as n buckets, by row (step axis) or by wall time (gaps stay gaps).
 
     Fewer rows than dot columns are stretched over the whole width (each row repeated over
-    its share of the columns), so the x axis always spans the chart and its labels are true."""
+    its share of the columns), so the x axis always spans the chart and its labels are true.
+    With `span` (a live run's anchored window), column k holds rows a + span*k//n .. and the
+    columns past row b are empty: the chart grows at its right edge."""
+    if span is not None and not time_axis:
+        col = store.columns[key]
+        out_g: list[Bucket | None] = []
+        for k in range(n):
+            s0 = a + span * k // n
+            e0 = min(b, a + span * (k + 1) // n)
+            if e0 <= s0:
+                out_g.append(None if s0 >= b else (out_g[-1] if out_g else None))
+                continue
+            lo, hi, fl = col.range_summary(s0, e0)
+            out_g.append(Bucket(lo, hi, col.values[e0 - 1], fl, store.steps[e0 - 1]))
+        return out_g
     if not time_axis or b - a < 2:
         rows = store.decimate(key, a, b, n)
         if 0 < len(rows) < n:
@@ -79,33 +138,75 @@ def buckets_for(store: RunStore, key: str, a: int, b: int, n: int, time_axis: bo
 
 
 def chart_lines(
-    store: RunStore, key: str, view: ChartView, width: int, height: int, thresholds: bool, rules=None
+    store: RunStore,
+    key: str,
+    view: ChartView,
+    width: int,
+    height: int,
+    thresholds: bool,
+    rules=None,
+    style: str = "bright_cyan",
+    cursor: int | None = None,
 ) -> tuple[list[Runs], tuple[float, float] | None, list]:
     """The chart of `key` as rows of styled runs, its y range, and the main line's buckets."""
-    a, b = view.rows(store)
+    a, b, span = view.window(store, width * 2)
     lines: list[Line] = []
     comp = COMPANIONS.get(key)
-    if comp and store.columns[comp].present:
-        lines.append(Line(buckets_for(store, comp, a, b, width * 2, view.time_axis), "grey62", markers=False))
-    main = buckets_for(store, key, a, b, width * 2, view.time_axis)
+    if comp and comp in store.columns and store.columns[comp].present:
+        lines.append(Line(buckets_for(store, comp, a, b, width * 2, view.time_axis, span), "grey62", markers=False))
+    main = buckets_for(store, key, a, b, width * 2, view.time_axis, span)
     if view.smooth:
         lines.append(Line(main, "grey42", markers=True))
         per = (b - a) / max(1, width * 2)
-        lines.append(Line(ema(main, 0.9, per), "bright_cyan", markers=False))
+        lines.append(Line(ema(main, view.ema_weight, per), style, markers=False))
     else:
-        lines.append(Line(main, "bright_cyan"))
+        lines.append(Line(main, style, band=BAND_STYLE))
     hl: list[HLine] = []
     yr = finite_range(lines)
     if thresholds and yr:
         lo, hi = yr
-        span = (hi - lo) or abs(hi) or 1.0
+        span_y = (hi - lo) or abs(hi) or 1.0
         for y, sev in threshold_values(key, rules if rules is not None else DEFAULT_RULES):
             hl.append(HLine(y, SEVERITY_STYLE.get(sev, "yellow")))
-            if lo - span <= y <= hi + span:  # near enough to be worth the squashing
+            if lo - span_y <= y <= hi + span_y:  # near enough to be worth the squashing
                 lo, hi = min(lo, y), max(hi, y)
         yr = (lo, hi)
     yr = padded(*yr) if yr else None
-    return draw_runs(ChartSpec(width, height, lines, hl, yr)), yr, main
+    if yr and view.live:
+        yr = nice_range(*yr)  # a scale that moves in steps: fewer whole-chart redraws
+    return draw_runs(ChartSpec(width, height, lines, hl, yr, ascii=MODE.ascii, cursor=cursor)), yr, main
+
+
+def nice_range(lo: float, hi: float) -> tuple[float, float]:
+    """[lo, hi] widened to multiples of a round step (1, 2, 5 x 10^k) of about a quarter of it."""
+    span = hi - lo
+    if not (span > 0) or not math.isfinite(span):
+        return lo, hi
+    raw = span / 4
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(k * mag for k in (1, 2, 5, 10) if k * mag >= raw)
+    return math.floor(lo / step) * step, math.ceil(hi / step) * step
+
+
+def fmt_compact(v: float) -> str:
+    """A y-scale label in at most 5 cells: 0.125, -0.12, 1.2k, 3e-4."""
+    if not math.isfinite(v):
+        return fmt_value(v)[:5]
+    a = abs(v)
+    if a < 1e-12:
+        return "0"
+    if a >= 1000:
+        for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+            if a >= div:
+                t = f"{v / div:.2g}{suf}"
+                return t if len(t) <= 5 else f"{v / div:.0f}{suf}"
+    if a >= 0.01:
+        for p in (3, 2, 1):
+            t = f"{v:.{p}g}"
+            if len(t) <= 5:
+                return t
+    m, e = f"{v:.0e}".split("e")
+    return f"{m}e{int(e)}"
 
 
 def runs_text(rows: list[Runs]) -> Text:
@@ -125,32 +226,34 @@ class StripWidget(Widget, can_focus=False):
     Rendering through `render()` makes Textual convert Rich Text to its Content, wrap it and
     style every span on each refresh: ~5 ms per chart. Here a chart is drawn once per data
     version into runs of (chars, style), turned into Strips with pre-combined styles, and
-    Textual only asks again for lines marked dirty (`refresh(region)`)."""
+    Textual only asks again for lines marked dirty; of a line, only the cells that differ from
+    what was drawn before are marked (`lines.changed_span`): what goes over the link is what changed."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
-        self._styles: dict[tuple[Style, str | None], Style] = {}
-
-    def _style(self, base: Style, name: str | None) -> Style:
-        st = self._styles.get((base, name))
-        if st is None:
-            if len(self._styles) > 256:
-                self._styles.clear()
-            st = self._styles[(base, name)] = base + Style.parse(name) if name else base
-        return st
+        self._styles: dict = {}
+        self._shown: dict[int, list[Cell]] = {}  # line y -> the cells last marked for drawing
 
     def _strip(self, runs: Runs, width: int, base: Style) -> Strip:
         """Runs hold one-cell characters only (braille, box drawing, ASCII): lengths are cells."""
-        segs = [Segment(chars, self._style(base, style)) for chars, style in runs]
-        return Strip(segs, sum(len(c) for c, _ in runs)).adjust_cell_length(width, base)
+        return Strip(segments(runs, base, self._styles)).adjust_cell_length(width, base)
 
     def _text_strip(self, text: Text, width: int, base: Style) -> Strip:
-        segs = [
-            Segment(seg.text, base + seg.style if seg.style else base)
-            for seg in text.render(self.app.console)
-            if seg.text != "\n"
-        ]
-        return Strip(segs).adjust_cell_length(width, base)
+        return self._strip(text_runs(text, self.app.console), width, base)
+
+    def _mark_changed(self, y: int, runs: Runs) -> None:
+        """Mark dirty the span of line `y` whose cells differ from what was drawn there."""
+        new = cells_of(runs)
+        spans = changed_spans(self._shown.get(y), new)
+        self._shown[y] = new
+        if spans:
+            self.refresh(*(Region(x0, y, x1 - x0, 1) for x0, x1 in spans))
+
+    def _forget_shown(self) -> None:
+        self._shown = {}
+
+    def on_resize(self) -> None:
+        self._forget_shown()  # Textual repaints the whole widget after a resize
 
 
 UNIT_SHORT = {"nats/token": "nats", "tokens/s": "tok/s", "tokens": "tok", "score": ""}
@@ -158,11 +261,19 @@ COMPANION_LABEL = {"kl_target": ("kl_target", "target", "tgt"), "gold_reward_mea
 
 
 def value_label(
-    metric: str, value: float | None, comp: str | None, comp_value: float | None, level: str, width: int
+    metric: str,
+    value: float | None,
+    comp: str | None,
+    comp_value: float | None,
+    level: str,
+    width: int,
+    pad_to: int = 0,
 ) -> Text:
     """The value line of a tile, made to fit `width` cells: the unit is shortened, then dropped,
-    the companion's name shortened, before anything is cut. The value itself always shows."""
-    val = fmt_value(value)
+    the companion's name shortened, before anything is cut. The value itself always shows.
+    `pad_to`: the value takes at least this many cells, so that a value one character longer
+    or shorter does not move (and resend) the rest of the line."""
+    val = fmt_value(value).ljust(pad_to)
     warn = value is not None and not math.isfinite(value)
     unit = METRICS[metric].unit if metric in METRICS else ""
     unit = "" if unit == "fraction" else unit
@@ -196,43 +307,64 @@ class MetricTile(StripWidget):
     """One metric's live chart with its current value, coloured against its thresholds.
 
     Line 0 (the value) and the chart below it are refreshed separately: the value at the
-    app's frame rate, the chart at the (lower) chart rate, each only when it changed."""
+    app's frame rate, the chart at the (lower) chart rate, each only where it changed. The
+    chart's line has the colour of the metric's state; a compact y scale is on its left."""
 
     selected: reactive[bool] = reactive(False)
 
+    class Clicked(Message):
+        def __init__(self, tile: MetricTile):
+            super().__init__()
+            self.tile = tile
+
     def __init__(self, metric: str, model: RunModel, view: ChartView, **kw):
         super().__init__(**kw)
-        self.metric = metric
         self.model, self.view = model, view
+        self.metric = metric
         self.border_title = metric
         self.chart_version = 0  # bumped by the app when the chart should be drawn again
-        self._head_key = None
-        self._head: Strip | None = None
-        self._head_base: Style | None = None
-        self._body_strips_base: Style | None = None
+        self._value_w = 0
         self._body_key = None
         self._body: list[Runs] = []
-        self._body_strips: list[Strip] = []
+
+    def set_metric(self, metric: str) -> None:
+        if metric != self.metric:
+            self.metric = metric
+            self._value_w = 0
+            self.border_title = metric
+            self.chart_version += 1
+            self._forget_shown()
+            self.refresh()
 
     def watch_selected(self, selected: bool) -> None:
         self.set_class(selected, "-selected")
 
+    def on_click(self, event: events.Click) -> None:
+        self.post_message(self.Clicked(self))
+
     # -- what is shown ----------------------------------------------------------------
 
-    def _head_state(self, width: int) -> tuple:
-        store = self.model.store
-        value = store.value(self.metric)
-        comp = COMPANIONS.get(self.metric)
-        comp = comp if comp and store.columns[comp].present else None
-        cval = store.value(comp) if comp else None
-        level = level_for(self.metric, value, self.model.open_alerts, self.model.rules)
-        # fmt_value strings, not floats: a change below the shown precision draws nothing
-        return (fmt_value(value), level, fmt_value(cval) if comp else None, width), (value, comp, cval, level)
+    def level(self) -> str:
+        return level_for(self.metric, self.model.store.value(self.metric), self.model.open_alerts, self.model.rules)
 
     def head_text(self, width: int | None = None) -> Text:
         width = self.content_size.width if width is None else width
-        _key, (value, comp, cval, level) = self._head_state(width)
-        return value_label(self.metric, value, comp, cval, level, max(1, width))
+        store = self.model.store
+        value = store.value(self.metric)
+        comp = COMPANIONS.get(self.metric)
+        comp = comp if comp and comp in store.columns and store.columns[comp].present else None
+        cval = store.value(comp) if comp else None
+        level = level_for(self.metric, value, self.model.open_alerts, self.model.rules)
+        word = LEVEL_WORD.get(level, "") if not MODE.color else ""
+        # a value one character shorter than the widest shown so far keeps its width: the usual
+        # jitter (0.09871 / 0.1271) then does not move, and resend, the rest of the line
+        shown = fmt_value(value)
+        self._value_w = max(self._value_w, len(shown))
+        pad = min(self._value_w, len(shown) + 1)
+        head = value_label(self.metric, value, comp, cval, level, max(1, width - len(word)), pad)
+        if word:
+            head = Text(word, "bold") + head
+        return head
 
     def body_runs(self, width: int | None = None, height: int | None = None) -> list[Runs]:
         w = self.content_size.width if width is None else width
@@ -241,12 +373,25 @@ class MetricTile(StripWidget):
         key = (self.chart_version, w, h, not len(store))
         if key != self._body_key:
             self._body_key = key
-            self._body_strips = []
             if not len(store) or h < 1:
-                self._body = [[("waiting for records…", "grey50")]]
+                self._body = [[(f"waiting for records{g('ellipsis')}", "grey50")]]
             else:
-                self._body = chart_lines(store, self.metric, self.view, w, h, thresholds=False)[0]
+                self._body = self._chart(store, w, h)
         return self._body
+
+    def _chart(self, store: RunStore, w: int, h: int) -> list[Runs]:
+        label_w = 5 if w >= 20 and h >= 2 else 0  # the compact y scale
+        cw = w - label_w - (1 if label_w else 0)
+        style = LINE_STYLE[self.level()]
+        rows, yr, _main = chart_lines(store, self.metric, self.view, cw, h, thresholds=False, style=style)
+        if not label_w:
+            return rows
+        lo, hi = yr if yr else (math.nan, math.nan)
+        out = []
+        for i, r in enumerate(rows):
+            lab = fmt_compact(hi) if i == 0 and yr else fmt_compact(lo) if i == len(rows) - 1 and yr else ""
+            out.append([(lab.rjust(label_w)[:label_w] + " ", "grey50"), *r])
+        return out
 
     def render(self) -> Text:
         """The tile as text (what `render_line` draws; for tests and exports)."""
@@ -255,17 +400,14 @@ class MetricTile(StripWidget):
     # -- refresh --------------------------------------------------------------------------
 
     def refresh_value(self) -> None:
-        """Redraw the value line if what it shows changed."""
-        if self._head_state(self.content_size.width)[0] != self._head_key:
-            self.refresh(Region(0, 0, self.content_size.width, 1))
+        """Mark the cells of the value line that changed."""
+        self._mark_changed(0, text_runs(self.head_text(), self.app.console))
 
     def redraw_chart(self) -> None:
-        """Draw the chart again from the data as it is now; repaint only if it looks different."""
-        old = self._body
+        """Draw the chart again from the data as it is now; mark only the cells that changed."""
         self.chart_version += 1
-        if self.body_runs() != old:
-            w, h = self.content_size
-            self.refresh(Region(0, 1, w, max(0, h - 1)))
+        for i, r in enumerate(self.body_runs()):
+            self._mark_changed(i + 1, r)
 
     # -- Line API ------------------------------------------------------------------------------
 
@@ -273,23 +415,26 @@ class MetricTile(StripWidget):
         w, h = self.content_size
         base = self.visual_style.rich_style
         if y == 0:
-            key, (value, comp, cval, level) = self._head_state(w)
-            if key != self._head_key or self._head is None or self._head_base != base:
-                self._head_key, self._head_base = key, base
-                self._head = self._text_strip(value_label(self.metric, value, comp, cval, level, w), w, base)
-            return self._head
-        rows = self.body_runs(w, h)
-        if not self._body_strips or self._body_strips_base != base:
-            self._body_strips_base = base
-            self._body_strips = [self._strip(r, w, base) for r in rows]
-        i = y - 1
-        return self._body_strips[i] if i < len(self._body_strips) else Strip.blank(w, base)
+            runs = text_runs(self.head_text(w), self.app.console)
+        else:
+            rows = self.body_runs(w, h)
+            runs = rows[y - 1] if y - 1 < len(rows) else []
+        self._shown[y] = cells_of(runs)
+        return self._strip(runs, w, base)
 
 
 class DetailChart(StripWidget):
-    """The selected metric, larger: thresholds, alert markers, EMA, step or time axis."""
+    """The selected metric, larger: thresholds, alert markers, EMA, step or time axis, a
+    legend, and the value cursor (keys or a click) that reads step, time and value."""
 
     metric: reactive[str] = reactive("kl")
+
+    class CursorAt(Message):
+        def __init__(self, column: int):
+            super().__init__()
+            self.column = column
+
+    LABEL_W = 10
 
     def __init__(self, model: RunModel, view: ChartView, **kw):
         super().__init__(**kw)
@@ -297,21 +442,29 @@ class DetailChart(StripWidget):
         self.chart_version = 0
         self._key = None
         self._rows: list[Runs] = []
-        self._strips: list[Strip] = []
-        self._strips_base = None
+        self._main: list[Bucket | None] = []
+
+    def watch_metric(self) -> None:
+        self._forget_shown()
+        self.refresh()
 
     def update_title(self) -> None:
-        title = f"{self.metric} · {self.view.describe()}"
+        title = f"{self.metric} {g('dot')} {self.view.describe()}"
         if title != self.border_title:
             self.border_title = title
 
+    def plot_width(self, w: int | None = None) -> int:
+        w = self.content_size.width if w is None else w
+        return max(1, w - self.LABEL_W - 1)
+
     def redraw_chart(self) -> None:
-        """Draw the chart again from the data as it is now; repaint only if it looks different."""
-        old = self._rows
+        """Draw the chart again from the data as it is now; mark only the cells that changed."""
         self.chart_version += 1
         self.update_title()
-        if self.rows() != old:
-            self.refresh()
+        for i, r in enumerate(self.rows()):
+            self._mark_changed(i, r)
+        for y in [y for y in self._shown if y >= len(self._rows)]:
+            self._mark_changed(y, [])
 
     def rows(self, w: int | None = None, h: int | None = None) -> list[Runs]:
         w = self.content_size.width if w is None else w
@@ -319,17 +472,22 @@ class DetailChart(StripWidget):
         key = (self.chart_version, self.metric, w, h, not len(self.model.store))
         if key != self._key:
             self._key = key
-            self._strips = []
             self._rows = self._compute(w, h)
         return self._rows
 
     def _compute(self, w: int, h: int) -> list[Runs]:
         store, view = self.model.store, self.view
-        if not len(store) or h < 4 or w < 20:
-            return [[("waiting for records…", "grey50")]]
-        label_w = 10
-        cw = w - label_w - 1
-        body, yr, main = chart_lines(store, self.metric, view, cw, h - 2, thresholds=True, rules=self.model.rules)
+        if not len(store) or h < 5 or w < 24:
+            return [[(f"waiting for records{g('ellipsis')}", "grey50")]]
+        if self.metric not in store.columns:
+            return [[(f"{self.metric}: not in this run", "grey50")]]
+        label_w = self.LABEL_W
+        cw = self.plot_width(w)
+        cursor = view.cursor if view.cursor is not None and view.cursor < cw else None
+        body, yr, main = chart_lines(
+            store, self.metric, view, cw, h - 3, thresholds=True, rules=self.model.rules, cursor=cursor
+        )
+        self._main = main
         lo, hi = yr if yr else (0.0, 1.0)
         out: list[Runs] = []
         for i, line in enumerate(body):
@@ -344,8 +502,55 @@ class DetailChart(StripWidget):
             out.append([(lab.rjust(label_w)[:label_w] + " ", "grey62"), *line])
         pad = (" " * (label_w + 1), None)
         out.append([pad, *self._alert_axis(main, cw)])
-        out.append([pad, *self._x_axis(store, view, cw)])
+        out.append([pad, *self._x_axis(store, view, cw, main)])
+        out.append([(" " * (label_w + 1), None), *self._legend_or_cursor(store, main, cw, cursor)])
         return out
+
+    def _legend_or_cursor(self, store: RunStore, main: list[Bucket | None], cw: int, cursor: int | None) -> Runs:
+        """The legend (what each line is), or with the cursor on: what it reads."""
+        if cursor is not None:
+            b = next((main[x] for x in (2 * cursor + 1, 2 * cursor) if x < len(main) and main[x] is not None), None)
+            if b is None:
+                return [("cursor: no record here  ([ ] move, \\ off)"[:cw], "grey62")]
+            i = bisect_left(store.steps, b.step)
+            t0 = store.times[0] if len(store) else math.nan
+            when = _fmt_duration(store.times[i] - t0) if i < len(store) else "?"
+            text = f"step {b.step:,} {g('dot')} {when} {g('dot')} {self.metric} {fmt_value(b.last)}"
+            if b.hi > b.lo:
+                text += f" (range {fmt_value(b.lo)}{g('range')}{fmt_value(b.hi)})"
+            comp = COMPANIONS.get(self.metric)
+            if comp and comp in store.columns and store.columns[comp].present and i < len(store):
+                text += f"  {comp} {fmt_value(store.value(comp, i))}"
+            return [(text[:cw], "bold")]
+        line = "━" if not MODE.ascii else "-"
+        runs: Runs = [(f"{line} {self.metric}", "bright_cyan")]
+        comp = COMPANIONS.get(self.metric)
+        if comp and comp in store.columns and store.columns[comp].present:
+            runs.append((f"  {line} {comp}", "grey62"))
+        if self.view.smooth:
+            runs.append((f"  (EMA {self.view.ema_weight:g}; raw in grey)", "grey62"))
+        elif not MODE.ascii:
+            runs.append(("  ░ min/max", BAND_STYLE))
+        if threshold_values(self.metric, self.model.rules):
+            runs.append((f"  {g('hline') * 2} warning", "yellow"))
+            runs.append((f"  {g('hline') * 2} critical", "red"))
+        if self.model.alert_marks(self.metric):
+            runs.append((f"  {g('up')} alert fired", "yellow"))
+        out: Runs = []
+        n = 0
+        for chars, st in runs:
+            if n + len(chars) > cw:
+                break
+            out.append((chars, st))
+            n += len(chars)
+        return out
+
+    def on_click(self, event: events.Click) -> None:
+        off = event.get_content_offset(self)
+        if off is not None:
+            x = off.x - self.LABEL_W - 1
+            if 0 <= x < self.plot_width():
+                self.post_message(self.CursorAt(x))
 
     def render(self) -> Text:
         """The chart as text (what `render_line` draws; for tests and exports)."""
@@ -355,10 +560,9 @@ class DetailChart(StripWidget):
         w, h = self.content_size
         base = self.visual_style.rich_style
         rows = self.rows(w, h)
-        if not self._strips or self._strips_base != base:
-            self._strips_base = base
-            self._strips = [self._strip(r, w, base) for r in rows]
-        return self._strips[y] if y < len(self._strips) else Strip.blank(w, base)
+        runs = rows[y] if y < len(rows) else []
+        self._shown[y] = cells_of(runs)
+        return self._strip(runs, w, base)
 
     def _alert_axis(self, main: list[Bucket | None], cw: int) -> Runs:
         """A row under the chart with a mark where an alert fired."""
@@ -370,7 +574,7 @@ class DetailChart(StripWidget):
             for x, s in enumerate(steps):
                 if s is not None and s >= step:
                     if x // 2 < cw:
-                        cells[x // 2] = "▲"
+                        cells[x // 2] = g("up")
                         styles[x // 2] = SEVERITY_STYLE.get(sev, "yellow")
                     break
         out: Runs = []
@@ -381,8 +585,8 @@ class DetailChart(StripWidget):
                 out.append((c, s))
         return out
 
-    def _x_axis(self, store: RunStore, view: ChartView, cw: int) -> Runs:
-        a, b = view.rows(store)
+    def _x_axis(self, store: RunStore, view: ChartView, cw: int, main: list[Bucket | None]) -> Runs:
+        a, b, span = view.window(store, cw * 2)
         if b <= a:
             return []
         if view.time_axis:
@@ -390,7 +594,11 @@ class DetailChart(StripWidget):
             left = _fmt_duration(store.times[a] - t0)
             right = _fmt_duration(store.times[b - 1] - t0)
         else:
-            left, right = f"step {store.steps[a]:,}", f"step {store.steps[b - 1]:,}"
+            last = store.steps[b - 1]
+            if span is not None and span > b - a:  # the window's right edge is ahead of the run
+                per = (store.steps[b - 1] - store.steps[a]) / (b - 1 - a) if b - 1 > a else 1.0
+                last = store.steps[a] + int(round((span - 1) * per))
+            left, right = f"step {store.steps[a]:,}", f"step {last:,}"
         pad = max(1, cw - len(left) - len(right))
         return [((left + " " * pad + right)[:cw], "grey62")]
 

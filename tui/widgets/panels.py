@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from rich.text import Text
+from textual.strip import Strip
 from textual.widgets import Static
 
 from protocol.catalogue import STAGES, finite_value, stage_shares
@@ -12,9 +13,11 @@ from protocol.health import Verdict, describe_past, worst_severity
 from protocol.text import safe_text
 
 from ..braille import fmt_value
+from ..glyphs import MODE, g
 from ..model import HeaderInfo, RunModel
 from ..store import RunStore
-from .charts import _fmt_duration
+from .charts import StripWidget, _fmt_duration
+from .lines import cells_of, text_runs
 
 STATUS_STYLE = {
     "running": "bold green",
@@ -31,8 +34,33 @@ LEVEL_STYLE = {"critical": "bold white on red", "warning": "bold black on yellow
 LEVEL_BADGE = {"critical": "⛔ CRITICAL", "warning": "⚠ WARNING"}
 
 
-class RunHeader(Static):
+class RunHeader(StripWidget):
+    """One line: the run, its status and verdict, the step, rate, ETA, elapsed. Redrawn on every
+    value frame, so only the cells that changed are sent (the step's last digits, mostly)."""
+
+    DEFAULT_CSS = "RunHeader { height: 1; }"
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self._text = Text()
+
+    def render(self) -> Text:
+        return self._text
+
+    def render_line(self, y: int) -> Strip:
+        w = self.content_size.width
+        base = self.visual_style.rich_style
+        runs = text_runs(self._text, self.app.console) if y == 0 else []
+        if y == 0:
+            self._shown[0] = cells_of(runs)
+        return self._strip(runs, w, base)
+
     def show(self, h: HeaderInfo) -> None:
+        self._text = t = self.header_text(h)
+        self._mark_changed(0, text_runs(t, self.app.console))
+
+    @staticmethod
+    def header_text(h: HeaderInfo) -> Text:
         t = Text(no_wrap=True, overflow="ellipsis")
         t.append(" RLHF ", "bold black on bright_cyan")
         t.append(f" {safe_text(h.run_id)} ", "bold")
@@ -43,23 +71,39 @@ class RunHeader(Static):
         t.append(f" {safe_text(h.status).upper()} ", style)
         if level in LEVEL_BADGE:  # an alert open or one that fired, not yet acknowledged
             t.append(" ")
-            t.append(f" {LEVEL_BADGE[level]} ", LEVEL_STYLE[level])
-        step = "—" if h.step is None else f"{h.step:,}"
+            badge = LEVEL_BADGE[level] if not MODE.ascii else level.upper()
+            t.append(f" {badge} ", LEVEL_STYLE[level])
+        if h.phase:  # before the first PPO step: what the trainer is doing, and how far it is
+            t.append(f"  {safe_text(h.phase, 60)}", "bold")
+        step = g("dash") if h.step is None else f"{h.step:,}"
         if h.total_steps:
             step += f"/{h.total_steps:,}"
         t.append(f"  step {step}")
-        t.append(f"  {fmt_value(h.steps_per_s)} steps/s" if h.steps_per_s else "  — steps/s")
+        # 3 significant digits: the rate's jitter in the 4th would redraw the header every frame
+        t.append(f"  {h.steps_per_s:.3g} steps/s" if h.steps_per_s else f"  {g('dash')} steps/s")
         if h.total_steps and h.steps_per_s and h.step is not None and h.status in ("running", "stalled"):
-            t.append(f"  ETA {_fmt_duration(max(0, h.total_steps - h.step) / h.steps_per_s)}")
+            t.append(f"  ETA {_fmt_eta(max(0, h.total_steps - h.step) / h.steps_per_s)}")
         if h.elapsed_s is not None:
             t.append(f"  elapsed {_fmt_duration(h.elapsed_s)}")
         if h.age_s is not None:
             t.append(f"  last record {_fmt_duration(h.age_s)} ago", "grey62")
         if h.corrupt:
-            t.append(f"  ✖ {h.corrupt} corrupt", "bold red")
+            t.append(f"  {g('bad')} {h.corrupt} corrupt", "bold red")
         if h.loading:
-            t.append(f"  ⟳ {h.loading}", "grey62")
-        _update(self, t)
+            t.append(f"  {g('loading')} {h.loading}", "grey62")
+        return t
+
+
+def _fmt_eta(s: float) -> str:
+    """An estimate to the precision it has: '2h47m', '47m', '3:05' (seconds only under 10 min),
+    so that it does not change, and get sent again, on every frame."""
+    if not math.isfinite(s):
+        return "?"
+    if s >= 3600:
+        return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+    if s >= 600:
+        return f"{int(s // 60)}m"
+    return _fmt_duration(s)
 
 
 SEVERITY_ICON = {"critical": "⛔", "warning": "⚠"}
@@ -278,22 +322,50 @@ EVENT_STYLE = {
 }
 
 
+EVENT_FILTERS = ("all", "lifecycle", "alerts", "checkpoints")
+_ALERT_EVENTS = ("alert", "alert_escalated", "alert_cleared")
+
+
+def _kind(name: str) -> str:
+    if name in _ALERT_EVENTS:
+        return "alerts"
+    if name == "checkpoint":
+        return "checkpoints"
+    return "lifecycle"
+
+
 class EventsPanel(Static):
-    """The last lifecycle and alert events of events.jsonl, newest last."""
+    """The last lifecycle and alert events of events.jsonl, newest last. `e` filters them;
+    in "all", checkpoints (one every few steps) are collapsed into one line per run of them,
+    so alerts do not scroll away."""
 
     BORDER_TITLE = "events"
 
-    def show(self, events: list[dict], rows: int, t0: float | None) -> None:
+    def show(self, events: list[dict], rows: int, t0: float | None, which: str = "all") -> None:
         """Every field is run-file text: shown through safe_text, as plain Text (no markup)."""
+        title = "events" if which == "all" else f"events: {which} only"
+        if self.border_title != title:
+            self.border_title = title
+        if self.border_subtitle != "e: filter":
+            self.border_subtitle = "e: filter"
         t = Text(no_wrap=True, overflow="ellipsis")
+        if which != "all":
+            events = [e for e in events if _kind(_field(e.get("event", "?"), 40)) == which]
         if not events:
-            _update(self, Text("no events yet", "grey50"))
+            _update(self, Text("no events yet" if which == "all" else f"no {which} events", "grey50"))
             return
-        shown = events[-max(1, rows) :]
-        for i, e in enumerate(shown):
+        lines: list[tuple[dict, int]] = []  # (event, how many checkpoints it stands for)
+        for e in events:
+            again = lines and lines[-1][0].get("event") == "checkpoint"
+            if which == "all" and e.get("event") == "checkpoint" and again:
+                lines[-1] = (e, lines[-1][1] + 1)
+            else:
+                lines.append((e, 1))
+        shown = lines[-max(1, rows) :]
+        for i, (e, count) in enumerate(shown):
             name = _field(e.get("event", "?"), 40)
             when = finite_value(e.get("time"))
-            rel = _fmt_duration(when - t0) if when is not None and t0 is not None else "—"
+            rel = _fmt_duration(when - t0) if when is not None and t0 is not None else g("dash")
             t.append(f"{rel:>7} ", "grey50")
             t.append(f"{name:<15}", EVENT_STYLE.get(name, None))
             if "rule" in e:
@@ -303,8 +375,10 @@ class EventsPanel(Static):
                     t.append(f" {_field(e.get('metric', ''))}={fmt_value(v) if isinstance(v, float) else _field(v)}")
             elif "step" in e:
                 t.append(f" step {_field(e['step'])}")
+            if count > 1:
+                t.append(f" (x{count}, the last shown)", "grey50")
             for k in ("passed", "message", "reason", "path"):
-                if k in e and "rule" not in e:
+                if k in e and "rule" not in e and count == 1:
                     t.append(f" {k}={_field(e[k])}", "grey62")
             if i < len(shown) - 1:
                 t.append("\n")
@@ -314,3 +388,22 @@ class EventsPanel(Static):
 def _field(v, max_len: int = 200) -> str:
     """An event's field as one safe line (strings, numbers, or whatever else the file held)."""
     return safe_text(v if isinstance(v, str) else str(v), max_len)
+
+
+class KeyBar(Static):
+    """The keys, on the last line: drawn once (Textual's Footer repaints itself whole on
+    changes that do not concern it, which costs a line of bytes each time over SSH)."""
+
+    def __init__(self, bindings, **kw):
+        super().__init__(**kw)
+        t = Text(no_wrap=True, overflow="ellipsis")
+        for b in bindings:
+            if getattr(b, "show", True) and b.description:
+                key = b.key.split(",")[0]
+                key = {"question_mark": "?"}.get(key, key)
+                t.append(f" {key} ", "bold")
+                t.append(f"{b.description} ")
+        self._keys = t
+
+    def on_mount(self) -> None:
+        self.update(self._keys)
