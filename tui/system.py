@@ -90,7 +90,7 @@ def parse_nvsmi_line(line: str) -> GpuSample | None:
         return None
     # a GPU name may hold commas: the fields after it are the last six
     tail = parts[-6:]
-    name = ",".join(parts[1:-6]).strip()
+    name = ", ".join(parts[1:-6]).strip()
     if not parts[0].isdigit():
         return None
     util, used, total, temp, power, limit = map(_num, tail)

@@ -57,6 +57,7 @@ from trainerd.rl.reward import RewardModel
 from trainerd.rl.task import Task, response_mask
 from trainerd.run.checkpoint import list_checkpoints, prune_checkpoints, save_checkpoint
 from trainerd.run.determinism import RNG, capture_rng_state, restore_rng_state
+from trainerd.run.gpu import GpuStepSampler
 from trainerd.run.notify import Notifier
 from trainerd.run.outputs import RunWriter, is_nonfinite_alert
 from trainerd.run.samples import Rollout, SampleWriter
@@ -329,6 +330,10 @@ class Trainer:
         self.writer, self.injection, self.log, self.should_stop = writer, injection, log, should_stop
         self.timer = StageTimer(device)
         self.memory = StageMemory(device)
+        # on CUDA with nvidia-ml-py: the GPU's utilisation and memory sampled through each step (gpu.py)
+        self.gpu, why = GpuStepSampler.open(device)
+        if self.gpu is None and device.type == "cuda":
+            log(why)
         self.samples = SampleWriter(paths, c.backend.decode, cfg.seed, cfg.samples_every)
         self.last_rollout: Rollout | None = None
         self.profiler: ProfilerWindow | None = None
@@ -437,6 +442,8 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(dev)
         timer.begin_step()
         self.memory.begin_step()
+        if self.gpu is not None:
+            self.gpu.begin_step()
         prompts, prompt_mask = be.prompt_batch(c.cursor.next_batch(B))
 
         with self._stage("rollout"):
@@ -601,6 +608,8 @@ class Trainer:
         if self.device.type == "cuda":
             peaks = [int(torch.cuda.max_memory_allocated(self.device)), *map(int, (stage_peaks or {}).values())]
             rec["cuda_max_allocated_bytes"] = max(peaks)
+        if self.gpu is not None:
+            rec.update(self.gpu.end_step())
 
     # -- the loop shared by train and resume ------------------------------------------------
     def loop(self, first_step: int) -> str:
@@ -676,6 +685,8 @@ class Trainer:
             self.resume_checker.finish()
         self.writer.close()
         self.samples.close()
+        if self.gpu is not None:
+            self.gpu.close()
         if self.c.backend.saves_pretrained and status in ("finished", "stopped"):
             self.save_pretrained(self.paths.checkpoints / "final_hf")  # the policy the run ended with
         update_manifest(self.paths, status=status, ended_at=time.time(), last_step=step)
