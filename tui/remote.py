@@ -145,8 +145,14 @@ def ssh_command(t: RemoteTarget) -> list[str]:
 #   Y <tag> <text>        the box (tui/system.py, RemoteBox), every BOX_INTERVAL s: Y G <nvidia-smi CSV line>
 #                         per GPU (or Y N <why none>), Y C <cpu line of /proc/stat>, Y M <MemTotal kB>
 #                         <MemAvailable kB>, then Y E
-REMOTE_LOOP = (
-    r"""
+_LOOP_VALUES = {
+    "tools": " ".join(REMOTE_TOOLS),
+    "prefix": PREFIX,
+    "chunk": CHUNK_MAX,
+    "box": BOX_INTERVAL,
+    "fields": ",".join(NVSMI_FIELDS),
+}
+_LOOP_TEMPLATE = r"""
 for t in %(tools)s; do
   command -v "$t" >/dev/null 2>&1 || { echo "E the remote box has no '$t' (needed: %(tools)s)"; exit 3; }
 done
@@ -241,14 +247,7 @@ while :; do
   i=$((i+1)); [ -n "$MORE" ] || sleep "$IV"
 done
 """
-    % {  # noqa: UP031
-        "tools": " ".join(REMOTE_TOOLS),
-        "prefix": PREFIX,
-        "chunk": CHUNK_MAX,
-        "box": BOX_INTERVAL,
-        "fields": ",".join(NVSMI_FIELDS),
-    }
-)
+REMOTE_LOOP = _LOOP_TEMPLATE % _LOOP_VALUES
 
 _LISTING = "command -v trainerd >/dev/null 2>&1 && echo yes || echo no"
 

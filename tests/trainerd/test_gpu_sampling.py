@@ -116,9 +116,7 @@ def test_gpu_memory_and_thermal_alerts():
     assert eng.update({"step": 1, "gpu_temp_c": 88.0, "gpu_temp_margin_c": 2.0}) == []
     assert eng.update({"step": 2, "gpu_temp_c": 90.0, "gpu_temp_margin_c": 0.0}) == []
     ev = eng.update({"step": 3, "gpu_temp_c": 91.0, "gpu_temp_margin_c": -1.0})
-    assert [(e, a.rule, a.severity, a.first_step) for e, a in ev] == [
-        ("alert", "gpu_thermal_slowdown", "critical", 2)
-    ]
+    assert [(e, a.rule, a.severity, a.first_step) for e, a in ev] == [("alert", "gpu_thermal_slowdown", "critical", 2)]
     # a run without the fields (CPU, no nvidia-ml-py) never fires them
     eng = AlertEngine()
     assert all(eng.update({"step": s, "kl": 0.01}) == [] for s in range(1, 60))

@@ -144,6 +144,7 @@ def test_colours_follow_the_box_alert_thresholds():
 
 def test_panel_lines_fit_their_width():
     h = BoxHistory()
+    a100 = "NVIDIA A100-SXM4-80GB"
     for k in range(30):
         h.add(
             BoxSample(
@@ -151,7 +152,7 @@ def test_panel_lines_fit_their_width():
                 cpu=10.0 + k,
                 mem_used=12 * GIB,
                 mem_total=64 * GIB,
-                gpus=[GpuSample(i, "NVIDIA A100-SXM4-80GB", 50.0 + i, 60 * GIB, 80 * GIB, 70.0, 300.0, 400.0) for i in range(8)],
+                gpus=[GpuSample(i, a100, 50.0 + i, 60 * GIB, 80 * GIB, 70.0, 300.0, 400.0) for i in range(8)],
                 source="nvidia-smi",
             )
         )
