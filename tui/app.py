@@ -401,7 +401,7 @@ class MonitorApp(App):
         if self.box_shown:
             remote = getattr(self, "remote", None)
             where = f"on {remote.target.host}" if remote is not None else ""
-            self.w_box.show(self.box, self.w_box.content_size.width or 52, where)
+            self.w_box.show(self.box, self.w_box.content_size.width or 52, where)  # on_resize: again
 
     def action_toggle_box(self) -> None:
         self.box_shown = not self.box_shown

@@ -218,7 +218,7 @@ box() {
     TO=; command -v timeout >/dev/null 2>&1 && TO="timeout 5"
     $TO nvidia-smi --query-gpu=%(fields)s --format=csv,noheader,nounits 2>&1 | head -n 64 |
       while IFS= read -r l; do echo "Y G $l"; done
-  else echo "Y N no GPU seen: no nvidia-smi on the remote PATH"; fi
+  else echo "Y N no GPU seen (no nvidia-smi on the remote PATH)"; fi
   if [ -r /proc/stat ]; then read -r l < /proc/stat; echo "Y C $l"; fi
   if [ -r /proc/meminfo ]; then
     mt=; ma=

@@ -275,7 +275,7 @@ class NvsmiReader:
             pass
 
 
-NO_GPU = "no GPU seen: nvidia-ml-py is not installed (or NVML found no driver) and there is no nvidia-smi on PATH"
+NO_GPU = "no GPU seen (no NVML, no nvidia-smi on PATH)"  # one line of the panel
 
 
 def open_gpu_reader(interval: float, use_nvml: bool = True):

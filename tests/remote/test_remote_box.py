@@ -78,7 +78,7 @@ def test_remote_without_nvidia_smi_says_so(remote_env, tmp_path):
         sync.close()
     if shutil.which("nvidia-smi"):
         pytest.skip("this machine has an nvidia-smi: the remote side sees it")
-    assert got[0].gpus == [] and got[0].gpu_note == "no GPU seen: no nvidia-smi on the remote PATH"
+    assert got[0].gpus == [] and got[0].gpu_note == "no GPU seen (no nvidia-smi on the remote PATH)"
     assert got[0].mem_total
 
 

@@ -99,7 +99,15 @@ class BoxPanel(Static):
     BORDER_TITLE = "box"
     BORDER_SUBTITLE = "g: hide"
 
+    _last: tuple[BoxHistory, str] | None = None
+
+    def on_resize(self) -> None:
+        """The sparklines' width follows the panel's (shown at last, a resize, `p` on a narrow one)."""
+        if self._last is not None and self.display:
+            self.show(self._last[0], self.content_size.width, self._last[1])
+
     def show(self, box: BoxHistory, width: int, where: str = "") -> None:
+        self._last = (box, where)
         title = f"box {where}".strip()
         if self.border_title != title:
             self.border_title = title
