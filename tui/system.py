@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -264,11 +265,15 @@ class NvsmiReader:
         with self._lock:
             return self.error
 
-    def close(self) -> None:
+    def kill(self) -> None:
+        """Its whole process group (it was started in a session of its own): never waits."""
         try:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)
         except OSError:
             pass
+
+    def close(self) -> None:
+        self.kill()
         try:
             self.proc.wait(timeout=1)
         except subprocess.TimeoutExpired:
@@ -350,10 +355,11 @@ class LocalBox:
                 reader.close()
 
     def close(self) -> None:
+        """From the UI thread: never waits (the sampling thread reaps what it started)."""
         self._stop.set()
         r = self.reader
         if r is not None and isinstance(r, NvsmiReader):
-            r.close()
+            r.kill()
 
 
 class RemoteBox:
