@@ -160,3 +160,43 @@ def test_panel_lines_fit_their_width():
         lines = BoxPanel.text(h, width).plain.splitlines()
         assert len(lines) == 2 + 8 + 1
         assert max(len(x) for x in lines) <= width, (width, lines)
+
+
+def test_box_alerts_over_a_whole_history_equal_the_streaming_engine():
+    """DECISIONS: one rule definition, two evaluators; the box rules on records with gpu_* fields
+    (an idle spell, memory near full, a hot spell) give the same alerts both ways."""
+    import random
+
+    from protocol.alerts import DEFAULT_RULES, AlertEngine
+    from tui.history_alerts import evaluate_history
+    from tui.store import RunStore
+
+    rng = random.Random(5)
+    total = 80 << 30
+    records = []
+    for step in range(1, 601):
+        idle = 100 <= step < 160 or 400 <= step < 415
+        full = 250 <= step < 262
+        hot = 300 <= step < 320 or step in (500, 502)
+        records.append(
+            {
+                "step": step,
+                "time": 1e9 + step,
+                "gpu_util_mean": rng.uniform(5, 30) if idle else rng.uniform(45, 99),
+                "gpu_mem_used_peak_bytes": int(total * (rng.uniform(0.94, 0.99) if full else rng.uniform(0.5, 0.9))),
+                "gpu_mem_total_bytes": total,
+                "gpu_temp_c": 80.0,
+                "gpu_temp_margin_c": rng.uniform(-2, 0.5) if hot else rng.uniform(2, 12),
+            }
+        )
+
+    def key(ev, a):
+        return (ev, a.rule, a.severity, a.first_step, a.cleared_step if ev == "alert_cleared" else a.step)
+
+    engine = AlertEngine(DEFAULT_RULES)
+    streamed = [key(ev, a) for r in records for ev, a in engine.update(r)]
+    store = RunStore()
+    store.extend(RunStore.columnize(records))
+    got, _open = evaluate_history(DEFAULT_RULES, store)
+    assert [key(ev, a) for ev, a in got] == streamed
+    assert {k[1] for k in streamed} == {"gpu_underused", "gpu_memory_near_full", "gpu_thermal_slowdown"}
