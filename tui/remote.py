@@ -249,6 +249,12 @@ done
 """
 REMOTE_LOOP = _LOOP_TEMPLATE % _LOOP_VALUES
 
+
+def remote_loop(box_interval: int = BOX_INTERVAL) -> str:
+    """The loop with the box sampled every `box_interval` s (0: never; `rlhf-tui --no-box`)."""
+    return REMOTE_LOOP if box_interval == BOX_INTERVAL else _LOOP_TEMPLATE % {**_LOOP_VALUES, "box": box_interval}
+
+
 _LISTING = "command -v trainerd >/dev/null 2>&1 && echo yes || echo no"
 
 
@@ -286,8 +292,9 @@ class Liveness:
 class RemoteSync:
     """Keeps a local mirror of a remote run dir up to date over one ssh session at a time."""
 
-    def __init__(self, target: RemoteTarget, interval: float = 1.0, mirror: Path | None = None):
+    def __init__(self, target: RemoteTarget, interval: float = 1.0, mirror: Path | None = None, box: bool = True):
         self.target = target
+        self.loop = remote_loop(BOX_INTERVAL if box else 0)
         self.interval = interval
         self.mirror = mirror or cache_root() / _safe_part(
             f"{target.user + '@' if target.user else ''}{target.host}-{target.port or 22}"
@@ -534,7 +541,7 @@ class RemoteSync:
 
     def _session(self) -> bool:
         """One ssh session; True if it ended as planned (a switch of run), False if it dropped."""
-        cmd = ssh_command(self.target) + [remote_shell_command(REMOTE_LOOP, *self._args())]
+        cmd = ssh_command(self.target) + [remote_shell_command(self.loop, *self._args())]
         try:
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
@@ -706,9 +713,11 @@ class _Desync(Exception):
     pass
 
 
-def open_remote(url: str, interval: float = 1.0, progress: Callable[[int, int], None] | None = None) -> RemoteSync:
+def open_remote(
+    url: str, interval: float = 1.0, progress: Callable[[int, int], None] | None = None, box: bool = True
+) -> RemoteSync:
     """Parse, connect, mirror what is there: a running RemoteSync, or RemoteError (one line)."""
-    sync = RemoteSync(parse_target(url), interval=interval)
+    sync = RemoteSync(parse_target(url), interval=interval, box=box)
     sync.start(progress=progress)
     return sync
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tui"))
-from tui_helpers import make_run, rendered, wait_for  # noqa: E402
+from tui_helpers import make_run, wait_for  # noqa: E402
 
 from tui.app import MonitorApp  # noqa: E402
 from tui.remote import RemoteSync, attach, parse_target  # noqa: E402
@@ -95,7 +95,7 @@ async def test_the_monitor_shows_the_remote_box(remote_env, tmp_path):
             await wait_for(pilot, lambda: app.box.last is not None and app.box.last.gpus, 15, "the remote box")
             await pilot.pause(0.1)
             assert app._local_box is None  # this box is not sampled: the remote one is
-            text = rendered(app.w_box)
+            text = app.w_box.plain
             assert "2x NVIDIA A100-SXM4-80GB" in text and "ssh nvidia-smi" in text
             assert app.w_box.border_title == "box on rlhf-kit"
             await pilot.press("g")

@@ -9,14 +9,15 @@ slowdown temperature where NVML gives it, else TEMP_WARN / TEMP_CRIT.
 from __future__ import annotations
 
 from rich.text import Text
-from textual.widgets import Static
+from textual.strip import Strip
 
 from protocol.alerts import DEFAULT_RULES, Rule
 from protocol.text import safe_text
 
 from ..glyphs import MODE, g
 from ..system import BoxHistory, GpuSample
-from .panels import _update
+from .charts import StripWidget
+from .lines import cells_of, text_runs
 
 TEMP_WARN, TEMP_CRIT = 80.0, 87.0  # C, when the GPU's slowdown temperature is unknown (nvidia-smi)
 STYLE = {"ok": "green", "warning": "yellow", "critical": "bold red", None: "grey50"}
@@ -93,16 +94,38 @@ def _value(t: Text, text: str, level: str | None, width: int) -> None:
     t.append(text.rjust(width), STYLE[level] if level else "grey50")
 
 
-class BoxPanel(Static):
-    """What `show(history, width)` is given: the last samples of the box (tui/system.py)."""
+class BoxPanel(StripWidget):
+    """What `show(history, width)` is given: the last samples of the box (tui/system.py). Drawn
+    with the Line API (charts.StripWidget): of each line only the cells that changed since the
+    last sample go to the terminal (a sample every 2 s moves every sparkline by one cell)."""
 
+    DEFAULT_CSS = "BoxPanel { height: auto; }"
     BORDER_TITLE = "box"
     BORDER_SUBTITLE = "g: hide"
 
-    _last: tuple[BoxHistory, str] | None = None
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self._rows: list[Text] = [Text("sampling the box" + g("ellipsis"), "grey50")]
+        self._last: tuple[BoxHistory, str] | None = None
+
+    @property
+    def plain(self) -> str:
+        """What the panel shows, as text (tests)."""
+        return "\n".join(r.plain for r in self._rows)
+
+    def get_content_height(self, container, viewport, width: int) -> int:
+        return max(1, len(self._rows))
+
+    def render_line(self, y: int) -> Strip:
+        w = self.content_size.width
+        base = self.visual_style.rich_style
+        runs = text_runs(self._rows[y], self.app.console) if y < len(self._rows) else []
+        self._shown[y] = cells_of(runs)
+        return self._strip(runs, w, base)
 
     def on_resize(self) -> None:
         """The sparklines' width follows the panel's (shown at last, a resize, `p` on a narrow one)."""
+        super().on_resize()
         if self._last is not None and self.display:
             self.show(self._last[0], self.content_size.width, self._last[1])
 
@@ -111,7 +134,15 @@ class BoxPanel(Static):
         title = f"box {where}".strip()
         if self.border_title != title:
             self.border_title = title
-        _update(self, self.text(box, width), layout=True)
+        rows = self.text(box, width).split("\n")
+        if len(rows) != len(self._rows):  # a GPU more or less: a new height
+            self._rows = list(rows)
+            self._forget_shown()
+            self.refresh(layout=True)
+            return
+        self._rows = list(rows)
+        for y, row in enumerate(rows):
+            self._mark_changed(y, text_runs(row, self.app.console))
 
     @staticmethod
     def text(box: BoxHistory, width: int) -> Text:
