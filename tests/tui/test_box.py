@@ -200,3 +200,14 @@ def test_box_alerts_over_a_whole_history_equal_the_streaming_engine():
     got, _open = evaluate_history(DEFAULT_RULES, store)
     assert [key(ev, a) for ev, a in got] == streamed
     assert {k[1] for k in streamed} == {"gpu_underused", "gpu_memory_near_full", "gpu_thermal_slowdown"}
+
+
+def test_no_box_reads_nothing():
+    """--no-box: the app starts no sampler and hides the panel; the remote loop never samples."""
+    from tui.app import MonitorApp
+    from tui.remote import BOX_INTERVAL, REMOTE_LOOP, remote_loop
+
+    app = MonitorApp("runs/none", box=False)
+    assert app.box_sampling is False and app.box_shown is False
+    assert f"if [ {BOX_INTERVAL} -gt 0 ]" in REMOTE_LOOP and remote_loop() == REMOTE_LOOP
+    assert "if [ 0 -gt 0 ]" in remote_loop(0)
