@@ -142,3 +142,22 @@ def test_real_nvml_during_cuda_work():
         sampler.close()
     assert rec["gpu_util_peak"] > 0 and rec["gpu_mem_used_peak_bytes"] > 64 << 20
     assert rec["gpu_mem_total_bytes"] >= rec["gpu_mem_used_peak_bytes"]
+
+
+def test_which_gpu_nvml_reads_without_a_pci_bus_id(monkeypatch):
+    """CUDA's ordinal is not NVML's index under CUDA_VISIBLE_DEVICES: the entry for the ordinal
+    (an index or a GPU UUID) is used where torch gives no PCI bus id (here: no CUDA at all)."""
+    asked = []
+    nv = SimpleNamespace(
+        nvmlDeviceGetHandleByPciBusId=lambda b: asked.append(("pci", b)),
+        nvmlDeviceGetHandleByIndex=lambda i: asked.append(("index", i)) or "h",
+        nvmlDeviceGetHandleByUUID=lambda u: asked.append(("uuid", u)) or "h",
+    )
+    dev = SimpleNamespace(type="cuda", index=1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    GpuStepSampler._handle(nv, dev)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1234,GPU-abcd")
+    GpuStepSampler._handle(nv, dev)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    GpuStepSampler._handle(nv, dev)
+    assert [a for a in asked if a[0] != "pci"] == [("index", 5), ("uuid", "GPU-abcd"), ("index", 1)]

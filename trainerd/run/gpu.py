@@ -19,14 +19,17 @@ from typing import Any
 PERIOD = 0.05  # seconds between NVML reads during a step
 
 
-def _nvml_index(device: Any) -> int:
-    """The NVML index of a torch CUDA device: by PCI bus id where torch tells it (CUDA's order and
-    CUDA_VISIBLE_DEVICES differ from NVML's), else the first number of CUDA_VISIBLE_DEVICES for
-    that ordinal, else the ordinal."""
+def _nvml_id(device: Any) -> int | str:
+    """Where torch cannot tell the PCI bus id: the NVML index of a torch CUDA device (the entry of
+    CUDA_VISIBLE_DEVICES for its ordinal: a number, or a GPU UUID as a str), else the ordinal."""
     index = device.index if device.index is not None else 0
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    if index < len(visible) and visible[index].isdigit():
-        return int(visible[index])
+    if index < len(visible):
+        v = visible[index]
+        if v.isdigit():
+            return int(v)
+        if v.startswith(("GPU-", "MIG-")):
+            return v
     return index
 
 
@@ -74,7 +77,10 @@ class GpuStepSampler:
             bus = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
             return nv.nvmlDeviceGetHandleByPciBusId(bus)
         except Exception:
-            return nv.nvmlDeviceGetHandleByIndex(_nvml_index(device))
+            which = _nvml_id(device)
+            if isinstance(which, str):
+                return nv.nvmlDeviceGetHandleByUUID(which)
+            return nv.nvmlDeviceGetHandleByIndex(which)
 
     def _reset(self) -> None:
         self._n = 0
