@@ -211,3 +211,30 @@ def test_no_box_reads_nothing():
     assert app.box_sampling is False and app.box_shown is False
     assert f"if [ {BOX_INTERVAL} -gt 0 ]" in REMOTE_LOOP and remote_loop() == REMOTE_LOOP
     assert "if [ 0 -gt 0 ]" in remote_loop(0)
+
+
+def test_ascii_and_no_color_say_the_level_in_characters():
+    """LANG=C: the panel's own text is ASCII; NO_COLOR: a value past a threshold carries a mark."""
+    from tui.glyphs import configure
+
+    h = BoxHistory()
+    for k in range(5):
+        h.add(
+            BoxSample(
+                float(k),
+                cpu=50.0,
+                mem_used=GIB,
+                mem_total=4 * GIB,
+                gpus=[GpuSample(0, "G", 10.0, 79 * GIB, 80 * GIB, 95.0, 100.0, 300.0)],
+                source="nvidia-smi",
+            )
+        )
+    try:
+        configure(ascii=True, env={"LANG": "C"})
+        text = BoxPanel.text(h, 60).plain
+        assert text.isascii(), text
+        configure(ascii=False, env={"LANG": "C.UTF-8", "NO_COLOR": "1"})
+        line = BoxPanel.text(h, 60).plain.splitlines()[2]
+        assert "10%⚠" in line and "79.0/80.0⛔" in line and "95°C⛔" in line, line
+    finally:
+        configure(ascii=False, env={"LANG": "C.UTF-8"})
