@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[train,hf,trl,analysis,dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[train,hf,trl,analysis,gpu,dev]"
 	touch $@
 
 test: install

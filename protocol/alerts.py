@@ -275,6 +275,49 @@ DEFAULT_RULES: tuple[Rule, ...] = (
         clear_consecutive=5,
         spike_floor=0.01,
     ),
+    # the GPU box (fields sampled from NVML by the trainer on CUDA; absent elsewhere: never fire)
+    Rule(
+        "gpu_memory_near_full",
+        "gpu_mem_used_peak_bytes",
+        "above",
+        0.95,
+        "warning",
+        "GPU memory was over 95% full during the step (NVML: every process, PyTorch's cached blocks "
+        "included): the next longer response or larger batch may run out of memory (CUDA OOM); lower "
+        "micro_batch_size or the response length, turn on gradient_checkpointing, or check for another "
+        "process on the GPU (nvidia-smi)",
+        relative_to="gpu_mem_total_bytes",
+        clear_threshold=0.9,
+        clear_consecutive=5,
+    ),
+    Rule(
+        "gpu_underused",
+        "gpu_util_mean",
+        "below",
+        40.0,
+        "warning",
+        "the GPU sat mostly idle for many PPO steps (mean utilisation under 40%): the run is bound by "
+        "something else, usually generation (small token-by-token kernels, see rollout in the stage "
+        "breakdown), the reward model or data on the CPU, or host-device copies; batch generation "
+        "(a larger batch), move scoring to the GPU, overlap data loading",
+        consecutive=20,
+        warmup_steps=5,
+        clear_threshold=50.0,
+        clear_consecutive=5,
+    ),
+    Rule(
+        "gpu_thermal_slowdown",
+        "gpu_temp_margin_c",
+        "below",
+        1.0,
+        "critical",
+        "the GPU reached its slowdown temperature: it throttles its clocks and every step gets slower; "
+        "check the cooling (fans, airflow, a blocked intake), the room or rack temperature, and "
+        "nvidia-smi -q -d PERFORMANCE for the throttle reasons",
+        consecutive=2,
+        clear_threshold=3.0,
+        clear_consecutive=5,
+    ),
 )
 
 

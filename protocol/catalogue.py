@@ -240,11 +240,62 @@ METRICS: dict[str, Metric] = {
             "each rank's resident-memory high-water mark since it started",
             required=False,
         ),
+        # the GPU, sampled through NVML during the step (trainer on CUDA, with nvidia-ml-py): per
+        # step, not per stage (NVML's utilisation is an average over its own sample period,
+        # 1/6 s to 1 s, too coarse for stages of tens of milliseconds)
+        _M(
+            "gpu_util_mean",
+            "%",
+            "gpu",
+            "float",
+            False,
+            "up",
+            "mean GPU utilisation during the step (NVML: share of time a kernel ran), sampled every ~50 ms",
+            required=False,
+        ),
+        _M("gpu_util_peak", "%", "gpu", "float", False, "none", "highest GPU utilisation sampled in the step", False),
+        _M(
+            "gpu_mem_used_mean_bytes",
+            "bytes",
+            "gpu",
+            "int",
+            False,
+            "none",
+            "mean GPU memory in use during the step, as NVML sees it (every process, the caching allocator's "
+            "reserve included)",
+            required=False,
+        ),
+        _M(
+            "gpu_mem_used_peak_bytes",
+            "bytes",
+            "gpu",
+            "int",
+            False,
+            "down",
+            "highest GPU memory in use sampled in the step (NVML)",
+            required=False,
+        ),
+        _M("gpu_mem_total_bytes", "bytes", "gpu", "int", False, "none", "the GPU's total memory (NVML)", False),
+        _M("gpu_temp_c", "C", "gpu", "float", False, "down", "highest GPU temperature sampled in the step", False),
+        _M(
+            "gpu_temp_margin_c",
+            "C",
+            "gpu",
+            "float",
+            False,
+            "up",
+            "the GPU's slowdown temperature minus gpu_temp_c: at 0 or below the GPU throttles its clocks",
+            required=False,
+        ),
+        _M("gpu_power_w", "W", "gpu", "float", False, "none", "mean GPU power draw during the step", False),
     ]
 }
 
 # The per-rank fields (maps keyed by rank) of a data-parallel run's step record.
 RANK_FIELDS: tuple[str, ...] = tuple(m.name for m in METRICS.values() if m.name.startswith("rank_"))
+
+# Fields of the step record the trainer samples from NVML on CUDA (all optional).
+GPU_FIELDS: tuple[str, ...] = tuple(m.name for m in METRICS.values() if m.group == "gpu")
 
 
 def deterministic_fields() -> list[str]:

@@ -159,6 +159,40 @@ def test_dynamic_tui_never_loads_torch_or_trainerd():
     assert res["failed"] == {}, f"tui modules failed to import: {res['failed']}"
 
 
+def _module_level_imports(path: Path) -> set[str]:
+    """Top-level names imported at module level (not inside a function or method)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out: set[str] = set()
+
+    def walk(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(child, ast.Import):
+                out.update(a.name.split(".")[0] for a in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.module and not child.level:
+                out.add(child.module.split(".")[0])
+            walk(child)
+
+    walk(tree)
+    return out
+
+
+def test_nvidia_ml_py_is_imported_only_lazily():
+    """DECISIONS: the monitor and the trainer may import nvidia-ml-py (`pynvml`, the `gpu` extra)
+    only lazily: neither needs it to start."""
+    bad = [
+        str(f.relative_to(ROOT))
+        for pkg in ("tui", "trainerd", "protocol")
+        for f in _files(pkg)
+        if "pynvml" in _module_level_imports(f)
+    ]
+    assert bad == [], f"pynvml imported at module level in {bad}"
+    assert "pynvml" not in _module_level_imports(ROOT / "tui" / "system.py")
+    probe = ROOT / "tui" / "system.py"
+    assert "import pynvml" in probe.read_text()  # the checker looks at the real import
+
+
 # -- adapters: other frameworks' runs ---------------------------------------------------------------
 # adapters/ may import the stdlib, msgpack, protocol and itself at module level; tensorboard,
 # transformers, trl, torch and numpy only inside functions (importing it must stay cheap: the

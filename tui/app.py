@@ -51,8 +51,10 @@ from .model import RunModel
 from .samples import SamplesScreen
 from .screens import AlertListScreen, HelpScreen, MetricPickerScreen, RunPickerScreen, RunRow
 from .store import CHART_METRICS
+from .system import BoxHistory, BoxSample, LocalBox
 from .widgets.charts import EMA_WEIGHTS, ZOOM_STEPS, ChartView, DetailChart, MetricTile
 from .widgets.panels import EVENT_FILTERS, AlertBanner, EventsPanel, KeyBar, ProfilerPanel, RunHeader
+from .widgets.system import BoxPanel
 from .widgets.verify import VerifyPanel
 from .wire import crop_both_ends
 
@@ -82,6 +84,7 @@ class MonitorApp(App):
         Binding("backslash", "cursor_off", "", show=False),
         Binding("e", "event_filter", "events"),
         Binding("p", "toggle_panels", "panels"),
+        Binding("g", "toggle_box", "", show=False),
         Binding("d", "toggle_detail", "", show=False),
         Binding("S", "ema_weight", "", show=False),
         Binding("s", "toggle('smooth')", "EMA"),
@@ -102,6 +105,7 @@ class MonitorApp(App):
     event_filter: reactive[str] = reactive("all", init=False)
     panels_shown: reactive[bool | None] = reactive(None, init=False)  # None: as the size suits
     detail_shown: reactive[bool] = reactive(True, init=False)
+    box_shown: reactive[bool] = reactive(True, init=False)  # the box panel (GPUs, CPU, RAM)
     smooth: reactive[bool] = reactive(False, init=False)
     time_axis: reactive[bool] = reactive(False, init=False)
     zoom: reactive[int | None] = reactive(None, init=False)
@@ -119,6 +123,7 @@ class MonitorApp(App):
         bell: bool = True,
         ascii: bool | None = None,
         ema_weight: float = 0.9,
+        box: bool | None = None,
     ):
         # before App.__init__, which takes NO_COLOR out of the environment
         configure(ascii)
@@ -159,6 +164,12 @@ class MonitorApp(App):
         self._caught_up = False  # the run's file as it was at open is read: what follows is live
         self._critical_seen: set[tuple[object, object]] = set()  # (rule, first step) of critical alerts
         self._checkpoints_for: tuple[object, ...] | None = None  # what the last listing was asked for
+        # the box the run trains on (tui/system.py): sampled on this box, or by the ssh:// loop on
+        # the remote one (remote.attach); None = while the run is watched live
+        self.box = BoxHistory()
+        self.box_sampling = live if box is None else box
+        self.set_reactive(MonitorApp.box_shown, self.box_sampling)
+        self._local_box: LocalBox | None = None
 
     # -- layout -----------------------------------------------------------------------
 
@@ -169,6 +180,8 @@ class MonitorApp(App):
         self.w_tiles = [MetricTile(k, m, v, id=f"tile-{k}", classes="tile") for k in CHART_METRICS]
         self.w_detail = DetailChart(m, v, id="detail")
         self.w_profiler = ProfilerPanel(id="profiler")
+        self.w_box = BoxPanel(id="box")
+        self.w_box.display = self.box_shown
         self.w_verify = VerifyPanel(id="verify")
         self.w_verify.border_title = "checks"
         self.w_events = EventsPanel(id="events")
@@ -182,6 +195,7 @@ class MonitorApp(App):
                     yield from self.w_tiles
                 yield self.w_detail
             with Vertical(id="right"):
+                yield self.w_box
                 yield self.w_profiler
                 yield self.w_verify
                 yield self.w_events
@@ -192,6 +206,8 @@ class MonitorApp(App):
         self._apply_layout()
         spawn(resolve_target, self, self.target, name="open")
         spawn(self._read_acks, name="acks")
+        if self.box_sampling and getattr(self, "remote", None) is None:
+            self._local_box = LocalBox(self.box_from_thread).start()
         self.set_interval(1.0, self._tick)
 
     # -- acknowledgements: per-user state (protocol.health), read and written off the UI thread --
@@ -364,6 +380,37 @@ class MonitorApp(App):
         if msg.token == self._token and msg.steps != self.model.checkpoint_steps:
             self.model.checkpoint_steps = msg.steps
             self._changed({"alerts"})
+
+    # -- the box: samples come from a thread (LocalBox, or the ssh:// loop's RemoteBox) --------------
+
+    class BoxSampled(Message):
+        def __init__(self, sample: BoxSample):
+            super().__init__()
+            self.sample = sample
+
+    def box_from_thread(self, sample: BoxSample) -> None:
+        post(self, self.BoxSampled(sample))
+
+    def on_monitor_app_box_sampled(self, msg: BoxSampled) -> None:
+        self.add_box_sample(msg.sample)
+
+    def add_box_sample(self, sample: BoxSample) -> None:
+        self.box.add(sample)
+        self._draw_box()
+
+    def _draw_box(self) -> None:
+        if self.box_shown:
+            remote = getattr(self, "remote", None)
+            where = f"on {remote.target.host}" if remote is not None else ""
+            self.w_box.show(self.box, self.w_box.content_size.width or 52, where)  # on_resize: again
+
+    def action_toggle_box(self) -> None:
+        self.box_shown = not self.box_shown
+
+    def watch_box_shown(self, shown: bool) -> None:
+        self.w_box.display = shown
+        if shown:
+            self._draw_box()
 
     def _tick(self) -> None:
         """Once a second: ages, elapsed time, stalled status (the header and banner only)."""
@@ -589,6 +636,8 @@ class MonitorApp(App):
     def exit(self, *args, **kw) -> None:
         if self.follower is not None:
             self.follower.close()
+        if self._local_box is not None:
+            self._local_box.close()
         if hasattr(self, "w_verify"):
             spawn(self.w_verify.cancel, name="verify-cancel")  # it may wait for the check to end
         super().exit(*args, **kw)
@@ -596,6 +645,8 @@ class MonitorApp(App):
     def on_unmount(self) -> None:
         if self.follower is not None:
             self.follower.close()
+        if self._local_box is not None:
+            self._local_box.close()
 
 
 class _MainScreen(Screen):

@@ -65,6 +65,11 @@ from protocol.text import safe_text
     help="ssh:// runs: seconds between the remote side's looks at the run's files",
 )
 @click.option(
+    "--no-box",
+    is_flag=True,
+    help="no box panel: neither this box's nor (ssh://) the remote box's GPUs, CPU and RAM are read",
+)
+@click.option(
     "--diff",
     "diff_with",
     metavar="OTHER",
@@ -81,6 +86,7 @@ def cli(
     stall_after: float,
     no_bell: bool,
     remote_poll: float,
+    no_box: bool,
     diff_with: str | None,
 ) -> None:
     """Watch an RLHF run live. PATH: a run dir or a runs dir (default runs/latest), or another
@@ -99,7 +105,7 @@ def cli(
         from .remote import RemoteError, open_remote
 
         try:
-            remote = open_remote(target, interval=remote_poll, progress=_mirroring)
+            remote = open_remote(target, interval=remote_poll, progress=_mirroring, box=not no_box)
         except RemoteError as e:
             click.echo(f"rlhf-tui: {safe_text(str(e), 300)}", err=True)
             sys.exit(2)
@@ -122,6 +128,7 @@ def cli(
         bell=not no_bell,
         ascii=True if ascii_ else None,
         ema_weight=smooth,
+        box=False if no_box else None,
         **({"clock": remote.clock} if remote is not None else {}),
     )
     if remote is not None:

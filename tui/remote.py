@@ -45,6 +45,8 @@ from urllib.parse import unquote
 from protocol.rundir import register_writer_elsewhere
 from protocol.text import safe_text
 
+from .system import NVSMI_FIELDS, RemoteBox
+
 APPEND_FILES = ("steps.msgpack", "events.jsonl", "samples.jsonl")  # streamed from an offset
 WHOLE_FILES = ("run.json", "alerts.json")  # small, rewritten atomically: sent whole on change
 CHUNK_MAX = 4 << 20  # bytes of one file per round (the reader sees progress on a huge log)
@@ -54,6 +56,7 @@ START_TIMEOUT = 30.0  # the first round must arrive in this long (else one line,
 BACKOFF = (1, 2, 4, 8, 15, 30)
 HEARTBEAT_TIMEOUT = 300.0  # a "running" run whose files are older than this (remote clock) crashed
 PREFIX = 32  # bytes before an offset checked on resume
+BOX_INTERVAL = 2  # seconds between samples of the remote box (nvidia-smi, /proc): tui/system.py
 REMOTE_TOOLS = ("tail", "head", "stat", "od", "tr", "sort", "date", "sleep")
 
 
@@ -139,7 +142,17 @@ def ssh_command(t: RemoteTarget) -> list[str]:
 #   H <mtime> <run id>    another run's newest file time (its heartbeat), when it changed
 #   T <now> <newest>      remote clock, newest mtime of the run's files
 #   D                     a round that sent something is done          L <run id>   where `latest` points
-REMOTE_LOOP = r"""
+#   Y <tag> <text>        the box (tui/system.py, RemoteBox), every BOX_INTERVAL s: Y G <nvidia-smi CSV line>
+#                         per GPU (or Y N <why none>), Y C <cpu line of /proc/stat>, Y M <MemTotal kB>
+#                         <MemAvailable kB>, then Y E
+_LOOP_VALUES = {
+    "tools": " ".join(REMOTE_TOOLS),
+    "prefix": PREFIX,
+    "chunk": CHUNK_MAX,
+    "box": BOX_INTERVAL,
+    "fields": ",".join(NVSMI_FIELDS),
+}
+_LOOP_TEMPLATE = r"""
 for t in %(tools)s; do
   command -v "$t" >/dev/null 2>&1 || { echo "E the remote box has no '$t' (needed: %(tools)s)"; exit 3; }
 done
@@ -200,8 +213,25 @@ runs() {
   done
   SEEN=$NEW; BEATS=$NB
 }
-SEEN=; BEATS=; LAST_L=; i=0; beat=
+box() {
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    TO=; command -v timeout >/dev/null 2>&1 && TO="timeout 5"
+    $TO nvidia-smi --query-gpu=%(fields)s --format=csv,noheader,nounits 2>&1 | head -n 64 |
+      while IFS= read -r l; do echo "Y G $l"; done
+  else echo "Y N no GPU seen (no nvidia-smi on the remote PATH)"; fi
+  if [ -r /proc/stat ]; then read -r l < /proc/stat; echo "Y C $l"; fi
+  if [ -r /proc/meminfo ]; then
+    mt=; ma=
+    while read -r k v u; do case $k in MemTotal:) mt=$v;; MemAvailable:) ma=$v;; esac; done < /proc/meminfo
+    echo "Y M $mt $ma"
+  fi
+  echo "Y E"
+}
+SEEN=; BEATS=; LAST_L=; i=0; beat=; NEXTBOX=0
 while :; do
+  if [ %(box)d -gt 0 ]; then
+    now=$(date +%%s); if [ "$now" -ge "$NEXTBOX" ]; then box; NEXTBOX=$((now + %(box)d)); fi
+  fi
   C=; MORE=
   whole run.json 1; whole alerts.json 2
   app steps.msgpack 1; app events.jsonl 2; app samples.jsonl 3
@@ -216,7 +246,14 @@ while :; do
   [ -n "$C" ] || [ "$i" -eq 0 ] && echo D
   i=$((i+1)); [ -n "$MORE" ] || sleep "$IV"
 done
-""" % {"tools": " ".join(REMOTE_TOOLS), "prefix": PREFIX, "chunk": CHUNK_MAX}  # noqa: UP031
+"""
+REMOTE_LOOP = _LOOP_TEMPLATE % _LOOP_VALUES
+
+
+def remote_loop(box_interval: int = BOX_INTERVAL) -> str:
+    """The loop with the box sampled every `box_interval` s (0: never; `rlhf-tui --no-box`)."""
+    return REMOTE_LOOP if box_interval == BOX_INTERVAL else _LOOP_TEMPLATE % {**_LOOP_VALUES, "box": box_interval}
+
 
 _LISTING = "command -v trainerd >/dev/null 2>&1 && echo yes || echo no"
 
@@ -255,8 +292,9 @@ class Liveness:
 class RemoteSync:
     """Keeps a local mirror of a remote run dir up to date over one ssh session at a time."""
 
-    def __init__(self, target: RemoteTarget, interval: float = 1.0, mirror: Path | None = None):
+    def __init__(self, target: RemoteTarget, interval: float = 1.0, mirror: Path | None = None, box: bool = True):
         self.target = target
+        self.loop = remote_loop(BOX_INTERVAL if box else 0)
         self.interval = interval
         self.mirror = mirror or cache_root() / _safe_part(
             f"{target.user + '@' if target.user else ''}{target.host}-{target.port or 22}"
@@ -275,6 +313,7 @@ class RemoteSync:
         self.remote_sizes: dict[str, int] = {}  # of the followed run's files, as last sent
         self.on_link: Callable[[str], None] | None = None  # "link down since ..." / "" (any thread)
         self.on_data: Callable[[], None] | None = None
+        self.box = RemoteBox()  # the remote box's GPUs, CPU and RAM (its on_sample: any thread)
         self._want_run: str = ""
         self._switching = False  # the session is being ended to follow another run
         self._offsets_for = ""  # the run whose mirror sizes the loop was given
@@ -502,7 +541,7 @@ class RemoteSync:
 
     def _session(self) -> bool:
         """One ssh session; True if it ended as planned (a switch of run), False if it dropped."""
-        cmd = ssh_command(self.target) + [remote_shell_command(REMOTE_LOOP, *self._args())]
+        cmd = ssh_command(self.target) + [remote_shell_command(self.loop, *self._args())]
         try:
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
@@ -551,6 +590,9 @@ class RemoteSync:
             if tag == "E":
                 self.fatal = self.error = safe_text(" ".join(parts[1:]), 300)
                 return
+            if tag == "Y":
+                self.box.feed(line.decode("utf-8", "replace").rstrip("\n")[2:])
+                continue
             if tag == "K":
                 self.kind, run_id = parts[1], " ".join(parts[2:])
                 if run_id != self.run_id:
@@ -671,9 +713,11 @@ class _Desync(Exception):
     pass
 
 
-def open_remote(url: str, interval: float = 1.0, progress: Callable[[int, int], None] | None = None) -> RemoteSync:
+def open_remote(
+    url: str, interval: float = 1.0, progress: Callable[[int, int], None] | None = None, box: bool = True
+) -> RemoteSync:
     """Parse, connect, mirror what is there: a running RemoteSync, or RemoteError (one line)."""
-    sync = RemoteSync(parse_target(url), interval=interval)
+    sync = RemoteSync(parse_target(url), interval=interval, box=box)
     sync.start(progress=progress)
     return sync
 
@@ -701,3 +745,5 @@ def attach(app, sync: RemoteSync) -> None:
             app.model.link = text
 
     sync.on_link = on_link
+    if getattr(app, "box_sampling", False):  # the remote box's GPUs, CPU and RAM, over the same session
+        sync.box.on_sample = app.box_from_thread

@@ -39,7 +39,9 @@ HELP = """\
   z             zoom: whole run → last 10k → 1k → 200 steps
   f             follow the live end again (after jumping to an alert)
   e             events shown: all (checkpoints collapsed) → lifecycle → alerts → checkpoints
-  p             side panels (profiler, checks, events) shown / hidden;  d  detail chart
+  p             side panels (box, profiler, checks, events) shown / hidden;  d  detail chart
+  g             the box panel (GPUs: utilisation, memory, temperature, power; host CPU and RAM;
+                over ssh:// the remote box) shown / hidden
   a             alert list (Enter jumps the charts to the alert's step, w shows its samples)
   w             samples: what the policy wrote (latest first; from the alert list, that step's)
   c             acknowledge the alerts the banner holds against the run (open or cleared);

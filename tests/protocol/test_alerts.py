@@ -322,6 +322,9 @@ def test_every_default_rule_fires_and_alerts_carry_their_fields():
         "memory_leak": [healthy(s, rss_bytes=(400 + 16 * s) << 20) for s in range(1, 30)],
         "memory_near_limit": [healthy(1, peak_rss_bytes=950 << 20, memory_limit_bytes=1000 << 20)],
         "straggler": [healthy(s, rank_compute_s={"0": 0.1, "1": 0.3}) for s in range(1, 6)],
+        "gpu_memory_near_full": [healthy(1, gpu_mem_used_peak_bytes=79 << 30, gpu_mem_total_bytes=80 << 30)],
+        "gpu_underused": [healthy(s, gpu_util_mean=12.0) for s in range(1, 30)],
+        "gpu_thermal_slowdown": [healthy(s, gpu_temp_c=92.0, gpu_temp_margin_c=-1.0) for s in range(1, 3)],
     }
     assert set(scenarios) == {r.name for r in DEFAULT_RULES}
     for name, recs in scenarios.items():

@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from protocol.catalogue import METRICS, STAGES, check_record
+from protocol.catalogue import GPU_FIELDS, METRICS, STAGES, check_record
 from protocol.jsonl import read_jsonl
 from protocol.rundir import read_events, read_manifest
 from protocol.steplog import read_steplog
@@ -139,6 +139,7 @@ def test_tensorboard_reads_every_numeric_field(trainer_smoke_run):
     numeric.discard("cuda_max_allocated_bytes")
     numeric.discard("memory_limit_bytes")  # only runs with a memory_limit carry it
     numeric -= {n for n, m in METRICS.items() if m.group == "ranks"}  # data-parallel runs only
+    numeric -= set(GPU_FIELDS)  # sampled from NVML on CUDA only
     assert numeric <= tags, numeric - tags
     assert {f"stage_s/{s}" for s in STAGES} <= tags
     events = acc.Scalars("reward_mean")

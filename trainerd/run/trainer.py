@@ -58,6 +58,7 @@ from trainerd.rl.task import Task, response_mask
 from trainerd.run.checkpoint import list_checkpoints, prune_checkpoints, save_checkpoint
 from trainerd.run.determinism import RNG, capture_rng_state, restore_rng_state
 from trainerd.run.distributed import SINGLE, Group
+from trainerd.run.gpu import GpuStepSampler
 from trainerd.run.notify import Notifier
 from trainerd.run.outputs import RunWriter, is_nonfinite_alert
 from trainerd.run.samples import Rollout, SampleWriter
@@ -348,6 +349,10 @@ class Trainer:
         self.writer, self.injection, self.log, self.should_stop = writer, injection, log, should_stop
         self.timer = StageTimer(device)
         self.memory = StageMemory(device)
+        # on CUDA with nvidia-ml-py: the GPU's utilisation and memory sampled through each step (gpu.py)
+        self.gpu, why = GpuStepSampler.open(device)
+        if self.gpu is None and device.type == "cuda":
+            log(why)
         # rank 0 alone writes the run dir: the other ranks get no sample writer
         self.samples = SampleWriter(paths, c.backend.decode, cfg.seed, cfg.samples_every) if group.writes else None
         self.last_rollout: Rollout | None = None
@@ -473,6 +478,8 @@ class Trainer:
         timer.begin_step()
         self._stage_comm_s = 0.0
         self.memory.begin_step()
+        if self.gpu is not None:
+            self.gpu.begin_step()
         items = c.cursor.next_batch(B)  # every rank walks the same cursor
         rows = group.shard(B) if group.distributed else None
         prompts, prompt_mask = be.prompt_batch(items[rows] if rows is not None else items)
@@ -695,6 +702,8 @@ class Trainer:
         if self.device.type == "cuda":
             peaks = [int(torch.cuda.max_memory_allocated(self.device)), *map(int, (stage_peaks or {}).values())]
             rec["cuda_max_allocated_bytes"] = max(peaks)
+        if self.gpu is not None:
+            rec.update(self.gpu.end_step())
 
     # -- the loop shared by train and resume ------------------------------------------------
     def loop(self, first_step: int) -> str:
@@ -822,6 +831,8 @@ class Trainer:
             self.resume_checker.finish()
         self.writer.close()
         self.samples.close()
+        if self.gpu is not None:
+            self.gpu.close()
         if self.c.backend.saves_pretrained and status in ("finished", "stopped"):
             self.save_pretrained(self.paths.checkpoints / "final_hf")  # the policy the run ended with
         update_manifest(self.paths, status=status, ended_at=time.time(), last_step=step)

@@ -9,6 +9,7 @@ from rich.text import Text
 from textual.strip import Strip
 from textual.widgets import Static
 
+from protocol.alerts import DEFAULT_RULES
 from protocol.catalogue import STAGES, finite_value, stage_shares
 from protocol.health import Verdict, describe_past, worst_severity
 from protocol.text import safe_text
@@ -29,6 +30,8 @@ STATUS_STYLE = {
     "stalled": "bold black on yellow",
 }
 SPARK = "▁▂▃▄▅▆▇█"
+# the gpu_underused rule's threshold: the profiler's "GPU n% busy" is yellow under it
+GPU_BUSY_LOW = next((r.threshold for r in DEFAULT_RULES if r.name == "gpu_underused"), 40.0)
 
 
 LEVEL_STYLE = {"critical": "bold white on red", "warning": "bold black on yellow"}
@@ -259,6 +262,9 @@ class ProfilerPanel(Static):
         if slowest:
             t.append(f" ({shares[slowest]:.0%} of the step)")
         t.append(f"\nstep {fmt_value(st)} s · {fmt_value(tps)} tokens/s")
+        util = store.value("gpu_util_mean")  # on CUDA (trainerd/run/gpu.py): is the GPU busy at all?
+        if util is not None and math.isfinite(util):
+            t.append(f" · GPU {util:.0f}% busy", "yellow" if util < GPU_BUSY_LOW else None)
         t.append("\nsparklines scaled from each stage's low to high", "grey50")
         ranks = rank_rows(store)
         if ranks:
