@@ -200,7 +200,7 @@ def tb_compare(work: Path, steps: int) -> tuple[float, float, int]:
 
     t = time.perf_counter()
     paths = RunPaths(root)
-    *_, (store, _alerts, _open, _corrupt) = load_history(paths, paths.steps.stat().st_size)  # + alerts
+    *_, (store, _alerts, _open, _corrupt, _end) = load_history(paths, paths.steps.stat().st_size)  # + alerts
     ours = time.perf_counter() - t
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -114,7 +114,8 @@ def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | Non
         fields, head_len = got
         w = ROW_HEAD_WORDS + len(fields)
         width = 8 * w
-        kk = np.concatenate([k_all[:2], k_all[3:w]])
+        kk = k_all[:w].copy()
+        kk[2] = 0  # the checksum word is not summed
         seg_fields = set(fields)
         per_chunk = max(1, CHUNK_BYTES // width)
         p = pos + head_len
@@ -184,9 +185,8 @@ def _trusted(np, rows, kk, log_fd: int, prev_end: int, log_crc: int, upto: int) 
     expect = np.empty_like(ends)
     expect[0] = prev_end
     expect[1:] = ends[:-1]
-    summed = np.concatenate([rows[:, :2], rows[:, 3:]], axis=1)
     with np.errstate(over="ignore"):
-        checks = (summed * kk).sum(axis=1, dtype=np.uint64)
+        checks = rows @ kk  # uint64 arithmetic wraps: the checksum mod 2^64 (kk is 0 at the checksum word)
     bad = (ends - lens - np.uint64(16) != expect) | (ends > np.uint64(upto))
     bad |= (lens == 0) | (ends < lens + np.uint64(16)) | (checks != rows[:, 2])
     first_bad = np.flatnonzero(bad)
@@ -308,20 +308,30 @@ def _column(np, values: array, typecode: str, sums: bool = False) -> Column:
         missing = np.zeros(len(v64), dtype=bool)
         c.present = 0
     nb = len(v64) // BLOCK
+    nan = np.isnan(v64)
+    any_nan, any_inf = bool(nan.any()), bool(np.isinf(v64).any())
+    nan &= ~missing  # a NaN the record holds (a missing field is not marked)
     step = 1024  # blocks summarised per pass: a few MB of temporaries, whatever the run's length
     for b0 in range(0, nb, step):
         b1 = min(nb, b0 + step)
         blk = v64[b0 * BLOCK : b1 * BLOCK].reshape(b1 - b0, BLOCK)
-        fin = np.isfinite(blk)
-        c.bmin.frombytes(_raw(np.where(fin, blk, math.inf).min(axis=1)))
-        c.bmax.frombytes(_raw(np.where(fin, blk, -math.inf).max(axis=1)))
-        nan = np.isnan(blk) & ~missing[b0 * BLOCK : b1 * BLOCK].reshape(b1 - b0, BLOCK)
-        flags = (
-            nan.any(axis=1) * FLAG_NAN
-            + (blk == math.inf).any(axis=1) * FLAG_POS_INF
-            + (blk == -math.inf).any(axis=1) * FLAG_NEG_INF
-        )
-        c.bflags.frombytes(_raw(flags.astype(np.int8)))
+        flags = np.zeros(b1 - b0, dtype=np.int8)
+        if any_inf:  # the finite min/max: Inf masked out
+            fin = np.isfinite(blk)
+            lo = np.where(fin, blk, math.inf).min(axis=1)
+            hi = np.where(fin, blk, -math.inf).max(axis=1)
+            flags |= (blk == math.inf).any(axis=1) * np.int8(FLAG_POS_INF)
+            flags |= (blk == -math.inf).any(axis=1) * np.int8(FLAG_NEG_INF)
+        else:  # fmin/fmax skip NaN; a block of NaN only gives NaN: nothing finite (min > max)
+            lo, hi = np.fmin.reduce(blk, axis=1), np.fmax.reduce(blk, axis=1)
+            if any_nan:
+                lo[np.isnan(lo)], hi[np.isnan(hi)] = math.inf, -math.inf
+        if any_nan:
+            flags |= nan[b0 * BLOCK : b1 * BLOCK].reshape(b1 - b0, BLOCK).any(axis=1) * np.int8(FLAG_NAN)
+        c.bmin.frombytes(_raw(lo))
+        c.bmax.frombytes(_raw(hi))
+        c.bflags.frombytes(_raw(flags))
         if sums and c.bsum is not None:
-            c.bsum.frombytes(_raw(np.where(fin, blk, 0.0).sum(axis=1)))
+            finite_sums = np.where(np.isfinite(blk), blk, 0.0).sum(axis=1) if any_nan or any_inf else blk.sum(axis=1)
+            c.bsum.frombytes(_raw(finite_sums))
     return c

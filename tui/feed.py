@@ -68,14 +68,17 @@ def snapshot(alert: Alert) -> Alert:
 
 
 class RunFeed:
-    def __init__(self, paths: RunPaths, tail_bytes: int = TAIL_BYTES):
+    def __init__(self, paths: RunPaths, tail_bytes: int = TAIL_BYTES, start_offset: int | None = None):
+        """`start_offset`: the history before it is already shown (a frame boundary: read from there)."""
         self.paths = paths
         try:
             size = os.path.getsize(paths.steps)
         except OSError:
             size = 0
         self.tail_start = size - tail_bytes if size > tail_bytes else 0
-        self.tailer = StepLogTailer(paths.steps, start_offset=self.tail_start)
+        if start_offset is not None:
+            self.tail_start = start_offset
+        self.tailer = StepLogTailer(paths.steps, start_offset=self.tail_start, at_frame=start_offset is not None)
         self.events = JsonlTailer(paths.events)
         # the run's own rules (alerts.json), read when its first records arrive: the trainer
         # writes the file just after run.json, before any step
@@ -89,7 +92,7 @@ class RunFeed:
         self._problem = ""
         self._manifest_problem = ""
         self.skipped = 0
-        self.first_offset: int | None = None  # where the tail's first frame starts
+        self.first_offset: int | None = start_offset  # where the tail's first frame starts
 
     def poll(self, max_records: int = BATCH_RECORDS) -> Batch:
         b = Batch(arrived=time.monotonic())
@@ -201,14 +204,15 @@ def load_history(paths: RunPaths, end_offset: int, should_stop=lambda: False):
     trusted (tui/fastload.py); the rest is decoded from the log. Alerts are evaluated over
     the whole history (tui/history_alerts.py: the streaming engine, run only where a rule
     could fire). Yields progress fractions while reading; the last value yielded is the
-    result tuple (store, alerts, open_alerts_at_end, corrupt_frames). Ends early, yielding
-    no result, once `should_stop()` is true.
+    result tuple (store, alerts, open_alerts_at_end, corrupt_frames, end: the log offset after
+    the last record it holds). Ends early, yielding no result, once `should_stop()` is true.
     """
     rules = load_run_rules(paths.root)[0]  # the rules the tail is evaluated with
     fast = load_columns(paths, end_offset, should_stop)
     if should_stop():
         return
     older, start = (fast.store, fast.end) if fast is not None else (RunStore(), 0)
+    covered = start
     yield min(1.0, start / max(1, end_offset))
     t = StepLogTailer(paths.steps, start_offset=start, with_offsets=True, at_frame=True)
     done = start >= end_offset
@@ -217,11 +221,12 @@ def load_history(paths: RunPaths, end_offset: int, should_stop=lambda: False):
         if not batch:
             break
         recs = []
-        for first, _end, r in batch:
+        for first, end, r in batch:
             if first >= end_offset:
                 done = True
                 break
             recs.append(r)
+            covered = end
         older.extend(RunStore.columnize(recs))
         yield min(1.0, t.offset / max(1, end_offset))
         time.sleep(0.001)  # let the UI thread have the GIL between chunks
@@ -231,4 +236,4 @@ def load_history(paths: RunPaths, end_offset: int, should_stop=lambda: False):
     if evaluated is None:
         return
     alerts, still_open = evaluated
-    yield older, alerts, still_open, t.stats.corrupt_frames
+    yield older, alerts, still_open, t.stats.corrupt_frames, covered

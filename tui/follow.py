@@ -152,6 +152,10 @@ def resolve_target(app, target: Path) -> None:
     post(app, msg)
 
 
+# a side file up to this size (~200k steps) is loaded whole before the first screen
+WHOLE_FIRST_BYTES = 64 << 20
+
+
 class RunFollower:
     """Reads one run: its tail first, then live as it grows (watchfiles, or a 1 s poll), its older
     history beside that; with `runs_dir`, notices when `latest` moves to another run."""
@@ -183,11 +187,13 @@ class RunFollower:
         return post(self.app, RecordsRead(self.token, batch), self.stop)
 
     def _follow(self) -> None:
+        history_started = False
         if isinstance(self.paths, AdaptedPaths):
             feed = AdaptedFeed(self.paths)
         else:
-            feed = RunFeed(self.paths, tail_bytes=self.tail_bytes)
-        history_started = False
+            start = self._whole_history_first()
+            history_started = start is not None
+            feed = RunFeed(self.paths, tail_bytes=self.tail_bytes, start_offset=start)
 
         def drain() -> bool:
             nonlocal history_started
@@ -220,6 +226,25 @@ class RunFollower:
                 if moved is not None:
                     post(self.app, LatestMoved(self.token, moved))
                     return
+
+    def _whole_history_first(self) -> int | None:
+        """A big log with a side file of up to WHOLE_FIRST_BYTES: the whole history is shown first
+        (array work, well under a second), then the run is followed from where it ended. Returns
+        that offset, or None (the tail first, the history beside it)."""
+        try:
+            size = os.path.getsize(self.paths.steps)
+            cols = os.path.getsize(columns_path(self.paths.steps))
+        except OSError:
+            return None
+        if size <= self.tail_bytes or cols > WHOLE_FIRST_BYTES:
+            return None
+        result = None
+        for item in load_history(self.paths, size, self.stop.is_set):
+            if not isinstance(item, float):
+                result = item
+        if result is None or not post(self.app, HistoryLoaded(self.token, result)):
+            return None
+        return result[4]
 
     def _history(self, end_offset: int) -> None:
         """Load the records before the tail: at once from a columnar side file (array work, a

@@ -214,16 +214,18 @@ def _streaks(np, cand, evaluated, need: int, urgent):
     Records the rule does not evaluate (its metric absent) neither extend nor break a run."""
     if need <= 1:
         return cand
-    idx = np.flatnonzero(evaluated)
+    idx = np.flatnonzero(evaluated).astype(np.int32)
     c = cand[idx].astype(np.int8)
-    edges = np.diff(np.concatenate([[0], c, [0]]))
+    edges = np.diff(np.concatenate([[0], c, [0]]).astype(np.int8))
+    del c
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    del edges
     long = ends - starts >= need
-    mark = np.zeros(len(c) + 1, dtype=np.int64)
+    mark = np.zeros(len(idx) + 1, dtype=np.int32)
     np.add.at(mark, starts[long], 1)
     np.add.at(mark, ends[long], -1)
     out = np.zeros(len(cand), dtype=bool)
-    out[idx[np.cumsum(mark)[:-1] > 0]] = True
+    out[idx[np.cumsum(mark, dtype=np.int32)[:-1] > 0]] = True
     return out | (urgent & cand)
 
 
@@ -330,33 +332,41 @@ def _growth_candidates(np, rule: Rule, cols: dict, n: int, skip):
         evaluated |= present & ~skip
         finite = np.isfinite(v) & ~skip
         any_fed |= finite
-        fed = np.flatnonzero(finite)
-        r_fed = _rolling_r(np, v[fed], w)
-        g_fed = _rolling_growth(np, v[fed], w)
-        count = np.cumsum(finite)
+        y = v[finite]
+        r_fed = _rolling_r(np, y, w)
+        g_fed = _rolling_growth(np, y, w)
+        del y
+        count = np.cumsum(finite, dtype=np.int32)
         has = count > 0
-        r, g = np.full(n, np.nan), np.full(n, np.nan)
+        r, g = np.full(n, np.nan, dtype=np.float32), np.full(n, np.nan, dtype=np.float32)
         r[has], g[has] = r_fed[count[has] - 1], g_fed[count[has] - 1]
-        bar = rule.threshold - 1e-6 * max(1.0, abs(rule.threshold))
+        del r_fed, g_fed, count, has
+        bar = rule.threshold * (1 - 1e-3) if rule.threshold > 0 else rule.threshold - 1e-3  # float32, a margin
         with np.errstate(invalid="ignore"):
             cand |= (r > rule.trend_r - TREND_MARGIN) & (g > bar)
+        del r, g
     cand = _streaks(np, cand & evaluated, evaluated, rule.consecutive, np.zeros(n, dtype=bool))
-    return cand, np.flatnonzero(any_fed)
+    return cand, np.flatnonzero(any_fed).astype(np.int32)
 
 
-def _rolling_growth(np, y, w: int):
-    """Least-squares slope x (w - 1) of each full window of w values (NaN before the first)."""
+def _rolling_growth(np, y, w: int, block: int = 1 << 16):
+    """Least-squares slope x (w - 1) of each full window of w values (NaN before the first).
+    A block of windows at a time, from sums of the block's values centred on their mean: memory
+    stays small, and the sums short enough to keep their digits (a 1M-step run's byte counts)."""
     m = len(y)
-    out = np.full(m, np.nan)
+    out = np.full(m, np.nan, dtype=np.float32)
     if m < w or w < 3:
         return out
-    z = y - (y.mean() if m else 0.0)
-    c1 = np.concatenate([[0.0], np.cumsum(z)])
-    ci = np.concatenate([[0.0], np.cumsum(np.arange(m) * z)])
-    a = np.arange(w - 1, m)
-    s = a - w + 1
-    sy = c1[a + 1] - c1[s]
-    siy = ci[a + 1] - ci[s] - s * sy
     sxx = w * (w * w - 1) / 12.0
-    out[w - 1 :] = (siy - (w - 1) / 2.0 * sy) / sxx * (w - 1)
+    for a0 in range(w - 1, m, block):
+        a1 = min(m, a0 + block)
+        seg = y[a0 - w + 1 : a1]
+        z = seg - seg.mean()
+        c1 = np.concatenate([[0.0], np.cumsum(z)])
+        ci = np.concatenate([[0.0], np.cumsum(np.arange(len(seg)) * z)])
+        e = np.arange(w - 1, len(seg))
+        s = e - w + 1
+        sy = c1[e + 1] - c1[s]
+        siy = ci[e + 1] - ci[s] - s * sy
+        out[a0:a1] = (siy - (w - 1) / 2.0 * sy) / sxx * (w - 1)
     return out

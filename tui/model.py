@@ -152,7 +152,7 @@ class RunModel:
         return changed
 
     def apply_history(self, result) -> set[str]:
-        older, alerts, _open_at_end, corrupt = result
+        older, alerts, _open_at_end, corrupt = result[:4]
         self.store.prepend(older)
         self.alert_history[:0] = alerts
         self.alerts_version += 1

@@ -76,7 +76,7 @@ def test_a_flipped_bit_in_the_side_file_ends_what_is_trusted(odd_run):
     cols.write_bytes(bytes(data))
     loaded = load_columns(odd_run, 1 << 60)
     assert loaded is not None and 0 < loaded.rows < 1504
-    store, _alerts, _open, corrupt = history(odd_run)
+    store, _alerts, _open, corrupt, _end = history(odd_run)
     assert corrupt == 0
     assert_same(store, decoded(odd_run))  # the rest came from the log
 
@@ -85,7 +85,7 @@ def test_a_damaged_log_frame_is_counted_and_never_shown_from_the_side_file(odd_r
     data = bytearray(odd_run.steps.read_bytes())
     data[len(data) // 3] ^= 0xFF  # inside some frame: its crc no longer matches
     odd_run.steps.write_bytes(bytes(data))
-    store, _alerts, _open, corrupt = history(odd_run)
+    store, _alerts, _open, corrupt, _end = history(odd_run)
     assert corrupt == 1
     records, stats = read_steplog(odd_run.steps)
     assert stats.corrupt_frames == 1
@@ -176,7 +176,7 @@ def test_a_torn_row_or_a_damaged_log_is_where_the_rebuilt_side_file_stops(runs_d
         assert w.columns is not None and w.columns.broken
     loaded = load_columns(paths, 1 << 60)
     assert loaded is not None and 100 < loaded.rows < 200
-    store, _alerts, _open, corrupt = history(paths)
+    store, _alerts, _open, corrupt, _end = history(paths)
     assert corrupt == 1 and len(store) == 300  # 301 records, one lost to the flipped bit
 
 
