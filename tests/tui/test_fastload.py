@@ -228,3 +228,26 @@ def test_history_alerts_equal_a_full_streaming_pass_on_a_straggler(runs_dir):
         ranks = {"0": 0.1 + 0.001 * (s % 7), "1": slow, "2": 0.1}
         records.append({"step": s, "kl": 0.1, "rank_compute_s": ranks, "rank_stage_s": {"1.rollout": slow}})
     assert _compare(records) == 4  # fired and cleared twice; the 3-step blip fires nothing
+
+
+@pytest.mark.asyncio
+async def test_the_monitor_shows_a_whole_history_with_its_alerts_in_its_first_screen(runs_dir):
+    """A run past the tail size with a side file: the first screen already holds every step and
+    the history's alerts (no second pass); without the side file, the tail comes first."""
+    from tui_helpers import T0, wait_for
+
+    from tui.app import MonitorApp
+
+    paths = make_run(runs_dir, "whole", 6000, unstable=True)
+    app = MonitorApp(paths.root, clock=lambda: T0 + 10_000, tail_bytes=256 << 10)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await wait_for(pilot, lambda: app.first_full_screen_at is not None, timeout=20, what="the first screen")
+        assert len(app.model.store) == 6000 and app.model.history_done
+        assert {a.rule for _ev, a in app.model.alert_history} >= {"exploding_gradients", "non_finite"}
+    (paths.root / "steps.cols").unlink()
+    app = MonitorApp(paths.root, clock=lambda: T0 + 10_000, tail_bytes=256 << 10)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await wait_for(pilot, lambda: app.first_full_screen_at is not None, timeout=20, what="the first screen")
+        assert len(app.model.store) < 6000  # the tail first
+        await wait_for(pilot, lambda: app.model.history_done, timeout=30, what="the history")
+        assert len(app.model.store) == 6000
