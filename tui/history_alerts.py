@@ -262,12 +262,14 @@ def _spike_candidates(np, rule: Rule, y, fed, n: int):
 
 
 def _trend_candidates(np, rule: Rule, cols: dict, n: int, skip):
-    """Records where every trend the rule needs could be past its bar (r within a margin)."""
+    """Records where every trend the rule needs could be past its bar (r within a margin). The
+    trends are taken one metric at a time; once no record is left, the rest are not computed."""
     w = rule.window
-    rs = []
+    bar = rule.threshold - TREND_MARGIN
+    value = None  # the weakest trend so far (diverging: the second metric's counts negated)
     all_present = ~skip
     all_fed = ~skip
-    for m in rule.metrics:
+    for i, m in enumerate(rule.metrics):
         v, present = cols.get(m, (None, None))
         if v is None:
             return np.zeros(n, dtype=bool), None
@@ -275,18 +277,19 @@ def _trend_candidates(np, rule: Rule, cols: dict, n: int, skip):
         finite = np.isfinite(v) & ~skip
         all_fed &= finite
         r_fed = _rolling_r(np, v[finite], w)  # r of the window ending at each fed value (NaN: not full)
+        if rule.kind == "diverging_trends" and i == 1:
+            r_fed = -r_fed
         count = np.cumsum(finite, dtype=np.int32)  # fed values up to and including each record
         r = np.full(n, np.nan, dtype=np.float32)  # a screen with a margin: float32 is plenty
         has = count > 0
         r[has] = r_fed[count[has] - 1]
         del r_fed, count, has
-        rs.append(r)
+        value = r if value is None else np.minimum(value, r)
+        with np.errstate(invalid="ignore"):
+            if not (value > bar).any():
+                return np.zeros(n, dtype=bool), None
     with np.errstate(invalid="ignore"):
-        if rule.kind == "diverging_trends":
-            value = np.minimum(rs[0], -rs[1])
-        else:
-            value = np.minimum.reduce(rs)
-        cand = value > rule.threshold - TREND_MARGIN
+        cand = value > bar
     cand = _streaks(np, cand & all_present, all_present, rule.consecutive, np.zeros(n, dtype=bool))
     return cand, np.flatnonzero(all_fed).astype(np.int32)  # a lead-in over these fills every window
 
@@ -300,18 +303,17 @@ def _rolling_r(np, y, w: int, block: int = 1 << 16):
     if m < w or w < 3:
         return out
     sxx = w * (w * w - 1) / 12.0
+    pos = np.arange(block + w, dtype=np.float64)
     for a0 in range(w - 1, m, block):
         a1 = min(m, a0 + block)
         seg = y[a0 - w + 1 : a1]
+        n = len(seg)
         z = seg - seg.mean()
-        c1 = np.concatenate([[0.0], np.cumsum(z)])
-        c2 = np.concatenate([[0.0], np.cumsum(z * z)])
-        ci = np.concatenate([[0.0], np.cumsum(np.arange(len(seg)) * z)])
-        e = np.arange(w - 1, len(seg))  # window ends (inclusive), in the block
-        s = e - w + 1
-        sy = c1[e + 1] - c1[s]
-        syy = c2[e + 1] - c2[s] - sy * sy / w
-        sxy = ci[e + 1] - ci[s] - s * sy - (w - 1) / 2.0 * sy  # positions 0..w-1 within the window
+        c1, c2, ci = _cumsum0(np, z), _cumsum0(np, z * z), _cumsum0(np, pos[:n] * z)
+        k = n - w + 1  # windows in the block: [s, s + w) for s in 0..k-1
+        sy = c1[w:] - c1[:k]
+        syy = c2[w:] - c2[:k] - sy * sy / w
+        sxy = ci[w:] - ci[:k] - pos[:k] * sy - (w - 1) / 2.0 * sy  # positions 0..w-1 within the window
         with np.errstate(all="ignore"):
             r = sxy / np.sqrt(sxx * np.maximum(syy, 0.0))
         out[a0:a1] = np.where(np.isfinite(r), np.clip(r, -1.0, 1.0), 1.0)  # flat: let the engine judge
@@ -333,15 +335,18 @@ def _growth_candidates(np, rule: Rule, cols: dict, n: int, skip):
         finite = np.isfinite(v) & ~skip
         any_fed |= finite
         y = v[finite]
-        r_fed = _rolling_r(np, y, w)
+        bar = rule.threshold * (1 - 1e-3) if rule.threshold > 0 else rule.threshold - 1e-3  # float32, a margin
         g_fed = _rolling_growth(np, y, w)
+        with np.errstate(invalid="ignore"):
+            if not (g_fed > bar).any():
+                continue  # nowhere grown enough: the straightness need not be computed
+        r_fed = _rolling_r(np, y, w)
         del y
         count = np.cumsum(finite, dtype=np.int32)
         has = count > 0
         r, g = np.full(n, np.nan, dtype=np.float32), np.full(n, np.nan, dtype=np.float32)
         r[has], g[has] = r_fed[count[has] - 1], g_fed[count[has] - 1]
         del r_fed, g_fed, count, has
-        bar = rule.threshold * (1 - 1e-3) if rule.threshold > 0 else rule.threshold - 1e-3  # float32, a margin
         with np.errstate(invalid="ignore"):
             cand |= (r > rule.trend_r - TREND_MARGIN) & (g > bar)
         del r, g
@@ -358,15 +363,23 @@ def _rolling_growth(np, y, w: int, block: int = 1 << 16):
     if m < w or w < 3:
         return out
     sxx = w * (w * w - 1) / 12.0
+    pos = np.arange(block + w, dtype=np.float64)
     for a0 in range(w - 1, m, block):
         a1 = min(m, a0 + block)
         seg = y[a0 - w + 1 : a1]
+        n = len(seg)
         z = seg - seg.mean()
-        c1 = np.concatenate([[0.0], np.cumsum(z)])
-        ci = np.concatenate([[0.0], np.cumsum(np.arange(len(seg)) * z)])
-        e = np.arange(w - 1, len(seg))
-        s = e - w + 1
-        sy = c1[e + 1] - c1[s]
-        siy = ci[e + 1] - ci[s] - s * sy
+        c1, ci = _cumsum0(np, z), _cumsum0(np, pos[:n] * z)
+        k = n - w + 1
+        sy = c1[w:] - c1[:k]
+        siy = ci[w:] - ci[:k] - pos[:k] * sy
         out[a0:a1] = (siy - (w - 1) / 2.0 * sy) / sxx * (w - 1)
+    return out
+
+
+def _cumsum0(np, x):
+    """[0, x0, x0 + x1, ...]: running sums with a leading zero, in one buffer."""
+    out = np.empty(len(x) + 1)
+    out[0] = 0.0
+    np.cumsum(x, out=out[1:])
     return out
