@@ -231,7 +231,9 @@ class ProfilerPanel(Static):
         peaks = getattr(store, "stage_peaks", None) or {}  # last step's peak memory per stage, if recorded
         peak_w = 10 if peaks else 0
         spark_w = width - self.LEAD - self.RANGE - peak_w
-        history = spark_w >= 4  # room for the share-over-the-run column; else the numbers alone
+        # the share-over-the-run column, unless the peak-memory column leaves it no room
+        history = spark_w >= 4 or not peaks
+        spark_w = max(4, spark_w)
         sparks = share_sparklines(store, spark_w) if history else {}
         t.append(
             f"{'stage':<14}{'ms':>8} {'share':>6}  "
