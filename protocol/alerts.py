@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .catalogue import METRICS
+from .catalogue import METRICS, as_number
 
 SEVERITIES = ("info", "warning", "critical")
 KINDS = (
@@ -377,17 +377,6 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
-def _num(v: object) -> float | None:
-    """A record's value as a float; None if it is not a number. An int too large for a float
-    (a hostile record) is +-inf, so it trips the non-finite rule instead of raising."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    try:
-        return float(v)
-    except OverflowError:
-        return math.inf if v > 0 else -math.inf
-
-
 class RollingTrend:
     """Pearson r of the last `window` values against their position, kept in O(1) per value.
 
@@ -496,7 +485,7 @@ class AlertEngine:
             idle: tuple[float, float] | None = None  # (before, now) of a controller that stopped pushing
             if rule.pushback:
                 st0 = self._state[rule.name]
-                now, before = _num(record.get(rule.pushback)), st0.watched
+                now, before = as_number(record.get(rule.pushback)), st0.watched
                 st0.watched = now
                 if now is not None and before is not None and not now > before:
                     warming, idle = False, (before, now)
@@ -601,7 +590,7 @@ class AlertEngine:
     def _feed_history(self, rule: Rule, record: dict) -> None:
         st = self._state[rule.name]
         if rule.spike_factor is not None:
-            v = _num(record.get(rule.metric))
+            v = as_number(record.get(rule.metric))
             if v is not None and math.isfinite(v):
                 st.history.append(v)
                 insort(st.sorted_hist, v)
@@ -610,7 +599,7 @@ class AlertEngine:
                     st.sorted_hist.pop(_index(st.sorted_hist, old))
         if rule.kind in TREND_KINDS:
             for m in rule.metrics or (rule.metric,):
-                v = _num(record.get(m))
+                v = as_number(record.get(m))
                 if v is not None and math.isfinite(v):
                     trend = st.trends.get(m)
                     if trend is None:
@@ -626,7 +615,7 @@ class AlertEngine:
         if rule.kind == "non_finite":
             seen = False
             for m in rule.metrics or (rule.metric,):
-                v = _num(record.get(m))
+                v = as_number(record.get(m))
                 if v is None:
                     continue
                 seen = True
@@ -639,12 +628,12 @@ class AlertEngine:
             return self._evaluate_trends(rule, record)
         if rule.kind == "rank_imbalance":
             return _evaluate_ranks(rule, record)
-        v = _num(record.get(rule.metric))
+        v = as_number(record.get(rule.metric))
         if v is None:
             return None
         raw, ref = v, None
         if rule.relative_to:
-            ref = _num(record.get(rule.relative_to))
+            ref = as_number(record.get(rule.relative_to))
             if ref is None or not math.isfinite(ref) or ref == 0:
                 return None  # no reference: nothing to compare
             v = v / ref
@@ -683,7 +672,7 @@ class AlertEngine:
                 )
         critical = False
         if rule.critical_factor_of:
-            ref = _num(record.get(rule.critical_factor_of))
+            ref = as_number(record.get(rule.critical_factor_of))
             critical = bool(ref is not None and math.isfinite(ref) and v > rule.critical_factor * ref)
             if ref is not None:
                 compared[rule.critical_factor_of] = ref
@@ -734,7 +723,7 @@ class AlertEngine:
         metric, -r of the second); rising together: min of every r), so value > threshold is
         exactly the condition; `compared` has each metric's trend r and slope."""
         st = self._state[rule.name]
-        if any(_num(record.get(m)) is None for m in rule.metrics):
+        if any(as_number(record.get(m)) is None for m in rule.metrics):
             return None
         windows = [st.trends.get(m) for m in rule.metrics]
         ready = [w for w in windows if w is not None and len(w) >= rule.window]
@@ -769,7 +758,7 @@ class AlertEngine:
         it is (Pearson r with the step). Bad when some metric grew by more than `threshold` with
         r > `trend_r`; the value is the largest such growth (else the largest growth seen)."""
         st = self._state[rule.name]
-        present = [m for m in rule.metrics or (rule.metric,) if _num(record.get(m)) is not None]
+        present = [m for m in rule.metrics or (rule.metric,) if as_number(record.get(m)) is not None]
         if not present:
             return None
         seen: list[tuple[bool, float, str, float, float]] = []  # (bad, growth, metric, r, slope)
@@ -814,7 +803,7 @@ def _evaluate_ranks(rule: Rule, record: dict[str, Any]) -> _Verdict | None:
     times = record.get(rule.metric)
     if not isinstance(times, dict):
         return None
-    ranks = {str(k): f for k, v in times.items() if (f := _num(v)) is not None and math.isfinite(f)}
+    ranks = {str(k): f for k, v in times.items() if (f := as_number(v)) is not None and math.isfinite(f)}
     if len(ranks) < 2:
         return None
     ratios = {}
@@ -847,7 +836,7 @@ def _slowest_stage(stage_times: object, rank: str) -> tuple[str | None, float]:
     per: dict[str, dict[str, float]] = {}
     for key, v in stage_times.items():
         r, _, stage = str(key).partition(".")
-        f = _num(v)
+        f = as_number(v)
         if stage and f is not None and math.isfinite(f):
             per.setdefault(stage, {})[r] = f
     best, lost = None, 0.0

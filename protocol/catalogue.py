@@ -360,6 +360,17 @@ def stage_shares(stage_seconds: dict[str, float]) -> dict[str, float]:
     return {s: (clean.get(s, 0.0) / total if total > 0 else 0.0) for s in stage_seconds}
 
 
+def as_number(v: object) -> float | None:
+    """A record's value as every reader of the kit sees it: an int or float as a float (an int
+    too large for a float as +-inf), anything else (a bool, a string, null, a map) as None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+
+
 def finite_value(v: object) -> float | None:
     """A value read from a run file as a finite float, else None: strings, bools, NaN, +-Inf and
     ints too large for a float are not numbers a reader should do arithmetic on."""

@@ -34,13 +34,13 @@ them); a step no float64 holds exactly stops the side file there.
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 import zlib
 from collections.abc import Iterable
 from typing import Any
 
+from .catalogue import as_number
 from .safeio import StrPath, open_run_fd, open_run_file
 
 MAGIC = b"RKCOLS1\n"
@@ -99,16 +99,6 @@ def decode_header(buf: bytes | bytearray | memoryview, pos: int) -> tuple[list[F
     return fields, end
 
 
-def _number(v: object) -> float | None:
-    """A value as the kit's readers see it: ints as floats (too large: +-inf), bools are not numbers."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    try:
-        return float(v)
-    except OverflowError:
-        return math.inf if v > 0 else -math.inf
-
-
 def flatten(record: dict[Any, Any]) -> dict[Field, float] | None:
     """A record's fields and values, or None when the side file cannot hold it exactly."""
     out: dict[Field, float] = {}
@@ -118,7 +108,7 @@ def flatten(record: dict[Any, Any]) -> dict[Field, float] | None:
         if isinstance(v, dict):
             for sk, sv in v.items():
                 if isinstance(sk, str):
-                    x = _number(sv)
+                    x = as_number(sv)
                     out[(k, sk)] = NONNUM if x is None else x
             continue
         if k == "step":  # placed on charts only when it is an int: a float step is not a number here
@@ -127,7 +117,7 @@ def flatten(record: dict[Any, Any]) -> dict[Field, float] | None:
                 continue
             if not -EXACT_INT <= v <= EXACT_INT:
                 return None
-        x = _number(v)
+        x = as_number(v)
         out[(k, None)] = NONNUM if x is None else x
     return out
 

@@ -294,26 +294,35 @@ def _trend_candidates(np, rule: Rule, cols: dict, n: int, skip):
     return cand, np.flatnonzero(all_fed).astype(np.int32)  # a lead-in over these fills every window
 
 
-def _rolling_r(np, y, w: int, block: int = 1 << 16):
-    """Pearson r of each full window of w values against their position (NaN before the first).
-    Computed a block of windows at a time from cumulative sums of the block's values, centred
-    on their mean: memory stays small and the sums short enough to keep their digits."""
-    m = len(y)
-    out = np.full(m, np.nan, dtype=np.float32)
-    if m < w or w < 3:
-        return out
-    sxx = w * (w * w - 1) / 12.0
+def _window_sums(np, y, w: int, squares: bool, block: int = 1 << 16):
+    """For each block of full windows of w values: (first, last + 1 window end, sum of y, sum of
+    squared deviations or None, sum of position x deviation), each window centred on itself.
+    A block at a time, from running sums of the block's values centred on their mean: memory stays
+    small, and the sums short enough to keep their digits (a 1M-step run's byte counts)."""
     pos = np.arange(block + w, dtype=np.float64)
-    for a0 in range(w - 1, m, block):
-        a1 = min(m, a0 + block)
+    for a0 in range(w - 1, len(y), block):
+        a1 = min(len(y), a0 + block)
         seg = y[a0 - w + 1 : a1]
         n = len(seg)
         z = seg - seg.mean()
-        c1, c2, ci = _cumsum0(np, z), _cumsum0(np, z * z), _cumsum0(np, pos[:n] * z)
+        c1, ci = _cumsum0(np, z), _cumsum0(np, pos[:n] * z)
         k = n - w + 1  # windows in the block: [s, s + w) for s in 0..k-1
         sy = c1[w:] - c1[:k]
-        syy = c2[w:] - c2[:k] - sy * sy / w
         sxy = ci[w:] - ci[:k] - pos[:k] * sy - (w - 1) / 2.0 * sy  # positions 0..w-1 within the window
+        syy = None
+        if squares:
+            c2 = _cumsum0(np, z * z)
+            syy = c2[w:] - c2[:k] - sy * sy / w
+        yield a0, a1, sy, syy, sxy
+
+
+def _rolling_r(np, y, w: int):
+    """Pearson r of each full window of w values against their position (NaN before the first)."""
+    out = np.full(len(y), np.nan, dtype=np.float32)
+    if len(y) < w or w < 3:
+        return out
+    sxx = w * (w * w - 1) / 12.0
+    for a0, a1, _sy, syy, sxy in _window_sums(np, y, w, squares=True):
         with np.errstate(all="ignore"):
             r = sxy / np.sqrt(sxx * np.maximum(syy, 0.0))
         out[a0:a1] = np.where(np.isfinite(r), np.clip(r, -1.0, 1.0), 1.0)  # flat: let the engine judge
@@ -354,26 +363,14 @@ def _growth_candidates(np, rule: Rule, cols: dict, n: int, skip):
     return cand, np.flatnonzero(any_fed).astype(np.int32)
 
 
-def _rolling_growth(np, y, w: int, block: int = 1 << 16):
-    """Least-squares slope x (w - 1) of each full window of w values (NaN before the first).
-    A block of windows at a time, from sums of the block's values centred on their mean: memory
-    stays small, and the sums short enough to keep their digits (a 1M-step run's byte counts)."""
-    m = len(y)
-    out = np.full(m, np.nan, dtype=np.float32)
-    if m < w or w < 3:
+def _rolling_growth(np, y, w: int):
+    """Least-squares slope x (w - 1) of each full window of w values (NaN before the first)."""
+    out = np.full(len(y), np.nan, dtype=np.float32)
+    if len(y) < w or w < 3:
         return out
     sxx = w * (w * w - 1) / 12.0
-    pos = np.arange(block + w, dtype=np.float64)
-    for a0 in range(w - 1, m, block):
-        a1 = min(m, a0 + block)
-        seg = y[a0 - w + 1 : a1]
-        n = len(seg)
-        z = seg - seg.mean()
-        c1, ci = _cumsum0(np, z), _cumsum0(np, pos[:n] * z)
-        k = n - w + 1
-        sy = c1[w:] - c1[:k]
-        siy = ci[w:] - ci[:k] - pos[:k] * sy
-        out[a0:a1] = (siy - (w - 1) / 2.0 * sy) / sxx * (w - 1)
+    for a0, a1, _sy, _syy, sxy in _window_sums(np, y, w, squares=False):
+        out[a0:a1] = sxy / sxx * (w - 1)
     return out
 
 

@@ -14,7 +14,7 @@ from array import array
 from bisect import bisect_left
 from dataclasses import dataclass
 
-from protocol.catalogue import RANK_FIELDS, STAGES
+from protocol.catalogue import RANK_FIELDS, STAGES, as_number
 
 BLOCK = 256
 # Charted metrics, in grid order, with the companion line drawn in the same chart.
@@ -55,13 +55,9 @@ def is_placeable(record) -> bool:
 
 
 def number(v, default):
-    """A record's value as a float (a huge int as +-Inf); `default` when it is not a number."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return default
-    try:
-        return float(v)
-    except OverflowError:
-        return math.inf if v > 0 else -math.inf
+    """A record's value as a float (protocol.catalogue.as_number); `default` when it is not a number."""
+    n = as_number(v)
+    return default if n is None else n
 
 
 def is_missing(v: float) -> bool:
