@@ -47,6 +47,7 @@ MAGIC = b"RKCOLS1\n"
 MAGIC_U64 = int.from_bytes(MAGIC, "little")  # ~7e17: never a frame end offset
 ROW_HEAD_WORDS = 3  # end offset, log crc | payload length, checksum
 MAX_FIELDS = 1024  # a record with more numbers than this stops the side file
+MAX_HEADER_BYTES = 16 + 64 * MAX_FIELDS + 1032  # a segment header is never longer (magic, lengths, JSON, crc)
 EXACT_INT = 1 << 53  # a step beyond this is not exact in float64
 MISSING_BITS = 0x7FF8_DEAD_0000_0000  # the field is absent from the record
 NONNUM_BITS = 0x7FF8_DEAD_0000_0001  # the field is present but is not a number
@@ -86,7 +87,7 @@ def decode_header(buf: bytes | bytearray | memoryview, pos: int) -> tuple[list[F
         return None
     (n,) = struct.unpack_from("<Q", buf, pos + 8)
     end = pos + 16 + n + 8
-    if n % 8 or n > 64 * MAX_FIELDS + 1024 or end > len(buf):
+    if n % 8 or 16 + n + 8 > MAX_HEADER_BYTES or end > len(buf):
         return None
     body = bytes(buf[pos + 16 : pos + 16 + n])
     if struct.unpack_from("<Q", buf, pos + 16 + n)[0] != zlib.crc32(body):
@@ -267,7 +268,7 @@ def _last_segment(fd: int, size: int) -> tuple[list[Field], int] | None:
             p = buf.rfind(MAGIC, 0, p)
             if p < 0:
                 break
-            head = os.pread(fd, 16 + 64 * MAX_FIELDS + 1032, lo + p)
+            head = os.pread(fd, MAX_HEADER_BYTES, lo + p)
             got = decode_header(head, 0)
             if got is not None:
                 return got[0], lo + p + got[1]

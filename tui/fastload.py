@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from protocol.catalogue import RANK_FIELDS, STAGES
 from protocol.columns import (
     MAGIC_U64,
+    MAX_HEADER_BYTES,
     MISSING_BITS,
     NONNUM_BITS,
     ROW_HEAD_WORDS,
@@ -108,7 +109,7 @@ def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | Non
     k_all = np.array(K, dtype=np.uint64)
     done = False
     while not done and pos < size:
-        got = decode_header(os.pread(cols_fd, 16 + 64 * 1024 + 1032, pos), 0)
+        got = decode_header(os.pread(cols_fd, MAX_HEADER_BYTES, pos), 0)
         if got is None:
             break
         fields, head_len = got
@@ -289,10 +290,6 @@ def _array(typecode: str, values) -> array:
 def _raw(values) -> memoryview:
     """A contiguous numpy array's bytes, without copying them."""
     return memoryview(values).cast("B")
-
-
-def _f64(bits_: int) -> float:
-    return struct.unpack("<d", struct.pack("<Q", bits_))[0]
 
 
 def _column(np, values: array, typecode: str, sums: bool = False) -> Column:
