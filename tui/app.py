@@ -28,6 +28,7 @@ from protocol.rundir import RunPaths, list_checkpoints
 from protocol.text import safe_text
 
 from .adapted import AdaptedPaths
+from .comparing import TOKENS, ComparingMixin
 from .feed import TAIL_BYTES
 from .follow import (
     CaughtUp,
@@ -48,12 +49,21 @@ from .frames import Throttle, rates
 from .glyphs import MODE, AsciiFilter, configure
 from .layout import TooSmall, layout_for, screen_classes, tiles_shown
 from .model import RunModel
+from .overlay import Comparison
 from .samples import SamplesScreen
 from .screens import AlertListScreen, HelpScreen, MetricPickerScreen, RunPickerScreen, RunRow
 from .store import CHART_METRICS
 from .system import BoxHistory, BoxSample, LocalBox
 from .widgets.charts import EMA_WEIGHTS, ZOOM_STEPS, ChartView, DetailChart, MetricTile
-from .widgets.panels import EVENT_FILTERS, AlertBanner, EventsPanel, KeyBar, ProfilerPanel, RunHeader
+from .widgets.panels import (
+    EVENT_FILTERS,
+    AlertBanner,
+    CompareLegend,
+    EventsPanel,
+    KeyBar,
+    ProfilerPanel,
+    RunHeader,
+)
 from .widgets.system import BoxPanel
 from .widgets.verify import VerifyPanel
 from .wire import crop_both_ends
@@ -62,7 +72,7 @@ GRID_COLS = 3
 WHOLE_RUN_SLOWER = 2
 
 
-class MonitorApp(App):
+class MonitorApp(ComparingMixin, App):
     CSS_PATH = Path(__file__).with_name("monitor.tcss")
     TITLE = "rlhf-tui"
     BINDINGS = [
@@ -88,7 +98,7 @@ class MonitorApp(App):
         Binding("d", "toggle_detail", "", show=False),
         Binding("S", "ema_weight", "", show=False),
         Binding("s", "toggle('smooth')", "EMA"),
-        Binding("t", "toggle('time_axis')", "x axis"),
+        Binding("t", "x_axis", "x axis"),
         Binding("z", "zoom", "zoom"),
         Binding("f", "follow", "follow"),
         Binding("1", "verify('m1')", "M1"),
@@ -124,6 +134,7 @@ class MonitorApp(App):
         ascii: bool | None = None,
         ema_weight: float = 0.9,
         box: bool | None = None,
+        compare: tuple = (),
     ):
         # before App.__init__, which takes NO_COLOR out of the environment
         configure(ascii)
@@ -142,6 +153,10 @@ class MonitorApp(App):
         self.live = live  # False: read what is there once, no watcher (snapshots)
         self.model = RunModel()
         self.view = ChartView()
+        # the runs drawn over this one (`rlhf-tui A B ...`): (path, RemoteSync or None) each
+        self.comparison = Comparison()
+        self.comparison.add(self.model, str(target))
+        self._compare_at_start = list(compare)
         self.runs_dir: Path | None = None  # followed as its `latest` moves
         self.follower: RunFollower | None = None
         self._token = 0  # which open of a run the readers' messages belong to
@@ -177,8 +192,10 @@ class MonitorApp(App):
         m, v = self.model, self.view
         self.w_header = RunHeader(id="header")
         self.w_banner = AlertBanner(id="banner")
-        self.w_tiles = [MetricTile(k, m, v, id=f"tile-{k}", classes="tile") for k in CHART_METRICS]
-        self.w_detail = DetailChart(m, v, id="detail")
+        c = self.comparison
+        self.w_legend = CompareLegend(id="legend")
+        self.w_tiles = [MetricTile(k, m, v, c, id=f"tile-{k}", classes="tile") for k in CHART_METRICS]
+        self.w_detail = DetailChart(m, v, c, id="detail")
         self.w_profiler = ProfilerPanel(id="profiler")
         self.w_box = BoxPanel(id="box")
         self.w_box.display = self.box_shown
@@ -188,6 +205,7 @@ class MonitorApp(App):
         self.w_too_small = TooSmall(id="too-small")
         yield self.w_header
         yield self.w_too_small
+        yield self.w_legend
         yield self.w_banner
         with Horizontal(id="body"):
             with Vertical(id="left"):
@@ -205,6 +223,8 @@ class MonitorApp(App):
         self.watch_selected(self.selected)
         self._apply_layout()
         spawn(resolve_target, self, self.target, name="open")
+        for target, remote in self._compare_at_start:
+            self.add_compare(target, remote)
         spawn(self._read_acks, name="acks")
         if self.box_sampling and getattr(self, "remote", None) is None:
             self._local_box = LocalBox(self.box_from_thread).start()
@@ -258,7 +278,10 @@ class MonitorApp(App):
     def open_run(self, paths: RunPaths) -> None:
         if self.follower is not None:
             self.follower.close()  # it ends at its next wake-up; its messages are dropped
-        self._token += 1
+        self._token = next(TOKENS)
+        dup = self.comparison.by_root(paths.root)
+        if dup is not None and dup.model is not self.model:
+            self.remove_compare(dup)  # the run now on screen as A is not compared with itself
         self.model.reset(paths)
         self.around_step = None
         self.chart_step = None
@@ -274,7 +297,9 @@ class MonitorApp(App):
 
     def on_records_read(self, msg: RecordsRead) -> None:
         try:
-            if self._current(msg):
+            if not self._current(msg):
+                self.compared_message(msg)
+            else:
                 changed = self.model.apply_batch(msg.batch, self.clock())
                 self._ring_on_new_critical(msg.batch.alerts)
                 if "reset" in changed:
@@ -284,12 +309,16 @@ class MonitorApp(App):
             msg.done.set()  # the reader may read on
 
     def on_history_progress(self, msg: HistoryProgress) -> None:
-        if self._current(msg):
+        if not self._current(msg):
+            self.compared_message(msg)
+        else:
             self.model.loading = f"loading history {msg.frac:.0%}"
             self.values.request()
 
     def on_history_loaded(self, msg: HistoryLoaded) -> None:
-        if self._current(msg):
+        if not self._current(msg):
+            self.compared_message(msg)
+        else:
             if msg.result is None:  # the tail was the whole log
                 self.model.history_done = True
             else:
@@ -318,7 +347,9 @@ class MonitorApp(App):
             self.open_run(msg.paths)
 
     def on_feed_failed(self, msg: FeedFailed) -> None:
-        if self._current(msg):
+        if not self._current(msg):
+            self.compared_message(msg)
+        else:
             self.model.fail(msg.text)
             self._changed({"alerts"})
 
@@ -348,7 +379,11 @@ class MonitorApp(App):
         h = self.model.header_info(self.clock(), self.stall_after)
         self._want_checkpoints(h.verdict)
         self.w_header.show(h)
-        self.w_banner.show(h, self.model)
+        rows = self.compare_rows(self.clock(), self.stall_after) if self.comparison.active else []
+        if rows:
+            rows[0] = (rows[0][0], h)
+            self.w_legend.show(rows)
+        self.w_banner.show(h, self.model, rows)
         live = self.live and h.status == "running"
         if live != self.view.live:  # a live run's charts grow at their right edge (ChartView.window)
             self.view.live = live
@@ -444,7 +479,7 @@ class MonitorApp(App):
 
     def _draw_profiler(self) -> None:
         self._panel_drawn_at, self._panel_late = time.monotonic(), False
-        self.w_profiler.show(self.model.store, self.w_profiler.content_size.width)
+        self.w_profiler.show(self.model.store, self.w_profiler.content_size.width, self.comparison)
 
     def _check_first_screen(self) -> None:
         """Once values and charts show the same records, the history may load (the GIL is shared)."""
@@ -467,10 +502,34 @@ class MonitorApp(App):
             and not self.charts.pending
         )
 
+    @property
+    def all_settled(self) -> bool:
+        """`settled`, and every compared run's records read to the end and its alerts evaluated."""
+        return self.settled and all(
+            r.model.paths is not None and len(r.model.store) and r.model.alerts_step == r.model.store.last_step
+            for r in self.comparison.runs[1:]
+        )
+
     # -- keys -----------------------------------------------------------------------------
 
     def action_move(self, delta: int) -> None:
         self.selected = (self.selected + delta) % len(self.w_tiles)
+
+    def action_x_axis(self) -> None:
+        """Step or time; comparing runs: step, time since each run's start, or tokens."""
+        if self.comparison.active:
+            self.view.x_axis = self.cycle_x_axis()
+            self.notify(f"runs aligned by {self.view.x_axis}", markup=False, timeout=2)
+            self._view_changed()
+        else:
+            self.time_axis = not self.time_axis
+
+    def _compare_layout(self) -> None:
+        """The legend shows while runs are compared; charts and panels drawn again at once."""
+        if hasattr(self, "w_legend") and self.is_mounted(self.w_legend):
+            self.w_legend.screen.set_class(self.comparison.active, "-comparing")
+            self._panel_drawn_at = -1e9
+            self._changed({"all"})
 
     def action_toggle(self, setting: str) -> None:
         setattr(self, setting, not getattr(self, setting))
@@ -574,6 +633,7 @@ class MonitorApp(App):
         lay = layout_for(*self.size)
         for cls, on in screen_classes(lay, self.panels_shown, self.detail_shown).items():
             self.w_header.screen.set_class(on, cls)
+        self.w_header.screen.set_class(self.comparison.active, "-comparing")
         if lay.tiny:
             self.w_too_small.show(*self.size)
         self.layout_name = lay.name
@@ -634,6 +694,7 @@ class MonitorApp(App):
     # -- quitting: nothing here waits for a reader or a check --------------------------------
 
     def exit(self, *args, **kw) -> None:
+        self.close_compared()
         if self.follower is not None:
             self.follower.close()
         if self._local_box is not None:

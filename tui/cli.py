@@ -12,9 +12,11 @@ import click
 from protocol.rundir import RunDirError, resolve_run
 from protocol.text import safe_text
 
+MAX_RUNS = 6  # tui.overlay.MAX_RUNS: one colour each (not imported: the app loads after the checks)
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("path", required=False, default=None)
+@click.argument("paths", nargs=-1)
 @click.option(
     "--fps",
     type=click.FloatRange(0.2, 30),
@@ -77,7 +79,7 @@ from protocol.text import safe_text
     "and OTHER, then exit: 0 the same, 1 different",
 )
 def cli(
-    path: str | None,
+    paths: tuple[str, ...],
     fps: float | None,
     slow_link: bool,
     chart_fps: float | None,
@@ -92,30 +94,36 @@ def cli(
     """Watch an RLHF run live. PATH: a run dir or a runs dir (default runs/latest), or another
     framework's run: a TensorBoard log dir, veRL's file-logger JSONL, a metrics JSONL/CSV with
     an rlhf-map.toml mapping; or a remote one, ssh://[user@]host[:port]/path (/~/path: under
-    the remote home), read through your own ssh (RLHF_SSH replaces the command)."""
-    target = path or os.path.join("runs", "latest")
+    the remote home), read through your own ssh (RLHF_SSH replaces the command).
+
+    Several PATHs compare runs: the first is the run the monitor is about, the others are
+    drawn over it in every chart, each in its own colour (t: aligned by step, time or tokens)."""
+    target = paths[0] if paths else os.path.join("runs", "latest")
+    if len(paths) > MAX_RUNS:
+        click.echo(f"rlhf-tui: at most {MAX_RUNS} runs can be compared ({len(paths)} given)", err=True)
+        sys.exit(2)
+    if diff_with is not None and len(paths) > 1:
+        click.echo("rlhf-tui: --diff compares one run with OTHER: give one PATH", err=True)
+        sys.exit(2)
     if diff_with is not None:
         from .compare import diff_runs
 
         rc, text = diff_runs(target, diff_with)
         click.echo(f"rlhf-tui: {text}" if rc == 2 else text, err=rc == 2)
         sys.exit(rc)
-    remote = None
-    if target.startswith("ssh://"):
-        from .remote import RemoteError, open_remote
-
-        try:
-            remote = open_remote(target, interval=remote_poll, progress=_mirroring, box=not no_box)
-        except RemoteError as e:
-            click.echo(f"rlhf-tui: {safe_text(str(e), 300)}", err=True)
+    opened = []  # (local target, RemoteSync or None) of each run, the first one first
+    for i, t in enumerate(paths or (target,)):
+        remote = None
+        if t.startswith("ssh://"):
+            remote = _open_remote(t, remote_poll, box=not no_box and i == 0, opened=opened)
+            t = str(remote.local_target())
+        problem = check_target(t)
+        if problem:
+            _close(opened, remote)
+            click.echo(f"rlhf-tui: {problem}", err=True)
             sys.exit(2)
-        if sys.stderr.isatty():
-            sys.stderr.write("\r\033[K")  # the copying line, if there was one
-        target = str(remote.local_target())
-    problem = check_target(target)
-    if problem:
-        click.echo(f"rlhf-tui: {problem}", err=True)
-        sys.exit(2)
+        opened.append((t, remote))
+    target, remote = opened[0]
     from .app import MonitorApp  # after the path check: a bad path answers at once
 
     if fps is None:
@@ -129,6 +137,7 @@ def cli(
         ascii=True if ascii_ else None,
         ema_weight=smooth,
         box=False if no_box else None,
+        compare=tuple(opened[1:]),
         **({"clock": remote.clock} if remote is not None else {}),
     )
     if remote is not None:
@@ -137,13 +146,35 @@ def cli(
         attach(app, remote)
     _exit_when_terminal_goes(app)
     app.run()
-    if remote is not None:
-        remote.close()
+    _close(opened)
     # The terminal is restored and nothing is left to write: leave without the interpreter's
     # teardown (~0.3 s of freeing modules), and without waiting for a reader thread.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(app.return_code or 0)
+
+
+def _open_remote(url: str, poll: float, box: bool, opened: list):
+    """A RemoteSync of an ssh:// run with its mirror caught up, or exit 2 with one line."""
+    from .remote import RemoteError, open_remote
+
+    try:
+        remote = open_remote(url, interval=poll, progress=_mirroring, box=box)
+    except RemoteError as e:
+        _close(opened)
+        click.echo(f"rlhf-tui: {safe_text(str(e), 300)}", err=True)
+        sys.exit(2)
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")  # the copying line, if there was one
+    return remote
+
+
+def _close(opened: list, extra=None) -> None:
+    for _t, remote in opened:
+        if remote is not None:
+            remote.close()
+    if extra is not None:
+        extra.close()
 
 
 def _mirroring(have: int, total: int) -> None:

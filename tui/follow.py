@@ -132,21 +132,27 @@ def runs_dir_of(target: Path) -> Path | None:
     return None
 
 
+def resolve(target: Path) -> tuple[RunPaths, Path | None]:
+    """The run a target names (a kit run, or another framework's: AdaptedPaths) and the runs
+    dir to follow as its `latest` moves; RunDirError (one line) when there is none."""
+    try:
+        paths = RunPaths(resolve_run(target).root.resolve())  # `latest` -> the run's real name
+        return paths, runs_dir_of(target)
+    except RunDirError as e:  # not a kit run: another framework's run (adapters), or this line
+        from adapters.sources import SourceError, not_recognised
+
+        try:
+            adapted = adapted_target(target) if Path(target).exists() else None
+        except SourceError as se:  # a mapping file that is there but wrong
+            raise RunDirError(str(se)) from None
+        if adapted is None:
+            raise RunDirError(not_recognised(target) if Path(target).exists() else str(e)) from None
+        return adapted, None
+
+
 def resolve_target(app, target: Path) -> None:
     try:
-        try:
-            paths = RunPaths(resolve_run(target).root.resolve())  # `latest` -> the run's real name
-            msg = TargetResolved(paths, runs_dir_of(target))
-        except RunDirError as e:  # not a kit run: another framework's run (adapters), or this line
-            from adapters.sources import SourceError, not_recognised
-
-            try:
-                adapted = adapted_target(target) if Path(target).exists() else None
-            except SourceError as se:  # a mapping file that is there but wrong
-                raise RunDirError(str(se)) from None
-            if adapted is None:
-                raise RunDirError(not_recognised(target) if Path(target).exists() else str(e)) from None
-            msg = TargetResolved(adapted, None)
+        msg = TargetResolved(*resolve(target))
     except Exception as e:  # RunDirError, PermissionError, ...: the app exits with this one line
         msg = TargetResolved(None, None, one_line(e))
     post(app, msg)

@@ -188,7 +188,11 @@ class RunPickerScreen(ModalScreen["RunRow | None"]):
     """The runs of a runs dir, newest first; listed by a reader thread (a run's events are read
     for its open alerts), the table fills in when the list arrives."""
 
-    BINDINGS = [Binding("escape,r,q", "dismiss", "close"), Binding("d", "diff", "settings diff")]
+    BINDINGS = [
+        Binding("escape,r,q", "dismiss", "close"),
+        Binding("d", "diff", "settings diff"),
+        Binding("space", "compare", "compare"),
+    ]
 
     class Listed(Message):
         def __init__(self, rows: list[RunRow], error: str = ""):
@@ -200,14 +204,15 @@ class RunPickerScreen(ModalScreen["RunRow | None"]):
         self.runs_dir = runs_dir
         self.current = current
         self.rows: list[RunRow] = []
+        self.error = ""
         self._stop = threading.Event()
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
             yield Static(
                 Text(
-                    f"Runs in {safe_text(str(self.runs_dir))} (Enter: open, d: settings diff with the run "
-                    "on screen, Esc: close)",
+                    f"Runs in {safe_text(str(self.runs_dir))} (Enter: open, space: compare with the run "
+                    "on screen / stop comparing, d: settings diff with it, Esc: close)",
                     "bold",
                 )
             )
@@ -215,8 +220,8 @@ class RunPickerScreen(ModalScreen["RunRow | None"]):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        table.add_columns("run", "status", "steps", "open alerts", "started")
-        table.add_row(Text("reading the runs…", "grey50"), "", "", "", "")
+        table.add_columns("", "run", "status", "steps", "open alerts", "started")
+        table.add_row("", Text("reading the runs…", "grey50"), "", "", "", "")
         table.focus()
         spawn(self._list, self.runs_dir, self.current, name="runs")
 
@@ -231,10 +236,21 @@ class RunPickerScreen(ModalScreen["RunRow | None"]):
         post(self, msg)
 
     def on_run_picker_screen_listed(self, msg: Listed) -> None:
-        self.rows = msg.rows
+        self.rows, self.error = msg.rows, msg.error
+        self._fill()
+
+    def _compared(self, row: RunRow):
+        """The compared run (tui/overlay.py) a row is, if it is one."""
+        comparison = getattr(self.app, "comparison", None)
+        return comparison.by_root(row.paths.root.resolve()) if comparison is not None else None
+
+    def _fill(self) -> None:
         table = self.query_one(DataTable)
+        cursor = table.cursor_row
         table.clear()
         for i, r in enumerate(self.rows):
+            compared = self._compared(r)
+            mark = Text(f" {compared.label} ", f"bold reverse {compared.colour}") if compared is not None else Text("")
             name = Text(("▶ " if r.current else "  ") + "  " * max(0, r.depth - 1))
             if r.depth:  # a fork, right under its parent: what it changed, from which step
                 name.append("└ ", "grey50")
@@ -245,6 +261,7 @@ class RunPickerScreen(ModalScreen["RunRow | None"]):
                 if r.lineage:  # a fork whose parent is not in this runs dir: named
                     name.append(f"  {r.lineage}", "cyan")
             table.add_row(
+                mark,
                 name,
                 Text(r.status),
                 Text(r.steps),
@@ -252,10 +269,20 @@ class RunPickerScreen(ModalScreen["RunRow | None"]):
                 Text(r.started),
                 key=str(i),
             )
-        if msg.error:
-            table.add_row(Text(f"cannot list the runs: {safe_text(msg.error, 200)}", "red"), "", "", "", "")
+        if self.error:
+            table.add_row("", Text(f"cannot list the runs: {safe_text(self.error, 200)}", "red"), "", "", "", "")
         elif not self.rows:
-            table.add_row(Text("no runs here"), "", "", "", "")
+            table.add_row("", Text("no runs here"), "", "", "", "")
+        if 0 <= cursor < table.row_count:
+            table.move_cursor(row=cursor)
+
+    def action_compare(self) -> None:
+        """Draw the highlighted run over the one on screen (or stop drawing it)."""
+        i = self.query_one(DataTable).cursor_row
+        toggle = getattr(self.app, "toggle_compare", None)
+        if toggle is not None and 0 <= i < len(self.rows):
+            self.app.notify(toggle(self.rows[i].paths), markup=False, timeout=3)
+            self._fill()
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         key = event.row_key.value

@@ -74,7 +74,7 @@ async def test_the_picker_lists_the_fork_under_its_parent_with_the_change(runs_d
         await wait_for(pilot, lambda: isinstance(app.screen, RunPickerScreen) and app.screen.rows, what="the list")
         await pilot.pause(0.1)
         table = app.screen.query_one("#run-table")
-        cells = [table.get_row_at(k)[0].plain for k in range(table.row_count)]
+        cells = [table.get_row_at(k)[1].plain for k in range(table.row_count)]
         i = next(k for k, c in enumerate(cells) if c.strip(" ▶") == "base")
         assert cells[i + 1].strip() == "└ base-fork  fork@10 kl_coef 0.2→0.4", cells
         assert any(c.strip() == "orphan  fork of gone@5 lr 1→2" for c in cells), cells

@@ -17,11 +17,13 @@ from textual.widget import Widget
 
 from protocol.alerts import DEFAULT_RULES
 from protocol.catalogue import METRICS
+from protocol.text import safe_text
 
 from ..braille import ChartSpec, HLine, Line, Runs, draw_runs, ema, finite_range, fmt_value, padded
 from ..glyphs import MODE, g
 from ..health import level_for, threshold_values
 from ..model import RunModel
+from ..overlay import Comparison, column_of, fmt_x, overlay_lines
 from ..store import COMPANIONS, Bucket, RunStore
 from .lines import Cell, cells_of, changed_spans, segments, text_runs
 
@@ -48,6 +50,7 @@ class ChartView:
     ema_weight: float = 0.9  # TensorBoard's smoothing factor
     live: bool = False  # a live run: windows grow at the right edge instead of moving
     cursor: int | None = None  # the detail chart's value cursor, a cell column of its plot
+    x_axis: str = "step"  # comparing runs: step, time (since each run's start) or tokens
 
     def rows(self, store: RunStore) -> tuple[int, int]:
         if self.around_step is not None:
@@ -80,6 +83,14 @@ class ChartView:
         d = g("dot")
         smooth = f"EMA {self.ema_weight:g}" if self.smooth else "raw"
         return f"{z} {d} {smooth} {d} x={'time' if self.time_axis else 'step'}"
+
+    def describe_compare(self) -> str:
+        z = "all runs whole" if self.zoom is None else f"last {self.zoom:,} steps"
+        if self.around_step is not None:
+            z = f"{self.zoom or 200:,} steps around A's step {self.around_step:,}"
+        d = g("dot")
+        smooth = f"EMA {self.ema_weight:g}" if self.smooth else "raw"
+        return f"{z} {d} {smooth} {d} aligned by {self.x_axis}"
 
 
 def _ladder(x: int) -> int:
@@ -186,6 +197,50 @@ def nice_range(lo: float, hi: float) -> tuple[float, float]:
     mag = 10 ** math.floor(math.log10(raw))
     step = next(k * mag for k in (1, 2, 5, 10) if k * mag >= raw)
     return math.floor(lo / step) * step, math.ceil(hi / step) * step
+
+
+def compare_chart(comparison: Comparison, key: str, view: ChartView, width: int, height: int, rules=None):
+    """Every compared run's `key` in its colour over the common x window: rows of runs, the y
+    range, each run's buckets and the window. Thresholds (the first run's rules) with `rules`."""
+    lines, win, per_run = overlay_lines(
+        comparison.runs,
+        key,
+        view.x_axis,
+        view.zoom,
+        view.around_step,
+        width * 2,
+        view.ema_weight if view.smooth else None,
+    )
+    hl: list[HLine] = []
+    yr = finite_range(lines)
+    if rules is not None and yr:
+        lo, hi = yr
+        span_y = (hi - lo) or abs(hi) or 1.0
+        for y, sev in threshold_values(key, rules):
+            hl.append(HLine(y, SEVERITY_STYLE.get(sev, "yellow")))
+            if lo - span_y <= y <= hi + span_y:
+                lo, hi = min(lo, y), max(hi, y)
+        yr = (lo, hi)
+    yr = padded(*yr) if yr else None
+    rows = draw_runs(ChartSpec(width, height, lines, hl, yr, ascii=MODE.ascii, cursor=view.cursor if rules else None))
+    return rows, yr, per_run, win
+
+
+def compare_values(comparison: Comparison, metric: str, width: int) -> Text:
+    """A tile's value line when comparing: each run's letter in its colour, its latest value in
+    the colour of its own state ('A 0.0123  B 0.0151  C —')."""
+    t = Text(no_wrap=True, overflow="ellipsis")
+    for i, r in enumerate(comparison.runs):
+        m = r.model
+        value = m.store.value(metric)
+        level = level_for(metric, value, m.open_alerts, m.rules)
+        if i:
+            t.append(" ")
+        t.append(r.label, f"bold {r.colour}")
+        word = LEVEL_WORD.get(level, "") if not MODE.color else ""
+        t.append(f" {word}{fmt_value(value)}", LEVEL_STYLE[level])
+    t.truncate(width, overflow="ellipsis")
+    return t
 
 
 def fmt_compact(v: float) -> str:
@@ -317,9 +372,10 @@ class MetricTile(StripWidget):
             super().__init__()
             self.tile = tile
 
-    def __init__(self, metric: str, model: RunModel, view: ChartView, **kw):
+    def __init__(self, metric: str, model: RunModel, view: ChartView, comparison: Comparison | None = None, **kw):
         super().__init__(**kw)
         self.model, self.view = model, view
+        self.comparison = comparison  # several runs: each drawn in its colour (tui/overlay.py)
         self.metric = metric
         self.border_title = metric
         self.chart_version = 0  # bumped by the app when the chart should be drawn again
@@ -349,6 +405,8 @@ class MetricTile(StripWidget):
 
     def head_text(self, width: int | None = None) -> Text:
         width = self.content_size.width if width is None else width
+        if self.comparison is not None and self.comparison.active:
+            return compare_values(self.comparison, self.metric, width)
         store = self.model.store
         value = store.value(self.metric)
         comp = COMPANIONS.get(self.metric)
@@ -370,20 +428,29 @@ class MetricTile(StripWidget):
         w = self.content_size.width if width is None else width
         h = (self.content_size.height if height is None else height) - 1
         store = self.model.store
-        key = (self.chart_version, w, h, not len(store))
+        empty = not self._any_records()
+        key = (self.chart_version, w, h, empty)
         if key != self._body_key:
             self._body_key = key
-            if not len(store) or h < 1:
+            if empty or h < 1:
                 self._body = [[(f"waiting for records{g('ellipsis')}", "grey50")]]
             else:
                 self._body = self._chart(store, w, h)
         return self._body
 
+    def _any_records(self) -> bool:
+        if self.comparison is not None and self.comparison.active:
+            return any(len(r.model.store) for r in self.comparison.runs)
+        return bool(len(self.model.store))
+
     def _chart(self, store: RunStore, w: int, h: int) -> list[Runs]:
         label_w = 5 if w >= 20 and h >= 2 else 0  # the compact y scale
         cw = w - label_w - (1 if label_w else 0)
-        style = LINE_STYLE[self.level()]
-        rows, yr, _main = chart_lines(store, self.metric, self.view, cw, h, thresholds=False, style=style)
+        if self.comparison is not None and self.comparison.active:
+            rows, yr, _per_run, _win = compare_chart(self.comparison, self.metric, self.view, cw, h)
+        else:
+            style = LINE_STYLE[self.level()]
+            rows, yr, _main = chart_lines(store, self.metric, self.view, cw, h, thresholds=False, style=style)
         if not label_w:
             return rows
         lo, hi = yr if yr else (math.nan, math.nan)
@@ -436,9 +503,10 @@ class DetailChart(StripWidget):
 
     LABEL_W = 10
 
-    def __init__(self, model: RunModel, view: ChartView, **kw):
+    def __init__(self, model: RunModel, view: ChartView, comparison: Comparison | None = None, **kw):
         super().__init__(**kw)
         self.model, self.view = model, view
+        self.comparison = comparison
         self.chart_version = 0
         self._key = None
         self._rows: list[Runs] = []
@@ -448,8 +516,13 @@ class DetailChart(StripWidget):
         self._forget_shown()
         self.refresh()
 
+    @property
+    def comparing(self) -> bool:
+        return self.comparison is not None and self.comparison.active
+
     def update_title(self) -> None:
-        title = f"{self.metric} {g('dot')} {self.view.describe()}"
+        view = self.view.describe_compare() if self.comparing else self.view.describe()
+        title = f"{self.metric} {g('dot')} {view}"
         if title != self.border_title:
             self.border_title = title
 
@@ -469,11 +542,84 @@ class DetailChart(StripWidget):
     def rows(self, w: int | None = None, h: int | None = None) -> list[Runs]:
         w = self.content_size.width if w is None else w
         h = self.content_size.height if h is None else h
-        key = (self.chart_version, self.metric, w, h, not len(self.model.store))
+        key = (self.chart_version, self.metric, w, h, not len(self.model.store), self.comparing)
         if key != self._key:
             self._key = key
-            self._rows = self._compute(w, h)
+            self._rows = self._compute_compare(w, h) if self.comparing else self._compute(w, h)
         return self._rows
+
+    def _compute_compare(self, w: int, h: int) -> list[Runs]:
+        """Every compared run over a common x axis: its line in its colour, the first run's
+        thresholds, each run's alert marks in its colour, a legend naming the runs."""
+        comparison, view = self.comparison, self.view
+        assert comparison is not None
+        runs = comparison.runs
+        if h < 5 or w < 24 or not any(len(r.model.store) for r in runs):
+            return [[(f"waiting for records{g('ellipsis')}", "grey50")]]
+        if not any(self.metric in r.model.store.columns for r in runs):
+            return [[(f"{self.metric}: in none of these runs", "grey50")]]
+        label_w = self.LABEL_W
+        cw = self.plot_width(w)
+        cursor = view.cursor if view.cursor is not None and view.cursor < cw else None
+        body, yr, per_run, win = compare_chart(comparison, self.metric, view, cw, h - 3, rules=self.model.rules)
+        self._main = per_run[0] if per_run else []
+        lo, hi = yr if yr else (0.0, 1.0)
+        out: list[Runs] = []
+        for i, line in enumerate(body):
+            lab = fmt_value(hi) if i == 0 else fmt_value(lo) if i == len(body) - 1 else ""
+            out.append([(lab.rjust(label_w)[:label_w] + " ", "grey62"), *line])
+        pad = (" " * (label_w + 1), None)
+        out.append([pad, *self._compare_alert_axis(win, cw)])
+        if win is not None:
+            left, right = fmt_x(view.x_axis, win[0]), fmt_x(view.x_axis, win[1])
+            gap = max(1, cw - len(left) - len(right))
+            out.append([pad, ((left + " " * gap + right)[:cw], "grey62")])
+        else:
+            out.append([pad])
+        out.append([pad, *self._compare_legend(per_run, cw, cursor)])
+        return out
+
+    def _compare_alert_axis(self, win: tuple[float, float] | None, cw: int) -> Runs:
+        """A mark where each run's alerts fired, in that run's colour."""
+        cells: list[tuple[str, str | None]] = [(" ", None)] * cw
+        if win is not None and self.comparison is not None:
+            for r in reversed(self.comparison.runs):  # the first run's marks drawn last: on top
+                store = r.model.store
+                for step, _sev in r.model.alert_marks(self.metric):
+                    x = column_of(store, self.view.x_axis, step, win[0], win[1], cw * 2)
+                    if x is not None:
+                        cells[x // 2] = (g("up"), f"bold {r.colour}")
+        out: Runs = []
+        for c, st in cells:
+            if out and out[-1][1] == st:
+                out[-1] = (out[-1][0] + c, st)
+            else:
+                out.append((c, st))
+        return out
+
+    def _compare_legend(self, per_run: list[list[Bucket | None]], cw: int, cursor: int | None) -> Runs:
+        """Which colour is which run, or with the cursor on: each run's value there."""
+        assert self.comparison is not None
+        runs: Runs = []
+        line = "━" if not MODE.ascii else "-"
+        for r, buckets in zip(self.comparison.runs, per_run):
+            if cursor is not None:
+                b = next((buckets[x] for x in (2 * cursor + 1, 2 * cursor) if x < len(buckets) and buckets[x]), None)
+                val = f"{fmt_value(b.last)} @{b.step:,}" if b is not None else g("dash")
+                runs.append((f"{r.label} {val}  ", f"bold {r.colour}"))
+            else:
+                runs.append((f"{line} {r.label} {safe_text(r.name, 28)}  ", r.colour))
+        if cursor is None and any(r.model.alert_marks(self.metric) for r in self.comparison.runs):
+            runs.append((f"{g('up')} alert fired", "grey62"))
+        out: Runs = []
+        n = 0
+        for chars, st in runs:
+            if n + len(chars) > cw:
+                out.append((chars[: max(0, cw - n)], st))
+                break
+            out.append((chars, st))
+            n += len(chars)
+        return out
 
     def _compute(self, w: int, h: int) -> list[Runs]:
         store, view = self.model.store, self.view

@@ -120,7 +120,9 @@ class AlertBanner(Static):
     the others named as its likely consequences, or an alert that fired and cleared, until the
     user acknowledges it. Corruption counts and what could not be read (one line) show here too."""
 
-    def show(self, h: HeaderInfo, model: RunModel) -> None:
+    def show(self, h: HeaderInfo, model: RunModel, others=()) -> None:
+        """`others`: (ComparedRun, HeaderInfo) of the runs compared with this one; each one
+        that is not healthy gets a line naming it, its letter in its colour."""
         v = h.verdict
         corrupt, notice = model.corrupt, model.notice()
         lines: list[Text] = []
@@ -152,11 +154,23 @@ class AlertBanner(Static):
             ok = Text()
             ok.append(f"✔ {v.headline}", "bold")
             lines.append(ok)
+        worst = v.level
+        if others:
+            first = others[0][0]  # the letter of the run this banner is about
+            lines[0] = Text.assemble((f"{first.label} ", f"bold {first.colour}"), lines[0])
+            for run, oh in others[1:]:
+                line = other_run_line(run, oh)
+                if line is not None:
+                    lines.append(line)
+                    if oh.verdict.level == "critical" or oh.status in BAD_STATUS:
+                        worst = "critical"
+                    elif worst == "healthy":
+                        worst = "warning"
         keys = "   a: alert list · w: samples" + (" · c: acknowledge" if v.unacknowledged else "")
         lines[-1].append(keys, "dim")
-        if v.level == "critical" or h.status in BAD_STATUS:
+        if worst == "critical" or h.status in BAD_STATUS:
             cls = "-critical"
-        elif v.level == "warning" or v.next_step or problems.plain:
+        elif worst == "warning" or v.next_step or problems.plain:
             cls = "-warning"
         elif v.cause is not None:
             cls = "-acked"  # open, but acknowledged by the user
@@ -198,6 +212,70 @@ class AlertBanner(Static):
         return [head, Text(safe_text(ep.get("explanation") or ep.get("message") or ""))]
 
 
+def other_run_line(run, h: HeaderInfo) -> Text | None:
+    """A compared run's state in one banner line, named by its letter in its colour (None
+    while it is healthy and running or finished)."""
+    v, m = h.verdict, run.model
+    problem = m.notice() or (f"{m.corrupt} corrupt frames skipped" if m.corrupt else "")
+    if v.level == "healthy" and h.status not in (*BAD_STATUS, "stalled", "stopped") and not problem:
+        return None
+    t = Text()
+    t.append(f"{run.label} ", f"bold {run.colour}")
+    t.append(f"{safe_text(run.name, 60)}: ", "bold")
+    if v.cause is not None:
+        cause = v.cause
+        sev = str(cause.get("severity", "warning"))
+        t.append(f"{SEVERITY_ICON.get(sev, '⚠')} {safe_text(sev.upper(), 20)} ", "bold")
+        t.append(safe_text(cause.get("rule"), 60), "bold")
+        alert = m.open_alert(cause.get("rule"))
+        if alert is not None:
+            t.append(f" {safe_text(alert.metric, 40)}={fmt_value(alert.value)}")
+        t.append(f" since step {safe_text(cause.get('first_step'), 20)}")
+        if v.consequences:
+            t.append(f" (+{len(v.consequences)} more open)")
+    elif v.past:
+        t.append(safe_text(describe_past(v.past[0]), 200))
+    elif h.status in (*BAD_STATUS, "stalled", "stopped"):
+        t.append(safe_text(h.status).upper(), "bold")
+    if problem:
+        t.append(f"  ✖ {safe_text(problem, 200)}", "bold")
+    return t
+
+
+class CompareLegend(Static):
+    """Comparing runs: one line per run under the header, its letter and line in its colour,
+    its name, status, step, rate and open alerts (the header above is the first run's)."""
+
+    def show(self, rows) -> None:
+        """`rows`: (ComparedRun, HeaderInfo) per run."""
+        t = Text(no_wrap=True, overflow="ellipsis")
+        line = "━━" if not MODE.ascii else "--"
+        for i, (run, h) in enumerate(rows):
+            if i:
+                t.append("\n")
+            t.append(f" {run.label} {line} ", f"bold {run.colour}")
+            t.append(f"{safe_text(run.name, 60)}  ", "bold")
+            t.append(safe_text(h.status).upper(), STATUS_STYLE.get(h.status, "bold"))
+            step = g("dash") if h.step is None else f"{h.step:,}"
+            if h.total_steps:
+                step += f"/{h.total_steps:,}"
+            t.append(f"  step {step}")
+            if h.steps_per_s:
+                t.append(f"  {h.steps_per_s:.3g} steps/s")
+            open_rules = [safe_text(a.rule, 40) for a in run.model.open_alerts]
+            if open_rules:
+                sev = "critical" if any(a.severity == "critical" for a in run.model.open_alerts) else "warning"
+                icon = SEVERITY_ICON[sev] if not MODE.ascii else "!"
+                t.append(f"  {icon} {', '.join(open_rules[:3])}", "bold red" if sev == "critical" else "yellow")
+                if len(open_rules) > 3:
+                    t.append(f" +{len(open_rules) - 3}")
+            if run.model.link:
+                t.append(f"  {safe_text(run.model.link, 80)}", "bold yellow")
+            if h.loading:
+                t.append(f"  {g('loading')} {h.loading}", "grey62")
+        _update(self, t, layout=True)
+
+
 def _past_line(v: Verdict, model: RunModel) -> str:
     """'reward_hacking was critical at steps 20-32, value then 0.9359; now reward_mean 1.126,
     gold_reward_mean -0.3773 (cleared, not acknowledged)'."""
@@ -219,8 +297,12 @@ class ProfilerPanel(Static):
     LEAD = 31  # "stage" 14 + "ms" 9 + "share" 6 + 2 spaces, then the sparkline
     RANGE = 8  # then the range of the share over the run, "20–26%"
 
-    def show(self, store: RunStore, width: int) -> None:
+    def show(self, store: RunStore, width: int, comparison=None) -> None:
         t = Text(no_wrap=True, overflow="crop")
+        if comparison is not None and comparison.active:
+            self.set_class(False, "ranks")
+            _update(self, compare_stage_text(comparison.runs, width))
+            return
         if not len(store):
             _update(self, Text("waiting for records…", "grey50"))
             return
@@ -274,6 +356,48 @@ class ProfilerPanel(Static):
             t.append(rank_table(ranks))
         self.set_class(bool(ranks), "ranks")  # taller: the per-rank view below the stages
         _update(self, t)
+
+
+COMPARE_WINDOW = 100  # a compared run's stage times: the mean of its last this many steps
+
+
+def compare_stage_text(runs, width: int) -> Text:
+    """Comparing runs: each stage's mean milliseconds and share of the step over each run's
+    last COMPARE_WINDOW steps, a column per run (its letter in its colour), each run's slowest
+    stage in bold, its step time and tokens/s below. `runs`: tui.overlay.ComparedRun."""
+    t = Text(no_wrap=True, overflow="crop")
+    col_w = 10  # " 41.6  59%"
+    shown = list(runs)[: max(1, (width - 13) // col_w)]  # what fits; the legend names them all
+    t.append(f"{'ms, share':<13}", "grey62")
+    for r in shown:
+        t.append(f"{r.label:>{col_w}}", f"bold {r.colour}")
+    if len(shown) < len(runs):
+        t.append(f" (+{len(runs) - len(shown)}: wider)", "grey50")
+    t.append("\n")
+    means: list[dict[str, float]] = []
+    for r in shown:
+        store = r.model.store
+        n = len(store)
+        a = max(0, n - COMPARE_WINDOW)
+        means.append({s: store.stages[s].sum(a, n) / (n - a) if n > a else math.nan for s in STAGES})
+    shares = [stage_shares(m) for m in means]
+    slowest = [max(sh, key=lambda s: sh.get(s, 0.0)) if any(sh.values()) else None for sh in shares]
+    for s in STAGES:
+        t.append(f"{s:<13}")
+        for m, sh, slow in zip(means, shares, slowest):
+            v = m[s]
+            if math.isfinite(v) and slow:
+                t.append(f"{v * 1000:>5.3g} {sh.get(s, 0.0):>4.0%}", "bold yellow" if s == slow else None)
+            else:
+                t.append(f"{'—':>5} {'—':>4}")
+        t.append("\n")
+    for label, key in (("step s", "step_time_s"), ("tokens/s", "tokens_per_second")):
+        t.append(f"{label:<13}")
+        for r in shown:
+            t.append(f"{fmt_value(r.model.store.value(key)):>{col_w}}")
+        t.append("\n")
+    t.append(f"mean of each run's last {COMPARE_WINDOW} steps", "grey50")
+    return t
 
 
 def rank_rows(store: RunStore) -> list[dict]:
