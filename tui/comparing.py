@@ -103,7 +103,7 @@ class ComparingMixin:
         first = self.model.paths
         if first is not None and Path(first.root).resolve() == Path(paths.root).resolve():
             return "that is run A, the one on screen"
-        run = self.comparison.by_root(Path(paths.root).resolve()) or self.comparison.by_root(paths.root)
+        run = self.comparison.by_root(paths.root)
         if run is not None:
             self.remove_compare(run)
             return f"stopped comparing {safe_text(run.name, 80)} ({run.label})"

@@ -15,6 +15,7 @@ import math
 from array import array
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .model import RunModel
@@ -41,7 +42,7 @@ class ComparedRun:
 
     @property
     def name(self) -> str:
-        return self.model.run_id if self.model.paths is not None else self.target
+        return self.model.run_id if self.model.paths is not None else Path(self.target).name or self.target
 
 
 @dataclass
@@ -72,8 +73,20 @@ class Comparison:
         return next((r for r in self.runs[1:] if r.token == token), None)
 
     def by_root(self, root) -> ComparedRun | None:
-        key = str(root)
-        return next((r for r in self.runs if r.model.paths is not None and str(r.model.paths.root) == key), None)
+        """The run whose dir is `root` (its model's, or before it is read, the path it was given)."""
+        key = _resolved(root)
+        for r in self.runs:
+            where = r.model.paths.root if r.model.paths is not None else r.target
+            if where and _resolved(where) == key:
+                return r
+        return None
+
+
+def _resolved(path) -> str:
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError, ValueError):
+        return str(path)
 
 
 # -- x values ---------------------------------------------------------------------------------
@@ -220,6 +233,15 @@ def fmt_x(axis: str, x: float) -> str:
     return f"{x:.0f} tok"
 
 
+def _middle(b: Bucket | None) -> Bucket | None:
+    """A column of many records as one point, the middle of its range: several runs' min-max
+    ranges drawn over each other would fill the chart; a run's own chart keeps them."""
+    if b is None or not (b.lo < b.hi):
+        return b
+    m = (b.lo + b.hi) / 2
+    return Bucket(m, m, m, b.flags, b.step)
+
+
 def overlay_lines(
     runs: list[ComparedRun], key: str, axis: str, zoom: int | None, around_step: int | None, dots: int, ema_weight=None
 ):
@@ -241,6 +263,8 @@ def overlay_lines(
             rows = max(1, len(store))
             per = rows / max(1, dots)
             buckets = ema(buckets, ema_weight, per)
+        else:
+            buckets = [_middle(b) for b in buckets]
         lines.append(Line(buckets, r.colour, markers=True))
     # the first run on top: drawn last, its colour wins a shared cell
     return lines[::-1], win, per_run

@@ -242,7 +242,7 @@ class RunPickerScreen(ModalScreen["RunRow | None"]):
     def _compared(self, row: RunRow):
         """The compared run (tui/overlay.py) a row is, if it is one."""
         comparison = getattr(self.app, "comparison", None)
-        return comparison.by_root(row.paths.root.resolve()) if comparison is not None else None
+        return comparison.by_root(row.paths.root) if comparison is not None and comparison.active else None
 
     def _fill(self) -> None:
         table = self.query_one(DataTable)

@@ -86,3 +86,35 @@ def test_120x40_no_color(snap_compare, tmp_path, plain_env):
     plain_env.setenv("NO_COLOR", "1")
     app = _unstable_app(tmp_path, plain_env)
     assert snap_compare(app, terminal_size=(120, 40), run_before=_loaded(app))
+
+
+def _compare_app(tmp_path, monkeypatch) -> MonitorApp:
+    monkeypatch.chdir(tmp_path)
+    a = make_run(tmp_path / "runs", "seed-1", 400, seed=1)
+    b = make_run(tmp_path / "runs", "seed-2-unstable", 300, unstable=True, seed=2)
+    c = make_run(tmp_path / "runs", "seed-3", 500, seed=3)
+    return MonitorApp(a.root, clock=lambda: T0 + 400 * 0.5 + 12, live=False, compare=((b.root, None), (c.root, None)))
+
+
+def _all_loaded(app: MonitorApp):
+    async def wait(pilot):
+        deadline = time.monotonic() + 15
+        while not app.all_settled:
+            if time.monotonic() > deadline:
+                raise AssertionError("runs never loaded")
+            await pilot.pause(0.05)
+        await pilot.pause(0.3)
+
+    return wait
+
+
+def test_compare_three_runs(snap_compare, tmp_path, plain_env):
+    """Three runs overlaid: the legend under the header, a colour per run in every chart, B's
+    alert named in the banner, the profiler's stage comparison."""
+    app = _compare_app(tmp_path, plain_env)
+    assert snap_compare(app, terminal_size=SIZE, run_before=_all_loaded(app))
+
+
+def test_compare_80x24(snap_compare, tmp_path, plain_env):
+    app = _compare_app(tmp_path, plain_env)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=_all_loaded(app))
