@@ -126,14 +126,18 @@ class ComparingMixin:
         m = run.model
         if isinstance(msg, RecordsRead):
             try:
+                first = not len(m.store)
                 changed = m.apply_batch(msg.batch, self.clock())
             finally:
                 msg.done.set()
+            if first and len(m.store):
+                self._panel_drawn_at = -1e9  # its column of the profiler: at the next chart frame
             self._changed(changed - {"events"})
         elif isinstance(msg, HistoryLoaded):
             if msg.result is None:
                 m.history_done = True
             else:
+                self._panel_drawn_at = -1e9
                 self._changed(m.apply_history(msg.result) - {"events"})
         elif isinstance(msg, HistoryProgress):
             m.loading = f"loading history {msg.frac:.0%}"
