@@ -151,10 +151,20 @@ class RunModel:
             changed.add("alerts")
         return changed
 
-    def apply_history(self, result) -> set[str]:
-        older, alerts, _open_at_end, corrupt = result[:4]
+    def apply_history(self, result, tail=None) -> set[str]:
+        """Take in `feed.load_history`'s result. `tail` (a `feed.Batch`): the alerts of the records
+        shown before the history came, evaluated again by an engine that saw the history first
+        (they replace the ones shown, from an engine that began at the tail), and what is open;
+        None when they could not be: the history's alerts are put before the ones shown."""
+        older, alerts, _engine, corrupt = result[:4]
         self.store.prepend(older)
-        self.alert_history[:0] = alerts
+        if tail is None:
+            self.alert_history[:0] = alerts
+        else:
+            self.alert_history = list(alerts) + tail.alerts
+            self.open_alerts = tail.open_alerts
+            if tail.evaluated_step is not None:
+                self.alerts_step = tail.evaluated_step
         self.alerts_version += 1
         self.history_corrupt = corrupt
         self.corrupt += corrupt
