@@ -64,6 +64,7 @@ class Batch:
             and self.manifest is None
             and not self.reset
             and self.problem is None
+            and self.rules is None
         )
 
 
@@ -121,7 +122,9 @@ class RunFeed:
                     self.unseeded = None  # the tail is the whole log
         else:
             recs = self.tailer.poll(max_records)
-        if recs and self.rules is None:
+        # a run whose history was read whole first may have no record after it: its rules are
+        # known already (the history was evaluated with them)
+        if self.rules is None and (recs or self.seeded):
             self.rules, b.rules_note = load_run_rules(self.paths.root)
             b.rules = self.rules
             if not self.seeded:
@@ -190,6 +193,11 @@ class RunFeed:
         out.open_alerts = [snapshot(a) for a in engine.open.values()]
         self.engine, self.seeded, self.unseeded = engine, True, None
         return out
+
+    def no_history_coming(self) -> None:
+        """The history will not be handed over (its load stopped or failed): the tail's verdicts
+        stay as they are, and its records are no longer kept for evaluating them again."""
+        self.unseeded = None
 
     def _aligned_start(self, before: int, recs: list[dict]) -> int:
         if self.tail_start == 0:

@@ -273,20 +273,24 @@ class RunFollower:
         """Load the records before the tail: at once from a columnar side file (array work, a
         fraction of a second), else after the tail's first screen (decoding holds the GIL). The
         feed then goes on from the history's alert engine, its tail's alerts evaluated again."""
-        if not os.path.exists(columns_path(self.paths.steps)):
-            while not self.first_screen.wait(0.05):
-                if self.stop.is_set():
-                    return
-        last_report = 0.0
-        for item in load_history(self.paths, end_offset, self.stop.is_set):
-            if isinstance(item, float):
-                if time.monotonic() - last_report > 0.5:
-                    last_report = time.monotonic()
-                    post(self.app, HistoryProgress(self.token, item))
-            elif not self.stop.is_set():
-                with self.alerts_lock:
-                    tail = feed.adopt_history(item[2])
-                    post(self.app, HistoryLoaded(self.token, item, tail))
+        try:
+            if not os.path.exists(columns_path(self.paths.steps)):
+                while not self.first_screen.wait(0.05):
+                    if self.stop.is_set():
+                        return
+            last_report = 0.0
+            for item in load_history(self.paths, end_offset, self.stop.is_set):
+                if isinstance(item, float):
+                    if time.monotonic() - last_report > 0.5:
+                        last_report = time.monotonic()
+                        post(self.app, HistoryProgress(self.token, item))
+                elif not self.stop.is_set():
+                    with self.alerts_lock:
+                        tail = feed.adopt_history(item[2])
+                        post(self.app, HistoryLoaded(self.token, item, tail))
+        finally:
+            with self.alerts_lock:
+                feed.no_history_coming()  # a no-op once adopted; else the tail's records are not kept
 
     def _wake_ups(self):
         """Yield when the run dir changed (watchfiles), or every second anyway: a slow poll

@@ -243,8 +243,8 @@ class RunModel:
     def episodes(self) -> list[dict[str, Any]]:
         """The alert episodes of the run as the live engine saw them, in the shape of
         `protocol.events.alert_timeline` (the same replay, fed the engine's events). An episode
-        left open by the history's own engine (it stops where the tail begins) is open only
-        if the live engine still has it open."""
+        the alert history leaves open is open only if the live engine still has it open (the
+        history's alerts put before a log that was read again from its start)."""
         live = {(a.rule, a.first_step) for a in self.open_alerts}
         key = (self.alerts_version, frozenset(live))
         if self._episodes is None or self._episodes[0] != key:

@@ -4,14 +4,16 @@ whichever way the history comes (decoded, from the side file, or whole before a 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from tui_helpers import T0, gen_run, wait_for
+from tui_helpers import T0, gen_run, make_run, wait_for
 
 from protocol import rundir
-from protocol.alerts import DEFAULT_RULES, AlertEngine
+from protocol.alerts import DEFAULT_RULES, AlertEngine, load_run_rules, save_run_rules
 from protocol.columns import columns_path
+from protocol.events import alert_timeline
 from protocol.steplog import StepLogTailer, StepLogWriter
 from tui import follow
 from tui.app import MonitorApp
@@ -95,6 +97,16 @@ def finished_during_the_episodes() -> list[dict]:
     return boundary_records(last=BOUNDARY + 2)  # reward_variance and value_diverging open at the end
 
 
+def logged_episodes(paths: rundir.RunPaths) -> list[tuple]:
+    """The run's alert episodes as its writer's engine logged them in events.jsonl."""
+    return [episode(ep) for ep in alert_timeline(rundir.read_events(paths))]
+
+
+def episode(ep: dict) -> tuple:
+    keys = ("rule", "severity", "first_step", "fired_step", "escalated_step", "cleared_step", "open")
+    return tuple(ep[k] for k in keys)
+
+
 def test_the_planted_episodes_straddle_the_boundary():
     """The run is what the tests below need: one pass and a pass from the boundary disagree."""
     records = boundary_records()
@@ -127,11 +139,14 @@ async def test_a_run_that_ended_in_an_episode_keeps_it_open_whichever_way_it_is_
     expected = one_pass(records)
     assert [a[0] for a in expected[1]] == ["reward_variance", "value_diverging"]
     paths = write_run(runs_dir, "ended", records)
+    rules = tuple(replace(r, enabled=r.name != "gpu_underused") for r in DEFAULT_RULES)
+    save_run_rules(rules, paths.root)  # the run's own rules (none of these records has GPU fields)
     app = MonitorApp(paths.root, clock=lambda: T0 + 10_000, tail_bytes=tail_bytes_from(paths, BOUNDARY), live=False)
     async with app.run_test(size=(160, 50)) as pilot:  # the side file: the whole history first
         await wait_for(pilot, lambda: app.model.history_done, timeout=30, what="the history")
         await pilot.pause(0.2)
         assert len(app.model.store) == len(records)
+        assert app.model.rules == load_run_rules(paths.root)[0]  # no record after the history: still its rules
     assert shown(app) == expected
     Path(columns_path(paths.steps)).unlink()
     app = await read_with_monitor(paths, tail_bytes_from(paths, BOUNDARY), last_step=len(records))
@@ -153,3 +168,21 @@ async def test_a_live_run_goes_on_from_a_whole_history_loaded_first(runs_dir):
                 w.write(r)
         await wait_for(pilot, lambda: app.model.alerts_step == STEPS, timeout=30, what="the new records' alerts")
     assert shown(app) == one_pass(records)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("side_file", ["no side file", "side file"])
+async def test_the_episodes_shown_are_the_ones_the_run_logged(runs_dir, monkeypatch, side_file):
+    """A generated unstable run logs its engine's alerts as a trainer does: a gradient spike, a
+    KL runaway that escalates and a NaN loss. The tail begins inside the runaway, after it
+    fired and before it escalated: the monitor's episodes are the logged ones."""
+    paths = make_run(runs_dir, "unstable", 3000, unstable=True)
+    logged = logged_episodes(paths)
+    runaway = next(ep for ep in logged if ep[0] == "kl_runaway")
+    assert runaway[4] is not None and runaway[4] - runaway[3] > 2  # it escalated some steps after it fired
+    if side_file == "no side file":
+        Path(columns_path(paths.steps)).unlink()
+    else:
+        monkeypatch.setattr(follow, "WHOLE_FIRST_BYTES", 0)
+    app = await read_with_monitor(paths, tail_bytes_from(paths, runaway[3] + 2))
+    assert [episode(ep) for ep in app.model.episodes()] == logged
