@@ -8,8 +8,8 @@ them, new events, the manifest when it changed, corruption counts, and a one-lin
 background. The live engine starts fresh at the tail, so its verdicts there are provisional
 (a streak that began in the history is cut, a rolling median is empty): once the history's
 alerts are known, `adopt_history` evaluates the tail's records again from the history's end
-state and the live engine goes on from there. Files are opened by `protocol` only; a run file that is not a regular file
-(a FIFO, a device) is reported, never opened here.
+state and the live engine goes on from there. Files are opened by `protocol` only; a run
+file that is not a regular file (a FIFO, a device) is reported, never opened here.
 """
 
 from __future__ import annotations
