@@ -565,6 +565,15 @@ class AlertEngine:
     def most_severe(self) -> Alert | None:
         return most_severe(self.open.values())
 
+    def carry_on(self, name: str, other: AlertEngine) -> None:
+        """Go on with rule `name` from where `other` left it: its open alert, its streaks, its
+        rolling windows (the whole-history evaluator runs each rule on an engine of its own;
+        the monitor's live engine goes on from their end)."""
+        self._state[name] = other._state[name]
+        alert = other.open.get(name)
+        if alert is not None:
+            self.open[name] = alert
+
     @property
     def quiet(self) -> bool:
         """No alert open and no bad streak under way: what comes next depends only on the rolling

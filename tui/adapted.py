@@ -118,19 +118,11 @@ class AdaptedFeed:
 
     def _bulk(self, batch: Batch):
         """The alerts of a first, big batch from `evaluate_history`, and a live engine that goes on
-        from where it ends: one fed the batch's last records is the full stream's when it is
-        quiet there and no alert is open at the end. None when that does not hold (stream it)."""
+        from where it ends (its end state: open alerts, streaks, rolling windows)."""
         store = RunStore()
         store.extend(batch.cols)
         got = evaluate_history(self.engine.rules, store)
-        if got is None or got[1]:
+        if got is None:
             return None
-        rules = self.engine.rules
-        lead = 4 * (max((r.window for r in rules), default=0) + 10)
-        engine = AlertEngine(rules)
-        for r in batch.pending[-lead:]:
-            engine.update(r)
-        if not engine.quiet:
-            return None
-        self.engine = engine
-        return [(ev, snapshot(a)) for ev, a in got[0]]
+        alerts, self.engine = got
+        return [(ev, snapshot(a)) for ev, a in alerts]

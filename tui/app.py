@@ -322,8 +322,9 @@ class MonitorApp(ComparingMixin, App):
             if msg.result is None:  # the tail was the whole log
                 self.model.history_done = True
             else:
-                self._critical_seen |= {k for k in map(_critical_key, msg.result[1]) if k is not None}
-                self._changed(self.model.apply_history(msg.result))
+                told = msg.result[1] + (msg.tail.alerts if msg.tail is not None else [])
+                self._critical_seen |= {k for k in map(_critical_key, told) if k is not None}
+                self._changed(self.model.apply_history(msg.result, msg.tail))
 
     def on_caught_up(self, msg: CaughtUp) -> None:
         if self._current(msg):

@@ -5,12 +5,16 @@ records (already columnized), the alerts the live `AlertEngine` raised or cleare
 them, new events, the manifest when it changed, corruption counts, and a one-line
 `problem` when a run file cannot be read. A huge log is read tail first
 (`StepLogTailer(start_offset=...)`) and its older history by `load_history` in the
-background. Files are opened by `protocol` only; a run file that is not a regular file
-(a FIFO, a device) is reported, never opened here.
+background. The live engine starts fresh at the tail, so its verdicts there are provisional
+(a streak that began in the history is cut, a rolling median is empty): once the history's
+alerts are known, `adopt_history` evaluates the tail's records again from the history's end
+state and the live engine goes on from there. Files are opened by `protocol` only; a run
+file that is not a regular file (a FIFO, a device) is reported, never opened here.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import stat
@@ -60,6 +64,7 @@ class Batch:
             and self.manifest is None
             and not self.reset
             and self.problem is None
+            and self.rules is None
         )
 
 
@@ -68,8 +73,15 @@ def snapshot(alert: Alert) -> Alert:
 
 
 class RunFeed:
-    def __init__(self, paths: RunPaths, tail_bytes: int = TAIL_BYTES, start_offset: int | None = None):
-        """`start_offset`: the history before it is already shown (a frame boundary: read from there)."""
+    def __init__(
+        self,
+        paths: RunPaths,
+        tail_bytes: int = TAIL_BYTES,
+        start_offset: int | None = None,
+        engine: AlertEngine | None = None,
+    ):
+        """`start_offset`: the history before it is already shown (a frame boundary: read from
+        there); `engine`: the alert engine as that history left it (the live one goes on from it)."""
         self.paths = paths
         try:
             size = os.path.getsize(paths.steps)
@@ -83,7 +95,11 @@ class RunFeed:
         # the run's own rules (alerts.json), read when its first records arrive: the trainer
         # writes the file just after run.json, before any step
         self.rules: tuple | None = None
-        self.engine = AlertEngine()
+        self.engine = copy.deepcopy(engine) if engine is not None else AlertEngine()
+        self.seeded = engine is not None  # the engine has the history before start_offset behind it
+        # the records a fresh engine evaluated at the tail, kept to be evaluated again once the
+        # history's end state is known (adopt_history); None when no history comes before them
+        self.unseeded: list[dict] | None = [] if self.tail_start > 0 and not self.seeded else None
         self._resets = 0
         self._manifest_mtime = None
         self._manifest: dict = {}
@@ -102,15 +118,21 @@ class RunFeed:
             if recs:
                 # the tailer aligned to a frame boundary; remember it for the history loader
                 self.first_offset = self._aligned_start(before, recs)
+                if self.first_offset == 0:
+                    self.unseeded = None  # the tail is the whole log
         else:
             recs = self.tailer.poll(max_records)
-        if recs and self.rules is None:
+        # a run whose history was read whole first may have no record after it: its rules are
+        # known already (the history was evaluated with them)
+        if self.rules is None and (recs or self.seeded):
             self.rules, b.rules_note = load_run_rules(self.paths.root)
             b.rules = self.rules
-            self.engine = AlertEngine(self.rules)
+            if not self.seeded:
+                self.engine = AlertEngine(self.rules)
         if self.tailer.stats.resets != self._resets:
             self._resets = self.tailer.stats.resets
             self.engine = AlertEngine(self.rules or DEFAULT_RULES)
+            self.unseeded = None  # read again from the start: no history comes before it
             self.tail_start = 0
             self.first_offset = 0
             b.reset = True
@@ -147,11 +169,35 @@ class RunFeed:
             out.evaluated_step = batch.pending[-1].get("step")
         for r in batch.pending:
             out.alerts.extend((ev, snapshot(a)) for ev, a in self.engine.update(r))
+        if self.unseeded is not None:
+            self.unseeded.extend(batch.pending)
         batch.pending = []
         out.open_alerts = [snapshot(a) for a in self.engine.open.values()]
         out.corrupt_frames = batch.corrupt_frames
         out.alerts_only = True
         return out
+
+    def adopt_history(self, history_engine: AlertEngine) -> Batch | None:
+        """Go on from the history's end state: the records evaluated so far by the engine that
+        began fresh at the tail are evaluated again after the history. Returns their alerts (they
+        replace the ones already given) and what is open, or None when there is nothing to redo
+        (no history before the tail, or the log was read again from its start meanwhile)."""
+        if self.unseeded is None:
+            return None
+        engine = copy.deepcopy(history_engine)  # the history's result is not ours to change
+        out = Batch(alerts_only=True)
+        for r in self.unseeded:
+            out.alerts.extend((ev, snapshot(a)) for ev, a in engine.update(r))
+        if self.unseeded:
+            out.evaluated_step = self.unseeded[-1].get("step")
+        out.open_alerts = [snapshot(a) for a in engine.open.values()]
+        self.engine, self.seeded, self.unseeded = engine, True, None
+        return out
+
+    def no_history_coming(self) -> None:
+        """The history will not be handed over (its load stopped or failed): the tail's verdicts
+        stay as they are, and its records are no longer kept for evaluating them again."""
+        self.unseeded = None
 
     def _aligned_start(self, before: int, recs: list[dict]) -> int:
         if self.tail_start == 0:
@@ -204,8 +250,9 @@ def load_history(paths: RunPaths, end_offset: int, should_stop=lambda: False):
     trusted (tui/fastload.py); the rest is decoded from the log. Alerts are evaluated over
     the whole history (tui/history_alerts.py: the streaming engine, run only where a rule
     could fire). Yields progress fractions while reading; the last value yielded is the
-    result tuple (store, alerts, open_alerts_at_end, corrupt_frames, end: the log offset after
-    the last record it holds). Ends early, yielding no result, once `should_stop()` is true.
+    result tuple (store, alerts, engine: as a streaming pass leaves it after the history's last
+    record, corrupt_frames, end: the log offset after the last record it holds). Ends early,
+    yielding no result, once `should_stop()` is true.
     """
     rules = load_run_rules(paths.root)[0]  # the rules the tail is evaluated with
     fast = load_columns(paths, end_offset, should_stop)
@@ -235,5 +282,5 @@ def load_history(paths: RunPaths, end_offset: int, should_stop=lambda: False):
     evaluated = evaluate_history(rules, older, should_stop)
     if evaluated is None:
         return
-    alerts, still_open = evaluated
-    yield older, alerts, still_open, t.stats.corrupt_frames, covered
+    alerts, engine = evaluated
+    yield older, alerts, engine, t.stats.corrupt_frames, covered

@@ -22,7 +22,7 @@ from protocol.columns import columns_path
 from protocol.rundir import RunDirError, RunPaths, resolve_run
 
 from .adapted import AdaptedFeed, AdaptedPaths, adapted_target
-from .feed import BATCH_RECORDS, TAIL_BYTES, Batch, RunFeed, load_history
+from .feed import BATCH_RECORDS, TAIL_BYTES, Batch, RunFeed, load_history, snapshot
 
 
 def spawn(fn, *args, name: str) -> threading.Thread:
@@ -96,9 +96,13 @@ class HistoryProgress(FeedMessage):
 
 
 class HistoryLoaded(FeedMessage):
-    def __init__(self, token: int, result: tuple):
+    """`load_history`'s result (None: the tail was the whole log). `tail`: the alerts of the
+    records shown before it, evaluated again after the history (they replace the ones shown),
+    and what is open now; None when there was nothing to evaluate again."""
+
+    def __init__(self, token: int, result: tuple | None, tail: Batch | None = None):
         super().__init__(token)
-        self.result = result
+        self.result, self.tail = result, tail
 
 
 class CaughtUp(FeedMessage):
@@ -174,6 +178,9 @@ class RunFollower:
         self.stop = threading.Event()
         self.first_screen = threading.Event()  # the app drew the tail: the history may load
         self.tail_records = 0
+        # held by the feed for each batch it reads and posts, and by the history's hand-over:
+        # the tail's alerts evaluated again are posted between two batches, never inside one
+        self.alerts_lock = threading.Lock()
 
     def start(self) -> RunFollower:
         spawn(self._guarded, self._follow, name="feed")
@@ -197,28 +204,39 @@ class RunFollower:
         if isinstance(self.paths, AdaptedPaths):
             feed = AdaptedFeed(self.paths)
         else:
-            start = self._whole_history_first()
-            history_started = start is not None
-            feed = RunFeed(self.paths, tail_bytes=self.tail_bytes, start_offset=start)
+            whole = self._whole_history_first()
+            history_started = whole is not None
+            if whole is None:
+                feed = RunFeed(self.paths, tail_bytes=self.tail_bytes)
+            else:  # on from where the history ended, its records and its alerts'
+                feed = RunFeed(self.paths, tail_bytes=self.tail_bytes, start_offset=whole[4], engine=whole[2])
+
+        def read_one_batch() -> bool | None:
+            """Read, post and evaluate one batch: False when the app is closing, True when caught up."""
+            nonlocal history_started
+            batch = feed.poll()
+            if batch.cols:
+                self.tail_records += len(batch.cols["step"])
+            if not history_started and feed.first_offset is not None and feed.first_offset > 0:
+                history_started = True  # before the tail is shown: it may load at once (_history)
+                spawn(self._guarded, lambda: self._history(feed, feed.first_offset), name="history")
+            if not batch.empty and not self._send(batch):
+                return False
+            if batch.pending and not self._send(feed.evaluate(batch)):
+                return False
+            if not history_started and feed.first_offset is not None:
+                history_started = True
+                post(self.app, HistoryLoaded(self.token, None))
+            if not batch.cols or len(batch.cols["step"]) + batch.cols["skipped"] < BATCH_RECORDS:
+                return True  # caught up
+            return None
 
         def drain() -> bool:
-            nonlocal history_started
             while not self.stop.is_set():
-                batch = feed.poll()
-                if batch.cols:
-                    self.tail_records += len(batch.cols["step"])
-                if not history_started and feed.first_offset is not None and feed.first_offset > 0:
-                    history_started = True  # before the tail is shown: it may load at once (_history)
-                    spawn(self._guarded, lambda: self._history(feed.first_offset), name="history")
-                if not batch.empty and not self._send(batch):
-                    return False
-                if batch.pending and not self._send(feed.evaluate(batch)):
-                    return False
-                if not history_started and feed.first_offset is not None:
-                    history_started = True
-                    post(self.app, HistoryLoaded(self.token, None))
-                if not batch.cols or len(batch.cols["step"]) + batch.cols["skipped"] < BATCH_RECORDS:
-                    return True  # caught up
+                with self.alerts_lock:
+                    done = read_one_batch()
+                if done is not None:
+                    return done
             return False
 
         if not drain() or not self.live:
@@ -233,10 +251,10 @@ class RunFollower:
                     post(self.app, LatestMoved(self.token, moved))
                     return
 
-    def _whole_history_first(self) -> int | None:
+    def _whole_history_first(self) -> tuple | None:
         """A big log with a side file of up to WHOLE_FIRST_BYTES: the whole history is shown first
         (array work, well under a second), then the run is followed from where it ended. Returns
-        that offset, or None (the tail first, the history beside it)."""
+        `load_history`'s result, or None (the tail first, the history beside it)."""
         try:
             size = os.path.getsize(self.paths.steps)
             cols = os.path.getsize(columns_path(self.paths.steps))
@@ -248,25 +266,37 @@ class RunFollower:
         for item in load_history(self.paths, size, self.stop.is_set):
             if not isinstance(item, float):
                 result = item
-        if result is None or not post(self.app, HistoryLoaded(self.token, result)):
+        if result is None:
             return None
-        return result[4]
+        engine = result[2]
+        nothing_after = Batch(alerts_only=True, open_alerts=[snapshot(a) for a in engine.open.values()])
+        nothing_after.evaluated_step = result[0].last_step  # the history's alerts are evaluated to its end
+        if not post(self.app, HistoryLoaded(self.token, result, nothing_after)):
+            return None
+        return result
 
-    def _history(self, end_offset: int) -> None:
+    def _history(self, feed: RunFeed, end_offset: int) -> None:
         """Load the records before the tail: at once from a columnar side file (array work, a
-        fraction of a second), else after the tail's first screen (decoding holds the GIL)."""
-        if not os.path.exists(columns_path(self.paths.steps)):
-            while not self.first_screen.wait(0.05):
-                if self.stop.is_set():
-                    return
-        last_report = 0.0
-        for item in load_history(self.paths, end_offset, self.stop.is_set):
-            if isinstance(item, float):
-                if time.monotonic() - last_report > 0.5:
-                    last_report = time.monotonic()
-                    post(self.app, HistoryProgress(self.token, item))
-            elif not self.stop.is_set():
-                post(self.app, HistoryLoaded(self.token, item))
+        fraction of a second), else after the tail's first screen (decoding holds the GIL). The
+        feed then goes on from the history's alert engine, its tail's alerts evaluated again."""
+        try:
+            if not os.path.exists(columns_path(self.paths.steps)):
+                while not self.first_screen.wait(0.05):
+                    if self.stop.is_set():
+                        return
+            last_report = 0.0
+            for item in load_history(self.paths, end_offset, self.stop.is_set):
+                if isinstance(item, float):
+                    if time.monotonic() - last_report > 0.5:
+                        last_report = time.monotonic()
+                        post(self.app, HistoryProgress(self.token, item))
+                elif not self.stop.is_set():
+                    with self.alerts_lock:
+                        tail = feed.adopt_history(item[2])
+                        post(self.app, HistoryLoaded(self.token, item, tail))
+        finally:
+            with self.alerts_lock:
+                feed.no_history_coming()  # a no-op once adopted; else the tail's records are not kept
 
     def _wake_ups(self):
         """Yield when the run dir changed (watchfiles), or every second anyway: a slow poll

@@ -12,6 +12,11 @@ there are discarded), and runs past the stretch until it is quiet again (no aler
 streak). A fresh engine that is not quiet where the stretch begins (its window was still
 filling) is not trusted: the gap is then streamed in full. So the alerts, their first and
 clear steps, are the engine's own; tests compare them with a full streaming pass.
+
+Each rule's engine is brought to the history's last record the same way, and the rules' end
+states make one engine: what a streaming pass holds there (open alerts, streaks under way,
+rolling windows). The monitor's live engine goes on from it, so an episode that straddles the
+end of the history is neither told twice nor started late.
 """
 
 from __future__ import annotations
@@ -28,25 +33,29 @@ TREND_KINDS = ("diverging_trends", "rising_together", "growing")
 
 
 def evaluate_history(rules, store: RunStore, should_stop=lambda: False):
-    """([(event, alert)] in the order a streaming engine emits them, [alerts open at the end]),
-    or None when `should_stop()` turned true."""
+    """([(event, alert)] in the order a streaming engine emits them, the engine as a streaming
+    pass leaves it after the last record), or None when `should_stop()` turned true."""
     import numpy as np
 
+    engine = AlertEngine(rules)
     n = len(store)
     if not n:
-        return [], []
+        return [], engine
     steps = np.frombuffer(store.steps, dtype=np.int64)
     found: list[tuple[int, int, str, Alert]] = []  # (record, rule order, event, alert)
-    still_open: list[tuple[int, Alert]] = []
-    for order, rule in enumerate(r for r in rules if r.enabled):
+    ends: list[tuple[int, int, str, AlertEngine]] = []  # (record its open alert fired at, rule order, rule, engine)
+    for order, rule in enumerate(engine.rules):
         got = _one_rule(np, rule, store, steps, should_stop)
         if got is None:
             return None
-        events, open_at_end = got
+        events, rule_engine = got
         found.extend((i, order, ev, a) for i, ev, a in events)
-        still_open.extend((order, a) for a in open_at_end)
+        fired_at = max((i for i, ev, _a in events if ev == "alert"), default=-1)
+        ends.append((fired_at if rule.name in rule_engine.open else -1, order, rule.name, rule_engine))
     found.sort(key=lambda t: (t[0], t[1]))
-    return [(ev, a) for _i, _o, ev, a in found], [a for _o, a in sorted(still_open, key=lambda t: t[0])]
+    for _fired_at, _order, name, rule_engine in sorted(ends, key=lambda t: (t[0], t[1])):
+        engine.carry_on(name, rule_engine)  # open alerts in the order they fired, as in one pass
+    return [(ev, a) for _i, _o, ev, a in found], engine
 
 
 def _col(np, store: RunStore, key: str | None):
@@ -67,8 +76,6 @@ def _one_rule(np, rule: Rule, store: RunStore, steps, should_stop):
     else:
         cand, fed = _candidates(np, rule, cols, n)
     marked = np.flatnonzero(cand)
-    if not len(marked):
-        return [], []
     lead = rule.window + 10 if (rule.spike_factor is not None or rule.kind in TREND_KINDS) else 2
     keys = [(k, cols[k][0], cols[k][1]) for k in need if k and cols[k][0] is not None]
     maps = {k: _map_columns(np, store, k) for k in need if k and cols[k][0] is None}
@@ -97,11 +104,10 @@ def _one_rule(np, rule: Rule, store: RunStore, steps, should_stop):
     events: list[tuple[int, str, Alert]] = []
     engine: AlertEngine | None = None
     i = 0  # next record the current engine would see
-    k = 0  # next marked record not yet covered
-    while k < len(marked):
-        if should_stop():
-            return None
-        c = int(marked[k])
+
+    def catch_up(c: int) -> AlertEngine:
+        """An engine that has seen the records before c as one streaming pass would have."""
+        nonlocal engine, i
         if engine is None or c - i > 4 * lead:
             start = lead_start(c)
             fresh = AlertEngine((rule,))
@@ -115,6 +121,14 @@ def _one_rule(np, rule: Rule, store: RunStore, steps, should_stop):
         while i < c:  # a short gap (or a fresh start that was not trusted): stream it
             events.extend((i, ev, dataclasses.replace(a)) for ev, a in engine.update(record(i)))
             i += 1
+        return engine
+
+    k = 0  # next marked record not yet covered
+    while k < len(marked):
+        if should_stop():
+            return None
+        c = int(marked[k])
+        engine = catch_up(c)
         while i < n:  # the marked stretch, and on until the rule is quiet again
             events.extend((i, ev, dataclasses.replace(a)) for ev, a in engine.update(record(i)))
             i += 1
@@ -124,8 +138,7 @@ def _one_rule(np, rule: Rule, store: RunStore, steps, should_stop):
                 break
             if not i % 4096 and should_stop():
                 return None
-    open_at_end = [dataclasses.replace(a) for a in engine.open.values()] if engine and i >= n else []
-    return events, open_at_end
+    return events, catch_up(n)  # the live engine goes on from here
 
 
 def _map_columns(np, store: RunStore, key: str) -> list:
@@ -211,7 +224,9 @@ def _past(rule: Rule, v):
 def _streaks(np, cand, evaluated, need: int, urgent):
     """The candidates that can fire: in a run of at least `need` evaluated candidates in a row
     (a shorter bad streak ends in a good step and leaves nothing behind), or urgent ones.
-    Records the rule does not evaluate (its metric absent) neither extend nor break a run."""
+    Records the rule does not evaluate (its metric absent) neither extend nor break a run.
+    A run still under way at the last record is kept whatever its length: the records after
+    the history may go on with it (and the engine brought to the end streams it anyway)."""
     if need <= 1:
         return cand
     idx = np.flatnonzero(evaluated).astype(np.int32)
@@ -220,7 +235,7 @@ def _streaks(np, cand, evaluated, need: int, urgent):
     del c
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     del edges
-    long = ends - starts >= need
+    long = (ends - starts >= need) | (ends == len(idx))
     mark = np.zeros(len(idx) + 1, dtype=np.int32)
     np.add.at(mark, starts[long], 1)
     np.add.at(mark, ends[long], -1)

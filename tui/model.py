@@ -151,10 +151,20 @@ class RunModel:
             changed.add("alerts")
         return changed
 
-    def apply_history(self, result) -> set[str]:
-        older, alerts, _open_at_end, corrupt = result[:4]
+    def apply_history(self, result, tail=None) -> set[str]:
+        """Take in `feed.load_history`'s result. `tail` (a `feed.Batch`): the alerts of the records
+        shown before the history came, evaluated again by an engine that saw the history first
+        (they replace the ones shown, from an engine that began at the tail), and what is open;
+        None when they could not be: the history's alerts are put before the ones shown."""
+        older, alerts, _engine, corrupt = result[:4]
         self.store.prepend(older)
-        self.alert_history[:0] = alerts
+        if tail is None:
+            self.alert_history[:0] = alerts
+        else:
+            self.alert_history = list(alerts) + tail.alerts
+            self.open_alerts = tail.open_alerts
+            if tail.evaluated_step is not None:
+                self.alerts_step = tail.evaluated_step
         self.alerts_version += 1
         self.history_corrupt = corrupt
         self.corrupt += corrupt
@@ -233,8 +243,8 @@ class RunModel:
     def episodes(self) -> list[dict[str, Any]]:
         """The alert episodes of the run as the live engine saw them, in the shape of
         `protocol.events.alert_timeline` (the same replay, fed the engine's events). An episode
-        left open by the history's own engine (it stops where the tail begins) is open only
-        if the live engine still has it open."""
+        the alert history leaves open is open only if the live engine still has it open (the
+        history's alerts put before a log that was read again from its start)."""
         live = {(a.rule, a.first_step) for a in self.open_alerts}
         key = (self.alerts_version, frozenset(live))
         if self._episodes is None or self._episodes[0] != key:

@@ -123,9 +123,10 @@ def _compare(records, rules=DEFAULT_RULES) -> int:
     full = [_key(ev, a) for r in records for ev, a in engine.update(r)]
     store = RunStore()
     store.extend(RunStore.columnize(records))
-    got, still_open = evaluate_history(rules, store)
+    got, at_end = evaluate_history(rules, store)
     assert [_key(ev, a) for ev, a in got] == full
-    assert sorted(a.rule for a in still_open) == sorted(engine.open)
+    assert [_key("alert", a) for a in at_end.open.values()] == [_key("alert", a) for a in engine.open.values()]
+    assert at_end.quiet == engine.quiet
     return len(full)
 
 
@@ -147,6 +148,32 @@ def test_history_alerts_equal_a_full_streaming_pass_on_real_trainer_runs(tmp_pat
         plain.write_bytes(gzip.decompress(f.read_bytes()))
         fired += _compare(read_steplog(plain)[0])
     assert fired > 20
+
+
+def test_the_engine_a_history_leaves_goes_on_as_one_pass_would(tmp_path):
+    """Cut real trainer runs where alerts fire, clear and escalate (a streak under way, an
+    episode open, a spike's or a trend's window full): the history's alerts, then the rest fed
+    to the engine the history left, are one streaming pass's alerts."""
+    cuts = 0
+    for f in sorted((ROOT / "tests" / "fixtures" / "alert_quality").glob("*.msgpack.gz")):
+        plain = tmp_path / f.stem
+        plain.write_bytes(gzip.decompress(f.read_bytes()))
+        records = [r for r in read_steplog(plain)[0] if is_placeable(r)]
+        engine = AlertEngine(DEFAULT_RULES)
+        full, changed_at = [], set()
+        for i, r in enumerate(records):
+            for ev, a in engine.update(r):
+                full.append(_key(ev, a))
+                changed_at.add(i)
+        near = sorted({i + d for i in changed_at for d in (-2, 0, 1)} & set(range(1, len(records))))
+        for k in near[:: max(1, len(near) // 6)]:  # a few, from the first to the last
+            store = RunStore()
+            store.extend(RunStore.columnize(records[:k]))
+            got, history_engine = evaluate_history(DEFAULT_RULES, store)
+            after = [_key(ev, a) for r in records[k:] for ev, a in history_engine.update(r)]
+            assert [_key(ev, a) for ev, a in got] + after == full, (f.name, k)
+            cuts += 1
+    assert cuts > 30
 
 
 def test_a_side_file_that_cannot_be_written_never_costs_the_log(tmp_path):
