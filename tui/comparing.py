@@ -138,7 +138,7 @@ class ComparingMixin:
                 m.history_done = True
             else:
                 self._panel_drawn_at = -1e9
-                self._changed(m.apply_history(msg.result) - {"events"})
+                self._changed(m.apply_history(msg.result, msg.tail) - {"events"})
         elif isinstance(msg, HistoryProgress):
             m.loading = f"loading history {msg.frac:.0%}"
             self.values.request()

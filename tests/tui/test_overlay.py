@@ -249,3 +249,20 @@ def test_cli_bad_inputs_in_compare_mode_are_one_line(runs_dir):
     assert out.returncode == 2 and "at most 6 runs" in out.stderr and out.stderr.count("\n") == 1
     out = _cli(str(a.root), str(a.root), "--diff", str(a.root))
     assert out.returncode == 2 and "one PATH" in out.stderr
+
+
+@pytest.mark.asyncio
+async def test_a_long_compared_run_is_read_whole_tail_first(runs_dir):
+    """A compared run longer than the tail read first: its history loads beside it (decoded,
+    the side file gone), every record ends up in its chart, in order, once."""
+    a = make_run(runs_dir, "a", 100)
+    b = make_run(runs_dir, "b-long", 3000, seed=2, unstable=True)
+    (b.root / "steps.cols").unlink()
+    app = MonitorApp(a.root, clock=lambda: T0 + 10_000, live=False, tail_bytes=20_000, compare=((b.root, None),))
+    async with app.run_test(size=SIZE) as pilot:
+        run_b = app.comparison.runs[1]
+        await wait_for(pilot, lambda: app.all_settled and run_b.model.history_done, timeout=30, what="B whole")
+        store = run_b.model.store
+        on_disk = RunStoreFromLog(b)
+        assert list(store.steps) == list(on_disk.steps) and len(store) == 3000
+        assert run_b.model.alert_history and run_b.model.open_alerts  # the unstable run's alerts, by B's rules
