@@ -424,3 +424,62 @@ def test_small_plain_terminal_80x24_in_tmux(tmp_path, need_tmux):
         subprocess.run(_tmux("kill-session", "-t", session), capture_output=True)
         writer.terminate()
         writer.wait()
+
+
+@pytest.mark.timeout(120)
+def test_compare_a_live_trainer_run_with_a_finished_one_in_tmux(tmp_path, need_tmux):
+    """`rlhf-tui RUNS OTHER`: the run the real trainer is writing (A) against a finished run (B);
+    the legend names both, A's step climbs in it while B's stays, the tiles show both values, t
+    aligns them by time, then by tokens; q quits."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    other = tmp_path / "other"
+    subprocess.run(
+        GEN_RUN + ["--steps", "80", "--runs-dir", str(other), "--run-id", "baseline", "--no-jsonl"],
+        check=True,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+    )
+    log = open(tmp_path / "trainer.log", "w")
+    cmd = _trainerd() + [a.format(runs=runs) for a in WRITER[1:]]
+    writer = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    session = f"tui-{uuid.uuid4().hex[:8]}"
+    try:
+        deadline = time.monotonic() + 60
+        while not (runs / "latest" / "run.json").exists():
+            assert writer.poll() is None, (tmp_path / "trainer.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the trainer never started a run"
+            time.sleep(0.1)
+        run_id = (runs / "latest").resolve().name
+        pane = _start_tui(session, Path(f"{runs} {other / 'baseline'}"))
+        pane.wait_for(r"B ━━ baseline\s+FINISHED\s+step 80/80", timeout=25)
+        seen: list[int] = []
+        screen = ""
+        deadline = time.monotonic() + 75
+        while time.monotonic() < deadline:
+            screen = pane.capture()
+            m = re.search(rf"A ━━ {re.escape(run_id)}\s+(\w+)\s+step (\d[\d,]*)/(\d[\d,]*)", screen)
+            if m:
+                step = int(m.group(2).replace(",", ""))
+                if not seen or step != seen[-1]:
+                    seen.append(step)
+                if m.group(1) == "FINISHED":
+                    break
+            time.sleep(0.2)
+        assert "FINISHED" in screen and len(seen) >= 2 and seen == sorted(seen), (seen, screen)
+        assert re.search(r"B ━━ baseline\s+FINISHED\s+step 80/80", screen), screen  # B unchanged
+        assert re.search(r"│A -?\d[\d,.e+-]* B -?\d[\d,.e+-]*", screen), screen  # a tile: both values
+        assert re.search(r"ms, share\s+A\s+B", screen), screen  # the profiler compares them
+        assert "aligned by step" in screen and f"━ A {run_id}" in screen and "━ B baseline" in screen, screen
+        pane.send("t")
+        pane.wait_for(r"aligned by time", timeout=10)
+        pane.send("t")
+        pane.wait_for(r"aligned by tokens", timeout=10)
+        pane.wait_for(r"\d tok\s", timeout=10)
+        assert writer.wait(timeout=30) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
+        pane.send("q")
+        pane.wait_for(r"TUI-EXITED rc=0", timeout=10)
+    finally:
+        subprocess.run(_tmux("kill-session", "-t", session), capture_output=True)
+        _stop(writer)
+        log.close()

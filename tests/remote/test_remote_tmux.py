@@ -101,3 +101,84 @@ def test_remote_run_in_tmux_survives_a_killed_ssh(sshd, tmp_path):
         subprocess.run(tmux + ["kill-server"], capture_output=True)  # our own socket only
         if writer.poll() is None:
             writer.kill()
+
+
+@pytest.mark.timeout(90)
+def test_compare_two_local_runs_and_a_live_remote_one_in_tmux(sshd, tmp_path):
+    """`rlhf-tui A B ssh://host/runs`: two local runs and a remote one being written, compared.
+    C's step climbs in the legend; its ssh client is killed mid-run and the legend says the link
+    is down, then C reaches its last step, FINISHED, with exactly the remote log's bytes."""
+    if not Path(TMUX).exists():
+        if os.environ.get("CI"):
+            pytest.fail("tmux is not installed, and CI must run the tmux end-to-end tests")
+        pytest.skip("tmux not installed")
+    local = tmp_path / "local"
+    runs = tmp_path / "remote-runs"
+    cache = tmp_path / "cache"
+    steps = 120
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", XDG_CACHE_HOME=str(cache), **sshd.ssh_env)
+    gen = [sys.executable, str(ROOT / "scripts" / "gen_run.py"), "--no-jsonl"]
+    for run_id, seed in (("local-a", "1"), ("local-b", "2")):
+        subprocess.run(
+            gen + ["--steps", "100", "--seed", seed, "--runs-dir", str(local), "--run-id", run_id],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
+    writer = subprocess.Popen(
+        gen + ["--steps", str(steps), "--rate", "15", "--runs-dir", str(runs), "--run-id", "remote-c"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    sock = f"rlhf-ssh-{uuid.uuid4().hex[:8]}"
+    tmux = [TMUX, "-L", sock, "-f", "/dev/null"]
+
+    def capture() -> str:
+        return subprocess.run(tmux + ["capture-pane", "-p", "-t", "m"], capture_output=True, text=True).stdout
+
+    def wait_for(pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        screen = ""
+        while time.monotonic() < deadline:
+            screen = capture()
+            m = re.search(pattern, screen)
+            if m:
+                return m
+            time.sleep(0.1)
+        raise AssertionError(f"{pattern!r} never appeared; screen:\n{screen}")
+
+    try:
+        deadline = time.monotonic() + 20
+        while not (runs / "latest" / "run.json").exists():
+            assert time.monotonic() < deadline and writer.poll() is None, "the writer never made its run"
+            time.sleep(0.05)
+        targets = f"{local / 'local-a'} {local / 'local-b'} ssh://rlhf-test{runs}"
+        cmd = f"cd {ROOT} && {_tui()} {targets}; echo TUI-EXITED rc=$?; sleep 30"
+        subprocess.run(tmux + ["new-session", "-d", "-s", "m", "-x", "160", "-y", "50", cmd], check=True, env=env)
+        wait_for(r"A ━━ local-a\s+FINISHED\s+step 100/100", timeout=20)
+        wait_for(r"B ━━ local-b\s+FINISHED\s+step 100/100", timeout=10)
+        m = wait_for(r"C ━━ remote-c\s+RUNNING\s+step (\d+)/120", timeout=20)  # alive by its heartbeat
+        first = int(m.group(1))
+        shell = int(
+            subprocess.run(tmux + ["display", "-p", "-t", "m", "#{pane_pid}"], capture_output=True, text=True).stdout
+        )
+        ssh = [p for t in _children(shell) for p in _children(t)]
+        assert ssh, "no ssh client under the monitor"
+        for pid in ssh:  # cut C's link
+            os.kill(pid, 9)
+        wait_for(r"C ━━ remote-c .*down since \d\d:\d\d:\d\d", timeout=10)
+        wait_for(rf"C ━━ remote-c\s+FINISHED\s+step {steps}/{steps}", timeout=40)
+        assert first < steps
+        screen = capture()
+        assert "down since" not in screen  # reconnected
+        assert re.search(r"│A -?\d[\d,.e+-]* B -?\d[\d,.e+-]* C -?\d", screen), screen  # every run's value
+        assert "━ C remote-c" in screen, screen
+        assert writer.wait(10) == 0
+        mirrored = next(cache.glob("rlhf-kit/remote/*/*/remote-c/steps.msgpack"))
+        assert mirrored.read_bytes() == (runs / "remote-c" / "steps.msgpack").read_bytes()
+        subprocess.run(tmux + ["send-keys", "-t", "m", "q"], check=True)
+        wait_for(r"TUI-EXITED rc=0", timeout=10)
+    finally:
+        subprocess.run(tmux + ["kill-server"], capture_output=True)
+        if writer.poll() is None:
+            writer.kill()
