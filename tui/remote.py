@@ -56,7 +56,7 @@ CONNECT_TIMEOUT = 10  # seconds, ssh's ConnectTimeout
 ALIVE_INTERVAL = 5  # ServerAliveInterval; with ServerAliveCountMax=3 a dead link is noticed in ~15 s
 START_TIMEOUT = 30.0  # the first round must arrive in this long (else one line, exit)
 BACKOFF = (1, 2, 4, 8, 15, 30)
-HEARTBEAT_TIMEOUT = HEARTBEAT_TIMEOUT_S  # a "running" run whose files are older than this (remote clock) crashed
+HEARTBEAT_TIMEOUT = HEARTBEAT_TIMEOUT_S  # a "running" run whose newest sign of life is older (remote clock) crashed
 PREFIX = 32  # bytes before an offset checked on resume
 BOX_INTERVAL = 2  # seconds between samples of the remote box (nvidia-smi, /proc): tui/system.py
 REMOTE_TOOLS = ("tail", "head", "stat", "od", "tr", "sort", "date", "sleep")

@@ -16,7 +16,6 @@ from protocol.rundir import (
     HEARTBEAT_TIMEOUT_S,
     RunPaths,
     create_run,
-    heartbeat_status,
     read_manifest,
 )
 from trainerd.run.heartbeat import INTERVAL_ENV, Heartbeat, heartbeat_interval
@@ -90,13 +89,6 @@ def test_a_write_that_fails_is_said_once_and_never_raised(tmp_path):
     beat.stop()
     assert len(said) == 1 and "heartbeat" in said[0] and "training goes on" in said[0]
     assert paths.heartbeat.is_dir()
-
-
-def test_the_judge_of_a_run_written_elsewhere():
-    now = 1_000_000.0
-    assert heartbeat_status(now, now - 2 * HEARTBEAT_INTERVAL_S) == "running"
-    assert heartbeat_status(now, now - HEARTBEAT_TIMEOUT_S - 1) == "crashed"
-    assert heartbeat_status(now, None) == "running"  # nothing known yet
 
 
 def test_a_real_run_beats_from_its_setup_to_its_end_and_not_after(tmp_path, trainerd_cli):
