@@ -3,11 +3,12 @@
     runs/
       latest -> <run_id>
       <run_id>/run.json steps.msgpack steps.jsonl events.jsonl tb/ profile/ checkpoints/
-               trainerd.pid trainerd.log trainerd.lock
+               trainerd.pid trainerd.log trainerd.lock heartbeat
 
 One process writes a run directory at a time (an flock on `trainerd.lock`); readers
 never take the lock. Whether a run is live is decided by that lock alone
-(`effective_status`, `lock_holder`). Every file here is opened through
+(`effective_status`, `lock_holder`); a copy of a run written on another host is judged by
+its writer's heartbeat instead (`heartbeat_status`). Every file here is opened through
 `protocol.safeio.open_run_fd` (regular files inside the run dir only, never through a
 symlink, never blocking on a FIFO).
 """
@@ -42,6 +43,18 @@ from .safeio import (
 from .text import safe_text
 
 STATUSES = ("running", "finished", "stopped", "crashed", "failed")
+
+# The writer's heartbeat: while a run is written, the trainer rewrites `heartbeat` (one JSON
+# line: time, pid, host, phase, last_step) every HEARTBEAT_INTERVAL_S seconds, through long
+# stages that write nothing else (warm start, reward model, a checkpoint, a slow step).
+HEARTBEAT_FILE = "heartbeat"
+HEARTBEAT_INTERVAL_S = 5.0
+# A reader on another host calls a 'running' run crashed once its last sign of life is this
+# old by the writer host's clock: many missed beats, so a busy or slow disk is not a crash.
+HEARTBEAT_TIMEOUT_S = 300.0
+# The files whose newest mtime is the writer's last sign of life: the heartbeat, and the files
+# a writer changes as it goes (all a run written before the heartbeat existed has).
+SIGN_OF_LIFE_FILES = (HEARTBEAT_FILE, "run.json", "steps.msgpack", "events.jsonl", "trainerd.log")
 
 
 class RunLockedError(RunDirError):
@@ -108,6 +121,10 @@ class RunPaths:
     def lock_file(self) -> Path:
         return self.root / "trainerd.lock"
 
+    @property
+    def heartbeat(self) -> Path:
+        return self.root / HEARTBEAT_FILE
+
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints / f"step_{step:06d}"
 
@@ -144,11 +161,14 @@ def create_run(runs_dir: StrPath, run_id: str | None = None, prefix: str = "run"
     return paths
 
 
-def write_json_atomic(path: StrPath, data: Mapping[str, Any], root: StrPath | None = None) -> None:
+def write_json_atomic(
+    path: StrPath, data: Mapping[str, Any], root: StrPath | None = None, *, fsync: bool = True
+) -> None:
     """Replace `path` (inside the run dir `root`, default its parent) by `data` as one JSON line,
     atomically: a new temporary file (created with O_EXCL|O_NOFOLLOW, never through a link)
-    is written, fsynced and renamed over it. An existing `path` that is not a regular file
-    (a symlink, a FIFO, a directory) is refused, not replaced."""
+    is written, fsynced (unless `fsync=False`: a file rewritten every few seconds that a power
+    cut may lose) and renamed over it. An existing `path` that is not a regular file (a
+    symlink, a FIFO, a directory) is refused, not replaced."""
     root = root if root is not None else os.path.dirname(os.path.abspath(path))
     parts = run_relative(root, path)
     name = parts[-1]
@@ -164,7 +184,8 @@ def write_json_atomic(path: StrPath, data: Mapping[str, Any], root: StrPath | No
             with os.fdopen(fd, "wb") as f:
                 f.write(line)
                 f.flush()
-                os.fsync(f.fileno())
+                if fsync:
+                    os.fsync(f.fileno())
             try:
                 st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             except FileNotFoundError:
@@ -450,8 +471,19 @@ _WRITER_ELSEWHERE: dict[Path, Callable[[Path], str]] = {}
 def register_writer_elsewhere(root: StrPath, status: Callable[[Path], str]) -> None:
     """Runs under `root` are local copies of runs written on another host (the monitor's
     mirror of an ssh:// run): a lock there says nothing, so `status(run_dir)` decides whether
-    a 'running' run still runs (its writer's heartbeat, judged by the writer host's clock)."""
+    a 'running' run still runs (its writer's heartbeat, judged by the writer host's clock:
+    see `heartbeat_status`)."""
     _WRITER_ELSEWHERE[Path(os.path.realpath(root))] = status
+
+
+def heartbeat_status(now: float, last_sign_of_life: float | None) -> str:
+    """A 'running' run written elsewhere: 'crashed' once its last sign of life (the newest
+    mtime of its SIGN_OF_LIFE_FILES: the heartbeat while the writer runs, its other files for
+    a run written before the heartbeat existed) is HEARTBEAT_TIMEOUT_S old at `now`, both by
+    the writer host's clock; 'running' otherwise, and while nothing is known yet."""
+    if last_sign_of_life is not None and now - last_sign_of_life > HEARTBEAT_TIMEOUT_S:
+        return "crashed"
+    return "running"
 
 
 def _writer_elsewhere(paths: RunPaths) -> Callable[[Path], str] | None:

@@ -17,9 +17,11 @@ link loses or duplicates no record. The link is watched: "link down since HH:MM:
 reconnecting with backoff (1, 2, 4 .. 30 s), bounded by ConnectTimeout and ServerAliveInterval.
 
 Liveness (DECISIONS): the writer's heartbeat decides, judged by the writer host's clock: the loop
-reports the remote `date +%s` and the newest mtime of the run's files; a "running" run whose
-files have not changed for `HEARTBEAT_TIMEOUT` s (remote clock) is shown as crashed. The header's
-ages use the remote clock too (`RemoteSync.clock`).
+reports the remote `date +%s` and the newest mtime of the run's SIGN_OF_LIFE_FILES (the
+`heartbeat` file the trainer rewrites every few seconds, and the files it writes as it goes); a
+"running" run whose newest of them is `HEARTBEAT_TIMEOUT` s old (remote clock) is shown as
+crashed. The heartbeat itself is only stat'ed, never mirrored. The header's ages use the remote
+clock too (`RemoteSync.clock`).
 
 The remote path is always passed as one quoted argument (`shlex.quote`) and used as "$1" in
 the loop: shell metacharacters in it are never run. `ssh://host/runs` is the absolute path
@@ -42,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
 
-from protocol.rundir import register_writer_elsewhere
+from protocol.rundir import HEARTBEAT_TIMEOUT_S, SIGN_OF_LIFE_FILES, heartbeat_status, register_writer_elsewhere
 from protocol.text import safe_text
 
 from .system import NVSMI_FIELDS, RemoteBox
@@ -54,7 +56,7 @@ CONNECT_TIMEOUT = 10  # seconds, ssh's ConnectTimeout
 ALIVE_INTERVAL = 5  # ServerAliveInterval; with ServerAliveCountMax=3 a dead link is noticed in ~15 s
 START_TIMEOUT = 30.0  # the first round must arrive in this long (else one line, exit)
 BACKOFF = (1, 2, 4, 8, 15, 30)
-HEARTBEAT_TIMEOUT = 300.0  # a "running" run whose files are older than this (remote clock) crashed
+HEARTBEAT_TIMEOUT = HEARTBEAT_TIMEOUT_S  # a "running" run whose newest sign of life is older (remote clock) crashed
 PREFIX = 32  # bytes before an offset checked on resume
 BOX_INTERVAL = 2  # seconds between samples of the remote box (nvidia-smi, /proc): tui/system.py
 REMOTE_TOOLS = ("tail", "head", "stat", "od", "tr", "sort", "date", "sleep")
@@ -139,8 +141,8 @@ def ssh_command(t: RemoteTarget) -> list[str]:
 #   E <text>              fatal, one line          K <run|runs> <run id>   what is followed
 #   A <file> <off> <n> <size>  n new bytes at off (of size)   Z <file>    sent again from 0
 #   W <file> <n>          the whole file           R <n> <mtime> <run id>  another run's run.json
-#   H <mtime> <run id>    another run's newest file time (its heartbeat), when it changed
-#   T <now> <newest>      remote clock, newest mtime of the run's files
+#   H <mtime> <run id>    another run's newest sign-of-life file time (its heartbeat), when it changed
+#   T <now> <newest>      remote clock, newest mtime of the run's sign-of-life files
 #   D                     a round that sent something is done          L <run id>   where `latest` points
 #   Y <tag> <text>        the box (tui/system.py, RemoteBox), every BOX_INTERVAL s: Y G <nvidia-smi CSV line>
 #                         per GPU (or Y N <why none>), Y C <cpu line of /proc/stat>, Y M <MemTotal kB>
@@ -151,6 +153,9 @@ _LOOP_VALUES = {
     "chunk": CHUNK_MAX,
     "box": BOX_INTERVAL,
     "fields": ",".join(NVSMI_FIELDS),
+    # plain names of the run dir (no quoting needed): stat'ed in the followed run, and in another run "$d"
+    "life": " ".join(SIGN_OF_LIFE_FILES),
+    "life_of_d": " ".join(f'"$d/{name}"' for name in SIGN_OF_LIFE_FILES),
 }
 _LOOP_TEMPLATE = r"""
 for t in %(tools)s; do
@@ -204,7 +209,7 @@ runs() {
     case $d in *"
 "*) continue;; esac
     s=$(stat -c '%%i %%s %%Y' -- "$d/run.json" 2>/dev/null) || continue
-    m=$(stat -c %%Y -- "$d/run.json" "$d/steps.msgpack" "$d/events.jsonl" 2>/dev/null | sort -n | tail -n 1)
+    m=$(stat -c %%Y -- %(life_of_d)s 2>/dev/null | sort -n | tail -n 1)
     case "$SEEN" in
       *"|$d=$s|"*) case "$BEATS" in *"|$d=$m|"*) ;; *) echo "H $m $d";; esac ;;
       *) N=${s#* }; N=${N%%%% *}; echo "R $N $m $d"; exact cat -- "$d/run.json" ;;
@@ -235,7 +240,7 @@ while :; do
   C=; MORE=
   whole run.json 1; whole alerts.json 2
   app steps.msgpack 1; app events.jsonl 2; app samples.jsonl 3
-  m=$(cd -- "$RUN" && stat -c %%Y -- run.json steps.msgpack events.jsonl trainerd.log 2>/dev/null | sort -n | tail -n 1)
+  m=$(cd -- "$RUN" && stat -c %%Y -- %(life)s 2>/dev/null | sort -n | tail -n 1)
   if [ -n "$C" ] || [ "$m" != "$beat" ] || [ $((i %% 10)) -eq 0 ]; then echo "T $(date +%%s) $m"; beat=$m; fi
   if [ "$KIND" = runs ] && [ $((i %% 5)) -eq 0 ]; then
     NEW=; NB=; runs
@@ -417,7 +422,8 @@ class RemoteSync:
         return lv.remote_now + (time.monotonic() - lv.local_at)
 
     def writer_status(self, run_dir: Path) -> str:
-        """A 'running' run of the mirror: running while its files change (remote clock)."""
+        """A 'running' run of the mirror: running while its heartbeat (or its other files)
+        changes, by the remote clock."""
         lv = self.live
         if run_dir.name == self.run_id:
             newest = lv.newest
@@ -432,10 +438,8 @@ class RemoteSync:
 
     @staticmethod
     def _judge(now: float, newest: float | None) -> str:
-        """'crashed' once the run's newest file time is HEARTBEAT_TIMEOUT old at `now`."""
-        if newest is not None and now - newest > HEARTBEAT_TIMEOUT:
-            return "crashed"
-        return "running"
+        """'crashed' once the run's newest sign-of-life file time is HEARTBEAT_TIMEOUT old at `now`."""
+        return heartbeat_status(now, newest)
 
     def has_trainerd(self) -> bool:
         """Whether `trainerd` is on the remote PATH (asked once, over the same ssh)."""

@@ -21,8 +21,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tui"))
 from tui_helpers import LiveWriter, make_run, rendered, wait_for  # noqa: E402
 
+from protocol.rundir import (  # noqa: E402
+    HEARTBEAT_FILE,
+    HEARTBEAT_TIMEOUT_S,
+    SIGN_OF_LIFE_FILES,
+    write_json_atomic,
+    write_manifest,
+)
 from protocol.rundir import read_manifest as rundir_manifest  # noqa: E402
-from protocol.rundir import write_manifest  # noqa: E402
 from protocol.steplog import StepLogTailer  # noqa: E402
 from tui.app import MonitorApp  # noqa: E402
 from tui.remote import RemoteError, RemoteSync, attach, parse_target  # noqa: E402
@@ -304,6 +310,52 @@ def test_heartbeat_by_the_remote_clock_and_not_crashed_by_a_down_link(tmp_path, 
     assert sync.writer_status(sync.mirror / "r") == "crashed"  # silent for long, link up: crashed
     sync.link_down_since = time.time()
     assert sync.writer_status(sync.mirror / "r") == "running"  # link down: as of the last word
+
+
+def _age(paths, seconds: float, names=None) -> None:
+    """Set the mtime of the run dir's files `seconds` into the past (default: all of them)."""
+    then = time.time() - seconds
+    for p in paths.root.iterdir():
+        if p.is_file() and (names is None or p.name in names):
+            os.utime(p, (then, then))
+
+
+def test_a_fresh_heartbeat_keeps_a_run_with_old_files_running(remote_env, tmp_path):
+    """A long stage writes nothing but the trainer's `heartbeat`: the remote loop counts it,
+    for the followed run (T) and for the others (R/H); it is never mirrored."""
+    runs = tmp_path / "runs"
+    old = 3 * HEARTBEAT_TIMEOUT_S
+    beating, silent, legacy = (make_run(runs, rid, 5, status="running") for rid in ("beating", "silent", "legacy"))
+    for paths in (beating, silent):
+        write_json_atomic(paths.heartbeat, {"time": time.time()}, root=paths.root)
+    _age(beating, old, names=set(SIGN_OF_LIFE_FILES) - {HEARTBEAT_FILE})  # a long stage: only the beat is fresh
+    _age(silent, old)  # the writer died: its heartbeat is as old as the rest
+    _age(legacy, 10)  # a run from before the heartbeat: its other files decide, as they did
+    sync = RemoteSync(parse_target(f"ssh://rlhf-test{runs}"), interval=0.2, box=False)
+    local = sync.start()
+    try:
+        for followed in ("beating", "silent", "legacy"):
+            sync.follow(local / followed)
+            others = {"beating", "silent", "legacy"} - {followed}
+            wait_until(
+                lambda rid=followed: sync.run_id == rid and sync.live.newest is not None, f"following {followed}"
+            )
+            wait_until(lambda rest=others: rest <= set(sync.live.others), "the other runs' times")
+            assert sync.writer_status(local / "beating") == "running"
+            assert sync.writer_status(local / "silent") == "crashed"
+            assert sync.writer_status(local / "legacy") == "running"
+            assert not (local / followed / HEARTBEAT_FILE).exists()  # stat'ed there, never mirrored
+        write_json_atomic(silent.heartbeat, {"time": time.time()}, root=silent.root)  # it beats again
+        wait_until(lambda: sync.writer_status(local / "silent") == "running", "the new beat")
+    finally:
+        sync.close()
+
+
+def wait_until(ready, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def test_a_long_remote_log_is_copied_before_the_monitor_opens(remote_env, tmp_path):

@@ -68,6 +68,8 @@ def test_two_process_run_writes_a_complete_run_dir_with_per_rank_fields(dp_runs)
     m = read_manifest(two)
     assert m["status"] == "finished" and m["distributed"]["world_size"] == 2
     assert m["distributed"]["backend"] == "gloo"
+    beat = json.loads(two.heartbeat.read_text())  # rank 0 alone beats (not the launcher, run.json's pid)
+    assert beat["pid"] != m["pid"] and beat["phase"] == "ppo"
     recs = _records(two)
     assert [r["step"] for r in recs] == list(range(1, TINY2["steps"] + 1))
     for r in recs:

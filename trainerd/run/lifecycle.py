@@ -45,6 +45,7 @@ from trainerd.rl.reward import train_reward_model
 from trainerd.run.checkpoint import list_checkpoints, load_checkpoint, remove_partial_checkpoints
 from trainerd.run.determinism import apply_determinism, settings_mismatch
 from trainerd.run.distributed import SINGLE, Group
+from trainerd.run.heartbeat import Heartbeat
 from trainerd.run.launcher import LAUNCHER_PID_ENV
 from trainerd.run.notify import Notifier
 from trainerd.run.outputs import RunWriter, truncate_tensorboard_after_step
@@ -70,8 +71,10 @@ RESUME_OVERRIDABLE = {
 }
 
 
-def _release_run(paths: RunPaths, lock: RunLock) -> None:
-    """The writer is done with the run dir: drop the pid file, then the lock."""
+def _release_run(paths: RunPaths, lock: RunLock | HeldLock, heartbeat: Heartbeat) -> None:
+    """The writer is done with the run dir (its final status is written): stop the heartbeat,
+    drop the pid file, then the lock."""
+    heartbeat.stop()
     try:
         paths.pid_file.unlink()
     except OSError:
@@ -221,10 +224,18 @@ def _fresh_start(
     should_stop,
     notifier=None,
     group: Group = SINGLE,
+    heartbeat: Heartbeat | None = None,
 ) -> str:
     """Warm start, reward model, checkpoint 0, then PPO steps 1..cfg.steps. Data-parallel:
     every rank does the (deterministic) warm start and reward model alike, so every rank starts
-    PPO from the same weights without a broadcast; rank 0 alone writes."""
+    PPO from the same weights without a broadcast; rank 0 alone writes (and beats)."""
+
+    def phase(name: str) -> None:  # the phase shows in the monitor's header while no step has been written yet
+        if group.writes:
+            update_manifest(paths, phase=name)
+        if heartbeat is not None:
+            heartbeat.note(phase=name)
+
     t0 = time.perf_counter()
     c = build_components(cfg, rng, device)
     if cfg.model == "hf":  # pretrained models from disk: no warm start, no reward model to train
@@ -234,13 +245,10 @@ def _fresh_start(
             update_manifest(paths, setup=setup)
         log(f"loaded {cfg.policy_path} ({n_params:,} parameters) in {setup['setup_s']:.1f}s")
     else:
-        # the phase shows in the monitor's header while no step has been written yet
-        if group.writes:
-            update_manifest(paths, phase="warm start")
+        phase("warm start")
         sft = warm_start(c, cfg, device, log)
         c.ref.load_state_dict(c.policy.lm.state_dict())  # the reference = the warm-started policy
-        if group.writes:
-            update_manifest(paths, phase="reward model")
+        phase("reward model")
         rm_info = train_reward_model(c.rm, c.task, cfg.rm_steps, cfg.rm_batch_size, cfg.rm_lr, device, log)
         c.scorer = injection.reward_model(c.rm, c.task) or c.rm
         setup = {**sft, **rm_info, "setup_s": time.perf_counter() - t0}
@@ -252,6 +260,7 @@ def _fresh_start(
             )
     writer = RunWriter(paths, rules, cfg.tb_flush_every) if group.writes else None
     trainer = Trainer(paths, cfg, rng, device, c, writer, injection, log, should_stop, notifier, group)
+    trainer.heartbeat = heartbeat
     trainer.checkpoint(0)  # resumable from the very first step
     if _agree_stop(should_stop, group):
         trainer._end("stopped", 0)
@@ -280,8 +289,10 @@ def train(
         rng, _ = apply_determinism(cfg.seed, cfg.threads, cfg.device)
         return _fresh_start(paths, cfg, rng, rng.device, injection, rules, log, should_stop, None, group)
     lock = lock or RunLock(paths).acquire()
+    heartbeat = Heartbeat(paths, log)
     try:
         check_writer_files(paths)
+        heartbeat.start()  # until the run has ended: setup included
         rng, det = apply_determinism(cfg.seed, cfg.threads, cfg.device)
         manifest = new_manifest(paths, cfg.to_dict(), cfg.seed, det, _versions())
         manifest["injection"] = injection.to_dict()
@@ -297,13 +308,15 @@ def train(
         notifier = Notifier(cfg.notify, paths, log)
         return _run_guarded(
             paths,
-            lambda: _fresh_start(paths, cfg, rng, rng.device, injection, rules, log, should_stop, notifier, group),
+            lambda: _fresh_start(
+                paths, cfg, rng, rng.device, injection, rules, log, should_stop, notifier, group, heartbeat
+            ),
             log,
             notifier,
             group,
         )
     finally:
-        _release_run(paths, lock)
+        _release_run(paths, lock, heartbeat)
 
 
 def resume(
@@ -331,8 +344,10 @@ def resume(
     if not group.writes:
         return _follow_resume(paths, group, log, should_stop)
     lock = lock or RunLock(paths).acquire()
+    heartbeat = Heartbeat(paths, log)
     try:
         check_writer_files(paths)
+        heartbeat.start()  # until the run has ended: loading the checkpoint and cutting the logs included
         manifest = read_manifest(paths)
         overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
         bad = set(overrides) - RESUME_OVERRIDABLE
@@ -433,9 +448,12 @@ def resume(
 
         def body() -> str:
             if state is None:
-                return _fresh_start(paths, cfg, rng, device, injection, rules, log, should_stop, notifier, group)
+                return _fresh_start(
+                    paths, cfg, rng, device, injection, rules, log, should_stop, notifier, group, heartbeat
+                )
             trainer = _trainer_at(paths, cfg, state, k, rng, injection, rules, kept, log, should_stop, group)
             trainer.notifier = notifier
+            trainer.heartbeat = heartbeat
             trainer.resume_checker = ResumeChecker(paths, old, k)
             if k >= cfg.steps:
                 trainer._end("finished", k)
@@ -444,7 +462,7 @@ def resume(
 
         return _run_guarded(paths, body, log, notifier, group)
     finally:
-        _release_run(paths, lock)
+        _release_run(paths, lock, heartbeat)
 
 
 def _follow_resume(paths: RunPaths, group: Group, log, should_stop) -> str:
@@ -638,8 +656,10 @@ def fork(
     cfg = injection.apply_config(cfg) or cfg
     rules = load_rules(cfg, plan.parent, override="alerts_file" in plan.changed)
     lock = lock or RunLock(paths).acquire()
+    heartbeat = Heartbeat(paths, log)
     try:
         check_writer_files(paths)
+        heartbeat.start()  # until the run has ended: loading the parent's checkpoint included
         state = load_checkpoint(plan.checkpoint)
         kept = [r for _, _, r in steplog_mod.iter_frames(plan.parent.steps) if _step_at_most(r.get("step"), k)]
         rng, det = apply_determinism(cfg.seed, cfg.threads, cfg.device)
@@ -673,6 +693,7 @@ def fork(
         def body() -> str:
             trainer = _trainer_at(paths, cfg, state, k, rng, injection, rules, kept, log, should_stop)
             trainer.notifier = notifier
+            trainer.heartbeat = heartbeat
             apply_fork_changes(trainer.c, cfg, plan.changed)
             trainer.checkpoint(k)  # the fork's own state at k: a resume before its next checkpoint starts here
             if should_stop():
@@ -682,7 +703,7 @@ def fork(
 
         return _run_guarded(paths, body, log, notifier)
     finally:
-        _release_run(paths, lock)
+        _release_run(paths, lock, heartbeat)
 
 
 def _step_at_most(value, step: int) -> bool:

@@ -24,6 +24,7 @@ def check_writer_files(paths: RunPaths) -> None:
         paths.manifest,
         paths.log,
         paths.pid_file,
+        paths.heartbeat,
     ]
     folders = [paths.tb, paths.checkpoints, paths.profile]
     for p in files + folders:

@@ -59,6 +59,7 @@ from trainerd.run.checkpoint import list_checkpoints, prune_checkpoints, save_ch
 from trainerd.run.determinism import RNG, capture_rng_state, restore_rng_state
 from trainerd.run.distributed import SINGLE, Group
 from trainerd.run.gpu import GpuStepSampler
+from trainerd.run.heartbeat import Heartbeat
 from trainerd.run.notify import Notifier
 from trainerd.run.outputs import RunWriter, is_nonfinite_alert
 from trainerd.run.samples import Rollout, SampleWriter
@@ -359,6 +360,7 @@ class Trainer:
         self.profiler: ProfilerWindow | None = None
         self._profile_reported = False
         self.resume_checker = None
+        self.heartbeat: Heartbeat | None = None  # rank 0's (run/heartbeat.py): told the phase and step
         self.last_checkpoint_step: int | None = None
         self._last_manifest_write = 0.0
         self._stage_comm_s = 0.0  # this step's seconds in collectives inside its stages
@@ -719,6 +721,8 @@ class Trainer:
         snapshot_each_step = not cfg.continue_on_nonfinite
         status = "finished"
         step = first_step - 1
+        if self.heartbeat is not None:
+            self.heartbeat.note(phase="ppo")
         self.timer.start_clock()  # step 1's time starts here: setup and checkpoint 0 are not a step
         self.group.take_comm_s()  # and so does its time in collectives
         try:
@@ -746,6 +750,8 @@ class Trainer:
                         break
                     continue
                 fired = self.writer.write(rec)
+                if self.heartbeat is not None:
+                    self.heartbeat.note(last_step=step)
                 for event, alert in fired:
                     self.notifier.alert(event, alert)
                 self.notifier.step_done(step, rec["step_time_s"])
