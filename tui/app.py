@@ -385,7 +385,7 @@ class MonitorApp(ComparingMixin, App):
             rows[0] = (rows[0][0], h)
             self.w_legend.show(rows)
         self.w_banner.show(h, self.model, rows)
-        live = self.live and h.status == "running"
+        live = self.live and any(hi.status == "running" for _r, hi in rows or [(None, h)])
         if live != self.view.live:  # a live run's charts grow at their right edge (ChartView.window)
             self.view.live = live
             self.charts.soon()

@@ -174,6 +174,23 @@ def x_window(
     return lo, hi
 
 
+def anchored(lo: float, hi: float, axis: str, zoom: int | None) -> tuple[float, float]:
+    """A live window that new records fill at its right edge instead of rescaling it every frame
+    (every cell of every chart would be sent again): the whole run's span rounded up to 1, 2 or 5
+    x 10^k; the last N steps moving forward by N/4 when full."""
+    if zoom is None:
+        span = hi - lo
+        if not (span > 0) or not math.isfinite(span):
+            return lo, hi
+        mag = 10 ** math.floor(math.log10(span))
+        return lo, lo + next(k * mag for k in (1, 2, 5, 10) if k * mag >= span)
+    if axis != "step":
+        return lo, hi
+    quarter = max(1, zoom // 4)
+    start = math.ceil((hi - zoom) / quarter) * quarter
+    return start, start + zoom
+
+
 def overlay_buckets(store: RunStore, key: str, axis: str, x0: float, x1: float, n: int) -> list[Bucket | None]:
     """The run's `key` in n dot columns over [x0, x1]. A column with no record of its own,
     between two that have some, holds the previous value (a run with fewer records than
@@ -243,10 +260,18 @@ def _middle(b: Bucket | None) -> Bucket | None:
 
 
 def overlay_lines(
-    runs: list[ComparedRun], key: str, axis: str, zoom: int | None, around_step: int | None, dots: int, ema_weight=None
+    runs: list[ComparedRun],
+    key: str,
+    axis: str,
+    zoom: int | None,
+    around_step: int | None,
+    dots: int,
+    ema_weight=None,
+    live: bool = False,
 ):
     """One line per run (in its colour) of `key` over the common window, the window itself, and
-    each run's buckets (for the cursor and the alert marks). Each run's EMA when `ema_weight`."""
+    each run's buckets (for the cursor and the alert marks). Each run's EMA when `ema_weight`;
+    `live`: the window is anchored (`anchored`)."""
     from .braille import Line, ema  # braille imports the store, as this module does
 
     stores = [r.model.store for r in runs]
@@ -255,6 +280,8 @@ def overlay_lines(
     per_run: list[list[Bucket | None]] = []
     if win is None:
         return lines, None, per_run
+    if live and around_step is None:
+        win = anchored(*win, axis, zoom)
     x0, x1 = win
     for r, store in zip(runs, stores):
         buckets = overlay_buckets(store, key, axis, x0, x1, dots)

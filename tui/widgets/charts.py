@@ -210,6 +210,7 @@ def compare_chart(comparison: Comparison, key: str, view: ChartView, width: int,
         view.around_step,
         width * 2,
         view.ema_weight if view.smooth else None,
+        live=view.live,
     )
     hl: list[HLine] = []
     yr = finite_range(lines)
@@ -222,6 +223,8 @@ def compare_chart(comparison: Comparison, key: str, view: ChartView, width: int,
                 lo, hi = min(lo, y), max(hi, y)
         yr = (lo, hi)
     yr = padded(*yr) if yr else None
+    if yr and view.live:
+        yr = nice_range(*yr)  # a scale that moves in steps: fewer whole-chart redraws
     rows = draw_runs(ChartSpec(width, height, lines, hl, yr, ascii=MODE.ascii, cursor=view.cursor if rules else None))
     return rows, yr, per_run, win
 

@@ -242,38 +242,65 @@ def other_run_line(run, h: HeaderInfo) -> Text | None:
     return t
 
 
-class CompareLegend(Static):
+class CompareLegend(StripWidget):
     """Comparing runs: one line per run under the header, its letter and line in its colour,
-    its name, status, step, rate and open alerts (the header above is the first run's)."""
+    its name, status, step, rate and open alerts (the header above is the first run's). Drawn
+    with the Line API like the header: of each line only the cells that changed are sent."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self._lines: list[Text] = []
+
+    def render(self) -> Text:
+        return Text("\n").join(self._lines)
+
+    def get_content_height(self, container, viewport, width: int) -> int:
+        return len(self._lines)
+
+    def render_line(self, y: int) -> Strip:
+        w = self.content_size.width
+        runs = text_runs(self._lines[y], self.app.console) if y < len(self._lines) else []
+        self._shown[y] = cells_of(runs)
+        return self._strip(runs, w, self.visual_style.rich_style)
 
     def show(self, rows) -> None:
         """`rows`: (ComparedRun, HeaderInfo) per run."""
+        lines = [self.legend_line(run, h) for run, h in rows]
+        grew = len(lines) != len(self._lines)
+        self._lines = lines
+        if grew:
+            self._forget_shown()
+            self.refresh(layout=True)
+            return
+        for y, t in enumerate(lines):
+            self._mark_changed(y, text_runs(t, self.app.console))
+
+    @staticmethod
+    def legend_line(run, h: HeaderInfo) -> Text:
         t = Text(no_wrap=True, overflow="ellipsis")
         line = "━━" if not MODE.ascii else "--"
-        for i, (run, h) in enumerate(rows):
-            if i:
-                t.append("\n")
-            t.append(f" {run.label} {line} ", f"bold {run.colour}")
-            t.append(f"{safe_text(run.name, 60)}  ", "bold")
-            t.append(safe_text(h.status).upper(), STATUS_STYLE.get(h.status, "bold"))
-            step = g("dash") if h.step is None else f"{h.step:,}"
-            if h.total_steps:
-                step += f"/{h.total_steps:,}"
-            t.append(f"  step {step}")
-            if h.steps_per_s:
-                t.append(f"  {h.steps_per_s:.3g} steps/s")
-            open_rules = [safe_text(a.rule, 40) for a in run.model.open_alerts]
-            if open_rules:
-                sev = "critical" if any(a.severity == "critical" for a in run.model.open_alerts) else "warning"
-                icon = SEVERITY_ICON[sev] if not MODE.ascii else "!"
-                t.append(f"  {icon} {', '.join(open_rules[:3])}", "bold red" if sev == "critical" else "yellow")
-                if len(open_rules) > 3:
-                    t.append(f" +{len(open_rules) - 3}")
-            if run.model.link:
-                t.append(f"  {safe_text(run.model.link, 80)}", "bold yellow")
-            if h.loading:
-                t.append(f"  {g('loading')} {h.loading}", "grey62")
-        _update(self, t, layout=True)
+        t.append(f" {run.label} {line} ", f"bold {run.colour}")
+        t.append(f"{safe_text(run.name, 60)}  ", "bold")
+        t.append(safe_text(h.status).upper(), STATUS_STYLE.get(h.status, "bold"))
+        step = g("dash") if h.step is None else f"{h.step:,}"
+        if h.total_steps:
+            step += f"/{h.total_steps:,}"
+        t.append(f"  step {step}")
+        if h.steps_per_s:
+            t.append(f"  {h.steps_per_s:.3g} steps/s")
+        open_alerts = run.model.open_alerts
+        if open_alerts:
+            sev = "critical" if any(a.severity == "critical" for a in open_alerts) else "warning"
+            icon = SEVERITY_ICON[sev] if not MODE.ascii else "!"
+            rules = [safe_text(a.rule, 40) for a in open_alerts]
+            t.append(f"  {icon} {', '.join(rules[:3])}", "bold red" if sev == "critical" else "yellow")
+            if len(rules) > 3:
+                t.append(f" +{len(rules) - 3}")
+        if run.model.link:
+            t.append(f"  {safe_text(run.model.link, 80)}", "bold yellow")
+        if h.loading:
+            t.append(f"  {g('loading')} {h.loading}", "grey62")
+        return t
 
 
 def _past_line(v: Verdict, model: RunModel) -> str:
