@@ -35,7 +35,8 @@ HELP = """\
   [ ]  { }      value cursor on the detail chart (a click puts it there): reads step, time,
                 value;  \\ hides it
   s             raw / EMA-smoothed detail line;  S  the EMA factor (0.6 → 0.8 → 0.9 → 0.95 → 0.99)
-  t             x axis: step / wall time
+  t             x axis: step / wall time; comparing runs: aligned by step → time since each
+                run's start → tokens trained on
   z             zoom: whole run → last 10k → 1k → 200 steps
   f             follow the live end again (after jumping to an alert)
   e             events shown: all (checkpoints collapsed) → lifecycle → alerts → checkpoints
@@ -46,7 +47,8 @@ HELP = """\
   w             samples: what the policy wrote (latest first; from the alert list, that step's)
   c             acknowledge the alerts the banner holds against the run (open or cleared);
                 until then a run that had a critical alert stays red, even after it cleared
-  r             run picker (Enter opens a run; forks under their parent; d: settings diff)
+  r             run picker (Enter opens a run; forks under their parent; d: settings diff;
+                space: compare the run with the one on screen, or stop comparing it)
   1 2 3         run trainerd verify m1 / m2 / m3 on this run;  x cancels
   ?             this help;  q quit
 [b]Reading the screen[/b]
@@ -62,6 +64,10 @@ HELP = """\
   The terminal bell rings once on each new critical alert of a live run (rlhf-tui --no-bell: never).
   The run picker lists a fork under its parent with what it changed (└ fork@40 kl_coef 0.2→0.4).
   Alerts are evaluated here, live, with the rules the run was started with (its alerts.json).
+  Comparing runs (rlhf-tui A B C, or space in the run picker): each run has a letter and a
+  colour, in every chart, the legend under the header and the tiles' values (A 0.12 B 0.15);
+  the banner is A's, with a line for each other run that has an alert or a problem; the
+  profiler compares the stages' time and share over each run's last 100 steps.
 """
 
 
