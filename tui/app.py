@@ -654,6 +654,21 @@ class MonitorApp(ComparingMixin, App):
 
     def action_alerts(self) -> None:
         m = self.model
+        if self.comparison.active:  # every run's alerts, by step, each named by its run's letter
+            rows = sorted(
+                (
+                    (AlertListScreen.step_of(ev, a), ev, a, r)
+                    for r in self.comparison.runs
+                    for ev, a in r.model.alert_history
+                ),
+                key=lambda row: row[0],
+            )
+            still = {(r.label, a.rule, a.first_step) for r in self.comparison.runs for a in r.model.open_alerts}
+            screen = AlertListScreen(
+                [(ev, a) for _s, ev, a, _r in rows], m.paths, self.live, still, [r for *_x, r in rows]
+            )
+            self.push_screen(screen, self.jump_to_alert)
+            return
         still_open = {(a.rule, a.first_step) for a in m.open_alerts}
         self.push_screen(AlertListScreen(list(m.alert_history), m.paths, self.live, still_open), self.jump_to_alert)
 
@@ -669,8 +684,8 @@ class MonitorApp(ComparingMixin, App):
             i = self.model.selected_chart(alert)
             if i is not None and self.tile_metrics[i] == CHART_METRICS[i]:
                 self.selected = i
-            col = self.model.store.columns.get(alert.metric)
-            if col is not None and col.present:
+            cols = [r.model.store.columns.get(alert.metric) for r in self.comparison.runs]  # A's alone, or each run's
+            if any(c is not None and c.present for c in cols):
                 self.detail_metric = alert.metric
             self.around_step = alert.first_step
 

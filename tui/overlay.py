@@ -158,6 +158,9 @@ def x_window(
     if not live:
         return None
     xs = [x_values(s, axis) for s in live]
+    if around_step is not None and axis == "step":  # any run's step (an alert of B, say)
+        half = (zoom or 200) // 2
+        return float(around_step - half), float(around_step + half)
     if around_step is not None and len(stores[0]):
         s0 = stores[0]
         a, b = s0.index_range(zoom or 200, around_step)

@@ -98,12 +98,16 @@ class AlertListScreen(ModalScreen[Alert | None]):
         paths: RunPaths | None = None,
         live: bool = True,
         open_keys: set[tuple[object, object]] | None = None,
+        runs: list | None = None,
     ):
         super().__init__()
         self.alerts = alerts
         self.paths = paths
         self.live = live
         self.open_keys = open_keys or set()  # (rule, first step) of the alerts open now
+        # comparing runs: the run (tui.overlay.ComparedRun) of each alert, and a `run` column;
+        # open_keys are then (letter, rule, first step)
+        self.runs = runs
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
@@ -118,7 +122,8 @@ class AlertListScreen(ModalScreen[Alert | None]):
         # a narrow terminal: no metric and value columns, and the highlighted alert's explanation
         # in full under the table instead of in a column too narrow to read
         narrow = self.narrow = self.app.size.width < 120
-        cols = [("step", 8), ("event", 15), ("now", 7), ("severity", 8), ("rule", 20)]
+        cols = [("run", 3)] if self.runs else []
+        cols += [("step", 8), ("event", 15), ("now", 7), ("severity", 8), ("rule", 20)]
         if not narrow:
             cols += [("metric", 18), ("value", 9)]
         for name, width in cols:
@@ -126,13 +131,17 @@ class AlertListScreen(ModalScreen[Alert | None]):
         if not narrow:
             used = sum(w + 2 for _n, w in cols) + 10  # cell padding, the dialog's border and padding
             table.add_column("explanation", width=max(30, self.app.size.width * 9 // 10 - used))
-        still_open = {(k[0], k[1]) for k in self.open_keys}
+        still_open = set(self.open_keys)
+        n = len(self.alerts)
         for i, (ev, a) in enumerate(reversed(self.alerts)):
             sev_style = {"critical": "bold red", "warning": "yellow"}.get(a.severity, "")
-            cells = [  # Text cells: a str cell would be read as markup
+            run = self.runs[n - 1 - i] if self.runs else None
+            key = (a.rule, a.first_step) if run is None else (run.label, a.rule, a.first_step)
+            cells = [Text(run.label, f"bold {run.colour}")] if run is not None else []
+            cells += [  # Text cells: a str cell would be read as markup
                 Text(f"{self.step_of(ev, a):,}"),
                 Text(ev),
-                Text("open", "bold") if (a.rule, a.first_step) in still_open else Text("cleared", "green"),
+                Text("open", "bold") if key in still_open else Text("cleared", "green"),
                 Text(safe_text(a.severity, 20), sev_style),
                 Text(safe_text(a.rule, 60)),
             ]
@@ -141,7 +150,12 @@ class AlertListScreen(ModalScreen[Alert | None]):
                 cells.append(Text(safe_text(a.explanation, 2000)))  # in full: the row is as tall as it needs
             table.add_row(*cells, key=str(len(self.alerts) - 1 - i), height=None)
         if not self.alerts:
-            table.add_row(Text("—"), Text("no alerts so far"), *[""] * (len(table.columns) - 2))
+            table.add_row(
+                *[""] * bool(self.runs),
+                Text("—"),
+                Text("no alerts so far"),
+                *[""] * (len(table.columns) - 2 - bool(self.runs)),
+            )
         self.query_one("#alert-explanation").display = narrow
         table.focus()
 
@@ -161,26 +175,32 @@ class AlertListScreen(ModalScreen[Alert | None]):
             return a.cleared_step
         return a.step if isinstance(a.step, int) else a.first_step
 
-    def _selected(self) -> tuple[str, Alert] | None:
+    def _selected_index(self) -> int | None:
         table = self.query_one(DataTable)
         if not self.alerts or table.row_count == 0:
             return None
         key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        return self.alerts[int(key)] if key is not None and key.isdigit() else None
+        return int(key) if key is not None and key.isdigit() else None
+
+    def _selected(self) -> tuple[str, Alert] | None:
+        i = self._selected_index()
+        return self.alerts[i] if i is not None else None
 
     def action_samples(self) -> None:
         """The samples of the highlighted alert's step: the step it fired (or escalated, or
         cleared) at, where the trainer writes samples, or the nearest step that has some."""
         from .samples import SamplesScreen  # samples imports follow, as this module does
 
-        picked = self._selected()
-        if picked is None or self.paths is None:
+        i = self._selected_index()
+        picked = self.alerts[i] if i is not None else None
+        paths = self.runs[i].model.paths if i is not None and self.runs else self.paths
+        if picked is None or paths is None:
             return
         ev, a = picked
         step = a.cleared_step if ev == "alert_cleared" and a.cleared_step else a.step
         what = {"alert": "fired", "alert_escalated": "escalated", "alert_cleared": "cleared"}.get(ev, ev)
         why = f"{safe_text(a.rule, 60)} {what} there"
-        self.app.push_screen(SamplesScreen(self.paths, around=step, why=why, live=self.live))
+        self.app.push_screen(SamplesScreen(paths, around=step, why=why, live=self.live))
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         key = event.row_key.value

@@ -16,7 +16,7 @@ from tui.app import MonitorApp
 from tui.braille import fmt_value
 from tui.model import RunModel
 from tui.overlay import RUN_COLOURS, Comparison, column_of, overlay_buckets, x_values, x_window
-from tui.screens import RunPickerScreen
+from tui.screens import AlertListScreen, RunPickerScreen
 from tui.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,6 +145,24 @@ async def test_three_runs_overlaid_named_and_aligned(runs_dir):
         await pilot.press("t")
         await pilot.pause(0.3)
         assert "aligned by step" in app.w_detail.border_title
+        # the alert list: every run's alerts by step, each named by its run; Enter on one of B's
+        # jumps the charts to its step
+        await pilot.press("a")
+        await wait_for(pilot, lambda: isinstance(app.screen, AlertListScreen))
+        table = app.screen.query_one("#alert-table")
+        labels = [table.get_row_at(k)[0].plain for k in range(table.row_count)]
+        assert "B" in labels and set(labels) <= {"A", "B", "C"}, labels
+        row = labels.index("B")
+        b_alert = app.screen.alerts[int(table.coordinate_to_cell_key((row, 0)).row_key.value)][1]
+        assert (b_alert.rule, b_alert.first_step) in {(a.rule, a.first_step) for _e, a in runs[1].model.alert_history}
+        table.move_cursor(row=row)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: not isinstance(app.screen, AlertListScreen))
+        await pilot.pause(0.3)
+        assert app.around_step == b_alert.first_step
+        assert f"around step {b_alert.first_step:,}" in app.w_detail.border_title
+        await pilot.press("f")
+        await pilot.pause(0.2)
         # the value cursor reads every run at one x
         await pilot.press("left_square_bracket")
         await pilot.pause(0.3)

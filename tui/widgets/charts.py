@@ -87,7 +87,7 @@ class ChartView:
     def describe_compare(self) -> str:
         z = "all runs whole" if self.zoom is None else f"last {self.zoom:,} steps"
         if self.around_step is not None:
-            z = f"{self.zoom or 200:,} steps around A's step {self.around_step:,}"
+            z = f"{self.zoom or 200:,} steps around step {self.around_step:,}"
         d = g("dot")
         smooth = f"EMA {self.ema_weight:g}" if self.smooth else "raw"
         return f"{z} {d} {smooth} {d} aligned by {self.x_axis}"
