@@ -122,6 +122,10 @@ def cli(
             _close(opened, remote)
             click.echo(f"rlhf-tui: {problem}", err=True)
             sys.exit(2)
+        if any(os.path.realpath(t) == os.path.realpath(seen) for seen, _r in opened):
+            _close(opened, remote)
+            click.echo(f"rlhf-tui: {safe_text(paths[i], 200)} is given twice", err=True)
+            sys.exit(2)
         opened.append((t, remote))
     target, remote = opened[0]
     from .app import MonitorApp  # after the path check: a bad path answers at once

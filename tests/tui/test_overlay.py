@@ -265,6 +265,8 @@ def test_cli_bad_inputs_in_compare_mode_are_one_line(runs_dir):
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "nope" in out.stderr, out.stderr
     out = _cli(*[str(a.root)] * 7)
     assert out.returncode == 2 and "at most 6 runs" in out.stderr and out.stderr.count("\n") == 1
+    out = _cli(str(a.root), str(runs_dir / "a" / "."))
+    assert out.returncode == 2 and "given twice" in out.stderr and out.stderr.count("\n") == 1, out.stderr
     out = _cli(str(a.root), str(a.root), "--diff", str(a.root))
     assert out.returncode == 2 and "one PATH" in out.stderr
 
