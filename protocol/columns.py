@@ -187,8 +187,20 @@ class ColumnWriter:
         self.end, self.log_crc = words[0], words[1] >> 32
         return rows_at + (best + 1) * width
 
-    def _catch_up(self, log_path: StrPath, log_size: int) -> None:
-        """Rows for the log's frames after `self.end` (a side file older than its log, or none)."""
+    def catch_up(self, log_path: StrPath) -> None:
+        """Rows for the whole frames the log holds now after `end`, for a log someone else
+        appends to (the monitor's mirror of a remote run): a frame still being written is
+        taken by a later call. Never raises; a damaged frame stops the side file there."""
+        if self.broken or self._fd < 0:
+            return
+        try:
+            self._catch_up(log_path, None)
+        except Exception:
+            self._stop()
+
+    def _catch_up(self, log_path: StrPath, log_size: int | None) -> None:
+        """Rows for the log's frames after `self.end` (a side file older than its log, or none),
+        up to `log_size` (None: wherever the log ends now)."""
         from .steplog import StepLogTailer  # steplog imports this module
 
         tailer = StepLogTailer(log_path, start_offset=self.end, with_offsets=True, root=self.root, at_frame=True)
@@ -198,11 +210,17 @@ class ColumnWriter:
                 if not batch:
                     break
                 for start, end, rec in batch:
-                    if start != self.end or end > log_size:
+                    if start != self.end:
                         self._stop()  # a damaged frame: rows must cover the log without gaps
                         return
+                    if log_size is not None and end > log_size:
+                        return  # the log grew while it was read: the rest is for a later call
                     f.seek(start)
-                    self.append(rec, f.read(end - start))
+                    frame = f.read(end - start)
+                    if len(frame) != end - start:
+                        self._stop()  # the log shrank under us
+                        return
+                    self.append(rec, frame)
 
     # -- appending ------------------------------------------------------------------------
 
