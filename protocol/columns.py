@@ -34,6 +34,7 @@ them); a step no float64 holds exactly stops the side file there.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import struct
 import zlib
@@ -72,7 +73,8 @@ def columns_path(log_path: StrPath) -> str:
 
 def row_checksum(words: Iterable[int]) -> int:
     """The checksum of a row's words without its checksum word (end, log crc|length, values...)."""
-    return sum(w * k for w, k in zip(words, _K_SUMMED)) & M64
+    total: int = sum(map(operator.mul, words, _K_SUMMED))
+    return total & M64
 
 
 def encode_header(fields: list[Field]) -> bytes:
@@ -104,12 +106,15 @@ def flatten(record: dict[Any, Any]) -> dict[Field, float] | None:
     """A record's fields and values, or None when the side file cannot hold it exactly."""
     out: dict[Field, float] = {}
     for k, v in record.items():
+        if type(v) is float and type(k) is str and k != "step":  # most values: as_number(v) is v
+            out[(k, None)] = v
+            continue
         if not isinstance(k, str):
             continue
         if isinstance(v, dict):
             for sk, sv in v.items():
                 if isinstance(sk, str):
-                    x = as_number(sv)
+                    x = sv if type(sv) is float else as_number(sv)
                     out[(k, sk)] = NONNUM if x is None else x
             continue
         if k == "step":  # placed on charts only when it is an int: a float step is not a number here

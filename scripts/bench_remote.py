@@ -172,8 +172,9 @@ LIVE_WRITER = r"""
 import sys, time
 sys.path[:0] = sys.argv[1:3]
 from tui_helpers import LiveWriter
+from pathlib import Path
 from protocol.rundir import RunPaths
-w = LiveWriter(RunPaths(sys.argv[3]), steps_total=10**7)
+w = LiveWriter(RunPaths(Path(sys.argv[3])), steps_total=10**7)
 first, n, rate = int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
 t0 = time.monotonic()
 for i in range(n):

@@ -303,9 +303,10 @@ class MirrorColumns:
     here, by `protocol.columns.ColumnWriter`, from the log bytes the mirror just wrote, in a
     thread of its own, so building them never delays the log mirror (a long first copy, or a
     mirror left by an older monitor, is decoded while the bytes stream in). The reading thread
-    only says what happened: `grown()` after log bytes were appended, `reset()` before the log
-    is truncated (a remote log that shrank or was replaced, re-sent from 0), `follow()` when
-    another run is mirrored. A frame still incomplete at the end of a chunk is taken once the
+    only says what happened: `grown()` after log bytes were appended, `reset()` once the log
+    was truncated (a remote log that shrank or was replaced, re-sent from 0; said after the
+    truncation, so a reopen never sees the old log again), `follow()` when another run is
+    mirrored. A frame still incomplete at the end of a chunk is taken once the
     next chunk completes it (`ColumnWriter.catch_up` covers whole frames only). Any failure
     only stops the side file (readers check every row against the log and decode the rest).
 
@@ -400,8 +401,7 @@ class MirrorColumns:
                         writer.catch_up(run_dir / "steps.msgpack")
                 except Exception:  # never the mirror's problem: readers decode the log
                     pass
-                if writer is not None:
-                    self.end, self.broken = writer.end, writer.broken
+                self.end, self.broken = (writer.end, writer.broken) if writer is not None else (0, False)
                 self.cpu_s = time.thread_time() - t0
         finally:
             self._close_writer()
@@ -426,8 +426,7 @@ class MirrorColumns:
         if w.end and not self._log_crc_is(log, w.end, w.log_crc):
             w.close()  # rows of another log (replaced, re-sent): rebuilt from this one
             self.rebuilds += 1
-            os.truncate(cols, 0)
-            w = ColumnWriter(cols, run_dir, log, size)
+            w = ColumnWriter(cols, run_dir, log, 0)  # "the log is empty": the file is emptied
         with self._cond:
             if gen != self._gen:
                 w.broken = True  # a reset came while it opened: the loop opens it again
