@@ -208,12 +208,31 @@ def history_bench(n: int, live: int) -> None:
     print(f"a remote run of {n} records, {size / 1e6:.1f} MB of step log (made in {time.monotonic() - t:.0f} s)")
     url = f"ssh://rlhf-test{runs}"
 
+    copied: list[float] = []
+
     def open_once(columns: bool, cache: str) -> tuple[float, float, float, float, RemoteSync]:
         os.environ["XDG_CACHE_HOME"] = str(tmp / cache)
         sync = RemoteSync(parse_target(url), interval=1.0, box=False, columns=columns)
+        log = sync.mirror / "big" / "steps.msgpack"
         t0, c0 = time.monotonic(), time.process_time()
+        done = threading.Event()
+
+        def watch() -> None:  # when the log copy itself is complete
+            while not done.is_set():
+                try:
+                    if log.stat().st_size >= size:
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.01)
+            copied.append(time.monotonic() - t0)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
         local = sync.start(timeout=120) / "big"
         started, cpu = time.monotonic() - t0, time.process_time() - c0
+        done.set()
+        watcher.join()
         cols_cpu = sync.columns.cpu_s if sync.columns is not None else 0.0
         t1 = time.monotonic()
         mirrored = RunPaths(local)
@@ -230,6 +249,7 @@ def history_bench(n: int, live: int) -> None:
         ):
             first = open_once(columns, cache)
             first[4].close()
+            print(f"{label}: the log copy itself took {copied[-1]:.2f} s")
             second = open_once(columns, cache)
             second[4].close()
             rows.append((label, first, second))
