@@ -34,6 +34,7 @@ them); a step no float64 holds exactly stops the side file there.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import struct
 import zlib
@@ -72,7 +73,8 @@ def columns_path(log_path: StrPath) -> str:
 
 def row_checksum(words: Iterable[int]) -> int:
     """The checksum of a row's words without its checksum word (end, log crc|length, values...)."""
-    return sum(w * k for w, k in zip(words, _K_SUMMED)) & M64
+    total: int = sum(map(operator.mul, words, _K_SUMMED))
+    return total & M64
 
 
 def encode_header(fields: list[Field]) -> bytes:
@@ -104,12 +106,15 @@ def flatten(record: dict[Any, Any]) -> dict[Field, float] | None:
     """A record's fields and values, or None when the side file cannot hold it exactly."""
     out: dict[Field, float] = {}
     for k, v in record.items():
+        if type(v) is float and type(k) is str and k != "step":  # most values: as_number(v) is v
+            out[(k, None)] = v
+            continue
         if not isinstance(k, str):
             continue
         if isinstance(v, dict):
             for sk, sv in v.items():
                 if isinstance(sk, str):
-                    x = as_number(sv)
+                    x = sv if type(sv) is float else as_number(sv)
                     out[(k, sk)] = NONNUM if x is None else x
             continue
         if k == "step":  # placed on charts only when it is an int: a float step is not a number here
@@ -187,8 +192,20 @@ class ColumnWriter:
         self.end, self.log_crc = words[0], words[1] >> 32
         return rows_at + (best + 1) * width
 
-    def _catch_up(self, log_path: StrPath, log_size: int) -> None:
-        """Rows for the log's frames after `self.end` (a side file older than its log, or none)."""
+    def catch_up(self, log_path: StrPath) -> None:
+        """Rows for the whole frames the log holds now after `end`, for a log someone else
+        appends to (the monitor's mirror of a remote run): a frame still being written is
+        taken by a later call. Never raises; a damaged frame stops the side file there."""
+        if self.broken or self._fd < 0:
+            return
+        try:
+            self._catch_up(log_path, None)
+        except Exception:
+            self._stop()
+
+    def _catch_up(self, log_path: StrPath, log_size: int | None) -> None:
+        """Rows for the log's frames after `self.end` (a side file older than its log, or none),
+        up to `log_size` (None: wherever the log ends now)."""
         from .steplog import StepLogTailer  # steplog imports this module
 
         tailer = StepLogTailer(log_path, start_offset=self.end, with_offsets=True, root=self.root, at_frame=True)
@@ -198,11 +215,17 @@ class ColumnWriter:
                 if not batch:
                     break
                 for start, end, rec in batch:
-                    if start != self.end or end > log_size:
+                    if start != self.end:
                         self._stop()  # a damaged frame: rows must cover the log without gaps
                         return
+                    if log_size is not None and end > log_size:
+                        return  # the log grew while it was read: the rest is for a later call
                     f.seek(start)
-                    self.append(rec, f.read(end - start))
+                    frame = f.read(end - start)
+                    if len(frame) != end - start:
+                        self._stop()  # the log shrank under us
+                        return
+                    self.append(rec, frame)
 
     # -- appending ------------------------------------------------------------------------
 

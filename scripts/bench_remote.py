@@ -10,6 +10,14 @@ real monitor (MonitorApp, headless) follows it through RemoteSync:
     from the write (same machine, same clock) to the monitor's value frame showing that step.
 
     python scripts/bench_remote.py [--records 1000] [--rate 100] [--probes 20] [--interval 1]
+
+With `--history N`: the whole history of a finished remote run of N records instead, with and
+without the mirror's own side file (steps.cols, built locally from the mirrored log: tui/remote.py
+MirrorColumns): the first open (a fresh mirror: copy, then the monitor's history load), a second
+open (the mirror kept), the CPU time this process spends mirroring (the side file's thread
+apart), and the side file's CPU per record while a live writer (another process) appends.
+
+    python scripts/bench_remote.py --history 200000 [--live 20000]
 """
 
 from __future__ import annotations
@@ -70,7 +78,12 @@ async def main() -> None:
     ap.add_argument("--rate", type=float, default=100.0, help="records a second while measuring bytes")
     ap.add_argument("--probes", type=int, default=20, help="single records timed to the screen")
     ap.add_argument("--interval", type=float, default=1.0, help="the remote loop's poll interval (s)")
+    ap.add_argument("--history", type=int, default=0, help="time the whole history of a run of N records")
+    ap.add_argument("--live", type=int, default=20000, help="with --history: records appended live")
     args = ap.parse_args()
+    if args.history:
+        history_bench(args.history, args.live)
+        return
 
     from sshd import start_sshd, stop_sshd
     from tui_helpers import LiveWriter, make_run
@@ -153,6 +166,147 @@ async def main() -> None:
         f"latency, remote write -> value on screen, {len(lat)} probes: median {statistics.median(lat) * 1000:.0f} ms, "
         f"p90 {lat[int(0.9 * (len(lat) - 1))] * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms"
     )
+
+
+LIVE_WRITER = r"""
+import sys, time
+sys.path[:0] = sys.argv[1:3]
+from tui_helpers import LiveWriter
+from pathlib import Path
+from protocol.rundir import RunPaths
+w = LiveWriter(RunPaths(Path(sys.argv[3])), steps_total=10**7)
+first, n, rate = int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+t0 = time.monotonic()
+for i in range(n):
+    w.write(first + i)
+    ahead = (i + 1) / rate - (time.monotonic() - t0)
+    if ahead > 0:
+        time.sleep(ahead)
+w.close()
+"""
+
+
+def history_bench(n: int, live: int) -> None:
+    import shutil
+    import subprocess
+
+    from sshd import start_sshd, stop_sshd
+    from tui_helpers import make_run
+
+    from protocol.rundir import RunPaths
+    from tui.feed import load_history
+    from tui.remote import RemoteSync, parse_target
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-remote-history-"))
+    (tmp / "sshd").mkdir()
+    s = start_sshd(tmp / "sshd")
+    os.environ.update(s.ssh_env)
+    runs = tmp / "runs"
+    t = time.monotonic()
+    paths = make_run(runs, "big", n, jsonl_mirror=False)
+    size = paths.steps.stat().st_size
+    print(f"a remote run of {n} records, {size / 1e6:.1f} MB of step log (made in {time.monotonic() - t:.0f} s)")
+    url = f"ssh://rlhf-test{runs}"
+
+    copied: list[float] = []
+
+    def open_once(columns: bool, cache: str) -> tuple[float, float, float, float, RemoteSync]:
+        os.environ["XDG_CACHE_HOME"] = str(tmp / cache)
+        sync = RemoteSync(parse_target(url), interval=1.0, box=False, columns=columns)
+        log = sync.mirror / "big" / "steps.msgpack"
+        t0, c0 = time.monotonic(), time.process_time()
+        done = threading.Event()
+
+        def watch() -> None:  # when the log copy itself is complete
+            while not done.is_set():
+                try:
+                    if log.stat().st_size >= size:
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.01)
+            copied.append(time.monotonic() - t0)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        local = sync.start(timeout=120) / "big"
+        started, cpu = time.monotonic() - t0, time.process_time() - c0
+        done.set()
+        watcher.join()
+        cols_cpu = sync.columns.cpu_s if sync.columns is not None else 0.0
+        t1 = time.monotonic()
+        mirrored = RunPaths(local)
+        *_, last = load_history(mirrored, mirrored.steps.stat().st_size)
+        loaded = time.monotonic() - t1
+        assert len(last[0].steps) == n, len(last[0].steps)
+        return started, loaded, cpu - cols_cpu, cols_cpu, sync
+
+    try:
+        rows = []
+        for label, columns, cache in (
+            ("no side file (before)", False, "c0"),
+            ("side file built here", True, "c1"),
+        ):
+            first = open_once(columns, cache)
+            first[4].close()
+            print(f"{label}: the log copy itself took {copied[-1]:.2f} s")
+            second = open_once(columns, cache)
+            second[4].close()
+            rows.append((label, first, second))
+        # a mirror left by a monitor without the side file: the next start builds it
+        shutil.rmtree(tmp / "c2", ignore_errors=True)
+        shutil.copytree(tmp / "c0", tmp / "c2", symlinks=True)
+        old = open_once(True, "c2")
+        old[4].close()
+        print("time to the whole history (s): open = RemoteSync.start() (copy; with the side file also")
+        print("its last rows), load = the monitor's history load (tui/feed.py load_history) from the mirror")
+        print(f"{'':24} {'1st open':>9} {'load':>6} {'total':>6} | {'2nd open':>9} {'load':>6} {'total':>6}")
+        for label, a, b in rows:
+            print(f"{label:24} {a[0]:9.2f} {a[1]:6.2f} {a[0] + a[1]:6.2f} | {b[0]:9.2f} {b[1]:6.2f} {b[0] + b[1]:6.2f}")
+        total = old[0] + old[1]
+        print(f"{'mirror without one':24} {old[0]:9.2f} {old[1]:6.2f} {total:6.2f}   (its next start builds it)")
+        print("CPU s of this process during the first open's copy (ssh itself not included):")
+        for label, a, _b in rows:
+            print(f"  {label:24} mirroring {a[2]:.2f}, side file thread {a[3]:.2f} ({a[3] / n * 1e6:.1f} us/record)")
+
+        if live:  # the side file's cost while following a live run
+            for columns, cache in ((False, "c0"), (True, "c1")):
+                os.environ["XDG_CACHE_HOME"] = str(tmp / cache)
+                sync = RemoteSync(parse_target(url), interval=1.0, box=False, columns=columns)
+                sync.start(timeout=120)
+                c0 = time.process_time()
+                cols0 = sync.columns.cpu_s if sync.columns is not None else 0.0
+                first_step = n + 1 if not columns else n + live + 1
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-c",
+                        LIVE_WRITER,
+                        str(ROOT),
+                        str(ROOT / "tests" / "tui"),
+                        str(paths.root),
+                        str(first_step),
+                        str(live),
+                        "2000",
+                    ],
+                    check=True,
+                )
+                want = paths.steps.stat().st_size
+                local = sync.mirror / "big" / "steps.msgpack"
+                while local.stat().st_size < want:
+                    time.sleep(0.05)
+                if sync.columns is not None:
+                    sync.columns.settled(60)
+                cpu = time.process_time() - c0
+                cols = (sync.columns.cpu_s if sync.columns is not None else 0.0) - cols0
+                sync.close()
+                print(
+                    f"live, {live} records at 2000/s, side file {'on ' if columns else 'off'}: this process "
+                    f"{cpu / live * 1e6:.1f} us CPU/record, of which the side file's thread {cols / live * 1e6:.1f}"
+                )
+    finally:
+        stop_sshd(s)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -39,11 +39,13 @@ import subprocess
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
 
+from protocol.columns import ColumnWriter, columns_path
 from protocol.rundir import HEARTBEAT_TIMEOUT_S, SIGN_OF_LIFE_FILES, heartbeat_status, register_writer_elsewhere
 from protocol.text import safe_text
 
@@ -294,10 +296,170 @@ class Liveness:
     others: dict[str, tuple[float, float]] = field(default_factory=dict)  # run id -> (remote now, newest)
 
 
+class MirrorColumns:
+    """Keeps the followed run's `steps.cols` in the mirror up to date with its mirrored log.
+
+    The remote side file is never copied (it would double the traffic): the rows are made
+    here, by `protocol.columns.ColumnWriter`, from the log bytes the mirror just wrote, in a
+    thread of its own, so building them never delays the log mirror (a long first copy, or a
+    mirror left by an older monitor, is decoded while the bytes stream in). The reading thread
+    only says what happened: `grown()` after log bytes were appended, `reset()` once the log
+    was truncated (a remote log that shrank or was replaced, re-sent from 0; said after the
+    truncation, so a reopen never sees the old log again), `follow()` when another run is
+    mirrored. A frame still incomplete at the end of a chunk is taken once the
+    next chunk completes it (`ColumnWriter.catch_up` covers whole frames only). Any failure
+    only stops the side file (readers check every row against the log and decode the rest).
+
+    A side file left from before (this monitor's last session) is continued only if the crc32
+    of the mirrored log up to its last row is the one that row records; else it is rebuilt. On
+    a reset the rows of a prefix the new log still holds byte for byte are kept, the rest rebuilt.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._run_dir: Path | None = None
+        self._gen = 0  # bumped on follow() and reset(): the writer is reopened (checked against the log)
+        self._dirty = False  # grown() since the thread last looked
+        self._busy = False
+        self._done_gen = -1  # the generation the thread last finished a pass for
+        self._closed = False
+        self._writer: ColumnWriter | None = None
+        self._thread: threading.Thread | None = None
+        self.end = 0  # the log offset the rows cover (tests, benchmarks)
+        self.broken = False  # the side file stopped (a damaged frame, a failure writing it)
+        self.rebuilds = 0  # side files dropped and rebuilt from the log (tests)
+        self.cpu_s = 0.0  # CPU time of this thread (benchmarks)
+
+    def follow(self, run_dir: Path) -> None:
+        with self._cond:
+            if run_dir == self._run_dir:
+                return
+            self._run_dir = run_dir
+            self._bump()
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._loop, name="rlhf-tui-remote-cols", daemon=True)
+                self._thread.start()
+
+    def grown(self) -> None:
+        with self._cond:
+            self._dirty = True
+            self._cond.notify()
+
+    def reset(self) -> None:
+        with self._cond:
+            self._bump()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._bump()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(1)
+
+    def settled(self, timeout: float) -> bool:
+        """Whether the thread has caught up with everything it was told (waits up to `timeout`)."""
+        with self._cond:
+            return self._cond.wait_for(self._is_settled, timeout)
+
+    def _is_settled(self) -> bool:
+        return (
+            self._closed
+            or self._run_dir is None
+            or (not self._dirty and not self._busy and self._done_gen == self._gen)
+        )
+
+    def _bump(self) -> None:
+        self._gen += 1
+        w = self._writer
+        if w is not None:
+            w.broken = True  # a long catch-up of the old log ends at its next frame
+        self._cond.notify_all()
+
+    def _loop(self) -> None:
+        t0 = time.thread_time()
+        gen = -1
+        try:
+            while True:
+                with self._cond:
+                    while not self._closed and not self._dirty and gen == self._gen:
+                        self._done_gen, self._busy = gen, False
+                        self._cond.notify_all()
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    self._dirty, self._busy = False, True
+                    reopen, gen, run_dir = gen != self._gen, self._gen, self._run_dir
+                    writer = None if reopen else self._writer
+                if run_dir is None:
+                    continue
+                try:
+                    if writer is None:
+                        self._close_writer()
+                        writer = self._open(run_dir, gen)
+                    else:
+                        writer.catch_up(run_dir / "steps.msgpack")
+                except Exception:  # never the mirror's problem: readers decode the log
+                    pass
+                self.end, self.broken = (writer.end, writer.broken) if writer is not None else (0, False)
+                self.cpu_s = time.thread_time() - t0
+        finally:
+            self._close_writer()
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def _close_writer(self) -> None:
+        with self._cond:
+            w, self._writer = self._writer, None
+        if w is not None:
+            w.close()
+
+    def _open(self, run_dir: Path, gen: int) -> ColumnWriter | None:
+        log = run_dir / "steps.msgpack"
+        cols = columns_path(log)
+        try:
+            size = os.stat(log).st_size
+        except OSError:
+            return None  # no log mirrored yet: grown() comes with its first bytes
+        w = ColumnWriter(cols, run_dir, log, size)
+        if w.end and not self._log_crc_is(log, w.end, w.log_crc):
+            w.close()  # rows of another log (replaced, re-sent): rebuilt from this one
+            self.rebuilds += 1
+            w = ColumnWriter(cols, run_dir, log, 0)  # "the log is empty": the file is emptied
+        with self._cond:
+            if gen != self._gen:
+                w.broken = True  # a reset came while it opened: the loop opens it again
+            self._writer = w
+        w.catch_up(log)  # what arrived while it opened
+        return w
+
+    @staticmethod
+    def _log_crc_is(log: Path, end: int, crc: int) -> bool:
+        try:
+            with open(log, "rb", buffering=0) as f:
+                got, pos = 0, 0
+                while pos < end:
+                    b = os.pread(f.fileno(), min(1 << 20, end - pos), pos)
+                    if not b:
+                        return False
+                    got, pos = zlib.crc32(b, got), pos + len(b)
+            return got == crc
+        except OSError:
+            return False
+
+
 class RemoteSync:
     """Keeps a local mirror of a remote run dir up to date over one ssh session at a time."""
 
-    def __init__(self, target: RemoteTarget, interval: float = 1.0, mirror: Path | None = None, box: bool = True):
+    def __init__(
+        self,
+        target: RemoteTarget,
+        interval: float = 1.0,
+        mirror: Path | None = None,
+        box: bool = True,
+        columns: bool = True,
+    ):
         self.target = target
         self.loop = remote_loop(BOX_INTERVAL if box else 0)
         self.interval = interval
@@ -319,6 +481,8 @@ class RemoteSync:
         self.on_link: Callable[[str], None] | None = None  # "link down since ..." / "" (any thread)
         self.on_data: Callable[[], None] | None = None
         self.box = RemoteBox()  # the remote box's GPUs, CPU and RAM (its on_sample: any thread)
+        # the followed run's steps.cols, built here from the mirrored log (never copied)
+        self.columns: MirrorColumns | None = MirrorColumns() if columns else None
         self._want_run: str = ""
         self._switching = False  # the session is being ended to follow another run
         self._offsets_for = ""  # the run whose mirror sizes the loop was given
@@ -362,7 +526,7 @@ class RemoteSync:
             except OSError:
                 have = 0
             if have >= total:
-                return
+                break
             if have != last:
                 last, last_change = have, time.monotonic()
             elif time.monotonic() - last_change > stall:
@@ -371,6 +535,21 @@ class RemoteSync:
                 said = time.monotonic()
                 progress(have, total)
             time.sleep(0.05)
+        self._columns_catch_up(stall)
+
+    def _columns_catch_up(self, stall: float) -> None:
+        """The side file is built while the log streams in (another thread); when the log is
+        copied, wait for its last rows too, so the monitor loads the whole history from it:
+        bounded, as long as the rows keep coming (no longer than `stall` s without progress)."""
+        cols = self.columns
+        if cols is None:
+            return
+        last, last_change = -1, time.monotonic()
+        while not self._stop.is_set() and not cols.settled(0.1):
+            if cols.end != last:
+                last, last_change = cols.end, time.monotonic()
+            elif time.monotonic() - last_change > stall:
+                return
 
     def _claim_mirror(self) -> None:
         """The mirror is kept between sessions (a restart sends only new bytes), for one monitor
@@ -408,6 +587,8 @@ class RemoteSync:
     def close(self) -> None:
         self._stop.set()
         self._restart()
+        if self.columns is not None:
+            self.columns.close()
         if self._private:
             shutil.rmtree(self.mirror, ignore_errors=True)
         fd, self._lock_fd = self._lock_fd, None
@@ -610,6 +791,10 @@ class RemoteSync:
                         if (run_dir / name).exists():
                             with open(run_dir / name, "wb"):
                                 pass
+                    if self.columns is not None:  # after the truncation: the side file is reopened on it
+                        self.columns.reset()
+                if self.columns is not None:  # its side file: continued, or built from the mirrored log
+                    self.columns.follow(run_dir)
                 continue
             if run_dir is None:
                 raise _Desync(f"unexpected {safe_text(line[:40].decode(errors='replace'))!r}")
@@ -625,11 +810,17 @@ class RemoteSync:
                     raise _Desync(f"{name}: chunk at {off}, mirror has {size}")
                 with open(path, "ab") as f:
                     f.write(data)
+                if name == "steps.msgpack" and self.columns is not None:
+                    self.columns.grown()  # a notification: never waits for the side file
                 self._data()
             elif tag == "Z":
                 self._check_name(parts[1], APPEND_FILES)
                 with open(run_dir / parts[1], "wb"):
                     pass
+                if parts[1] == "steps.msgpack" and self.columns is not None:
+                    # after the truncation (a reopen before it would continue the old log's rows):
+                    # rebuilt from the log sent again, the rows of a prefix it still holds kept
+                    self.columns.reset()
             elif tag == "W":
                 name, n = parts[1], int(parts[2])
                 self._check_name(name, WHOLE_FILES)
