@@ -181,10 +181,10 @@ def _close(opened: list, extra=None) -> None:
         extra.close()
 
 
-def _mirroring(have: int, total: int) -> None:
+def _mirroring(have: int, total: int, what: str = "copying the remote step log") -> None:
     if not sys.stderr.isatty():
         return
-    sys.stderr.write(f"\rrlhf-tui: copying the remote step log: {have / 1e6:.1f} of {total / 1e6:.1f} MB")
+    sys.stderr.write(f"\r\033[Krlhf-tui: {what}: {have / 1e6:.1f} of {total / 1e6:.1f} MB")
     sys.stderr.flush()
 
 

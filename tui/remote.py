@@ -496,7 +496,7 @@ class RemoteSync:
 
     # -- what the monitor asks ---------------------------------------------------------------
 
-    def start(self, timeout: float = START_TIMEOUT, progress: Callable[[int, int], None] | None = None) -> Path:
+    def start(self, timeout: float = START_TIMEOUT, progress: Callable[..., None] | None = None) -> Path:
         """Connect, mirror what the run holds (`progress(bytes, of)` while a long log comes), then
         keep the mirror up to date in a thread. The local path to watch (the mirrored run dir or
         runs dir); RemoteError in one line."""
@@ -512,7 +512,7 @@ class RemoteSync:
         self._catch_up(progress, timeout)
         return self.local_target()
 
-    def _catch_up(self, progress: Callable[[int, int], None] | None, stall: float) -> None:
+    def _catch_up(self, progress: Callable[..., None] | None, stall: float) -> None:
         """A long remote log is mirrored before the monitor opens it (rounds without a pause),
         so the monitor reads its tail first and its history from local disk. Ends when the
         mirror holds what the log had, or when nothing arrived for `stall` seconds."""
@@ -535,21 +535,27 @@ class RemoteSync:
                 said = time.monotonic()
                 progress(have, total)
             time.sleep(0.05)
-        self._columns_catch_up(stall)
+        self._columns_catch_up(stall, progress, path)
 
-    def _columns_catch_up(self, stall: float) -> None:
+    def _columns_catch_up(self, stall: float, progress=None, log: Path | None = None) -> None:
         """The side file is built while the log streams in (another thread); when the log is
         copied, wait for its last rows too, so the monitor loads the whole history from it:
         bounded, as long as the rows keep coming (no longer than `stall` s without progress)."""
         cols = self.columns
         if cols is None:
             return
-        last, last_change = -1, time.monotonic()
+        last, last_change, said = -1, time.monotonic(), time.monotonic()
         while not self._stop.is_set() and not cols.settled(0.1):
             if cols.end != last:
                 last, last_change = cols.end, time.monotonic()
             elif time.monotonic() - last_change > stall:
                 return
+            if progress is not None and log is not None and time.monotonic() - said > 0.5:
+                said = time.monotonic()
+                try:
+                    progress(cols.end, log.stat().st_size, "indexing the mirrored step log")
+                except OSError:
+                    pass
 
     def _claim_mirror(self) -> None:
         """The mirror is kept between sessions (a restart sends only new bytes), for one monitor
@@ -909,7 +915,7 @@ class _Desync(Exception):
 
 
 def open_remote(
-    url: str, interval: float = 1.0, progress: Callable[[int, int], None] | None = None, box: bool = True
+    url: str, interval: float = 1.0, progress: Callable[..., None] | None = None, box: bool = True
 ) -> RemoteSync:
     """Parse, connect, mirror what is there: a running RemoteSync, or RemoteError (one line)."""
     sync = RemoteSync(parse_target(url), interval=interval, box=box)

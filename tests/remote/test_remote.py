@@ -369,7 +369,7 @@ def test_a_long_remote_log_is_copied_before_the_monitor_opens(remote_env, tmp_pa
     sync = RemoteSync(parse_target(f"ssh://rlhf-test{runs}"), interval=30)  # a long pause between polls
     try:
         t = time.monotonic()
-        local = sync.start(progress=lambda have, total: seen.append((have, total)))
+        local = sync.start(progress=lambda have, total, *what: seen.append((have, total)))
         took = time.monotonic() - t
         assert (local / "big" / "steps.msgpack").read_bytes() == paths.steps.read_bytes()
         assert took < 20, took  # capped rounds follow each other without the 30 s pause
