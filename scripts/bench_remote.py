@@ -78,6 +78,7 @@ async def main() -> None:
     ap.add_argument("--rate", type=float, default=100.0, help="records a second while measuring bytes")
     ap.add_argument("--probes", type=int, default=20, help="single records timed to the screen")
     ap.add_argument("--interval", type=float, default=1.0, help="the remote loop's poll interval (s)")
+    ap.add_argument("--no-box", action="store_true", help="as rlhf-tui --no-box: the remote box is not sampled")
     ap.add_argument("--history", type=int, default=0, help="time the whole history of a run of N records")
     ap.add_argument("--live", type=int, default=20000, help="with --history: records appended live")
     args = ap.parse_args()
@@ -106,7 +107,7 @@ async def main() -> None:
     runs = tmp / "runs"
     paths = make_run(runs, "bench", 1, status="running")
     w = LiveWriter(paths, steps_total=10**6)
-    sync = RemoteSync(parse_target(f"ssh://rlhf-test{runs}"), interval=args.interval)
+    sync = RemoteSync(parse_target(f"ssh://rlhf-test{runs}"), interval=args.interval, box=not args.no_box)
     try:
         local = sync.start()
         app = MonitorApp(local, clock=sync.clock)
