@@ -253,6 +253,30 @@ def fmt_x(axis: str, x: float) -> str:
     return f"{x:.0f} tok"
 
 
+OFF_SCALE = 5.0  # a run whose range is this many times the others' span is drawn off the scale
+
+
+def shared_y(ranges: list[tuple[float, float] | None]) -> tuple[tuple[float, float] | None, int | None]:
+    """The y range shared by runs of these (finite) ranges, and which run is off the scale: when
+    one run alone spans more than OFF_SCALE times what all the others span (a run that
+    diverged), the others' range, so their lines stay readable and its line rides the chart's
+    edge past the point where it left them (as TensorBoard's "ignore outliers in chart scaling")."""
+    valid = [(i, r) for i, r in enumerate(ranges) if r is not None]
+    if not valid:
+        return None, None
+    lo, hi = min(r[0] for _i, r in valid), max(r[1] for _i, r in valid)
+    best: tuple[int, float, tuple[float, float]] | None = None
+    for i, (rlo, rhi) in valid if len(valid) > 1 else ():
+        rest = [r for j, r in valid if j != i]
+        olo, ohi = min(r[0] for r in rest), max(r[1] for r in rest)
+        span = (ohi - olo) or abs(ohi) or 1.0
+        if rhi - rlo > OFF_SCALE * span and hi - lo > OFF_SCALE * span and (best is None or span < best[1]):
+            best = (i, span, (olo, ohi))
+    if best is None:
+        return (lo, hi), None
+    return best[2], best[0]
+
+
 def _middle(b: Bucket | None) -> Bucket | None:
     """A column of many records as one point, the middle of its range: several runs' min-max
     ranges drawn over each other would fill the chart; a run's own chart keeps them."""

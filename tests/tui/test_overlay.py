@@ -15,7 +15,7 @@ from tui_helpers import T0, make_run, rendered, wait_for
 from tui.app import MonitorApp
 from tui.braille import fmt_value
 from tui.model import RunModel
-from tui.overlay import RUN_COLOURS, Comparison, column_of, overlay_buckets, x_values, x_window
+from tui.overlay import RUN_COLOURS, Comparison, column_of, overlay_buckets, shared_y, x_values, x_window
 from tui.screens import AlertListScreen, RunPickerScreen
 from tui.store import RunStore
 
@@ -65,6 +65,18 @@ def test_a_run_sparser_than_the_columns_is_one_line_and_values_are_exact():
     store = _store(range(5), 1.0, 1, value=lambda s: math.nan if s == 2 else float(s))
     cols = overlay_buckets(store, "kl", "step", 0, 4, 5)
     assert cols[2].flags and not (cols[2].lo <= cols[2].hi)
+
+
+def test_a_run_that_diverged_is_drawn_off_the_scale_and_only_that():
+    a, c = (0.05, 0.15), (0.06, 0.14)
+    # B's KL ran away to 2,300: the others' range is kept, B is the one off the scale
+    assert shared_y([a, (0.05, 2300.0), c]) == ((0.05, 0.15), 1)
+    # runs at different levels but of like spans (two reward models' scales): all of them
+    assert shared_y([(0.0, 1.0), (10.0, 11.0)]) == ((0.0, 11.0), None)
+    assert shared_y([a, None, c]) == ((0.05, 0.15), None)
+    assert shared_y([(1.0, 2.0)]) == ((1.0, 2.0), None) and shared_y([None]) == (None, None)
+    # two runs that both diverged: nothing to keep readable, everything is shown
+    assert shared_y([a, (0.0, 900.0), (0.0, 2300.0)]) == ((0.0, 2300.0), None)
 
 
 def test_colours_are_stable_and_letters_reused():
@@ -124,6 +136,9 @@ async def test_three_runs_overlaid_named_and_aligned(runs_dir):
                 assert any(r.colour in s for s in styles), (w, r.colour, styles)
         detail = rendered(app.w_detail)
         assert "━ A seed-1" in detail and "━ B seed-2-unstable" in detail and "━ C seed-3" in detail
+        assert "B off the scale" in detail  # its runaway KL does not flatten A's and C's lines
+        top = float(detail.splitlines()[0].split()[0].replace(",", ""))
+        assert top < 1.0, detail
         assert "step 1" in detail and "step 500" in detail  # the window spans the longest run
         assert "aligned by step" in app.w_detail.border_title
         # the banner names the run an alert belongs to: B's runaway KL, A itself healthy

@@ -23,7 +23,7 @@ from ..braille import ChartSpec, HLine, Line, Runs, draw_runs, ema, finite_range
 from ..glyphs import MODE, g
 from ..health import level_for, threshold_values
 from ..model import RunModel
-from ..overlay import Comparison, column_of, fmt_x, overlay_lines
+from ..overlay import Comparison, column_of, fmt_x, overlay_lines, shared_y
 from ..store import COMPANIONS, Bucket, RunStore
 from .lines import Cell, cells_of, changed_spans, segments, text_runs
 
@@ -213,7 +213,8 @@ def compare_chart(comparison: Comparison, key: str, view: ChartView, width: int,
         live=view.live,
     )
     hl: list[HLine] = []
-    yr = finite_range(lines)
+    yr, off = shared_y([finite_range([ln]) for ln in lines])
+    off_run = next((r for r in comparison.runs if off is not None and r.colour == lines[off].style), None)
     if rules is not None and yr:
         lo, hi = yr
         span_y = (hi - lo) or abs(hi) or 1.0
@@ -226,7 +227,7 @@ def compare_chart(comparison: Comparison, key: str, view: ChartView, width: int,
     if yr and view.live:
         yr = nice_range(*yr)  # a scale that moves in steps: fewer whole-chart redraws
     rows = draw_runs(ChartSpec(width, height, lines, hl, yr, ascii=MODE.ascii, cursor=view.cursor if rules else None))
-    return rows, yr, per_run, win
+    return rows, yr, per_run, win, off_run
 
 
 def compare_values(comparison: Comparison, metric: str, width: int) -> Text:
@@ -450,7 +451,7 @@ class MetricTile(StripWidget):
         label_w = 5 if w >= 20 and h >= 2 else 0  # the compact y scale
         cw = w - label_w - (1 if label_w else 0)
         if self.comparison is not None and self.comparison.active:
-            rows, yr, _per_run, _win = compare_chart(self.comparison, self.metric, self.view, cw, h)
+            rows, yr, _per_run, _win, _off = compare_chart(self.comparison, self.metric, self.view, cw, h)
         else:
             style = LINE_STYLE[self.level()]
             rows, yr, _main = chart_lines(store, self.metric, self.view, cw, h, thresholds=False, style=style)
@@ -564,7 +565,9 @@ class DetailChart(StripWidget):
         label_w = self.LABEL_W
         cw = self.plot_width(w)
         cursor = view.cursor if view.cursor is not None and view.cursor < cw else None
-        body, yr, per_run, win = compare_chart(comparison, self.metric, view, cw, h - 3, rules=self.model.rules)
+        body, yr, per_run, win, off_run = compare_chart(
+            comparison, self.metric, view, cw, h - 3, rules=self.model.rules
+        )
         self._main = per_run[0] if per_run else []
         lo, hi = yr if yr else (0.0, 1.0)
         out: list[Runs] = []
@@ -579,7 +582,7 @@ class DetailChart(StripWidget):
             out.append([pad, ((left + " " * gap + right)[:cw], "grey62")])
         else:
             out.append([pad])
-        out.append([pad, *self._compare_legend(per_run, cw, cursor)])
+        out.append([pad, *self._compare_legend(per_run, cw, cursor, off_run)])
         return out
 
     def _compare_alert_axis(self, win: tuple[float, float] | None, cw: int) -> Runs:
@@ -600,7 +603,7 @@ class DetailChart(StripWidget):
                 out.append((c, st))
         return out
 
-    def _compare_legend(self, per_run: list[list[Bucket | None]], cw: int, cursor: int | None) -> Runs:
+    def _compare_legend(self, per_run: list[list[Bucket | None]], cw: int, cursor: int | None, off_run=None) -> Runs:
         """Which colour is which run, or with the cursor on: each run's value there."""
         assert self.comparison is not None
         runs: Runs = []
@@ -612,6 +615,8 @@ class DetailChart(StripWidget):
                 runs.append((f"{r.label} {val}  ", f"bold {r.colour}"))
             else:
                 runs.append((f"{line} {r.label} {safe_text(r.name, 28)}  ", r.colour))
+        if cursor is None and off_run is not None:  # its line rides the edge past where it left the others
+            runs.append((f"{off_run.label} off the scale  ", f"bold {off_run.colour}"))
         if cursor is None and any(r.model.alert_marks(self.metric) for r in self.comparison.runs):
             runs.append((f"{g('up')} alert fired", "grey62"))
         out: Runs = []
