@@ -114,7 +114,9 @@ class _XCache:
             self.xs = array("d")
         xs = self.xs
         k = len(xs)
-        if axis == "time":
+        if n - k > 10_000:  # a whole history at once: numpy, the same values as the loop below
+            self._fill(store, axis, k, n)
+        elif axis == "time":
             times = store.times
             t0 = next((t for t in times[: min(n, 1000)] if math.isfinite(t)), 0.0)
             prev = xs[-1] if k else 0.0
@@ -131,7 +133,26 @@ class _XCache:
                     total += v
                 xs.append(total)
         self.key = (id(steps), axis, n, steps[n - 1] if n else None, steps[0] if n else None)
-        return xs
+        return self.xs
+
+    def _fill(self, store: RunStore, axis: str, k: int, n: int) -> None:
+        import numpy as np
+
+        xs = self.xs
+        if axis == "time":
+            times = np.frombuffer(store.times, dtype=np.float64)
+            head = times[: min(n, 1000)]
+            finite = head[np.isfinite(head)]
+            t0 = float(finite[0]) if len(finite) else 0.0
+            t = times[k:n] - t0
+            t = np.where(np.isnan(t), -np.inf, t)  # NaN holds the value before it
+            prev = xs[-1] if k else 0.0
+            new = np.maximum.accumulate(np.concatenate(([prev], t)))[1:]
+        else:
+            v = np.frombuffer(store.columns["tokens"].values, dtype=np.float64)[k:n]
+            v = np.where(np.isfinite(v) & (v > 0), v, 0.0)  # MISSING is a NaN: adds none
+            new = (xs[-1] if k else 0.0) + np.cumsum(v)
+        xs.frombytes(new.astype(np.float64).tobytes())
 
 
 _caches: dict[int, _XCache] = {}

@@ -301,3 +301,21 @@ async def test_a_long_compared_run_is_read_whole_tail_first(runs_dir):
         on_disk = RunStoreFromLog(b)
         assert list(store.steps) == list(on_disk.steps) and len(store) == 3000
         assert run_b.model.alert_history and run_b.model.open_alerts  # the unstable run's alerts, by B's rules
+
+
+def test_x_values_of_a_whole_history_equal_the_ones_built_record_by_record():
+    records = [
+        {"step": s, "time": T0 + s * 0.5 - (3.0 if s == 700 else 0.0), "tokens": 10 + s % 7} for s in range(30_000)
+    ]
+    records[5]["time"] = math.nan
+    records[9]["tokens"] = None
+    whole = RunStore()
+    whole.extend(RunStore.columnize(records))
+    for axis in ("time", "tokens"):
+        grown = RunStore()  # its x values extended batch by batch, each under numpy's size
+        for k in range(0, len(records), 5000):
+            grown.extend(RunStore.columnize(records[k : k + 5000]))
+            x_values(grown, axis)
+        assert list(x_values(whole, axis)) == list(x_values(grown, axis)), axis
+    xs = x_values(whole, "time")
+    assert all(b >= a for a, b in zip(xs, xs[1:])) and xs[5] == xs[4] and xs[700] == xs[699]
