@@ -107,6 +107,11 @@ class ComparingMixin:
         if run is not None:
             self.remove_compare(run)
             return f"stopped comparing {safe_text(run.name, 80)} ({run.label})"
+        remote = getattr(self, "remote", None)
+        if remote is not None and Path(paths.root).resolve().is_relative_to(Path(remote.mirror).resolve()):
+            # the ssh session streams the run on screen only: another remote run needs its own
+            url = f"{remote.target.display.rstrip('/')}/{paths.root.name}"
+            return f"another remote run is compared from the command line: rlhf-tui ... {safe_text(url, 200)}"
         return self.add_compare(paths.root)
 
     def remove_compare(self, run: ComparedRun) -> None:

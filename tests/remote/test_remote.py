@@ -196,6 +196,14 @@ async def test_picker_lists_remote_runs_and_verify_needs_trainerd_there(remote_e
                 pilot, lambda: app.model.paths.run_id == "first" and app.drawn_step == 15, timeout=10, what="first"
             )
             assert sync.run_id == "first"
+            # the session streams the run on screen only: another remote run is compared by
+            # naming it on the command line, and the picker says how
+            await pilot.press("r")
+            await wait_for(pilot, lambda: isinstance(app.screen, RunPickerScreen) and len(app.screen.rows) == 2)
+            other = next(i for i, r in enumerate(app.screen.rows) if r.run_id == "second")
+            said = app.toggle_compare(app.screen.rows[other].paths)
+            assert not app.comparison.active and f"ssh://rlhf-test{runs}/second" in said, said
+            await pilot.press("escape")
             # the checks run on the remote box, and only if trainerd is there
             sync.target = dataclasses.replace(sync.target, host="rlhf-notail")
             await pilot.press("1")
