@@ -37,12 +37,64 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-@pytest.mark.timeout(90)
-def test_remote_run_in_tmux_survives_a_killed_ssh(sshd, tmp_path):
+def _need_tmux() -> None:
     if not Path(TMUX).exists():
         if os.environ.get("CI"):
             pytest.fail("tmux is not installed, and CI must run the tmux end-to-end tests")
         pytest.skip("tmux not installed")
+
+
+class Tmux:
+    """A tmux server of the test's own (its own socket, never the default server), one session."""
+
+    def __init__(self):
+        self.base = [TMUX, "-L", f"rlhf-ssh-{uuid.uuid4().hex[:8]}", "-f", "/dev/null"]
+
+    def start(self, cmd: str, env: dict) -> None:
+        full = f"cd {ROOT} && {cmd}; echo TUI-EXITED rc=$?; sleep 30"
+        subprocess.run(self.base + ["new-session", "-d", "-s", "m", "-x", "160", "-y", "50", full], check=True, env=env)
+
+    def capture(self) -> str:
+        return subprocess.run(self.base + ["capture-pane", "-p", "-t", "m"], capture_output=True, text=True).stdout
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        screen = ""
+        while time.monotonic() < deadline:
+            screen = self.capture()
+            m = re.search(pattern, screen)
+            if m:
+                return m
+            time.sleep(0.1)
+        raise AssertionError(f"{pattern!r} never appeared; screen:\n{screen}")
+
+    def kill_ssh(self) -> None:
+        """Cut the links: the ssh clients under the monitor die."""
+        pane = subprocess.run(self.base + ["display", "-p", "-t", "m", "#{pane_pid}"], capture_output=True, text=True)
+        shell = int(pane.stdout)
+        ssh = [p for t in _children(shell) for p in _children(t)]
+        assert ssh, "no ssh client under the monitor"
+        for pid in ssh:
+            os.kill(pid, 9)
+
+    def quit(self) -> None:
+        subprocess.run(self.base + ["send-keys", "-t", "m", "q"], check=True)
+        self.wait_for(r"TUI-EXITED rc=0", timeout=10)
+
+    def close(self) -> None:
+        subprocess.run(self.base + ["kill-server"], capture_output=True)  # our own socket only
+
+
+def _wait_for_run(runs: Path, writer: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 20
+    while not (runs / "latest" / "run.json").exists():
+        assert time.monotonic() < deadline and writer.poll() is None, "the writer never made its run"
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(90)
+def test_remote_run_in_tmux_survives_a_killed_ssh(sshd, tmp_path):
+    _need_tmux()
     runs = tmp_path / "runs"
     cache = tmp_path / "cache"
     steps = 120
@@ -53,52 +105,24 @@ def test_remote_run_in_tmux_survives_a_killed_ssh(sshd, tmp_path):
         env=env,
         stdout=subprocess.DEVNULL,
     )
-    sock = f"rlhf-ssh-{uuid.uuid4().hex[:8]}"
-    tmux = [TMUX, "-L", sock, "-f", "/dev/null"]
-
-    def capture() -> str:
-        return subprocess.run(tmux + ["capture-pane", "-p", "-t", "m"], capture_output=True, text=True).stdout
-
-    def wait_for(pattern: str, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        screen = ""
-        while time.monotonic() < deadline:
-            screen = capture()
-            m = re.search(pattern, screen)
-            if m:
-                return m
-            time.sleep(0.1)
-        raise AssertionError(f"{pattern!r} never appeared; screen:\n{screen}")
-
+    tmux = Tmux()
     try:
-        deadline = time.monotonic() + 20
-        while not (runs / "latest" / "run.json").exists():
-            assert time.monotonic() < deadline and writer.poll() is None, "the writer never made its run"
-            time.sleep(0.05)
-        cmd = f"cd {ROOT} && {_tui()} ssh://rlhf-test{runs}; echo TUI-EXITED rc=$?; sleep 30"
-        subprocess.run(tmux + ["new-session", "-d", "-s", "m", "-x", "160", "-y", "50", cmd], check=True, env=env)
-        wait_for(r"RUNNING", timeout=20)  # alive by its heartbeat, judged by the remote clock
-        m = wait_for(STEP_RE, timeout=10)
+        _wait_for_run(runs, writer)
+        tmux.start(f"{_tui()} ssh://rlhf-test{runs}", env)
+        tmux.wait_for(r"RUNNING", timeout=20)  # alive by its heartbeat, judged by the remote clock
+        m = tmux.wait_for(STEP_RE, timeout=10)
         assert int(m.group(2)) == steps
-        shell = int(
-            subprocess.run(tmux + ["display", "-p", "-t", "m", "#{pane_pid}"], capture_output=True, text=True).stdout
-        )
-        tui = _children(shell)
-        ssh = [p for t in tui for p in _children(t)]
-        assert ssh, "no ssh client under the monitor"
-        for pid in ssh:  # cut the link: the ssh client dies
-            os.kill(pid, 9)
-        wait_for(r"down since \d\d:\d\d:\d\d", timeout=10)
-        wait_for(rf"step {steps}/{steps}", timeout=40)
-        wait_for(r"FINISHED", timeout=15)
-        assert "down since" not in capture()  # reconnected
+        tmux.kill_ssh()
+        tmux.wait_for(r"down since \d\d:\d\d:\d\d", timeout=10)
+        tmux.wait_for(rf"step {steps}/{steps}", timeout=40)
+        tmux.wait_for(r"FINISHED", timeout=15)
+        assert "down since" not in tmux.capture()  # reconnected
         assert writer.wait(10) == 0
         mirrored = next(cache.glob("rlhf-kit/remote/*/*/remote-live/steps.msgpack"))
         assert mirrored.read_bytes() == (runs / "remote-live" / "steps.msgpack").read_bytes()
-        subprocess.run(tmux + ["send-keys", "-t", "m", "q"], check=True)
-        wait_for(r"TUI-EXITED rc=0", timeout=10)
+        tmux.quit()
     finally:
-        subprocess.run(tmux + ["kill-server"], capture_output=True)  # our own socket only
+        tmux.close()
         if writer.poll() is None:
             writer.kill()
 
@@ -108,10 +132,7 @@ def test_compare_two_local_runs_and_a_live_remote_one_in_tmux(sshd, tmp_path):
     """`rlhf-tui A B ssh://host/runs`: two local runs and a remote one being written, compared.
     C's step climbs in the legend; its ssh client is killed mid-run and the legend says the link
     is down, then C reaches its last step, FINISHED, with exactly the remote log's bytes."""
-    if not Path(TMUX).exists():
-        if os.environ.get("CI"):
-            pytest.fail("tmux is not installed, and CI must run the tmux end-to-end tests")
-        pytest.skip("tmux not installed")
+    _need_tmux()
     local = tmp_path / "local"
     runs = tmp_path / "remote-runs"
     cache = tmp_path / "cache"
@@ -130,55 +151,26 @@ def test_compare_two_local_runs_and_a_live_remote_one_in_tmux(sshd, tmp_path):
         env=env,
         stdout=subprocess.DEVNULL,
     )
-    sock = f"rlhf-ssh-{uuid.uuid4().hex[:8]}"
-    tmux = [TMUX, "-L", sock, "-f", "/dev/null"]
-
-    def capture() -> str:
-        return subprocess.run(tmux + ["capture-pane", "-p", "-t", "m"], capture_output=True, text=True).stdout
-
-    def wait_for(pattern: str, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        screen = ""
-        while time.monotonic() < deadline:
-            screen = capture()
-            m = re.search(pattern, screen)
-            if m:
-                return m
-            time.sleep(0.1)
-        raise AssertionError(f"{pattern!r} never appeared; screen:\n{screen}")
-
+    tmux = Tmux()
     try:
-        deadline = time.monotonic() + 20
-        while not (runs / "latest" / "run.json").exists():
-            assert time.monotonic() < deadline and writer.poll() is None, "the writer never made its run"
-            time.sleep(0.05)
-        targets = f"{local / 'local-a'} {local / 'local-b'} ssh://rlhf-test{runs}"
-        cmd = f"cd {ROOT} && {_tui()} {targets}; echo TUI-EXITED rc=$?; sleep 30"
-        subprocess.run(tmux + ["new-session", "-d", "-s", "m", "-x", "160", "-y", "50", cmd], check=True, env=env)
-        wait_for(r"A ━━ local-a\s+FINISHED\s+step 100/100", timeout=20)
-        wait_for(r"B ━━ local-b\s+FINISHED\s+step 100/100", timeout=10)
-        m = wait_for(r"C ━━ remote-c\s+RUNNING\s+step (\d+)/120", timeout=20)  # alive by its heartbeat
-        first = int(m.group(1))
-        shell = int(
-            subprocess.run(tmux + ["display", "-p", "-t", "m", "#{pane_pid}"], capture_output=True, text=True).stdout
-        )
-        ssh = [p for t in _children(shell) for p in _children(t)]
-        assert ssh, "no ssh client under the monitor"
-        for pid in ssh:  # cut C's link
-            os.kill(pid, 9)
-        wait_for(r"C ━━ remote-c .*down since \d\d:\d\d:\d\d", timeout=10)
-        wait_for(rf"C ━━ remote-c\s+FINISHED\s+step {steps}/{steps}", timeout=40)
-        assert first < steps
-        screen = capture()
+        _wait_for_run(runs, writer)
+        tmux.start(f"{_tui()} {local / 'local-a'} {local / 'local-b'} ssh://rlhf-test{runs}", env)
+        tmux.wait_for(r"A ━━ local-a\s+FINISHED\s+step 100/100", timeout=20)
+        tmux.wait_for(r"B ━━ local-b\s+FINISHED\s+step 100/100", timeout=10)
+        m = tmux.wait_for(r"C ━━ remote-c\s+RUNNING\s+step (\d+)/120", timeout=20)  # alive by its heartbeat
+        assert int(m.group(1)) < steps
+        tmux.kill_ssh()  # C's link
+        tmux.wait_for(r"C ━━ remote-c .*down since \d\d:\d\d:\d\d", timeout=10)
+        tmux.wait_for(rf"C ━━ remote-c\s+FINISHED\s+step {steps}/{steps}", timeout=40)
+        screen = tmux.capture()
         assert "down since" not in screen  # reconnected
         assert re.search(r"│A -?\d[\d,.e+-]* B -?\d[\d,.e+-]* C -?\d", screen), screen  # every run's value
         assert "━ C remote-c" in screen, screen
         assert writer.wait(10) == 0
         mirrored = next(cache.glob("rlhf-kit/remote/*/*/remote-c/steps.msgpack"))
         assert mirrored.read_bytes() == (runs / "remote-c" / "steps.msgpack").read_bytes()
-        subprocess.run(tmux + ["send-keys", "-t", "m", "q"], check=True)
-        wait_for(r"TUI-EXITED rc=0", timeout=10)
+        tmux.quit()
     finally:
-        subprocess.run(tmux + ["kill-server"], capture_output=True)
+        tmux.close()
         if writer.poll() is None:
             writer.kill()

@@ -17,16 +17,16 @@ from tui.app import MonitorApp
 SIZE = (160, 50)
 
 
-def _loaded(app: MonitorApp):
+def _loaded(app: MonitorApp, every_run: bool = False):
     async def wait(pilot):
-        deadline = time.monotonic() + 10
-        # records are shown first and their alerts evaluated after: wait for both, and for the
-        # chart frame that draws the alert markers
-        while not app.settled:
+        deadline = time.monotonic() + 15
+        # records are shown first and their alerts evaluated after: wait for both (and, comparing,
+        # for every run's), and for the chart frame that draws the alert markers
+        while not (app.all_settled if every_run else app.settled):
             if time.monotonic() > deadline:
                 raise AssertionError("run never loaded")
             await pilot.pause(0.05)
-        await pilot.pause(0.2)
+        await pilot.pause(0.3 if every_run else 0.2)
 
     return wait
 
@@ -96,25 +96,13 @@ def _compare_app(tmp_path, monkeypatch) -> MonitorApp:
     return MonitorApp(a.root, clock=lambda: T0 + 400 * 0.5 + 12, live=False, compare=((b.root, None), (c.root, None)))
 
 
-def _all_loaded(app: MonitorApp):
-    async def wait(pilot):
-        deadline = time.monotonic() + 15
-        while not app.all_settled:
-            if time.monotonic() > deadline:
-                raise AssertionError("runs never loaded")
-            await pilot.pause(0.05)
-        await pilot.pause(0.3)
-
-    return wait
-
-
 def test_compare_three_runs(snap_compare, tmp_path, plain_env):
     """Three runs overlaid: the legend under the header, a colour per run in every chart, B's
     alert named in the banner, the profiler's stage comparison."""
     app = _compare_app(tmp_path, plain_env)
-    assert snap_compare(app, terminal_size=SIZE, run_before=_all_loaded(app))
+    assert snap_compare(app, terminal_size=SIZE, run_before=_loaded(app, every_run=True))
 
 
 def test_compare_80x24(snap_compare, tmp_path, plain_env):
     app = _compare_app(tmp_path, plain_env)
-    assert snap_compare(app, terminal_size=(80, 24), run_before=_all_loaded(app))
+    assert snap_compare(app, terminal_size=(80, 24), run_before=_loaded(app, every_run=True))

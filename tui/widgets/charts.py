@@ -76,21 +76,18 @@ class ChartView:
             return 0, n, dots
         return 0, n, _ladder(-(-n // dots)) * dots
 
-    def describe(self) -> str:
+    def describe(self, comparing: bool = False) -> str:
+        """What the charts show, for the detail chart's title."""
+        d = g("dot")
         z = "whole run" if self.zoom is None else f"last {self.zoom:,}"
+        x = f"x={'time' if self.time_axis else 'step'}"
+        if comparing:
+            z = "all runs whole" if self.zoom is None else f"last {self.zoom:,} steps"
+            x = f"aligned by {self.x_axis}"
         if self.around_step is not None:
-            z = f"{self.zoom or 200:,} around step {self.around_step:,}"
-        d = g("dot")
+            z = f"{self.zoom or 200:,}{' steps' if comparing else ''} around step {self.around_step:,}"
         smooth = f"EMA {self.ema_weight:g}" if self.smooth else "raw"
-        return f"{z} {d} {smooth} {d} x={'time' if self.time_axis else 'step'}"
-
-    def describe_compare(self) -> str:
-        z = "all runs whole" if self.zoom is None else f"last {self.zoom:,} steps"
-        if self.around_step is not None:
-            z = f"{self.zoom or 200:,} steps around step {self.around_step:,}"
-        d = g("dot")
-        smooth = f"EMA {self.ema_weight:g}" if self.smooth else "raw"
-        return f"{z} {d} {smooth} {d} aligned by {self.x_axis}"
+        return f"{z} {d} {smooth} {d} {x}"
 
 
 def _ladder(x: int) -> int:
@@ -525,7 +522,7 @@ class DetailChart(StripWidget):
         return self.comparison is not None and self.comparison.active
 
     def update_title(self) -> None:
-        view = self.view.describe_compare() if self.comparing else self.view.describe()
+        view = self.view.describe(self.comparing)
         title = f"{self.metric} {g('dot')} {view}"
         if title != self.border_title:
             self.border_title = title
