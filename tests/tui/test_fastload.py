@@ -278,3 +278,39 @@ async def test_the_monitor_shows_a_whole_history_with_its_alerts_in_its_first_sc
         assert len(app.model.store) < 6000  # the tail first
         await wait_for(pilot, lambda: app.model.history_done, timeout=30, what="the history")
         assert len(app.model.store) == 6000
+
+
+@pytest.mark.parametrize("frame", [0, 1, 9, 10, 11, 777, 1499, 1500, 1502, 1503])
+def test_a_flipped_log_bit_with_the_crc_checked_beside_the_rows(odd_run, monkeypatch, frame):
+    """The log's crc32 runs in a thread while the rows are taken: a pass whose crc does not hold
+    is taken back and only its rows before the damaged frame are kept, whatever pass it is in
+    (small passes here: ~10 rows each, and a segment that starts after the damage)."""
+    import tui.fastload as fastload
+    from protocol.steplog import StepLogTailer
+
+    monkeypatch.setattr(fastload, "CHUNK_BYTES", 2048)
+    frames = StepLogTailer(odd_run.steps, with_offsets=True).poll(10_000)
+    assert len(frames) == 1504
+    start, end, _r = frames[frame]
+    data = bytearray(odd_run.steps.read_bytes())
+    data[(start + end) // 2] ^= 0x04
+    odd_run.steps.write_bytes(bytes(data))
+    loaded = load_columns(odd_run, 1 << 60)
+    if frame == 0:
+        assert loaded is None
+        return
+    assert loaded is not None and loaded.rows == frame and loaded.end == start
+    want = RunStore()
+    want.extend(RunStore.columnize([r for _s, _e, r in frames[:frame]]))
+    assert_same(loaded.store, want)
+
+
+def test_many_passes_give_the_store_one_pass_gives(odd_run, monkeypatch):
+    import tui.fastload as fastload
+
+    whole = load_columns(odd_run, 1 << 60)
+    monkeypatch.setattr(fastload, "CHUNK_BYTES", 1000)
+    small = load_columns(odd_run, 1 << 60)
+    assert whole is not None and small is not None and (small.rows, small.end) == (whole.rows, whole.end)
+    assert_same(small.store, whole.store)
+    assert small.store.stage_peaks == whole.store.stage_peaks
