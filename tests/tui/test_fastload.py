@@ -314,3 +314,22 @@ def test_many_passes_give_the_store_one_pass_gives(odd_run, monkeypatch):
     assert whole is not None and small is not None and (small.rows, small.end) == (whole.rows, whole.end)
     assert_same(small.store, whole.store)
     assert small.store.stage_peaks == whole.store.stage_peaks
+
+
+def test_the_sliding_window_min_max_of_the_spike_screen_is_the_windows_own():
+    np = pytest.importorskip("numpy")
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    from tui.history_alerts import _sliding
+
+    rng = np.random.default_rng(7)
+    for m in (2, 3, 49, 50, 51, 1000, 4099):
+        for w in (1, 2, 3, 7, 50):
+            if m < w:
+                continue
+            y = rng.normal(size=m) * 10 ** rng.integers(-5, 5, size=m)
+            y[rng.random(m) < 0.1] = 0.0
+            y[rng.random(m) < 0.05] = math.inf
+            for reduce, name in ((np.minimum, "min"), (np.maximum, "max")):
+                want = getattr(sliding_window_view(y, w), name)(axis=1)
+                assert np.array_equal(_sliding(np, reduce, y, w), want), (m, w, name)
