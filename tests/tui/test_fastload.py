@@ -327,7 +327,7 @@ def test_the_sliding_window_min_max_of_the_spike_screen_is_the_windows_own():
         for w in (1, 2, 3, 7, 50):
             if m < w:
                 continue
-            y = rng.normal(size=m) * 10 ** rng.integers(-5, 5, size=m)
+            y = rng.normal(size=m) * 10.0 ** rng.integers(-5, 5, size=m)
             y[rng.random(m) < 0.1] = 0.0
             y[rng.random(m) < 0.05] = math.inf
             for reduce, name in ((np.minimum, "min"), (np.maximum, "max")):
