@@ -18,8 +18,10 @@ from __future__ import annotations
 import math
 import os
 import struct
+import threading
 import zlib
 from array import array
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from protocol.catalogue import RANK_FIELDS, STAGES
@@ -93,12 +95,61 @@ def _big_blocks_mapped() -> None:
     columns that grow while a history loads land in the heap, their old copies stay there,
     and a 1M-step load peaked ~75 MB higher. Elsewhere (musl, macOS) nothing is done.
     """
-    try:
-        import ctypes
+    libc = _libc()
+    if libc is not None:
+        with _heap_lock:
+            if not _heap_users[0]:
+                libc.mallopt(_M_MMAP_THRESHOLD, MAPPED_BAR)
 
-        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 256 << 10)
-    except (OSError, AttributeError):
-        pass
+
+MAPPED_BAR = 256 << 10  # blocks over this are mapped (the columns that grow)
+HEAP_BAR = 32 << 20  # glibc's highest bar: blocks up to this come from the heap
+_heap_lock = threading.Lock()
+_heap_users = [0]
+
+
+def _libc():
+    """glibc's malloc tuning (mallopt, malloc_trim), or None (musl, macOS: nothing is done)."""
+    global _LIBC
+    if _LIBC is False:
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL(None)
+            _LIBC = lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else None
+        except (OSError, AttributeError):
+            _LIBC = None
+    return _LIBC
+
+
+_LIBC: object = False
+
+
+@contextmanager
+def heap_temporaries():
+    """Array work whose big temporaries come and go (block summaries, alert screens): while it
+    runs, blocks up to HEAP_BAR come from the heap, so each temporary reuses the memory the one
+    before it freed. With every block over 256 KiB mapped (`_big_blocks_mapped`), each was a
+    fresh mapping whose pages the kernel faulted in and zeroed, then unmapped: about half the
+    time of an alert evaluation over 1M steps. Afterwards the bar is put back and the heap's
+    free pages are given back (malloc_trim), so the memory held is what it was. Nests, and
+    threads may overlap: the bar is raised by the first user and put back by the last."""
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    with _heap_lock:
+        _heap_users[0] += 1
+        if _heap_users[0] == 1:
+            libc.mallopt(_M_MMAP_THRESHOLD, HEAP_BAR)
+    try:
+        yield
+    finally:
+        with _heap_lock:
+            _heap_users[0] -= 1
+            if not _heap_users[0]:
+                libc.mallopt(_M_MMAP_THRESHOLD, MAPPED_BAR)
+                libc.malloc_trim(0)
 
 
 def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | None:
@@ -121,6 +172,7 @@ def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | Non
             fields, head_len = got
             seg = _Segment(np, fields, k_all)
             per_chunk = max(1, CHUNK_BYTES // seg.width)
+            gather = np.empty(len(seg.kept) * per_chunk, dtype="<u8")  # the kept values of a pass, reused
             if len(buf) < seg.width:
                 buf = bytearray(seg.width)
             p = pos + head_len
@@ -143,7 +195,7 @@ def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | Non
                     marks.append(_Mark(n, prev_end, log_crc, p, ok, seg, set(out), dict(peaks)))
                     end, crc = int(good[-1, 0]), int(good[-1, 1]) >> 32
                     check.want(prev_end, end, crc)  # the log's crc32 up to these rows' last frame end
-                    n = _take_rows(np, good, seg, out, peaks, n)
+                    n = _take_rows(np, good, seg, out, peaks, n, gather)
                     prev_end, log_crc = end, crc
                 if ok < len(rows) or prev_end >= upto:
                     done = True
@@ -165,7 +217,8 @@ def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | Non
         n, prev_end = _redo(np, cols_fd, log_fd, marks[bad], out, peaks, upto)
     if not n:
         return None
-    store, skipped = _store_of(np, out, n)
+    with heap_temporaries():  # the block summaries' temporaries
+        store, skipped = _store_of(np, out, n)
     store.stage_peaks = peaks
     return Loaded(store, prev_end, n, skipped)
 
@@ -239,7 +292,7 @@ def _preadv(fd: int, view: memoryview, offset: int) -> int:
 _HAS_PREADV = hasattr(os, "preadv")
 
 
-def _take_rows(np, good, seg: _Segment, out: dict, peaks: dict, n: int) -> int:
+def _take_rows(np, good, seg: _Segment, out: dict, peaks: dict, n: int, gather=None) -> int:
     """Append trusted rows' values to the columns `out` (a column new here is MISSING before
     them, one this segment lacks is MISSING along them); returns the rows taken in all."""
     for j, f in seg.peak_fields:  # the profiler panel: the last step's
@@ -249,7 +302,10 @@ def _take_rows(np, good, seg: _Segment, out: dict, peaks: dict, n: int) -> int:
         else:
             peaks.pop(f, None)
     ok = len(good)
-    vals = good.T[seg.kept_words]  # the kept fields' values, one contiguous row each (one gather)
+    # the kept fields' values, one contiguous row each: one gather, into a buffer used again (a
+    # fresh one each pass is fresh pages to fault in: big blocks are mapped, see _big_blocks_mapped)
+    vals = None if gather is None else gather[: len(seg.kept) * ok].reshape(len(seg.kept), ok)
+    vals = np.take(good.T, seg.kept_words, axis=0, out=vals, mode="clip")
     for i, (_j, f, stage) in enumerate(seg.kept):
         col = out.get(f)
         if col is None:

@@ -26,6 +26,7 @@ import dataclasses
 from protocol.alerts import Alert, AlertEngine, Rule
 from protocol.columns import MISSING_BITS
 
+from .fastload import heap_temporaries
 from .store import RunStore
 
 TREND_MARGIN = 0.02  # the vectorised trend r may differ from the engine's in the last digits
@@ -41,6 +42,11 @@ def evaluate_history(rules, store: RunStore, should_stop=lambda: False):
     n = len(store)
     if not n:
         return [], engine
+    with heap_temporaries():  # the screens' 1M-value temporaries: heap memory used again, not fresh pages
+        return _evaluate(np, engine, store, should_stop)
+
+
+def _evaluate(np, engine: AlertEngine, store: RunStore, should_stop):
     steps = np.frombuffer(store.steps, dtype=np.int64)
     found: list[tuple[int, int, str, Alert]] = []  # (record, rule order, event, alert)
     ends: list[tuple[int, int, str, AlertEngine]] = []  # (record its open alert fired at, rule order, rule, engine)
