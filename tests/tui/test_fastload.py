@@ -333,3 +333,46 @@ def test_the_sliding_window_min_max_of_the_spike_screen_is_the_windows_own():
             for reduce, name in ((np.minimum, "min"), (np.maximum, "max")):
                 want = getattr(sliding_window_view(y, w), name)(axis=1)
                 assert np.array_equal(_sliding(np, reduce, y, w), want), (m, w, name)
+
+
+@pytest.mark.parametrize("typecode", ["d", "f"])
+def test_array_block_summaries_are_the_python_ones_bit_for_bit(monkeypatch, typecode):
+    """A big batch's block summaries come from numpy (tui/store.py `_summarize_blocks`): the same
+    bytes as `summarize`/`finite_sum` block by block: finite min/max (a zero's sign is the first
+    zero's), NaN/+Inf/-Inf flags (MISSING is not a NaN marker), nothing finite as (inf, -inf)."""
+    np = pytest.importorskip("numpy")
+    import tui.store as store_mod
+    from tui.store import MISSING, Column
+
+    rng = np.random.default_rng(11)
+    n = 256 * 40 + 77
+    v = rng.normal(size=n) * 10.0 ** rng.integers(-3, 300, size=n)  # some sums overflow
+    specials = [math.nan, MISSING, math.inf, -math.inf, 0.0, -0.0, 1e308, -1e308]
+    for b in range(0, n, 256):  # each block its own mix: none, a few, or all of one kind
+        kind = b // 256 % 12
+        if kind < len(specials):
+            pick = rng.random(256) < (1.0 if kind in (0, 1, 2) and b // 256 % 3 == 0 else 0.05)
+            v[b : b + 256][pick[: len(v[b : b + 256])]] = specials[kind]
+        elif kind == 9:
+            v[b : b + 256] = rng.choice([0.0, -0.0, 1.0], size=len(v[b : b + 256]))
+        elif kind == 10:
+            v[b : b + 256] = rng.choice([math.nan, MISSING, -0.0, 0.0], size=len(v[b : b + 256]))
+    values = list(v)
+
+    def built(array_blocks: int) -> Column:
+        monkeypatch.setattr(store_mod, "ARRAY_BLOCKS", array_blocks)
+        c = Column(typecode, sums=typecode == "f")
+        for a, b in ((0, 100), (100, 256 * 9 + 3), (256 * 9 + 3, 256 * 30), (256 * 30, n)):
+            c.extend(values[a:b])
+        return c
+
+    py, arr = built(1 << 30), built(1)
+    assert len(py.bmin) == n // 256 == len(arr.bmin)
+    assert bytes(arr.bmin) == bytes(py.bmin)
+    assert bytes(arr.bmax) == bytes(py.bmax)
+    assert bytes(arr.bflags) == bytes(py.bflags)
+    assert 0 in py.bflags and all(any(f & bit for f in py.bflags) for bit in (1, 2, 4))
+    if typecode == "f":
+        assert bytes(arr.bsum) == bytes(py.bsum)
+    assert any(math.copysign(1, x) < 0 for x in py.bmin if x == 0)  # a -0.0 kept, as min gives it
+    assert any(math.copysign(1, x) > 0 for x in py.bmax if x == 0)
