@@ -49,6 +49,7 @@ from .store import (
     SCALAR_FIELDS,
     Column,
     RunStore,
+    numpy_loaded,
 )
 
 _RANK_SET = frozenset(RANK_FIELDS)
@@ -70,6 +71,7 @@ def load_columns(paths: RunPaths, upto: int, should_stop=lambda: False) -> Loade
         import numpy as np
     except ImportError:
         return None
+    numpy_loaded(np)
     _big_blocks_mapped()
     try:
         cols = open_run_file(paths.root, columns_path(paths.steps), "rb")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import struct
-import sys
 from array import array
 from bisect import bisect_left
 from dataclasses import dataclass
@@ -98,7 +97,17 @@ def finite_sum(values, a: int, b: int) -> float:
     return sum(v for v in values[a:b] if v == v and v not in (math.inf, -math.inf))
 
 
-ARRAY_BLOCKS = 8  # a batch bringing this many whole blocks is summarised with numpy (if it is loaded)
+ARRAY_BLOCKS = 8  # a batch bringing this many whole blocks is summarised with numpy (once it is loaded)
+_NUMPY = None  # numpy, once a history load has imported it (never imported here: start-up does not pay)
+
+
+def numpy_loaded(np) -> None:
+    """numpy is imported (in full: a module still being imported by another thread is not
+    usable): big batches' block summaries may use it from now on."""
+    global _NUMPY
+    _NUMPY = np
+
+
 _ARRAY_PASS = 1024  # blocks summarised per numpy pass: a few MB of temporaries at most
 
 
@@ -157,11 +166,9 @@ class Column:
 
     def _summarize_new_blocks(self) -> None:
         v = self.values
-        if len(v) // BLOCK - len(self.bmin) >= ARRAY_BLOCKS:
-            np = sys.modules.get("numpy")  # never imported here: the monitor's start-up does not pay for it
-            if np is not None:
-                _summarize_blocks(np, self, len(self.bmin), len(v) // BLOCK)
-                return
+        if len(v) // BLOCK - len(self.bmin) >= ARRAY_BLOCKS and _NUMPY is not None:
+            _summarize_blocks(_NUMPY, self, len(self.bmin), len(v) // BLOCK)
+            return
         for b in range(len(self.bmin), len(v) // BLOCK):
             lo, hi, fl = summarize(v[b * BLOCK : (b + 1) * BLOCK])
             self.bmin.append(lo)

@@ -361,6 +361,7 @@ def test_array_block_summaries_are_the_python_ones_bit_for_bit(monkeypatch, type
 
     def built(array_blocks: int) -> Column:
         monkeypatch.setattr(store_mod, "ARRAY_BLOCKS", array_blocks)
+        monkeypatch.setattr(store_mod, "_NUMPY", np)
         c = Column(typecode, sums=typecode == "f")
         for a, b in ((0, 100), (100, 256 * 9 + 3), (256 * 9 + 3, 256 * 30), (256 * 30, n)):
             c.extend(values[a:b])
