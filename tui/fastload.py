@@ -166,6 +166,7 @@ def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | Non
     check = _LogCheck(log_fd)  # the log's crc32, in a thread beside the work on the rows
     marks: list[_Mark] = []  # where each pass began: what to go back to if its crc does not hold
     done = False
+    gather = None
     try:
         while not done and pos < size:
             got = decode_header(os.pread(cols_fd, MAX_HEADER_BYTES, pos), 0)
@@ -215,6 +216,7 @@ def _load(np, cols_fd: int, log_fd: int, upto: int, should_stop) -> Loaded | Non
             return None
     finally:
         check.stop()
+    buf = gather = rows = good = None  # let the read buffers go before the columns are summarised (the peak)
     if bad is not None:  # the log is not what pass `bad` says: its rows up to the last crc that holds
         n, prev_end = _redo(np, cols_fd, log_fd, marks[bad], out, peaks, upto)
     if not n:
