@@ -26,6 +26,7 @@ import dataclasses
 from protocol.alerts import Alert, AlertEngine, Rule
 from protocol.columns import MISSING_BITS
 
+from .fastload import heap_temporaries
 from .store import RunStore
 
 TREND_MARGIN = 0.02  # the vectorised trend r may differ from the engine's in the last digits
@@ -41,6 +42,11 @@ def evaluate_history(rules, store: RunStore, should_stop=lambda: False):
     n = len(store)
     if not n:
         return [], engine
+    with heap_temporaries():  # the screens' 1M-value temporaries: heap memory used again, not fresh pages
+        return _evaluate(np, engine, store, should_stop)
+
+
+def _evaluate(np, engine: AlertEngine, store: RunStore, should_stop):
     steps = np.frombuffer(store.steps, dtype=np.int64)
     found: list[tuple[int, int, str, Alert]] = []  # (record, rule order, event, alert)
     ends: list[tuple[int, int, str, AlertEngine]] = []  # (record its open alert fired at, rule order, rule, engine)
@@ -252,17 +258,13 @@ def _spike_candidates(np, rule: Rule, y, fed, n: int):
     m = len(y)
     if m < 2 or f <= 0:
         return out
-    from numpy.lib.stride_tricks import sliding_window_view
-
     reduce = np.minimum if rule.kind != "below" else np.maximum
     prev = np.empty(m)  # min (max) of the up-to-w values fed before each one
     prev[0] = np.nan
     lim = min(w, m - 1)
     prev[1 : lim + 1] = reduce.accumulate(y[:lim])
-    if m > w:
-        win = sliding_window_view(y, w)
-        full = win.min(axis=1) if rule.kind != "below" else win.max(axis=1)
-        prev[w:] = full[: m - w]
+    if m > w:  # the window's min (max), in O(m) whatever w
+        prev[w:] = _sliding(np, reduce, y, w)[: m - w]
     enough = np.ones(m, dtype=bool)
     enough[: min(w, 10)] = False  # the engine needs this many values for a median
     with np.errstate(invalid="ignore"):
@@ -274,6 +276,23 @@ def _spike_candidates(np, rule: Rule, y, fed, n: int):
             hit = (y > f * prev) & (y > floor)
     out[fed[hit & enough]] = True
     return out
+
+
+def _sliding(np, reduce, y, w: int):
+    """reduce (np.minimum or np.maximum) of each full window of w values: [r(y[0:w]), r(y[1:w+1]),
+    ...], in O(len(y)) whatever w (van Herk / Gil-Werman: per block of w, running reductions from
+    its start and from its end; a window spans at most two blocks). Exactly the values a window's
+    min/max gives: a reduction only picks one of its values. y holds no NaN."""
+    m = len(y)
+    pad = -m % w
+    g = np.empty(m + pad)
+    g[:m] = y
+    g[m:] = np.inf if reduce is np.minimum else -np.inf
+    g = g.reshape(-1, w)
+    ahead = reduce.accumulate(g, axis=1).ravel()  # block start .. i
+    behind = reduce.accumulate(g[:, ::-1], axis=1)[:, ::-1].ravel()  # i .. block end
+    k = m - w + 1
+    return reduce(behind[:k], ahead[w - 1 : w - 1 + k])
 
 
 def _trend_candidates(np, rule: Rule, cols: dict, n: int, skip):

@@ -97,6 +97,57 @@ def finite_sum(values, a: int, b: int) -> float:
     return sum(v for v in values[a:b] if v == v and v not in (math.inf, -math.inf))
 
 
+ARRAY_BLOCKS = 8  # a batch bringing this many whole blocks is summarised with numpy (once it is loaded)
+_NUMPY = None  # numpy, once a history load has imported it (never imported here: start-up does not pay)
+
+
+def numpy_loaded(np) -> None:
+    """numpy is imported (in full: a module still being imported by another thread is not
+    usable): big batches' block summaries may use it from now on."""
+    global _NUMPY
+    _NUMPY = np
+
+
+_ARRAY_PASS = 1024  # blocks summarised per numpy pass: a few MB of temporaries at most
+
+
+def _summarize_blocks(np, col: Column, b0: int, b1: int) -> None:
+    """The summaries of blocks b0..b1 of a column, appended, with numpy: bit for bit what
+    `summarize` and `finite_sum` give block by block (tests/tui/test_store.py). Python's min/max
+    keep the first of equal values, so a zero's sign is the first zero's; numpy's may not be."""
+    dtype = np.float64 if col.values.typecode == "d" else np.float32
+    values = np.frombuffer(col.values, dtype=dtype)  # a view: gone before this returns (the array grows later)
+    try:
+        for p0 in range(b0, b1, _ARRAY_PASS):
+            p1 = min(b1, p0 + _ARRAY_PASS)
+            blk = values[p0 * BLOCK : p1 * BLOCK].astype(np.float64).reshape(p1 - p0, BLOCK)
+            fin = np.isfinite(blk)
+            if fin.all():
+                lo, hi = blk.min(axis=1), blk.max(axis=1)
+                flags = np.zeros(p1 - p0, dtype=np.int8)
+            else:
+                lo = np.where(fin, blk, math.inf).min(axis=1)  # nothing finite: (inf, -inf)
+                hi = np.where(fin, blk, -math.inf).max(axis=1)
+                nan = np.isnan(blk) & (blk.view(np.uint64) != np.uint64(_MISSING_BITS))
+                flags = nan.any(axis=1).astype(np.int8) * np.int8(FLAG_NAN)
+                flags |= (blk == math.inf).any(axis=1).astype(np.int8) * np.int8(FLAG_POS_INF)
+                flags |= (blk == -math.inf).any(axis=1).astype(np.int8) * np.int8(FLAG_NEG_INF)
+            for ext in (lo, hi):  # a zero: the first zero of the block (0.0 or -0.0, as min/max give)
+                rows = np.flatnonzero(ext == 0)
+                if len(rows):
+                    ext[rows] = blk[rows, np.argmax(blk[rows] == 0, axis=1)]
+            col.bmin.frombytes(lo.tobytes())
+            col.bmax.frombytes(hi.tobytes())
+            col.bflags.frombytes(flags.tobytes())
+            del blk, fin
+    finally:
+        del values
+    if col.bsum is not None:  # Python's own sums (its float sum is not numpy's)
+        v = col.values
+        for b in range(b0, b1):
+            col.bsum.append(finite_sum(v, b * BLOCK, (b + 1) * BLOCK))
+
+
 class Column:
     """One field's values with block summaries for fast decimation."""
 
@@ -115,6 +166,9 @@ class Column:
 
     def _summarize_new_blocks(self) -> None:
         v = self.values
+        if len(v) // BLOCK - len(self.bmin) >= ARRAY_BLOCKS and _NUMPY is not None:
+            _summarize_blocks(_NUMPY, self, len(self.bmin), len(v) // BLOCK)
+            return
         for b in range(len(self.bmin), len(v) // BLOCK):
             lo, hi, fl = summarize(v[b * BLOCK : (b + 1) * BLOCK])
             self.bmin.append(lo)

@@ -278,3 +278,102 @@ async def test_the_monitor_shows_a_whole_history_with_its_alerts_in_its_first_sc
         assert len(app.model.store) < 6000  # the tail first
         await wait_for(pilot, lambda: app.model.history_done, timeout=30, what="the history")
         assert len(app.model.store) == 6000
+
+
+@pytest.mark.parametrize("frame", [0, 1, 9, 10, 11, 777, 1499, 1500, 1502, 1503])
+def test_a_flipped_log_bit_with_the_crc_checked_beside_the_rows(odd_run, monkeypatch, frame):
+    """The log's crc32 runs in a thread while the rows are taken: a pass whose crc does not hold
+    is taken back and only its rows before the damaged frame are kept, whatever pass it is in
+    (small passes here: ~10 rows each, and a segment that starts after the damage)."""
+    import tui.fastload as fastload
+    from protocol.steplog import StepLogTailer
+
+    monkeypatch.setattr(fastload, "CHUNK_BYTES", 2048)
+    frames = StepLogTailer(odd_run.steps, with_offsets=True).poll(10_000)
+    assert len(frames) == 1504
+    start, end, _r = frames[frame]
+    data = bytearray(odd_run.steps.read_bytes())
+    data[(start + end) // 2] ^= 0x04
+    odd_run.steps.write_bytes(bytes(data))
+    loaded = load_columns(odd_run, 1 << 60)
+    if frame == 0:
+        assert loaded is None
+        return
+    assert loaded is not None and loaded.rows == frame and loaded.end == start
+    want = RunStore()
+    want.extend(RunStore.columnize([r for _s, _e, r in frames[:frame]]))
+    assert_same(loaded.store, want)
+
+
+def test_many_passes_give_the_store_one_pass_gives(odd_run, monkeypatch):
+    import tui.fastload as fastload
+
+    whole = load_columns(odd_run, 1 << 60)
+    monkeypatch.setattr(fastload, "CHUNK_BYTES", 1000)
+    small = load_columns(odd_run, 1 << 60)
+    assert whole is not None and small is not None and (small.rows, small.end) == (whole.rows, whole.end)
+    assert_same(small.store, whole.store)
+    assert small.store.stage_peaks == whole.store.stage_peaks
+
+
+def test_the_sliding_window_min_max_of_the_spike_screen_is_the_windows_own():
+    np = pytest.importorskip("numpy")
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    from tui.history_alerts import _sliding
+
+    rng = np.random.default_rng(7)
+    for m in (2, 3, 49, 50, 51, 1000, 4099):
+        for w in (1, 2, 3, 7, 50):
+            if m < w:
+                continue
+            y = rng.normal(size=m) * 10.0 ** rng.integers(-5, 5, size=m)
+            y[rng.random(m) < 0.1] = 0.0
+            y[rng.random(m) < 0.05] = math.inf
+            for reduce, name in ((np.minimum, "min"), (np.maximum, "max")):
+                want = getattr(sliding_window_view(y, w), name)(axis=1)
+                assert np.array_equal(_sliding(np, reduce, y, w), want), (m, w, name)
+
+
+@pytest.mark.parametrize("typecode", ["d", "f"])
+def test_array_block_summaries_are_the_python_ones_bit_for_bit(monkeypatch, typecode):
+    """A big batch's block summaries come from numpy (tui/store.py `_summarize_blocks`): the same
+    bytes as `summarize`/`finite_sum` block by block: finite min/max (a zero's sign is the first
+    zero's), NaN/+Inf/-Inf flags (MISSING is not a NaN marker), nothing finite as (inf, -inf)."""
+    np = pytest.importorskip("numpy")
+    import tui.store as store_mod
+    from tui.store import MISSING, Column
+
+    rng = np.random.default_rng(11)
+    n = 256 * 40 + 77
+    v = rng.normal(size=n) * 10.0 ** rng.integers(-3, 300, size=n)  # some sums overflow
+    specials = [math.nan, MISSING, math.inf, -math.inf, 0.0, -0.0, 1e308, -1e308]
+    for b in range(0, n, 256):  # each block its own mix: none, a few, or all of one kind
+        kind = b // 256 % 12
+        if kind < len(specials):
+            pick = rng.random(256) < (1.0 if kind in (0, 1, 2) and b // 256 % 3 == 0 else 0.05)
+            v[b : b + 256][pick[: len(v[b : b + 256])]] = specials[kind]
+        elif kind == 9:
+            v[b : b + 256] = rng.choice([0.0, -0.0, 1.0], size=len(v[b : b + 256]))
+        elif kind == 10:
+            v[b : b + 256] = rng.choice([math.nan, MISSING, -0.0, 0.0], size=len(v[b : b + 256]))
+    values = list(v)
+
+    def built(array_blocks: int) -> Column:
+        monkeypatch.setattr(store_mod, "ARRAY_BLOCKS", array_blocks)
+        monkeypatch.setattr(store_mod, "_NUMPY", np)
+        c = Column(typecode, sums=typecode == "f")
+        for a, b in ((0, 100), (100, 256 * 9 + 3), (256 * 9 + 3, 256 * 30), (256 * 30, n)):
+            c.extend(values[a:b])
+        return c
+
+    py, arr = built(1 << 30), built(1)
+    assert len(py.bmin) == n // 256 == len(arr.bmin)
+    assert bytes(arr.bmin) == bytes(py.bmin)
+    assert bytes(arr.bmax) == bytes(py.bmax)
+    assert bytes(arr.bflags) == bytes(py.bflags)
+    assert 0 in py.bflags and all(any(f & bit for f in py.bflags) for bit in (1, 2, 4))
+    if typecode == "f":
+        assert bytes(arr.bsum) == bytes(py.bsum)
+    assert any(math.copysign(1, x) < 0 for x in py.bmin if x == 0)  # a -0.0 kept, as min gives it
+    assert any(math.copysign(1, x) > 0 for x in py.bmax if x == 0)
