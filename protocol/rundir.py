@@ -486,6 +486,27 @@ def heartbeat_status(now: float, last_sign_of_life: float | None) -> str:
     return "running"
 
 
+MAX_HEARTBEAT_BYTES = 4096
+
+
+def read_heartbeat(paths: RunPaths) -> dict[str, Any] | None:
+    """The run's `heartbeat` as far as it can be trusted: its `time` (a finite number), and
+    `phase` (text) and `last_step` (an int) when they are well formed; None when there is none,
+    or it cannot be read (refused, too long, not a JSON object with a time)."""
+    try:
+        data = jsonl.loads(read_run_file(paths.root, HEARTBEAT_FILE, MAX_HEARTBEAT_BYTES).decode("utf-8"))
+    except (OSError, ValueError):  # missing, refused (a FIFO, a link out), not UTF-8, not JSON
+        return None
+    if not isinstance(data, dict) or finite_value(data.get("time")) is None:
+        return None
+    beat: dict[str, Any] = {"time": finite_value(data["time"])}
+    if isinstance(data.get("phase"), str):
+        beat["phase"] = safe_text(data["phase"], 40)
+    if _is_int(data.get("last_step")):
+        beat["last_step"] = data["last_step"]
+    return beat
+
+
 def _writer_elsewhere(paths: RunPaths) -> Callable[[Path], str] | None:
     if not _WRITER_ELSEWHERE:
         return None

@@ -44,6 +44,7 @@ from protocol.rundir import (
     is_locked,
     new_manifest,
     read_events,
+    read_heartbeat,
     read_manifest,
     resolve_run,
     run_elapsed,
@@ -576,7 +577,11 @@ def run_status(paths: RunPaths) -> dict:
         if st is not None and st > 0:
             rate = finite_value(1.0 / st)
     last_time = finite_value(recs[-1].get("time")) if recs else None
-    elapsed = run_elapsed(m, status, last_time, time.time())  # the monitor's header shows the same
+    now = time.time()
+    elapsed = run_elapsed(m, status, last_time, now)  # the monitor's header shows the same
+    beat = read_heartbeat(paths) if not isinstance(paths, AdaptedRun) else None
+    if beat is not None:
+        beat["age_s"] = now - beat.pop("time")
     eta = None
     if rate and _is_step(total) and status == "running":
         eta = finite_value((total - step) / rate)
@@ -606,6 +611,8 @@ def run_status(paths: RunPaths) -> dict:
         "started_at": m.get("started_at"),
         "ended_at": m.get("ended_at"),
         "elapsed_s": elapsed,
+        "last_record_age_s": now - last_time if last_time is not None else None,
+        "heartbeat": beat,  # the writer's last beat: age_s, phase, last_step (None: no heartbeat file)
         "open_alerts": [
             {k: a.get(k) for k in ("rule", "severity", "metric", "value", "threshold", "first_step", "message")}
             for a in open_alerts(events)
@@ -619,6 +626,25 @@ def run_status(paths: RunPaths) -> dict:
         "resume_check": resume_check,
         "notes": notes,
     }
+
+
+def _liveness_line(info: dict) -> str:
+    """A running run: when its last record came and what its writer's heartbeat says, so a
+    step that takes minutes (or a long warm start) reads as alive, not as a stalled run."""
+    age = info["last_record_age_s"]
+    last = f"last record {_fmt_secs(age)} ago" if age is not None else "no record yet"
+    beat = info["heartbeat"]
+    if beat is None:
+        return f"{last}; no heartbeat file (a trainer from before 0.2, or another writer)"
+    doing = ", ".join(
+        x
+        for x in (safe_text(beat.get("phase", ""), 40), f"step {beat['last_step']}" if "last_step" in beat else "")
+        if x
+    )
+    alive = f"heartbeat {_fmt_secs(beat['age_s'])} ago" + (f" ({doing})" if doing else "")
+    if age is not None and age > 60 and beat["age_s"] < 60:
+        return f"no new step for {_fmt_secs(age)}, but the trainer is alive: {alive}"
+    return f"{last}; {alive}"
 
 
 def _fmt_secs(s: float | None) -> str:
@@ -649,6 +675,8 @@ def status(run, as_json):
         f"ETA {_fmt_secs(info['eta_s'])}  elapsed {_fmt_secs(info['elapsed_s'])}"
     )
     click.echo(f"  dir {t(info['run_dir'])}  last checkpoint {t(info['last_checkpoint'] or '-', 400)}")
+    if info["status"] == "running":
+        click.echo(f"  {_liveness_line(info)}")
     if info["resume_check"]:
         click.echo(f"  {t(info['resume_check'], 400)}")
     # the verdict remembers: a critical alert that cleared keeps the run from reading healthy

@@ -124,3 +124,45 @@ def test_a_real_run_beats_from_its_setup_to_its_end_and_not_after(tmp_path, trai
     mtime = paths.heartbeat.stat().st_mtime_ns
     time.sleep(5 * FAST_BEAT_S)
     assert read_beat(paths) == last and paths.heartbeat.stat().st_mtime_ns == mtime  # the run ended: no beat
+
+
+def test_status_says_a_slow_step_is_alive_by_its_heartbeat(tmp_path):
+    """`trainerd status` of a running run whose last record is minutes old: the trainer is
+    alive if its heartbeat is fresh (a long step, a warm start), and says what it does."""
+    import os
+
+    from protocol.rundir import RunLock, new_manifest, write_manifest
+    from trainerd.cli import _liveness_line, run_status
+
+    paths = create_run(tmp_path / "runs", "slow")
+    m = new_manifest(paths, {"steps": 100}, 0, {}, {})
+    m.update(status="running", pid=os.getpid(), started_at=time.time() - 400)
+    write_manifest(paths, m)
+    lock = RunLock(paths).acquire()
+    try:
+        # status reads the tail of the JSONL mirror the trainer writes beside the step log
+        with open(paths.steps_jsonl, "w") as f:
+            for step in range(1, 41):
+                f.write(json.dumps({"step": step, "time": time.time() - 400 + 5 * step}) + "\n")  # the last 200 s ago
+        paths.heartbeat.write_text(json.dumps({"time": time.time() - 1, "phase": "ppo", "last_step": 40}))
+        info = run_status(paths)
+        assert info["status"] == "running" and info["heartbeat"]["phase"] == "ppo"
+        line = _liveness_line(info)
+        assert (
+            line.startswith("no new step for 3m") and "the trainer is alive: heartbeat 0m01s ago (ppo, step 40)" in line
+        )
+        # a fresh step: both said, plainly
+        paths.heartbeat.write_text(json.dumps({"time": time.time(), "phase": "ppo", "last_step": 40}))
+        with open(paths.steps_jsonl, "a") as f:
+            f.write(json.dumps({"step": 41, "time": time.time()}) + "\n")
+        assert _liveness_line(run_status(paths)).startswith("last record 0m0")
+        # a heartbeat that cannot be trusted is no heartbeat; the status still answers
+        for bad in (b"not json", b'{"phase": "ppo"}', b'{"time": "soon"}', b"[1, 2]"):
+            paths.heartbeat.write_bytes(bad)
+            info = run_status(paths)
+            assert info["heartbeat"] is None and "no heartbeat file" in _liveness_line(info)
+        paths.heartbeat.unlink()
+        os.mkfifo(paths.heartbeat)  # never opened for reading (it would block)
+        assert run_status(paths)["heartbeat"] is None
+    finally:
+        lock.release()
