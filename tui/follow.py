@@ -162,6 +162,12 @@ def resolve_target(app, target: Path) -> None:
     post(app, msg)
 
 
+def read_gap(app) -> float:
+    """Seconds between two live reads: the app's value frame interval (`--fps`), at most 0.5 s."""
+    values = getattr(app, "values", None)
+    return min(0.5, getattr(values, "interval", 0.0) or 0.0)
+
+
 # a side file up to this size (~200k steps) is loaded whole before the first screen
 WHOLE_FIRST_BYTES = 64 << 20
 
@@ -242,7 +248,16 @@ class RunFollower:
         if not drain() or not self.live:
             return
         post(self.app, CaughtUp(self.token))  # from here on, what arrives is new (the bell)
+        # at most one read per value frame: a run writing 10 records/s is read 5 times a second
+        # at --fps 5 (each read takes what came since the last), not once per record; the first
+        # record after a quiet spell is read at once
+        gap = read_gap(self.app)
+        last_read = -1e9
         for _ in self._wake_ups():
+            wait = last_read + gap - time.monotonic()
+            if wait > 0 and self.stop.wait(wait):
+                return
+            last_read = time.monotonic()
             if not self.app.is_running or not drain():
                 return
             if self.runs_dir is not None:
