@@ -289,6 +289,7 @@ class StripWidget(Widget, can_focus=False):
         super().__init__(**kw)
         self._styles: dict = {}
         self._shown: dict[int, list[Cell]] = {}  # line y -> the cells last marked for drawing
+        self._marked: dict[int, Runs] = {}  # line y -> the runs those cells are of (not copied)
 
     def _strip(self, runs: Runs, width: int, base: Style) -> Strip:
         """Runs hold one-cell characters only (braille, box drawing, ASCII): lengths are cells."""
@@ -297,16 +298,27 @@ class StripWidget(Widget, can_focus=False):
     def _text_strip(self, text: Text, width: int, base: Style) -> Strip:
         return self._strip(text_runs(text, self.app.console), width, base)
 
-    def _mark_changed(self, y: int, runs: Runs) -> None:
-        """Mark dirty the span of line `y` whose cells differ from what was drawn there."""
+    def _mark_changed(self, y: int, runs: Runs) -> bool:
+        """Mark dirty the span of line `y` whose cells differ from what was drawn there (True
+        if any did)."""
         new = cells_of(runs)
         spans = changed_spans(self._shown.get(y), new)
         self._shown[y] = new
+        self._marked[y] = runs
         if spans:
             self.refresh(*(Region(x0, y, x1 - x0, 1) for x0, x1 in spans))
+        return bool(spans)
+
+    def _drawing(self, y: int, runs: Runs) -> None:
+        """`render_line` draws `runs` at line `y`: what is shown there (the cells are not counted
+        again when they are the runs last marked)."""
+        if self._marked.get(y) is not runs:
+            self._shown[y] = cells_of(runs)
+            self._marked[y] = runs
 
     def _forget_shown(self) -> None:
         self._shown = {}
+        self._marked = {}
 
     def on_resize(self) -> None:
         self._forget_shown()  # Textual repaints the whole widget after a resize
@@ -383,11 +395,13 @@ class MetricTile(StripWidget):
         self._value_w = 0
         self._body_key = None
         self._body: list[Runs] = []
+        self._head: tuple[int, Runs] | None = None  # (width, runs) of the value line marked, not drawn yet
 
     def set_metric(self, metric: str) -> None:
         if metric != self.metric:
             self.metric = metric
             self._value_w = 0
+            self._head = None
             self.border_title = metric
             self.chart_version += 1
             self._forget_shown()
@@ -468,8 +482,10 @@ class MetricTile(StripWidget):
     # -- refresh --------------------------------------------------------------------------
 
     def refresh_value(self) -> None:
-        """Mark the cells of the value line that changed."""
-        self._mark_changed(0, text_runs(self.head_text(), self.app.console))
+        """Mark the cells of the value line that changed; `render_line` draws the same runs."""
+        width = self.content_size.width
+        runs = text_runs(self.head_text(width), self.app.console)
+        self._head = (width, runs) if self._mark_changed(0, runs) else None
 
     def redraw_chart(self) -> None:
         """Draw the chart again from the data as it is now; mark only the cells that changed."""
@@ -483,11 +499,12 @@ class MetricTile(StripWidget):
         w, h = self.content_size
         base = self.visual_style.rich_style
         if y == 0:
-            runs = text_runs(self.head_text(w), self.app.console)
+            head, self._head = self._head, None
+            runs = head[1] if head is not None and head[0] == w else text_runs(self.head_text(w), self.app.console)
         else:
             rows = self.body_runs(w, h)
             runs = rows[y - 1] if y - 1 < len(rows) else []
-        self._shown[y] = cells_of(runs)
+        self._drawing(y, runs)
         return self._strip(runs, w, base)
 
 
@@ -712,7 +729,7 @@ class DetailChart(StripWidget):
         base = self.visual_style.rich_style
         rows = self.rows(w, h)
         runs = rows[y] if y < len(rows) else []
-        self._shown[y] = cells_of(runs)
+        self._drawing(y, runs)
         return self._strip(runs, w, base)
 
     def _alert_axis(self, main: list[Bucket | None], cw: int) -> Runs:

@@ -19,7 +19,7 @@ from ..glyphs import MODE, g
 from ..model import HeaderInfo, RunModel
 from ..store import RunStore
 from .charts import StripWidget, _fmt_duration
-from .lines import cells_of, text_runs
+from .lines import Runs, cells_of, text_runs
 
 STATUS_STYLE = {
     "running": "bold green",
@@ -47,6 +47,7 @@ class RunHeader(StripWidget):
     def __init__(self, **kw):
         super().__init__(**kw)
         self._text = Text()
+        self._runs: Runs | None = None  # the runs of `_text` (None: not made yet)
 
     def render(self) -> Text:
         return self._text
@@ -54,14 +55,17 @@ class RunHeader(StripWidget):
     def render_line(self, y: int) -> Strip:
         w = self.content_size.width
         base = self.visual_style.rich_style
-        runs = text_runs(self._text, self.app.console) if y == 0 else []
-        if y == 0:
-            self._shown[0] = cells_of(runs)
-        return self._strip(runs, w, base)
+        if y != 0:
+            return self._strip([], w, base)
+        if self._runs is None:
+            self._runs = text_runs(self._text, self.app.console)
+        self._drawing(0, self._runs)
+        return self._strip(self._runs, w, base)
 
     def show(self, h: HeaderInfo) -> None:
         self._text = t = self.header_text(h)
-        self._mark_changed(0, text_runs(t, self.app.console))
+        self._runs = text_runs(t, self.app.console)
+        self._mark_changed(0, self._runs)
 
     @staticmethod
     def header_text(h: HeaderInfo) -> Text:
