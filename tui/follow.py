@@ -168,6 +168,19 @@ def read_gap(app) -> float:
     return min(0.5, getattr(values, "interval", 0.0) or 0.0)
 
 
+# a live read of up to this many records (~65 us each) is evaluated before it is posted: one
+# message with the records and their alerts, one value frame for both (the alerts a frame
+# later would draw the values twice and put the frames out of step with the reads)
+LIVE_EVALUATED_WITH = 256
+
+
+def with_alerts(batch: Batch, evaluated: Batch) -> None:
+    """`batch` takes the alerts `feed.evaluate` gave for its records (`apply_batch` applies both)."""
+    batch.alerts = evaluated.alerts
+    batch.open_alerts = evaluated.open_alerts
+    batch.evaluated_step = evaluated.evaluated_step
+
+
 # a side file up to this size (~200k steps) is loaded whole before the first screen
 WHOLE_FIRST_BYTES = 64 << 20
 
@@ -217,6 +230,8 @@ class RunFollower:
             else:  # on from where the history ended, its records and its alerts'
                 feed = RunFeed(self.paths, tail_bytes=self.tail_bytes, start_offset=whole[4], engine=whole[2])
 
+        live = False  # caught up: what is read from here on is a few new records at a time
+
         def read_one_batch() -> bool | None:
             """Read, post and evaluate one batch: False when the app is closing, True when caught up."""
             nonlocal history_started
@@ -226,6 +241,8 @@ class RunFollower:
             if not history_started and feed.first_offset is not None and feed.first_offset > 0:
                 history_started = True  # before the tail is shown: it may load at once (_history)
                 spawn(self._guarded, lambda: self._history(feed, feed.first_offset), name="history")
+            if live and 0 < len(batch.pending) <= LIVE_EVALUATED_WITH:
+                with_alerts(batch, feed.evaluate(batch))
             if not batch.empty and not self._send(batch):
                 return False
             if batch.pending and not self._send(feed.evaluate(batch)):
@@ -248,6 +265,7 @@ class RunFollower:
         if not drain() or not self.live:
             return
         post(self.app, CaughtUp(self.token))  # from here on, what arrives is new (the bell)
+        live = True
         # at most one read per value frame: a run writing 10 records/s is read 5 times a second
         # at --fps 5 (each read takes what came since the last), not once per record; the first
         # record after a quiet spell is read at once
