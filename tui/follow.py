@@ -181,6 +181,16 @@ def with_alerts(batch: Batch, evaluated: Batch) -> None:
     batch.evaluated_step = evaluated.evaluated_step
 
 
+def next_frame_at(app) -> float:
+    """When the app's next value frame may be drawn (monotonic): a read before that would wait
+    for it on screen. A float read from another thread: a stale one costs one frame at most."""
+    values = getattr(app, "values", None)
+    try:
+        return min(values.last + values.interval, time.monotonic() + 0.5)
+    except (AttributeError, TypeError):
+        return 0.0
+
+
 # a side file up to this size (~200k steps) is loaded whole before the first screen
 WHOLE_FIRST_BYTES = 64 << 20
 
@@ -272,7 +282,7 @@ class RunFollower:
         gap = read_gap(self.app)
         last_read = -1e9
         for _ in self._wake_ups():
-            wait = last_read + gap - time.monotonic()
+            wait = max(last_read + gap, next_frame_at(self.app)) - time.monotonic()
             if wait > 0 and self.stop.wait(wait):
                 return
             last_read = time.monotonic()
