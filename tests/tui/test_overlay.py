@@ -220,6 +220,15 @@ async def test_picker_space_adds_and_removes_a_run(runs_dir):
         await pilot.press("escape")
         await pilot.pause(0.3)
         assert not app.screen.has_class("-comparing") and "older" not in rendered(app.w_detail)
+        # compared again, then opened with Enter: it becomes the run on screen, compared no more
+        await pilot.press("r")
+        await wait_for(pilot, lambda: isinstance(app.screen, RunPickerScreen) and len(app.screen.rows) == 2)
+        app.screen.query_one("#run-table").move_cursor(row=1 - on_screen)
+        await pilot.press("space")
+        await wait_for(pilot, lambda: len(app.comparison.runs) == 2)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.model.paths is not None and app.model.paths.run_id == "older")
+        assert not app.comparison.active
 
 
 @pytest.mark.asyncio
